@@ -1,0 +1,1 @@
+"""Test stand-in for the parts of timm used by MobileSAM's TinyViT."""

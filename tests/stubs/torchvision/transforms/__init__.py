@@ -1,0 +1,5 @@
+"""Stand-in for ``torchvision.transforms``."""
+
+from . import functional
+
+__all__ = ["functional"]
