@@ -1,0 +1,400 @@
+"""Model configurations, builders and configuration inference from state dicts.
+
+``SamConfig`` fully describes a SAM architecture (JSON-able through
+``to_dict``/``from_dict``); ``build_sam`` turns a config (or the name of an
+official one in ``MODEL_CONFIGS``) into a randomly initialised :class:`Sam`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, InvalidInputError
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .sam import Sam
+from .tiny_vit import TinyViT
+from .transformer import TwoWayTransformer
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidInputError(msg)
+
+
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be a sequence of integers, got {value!r}") from exc
+
+
+@dataclass(frozen=True)
+class ViTEncoderConfig:
+    """SAM ViT image encoder (``window_size=0`` makes every block global)."""
+
+    encoder_type: ClassVar[str] = "vit"
+
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "global_attn_indexes", _int_tuple(self.global_attn_indexes, "global_attn_indexes")
+        )
+        _check(self.patch_size > 0 and self.img_size > 0, "img_size and patch_size must be > 0")
+        _check(
+            self.img_size % self.patch_size == 0,
+            f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})",
+        )
+        _check(self.depth > 0 and self.num_heads > 0, "depth and num_heads must be > 0")
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})",
+        )
+        _check(self.window_size >= 0, "window_size must be >= 0")
+        _check(
+            all(0 <= i < self.depth for i in self.global_attn_indexes),
+            f"global_attn_indexes {self.global_attn_indexes} must lie in [0, {self.depth})",
+        )
+
+    @property
+    def embedding_size(self) -> int:
+        """Side E of the (E, E) image embedding grid."""
+        return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TinyViTEncoderConfig:
+    """MobileSAM TinyViT image encoder (four stages, output stride 16)."""
+
+    encoder_type: ClassVar[str] = "tiny_vit"
+
+    img_size: int = 1024
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    num_classes: int = 1000  # unused classification head, kept for checkpoint compatibility
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dims", "depths", "num_heads", "window_sizes"):
+            object.__setattr__(self, name, _int_tuple(getattr(self, name), name))
+        _check(
+            len(self.embed_dims)
+            == len(self.depths)
+            == len(self.num_heads)
+            == len(self.window_sizes)
+            == 4,
+            "TinyViT needs exactly 4 stages (embed_dims, depths, num_heads, window_sizes)",
+        )
+        _check(self.img_size > 0 and self.img_size % 16 == 0, "img_size must be a multiple of 16")
+        for i in range(1, 4):
+            _check(
+                self.embed_dims[i] % self.num_heads[i] == 0,
+                f"embed_dims[{i}] must be divisible by num_heads[{i}]",
+            )
+
+    @property
+    def patch_size(self) -> int:
+        """Total stride of the encoder."""
+        return 16
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // 16
+
+
+EncoderConfig = ViTEncoderConfig | TinyViTEncoderConfig
+_ENCODER_CONFIGS: dict[str, type] = {"vit": ViTEncoderConfig, "tiny_vit": TinyViTEncoderConfig}
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Complete SAM architecture description."""
+
+    encoder: ViTEncoderConfig | TinyViTEncoderConfig = field(default_factory=ViTEncoderConfig)
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    mask_in_chans: int = 16
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.encoder, ViTEncoderConfig | TinyViTEncoderConfig),
+            f"encoder must be a ViTEncoderConfig or TinyViTEncoderConfig, got {self.encoder!r}",
+        )
+        _check(self.prompt_embed_dim % 8 == 0, "prompt_embed_dim must be a multiple of 8")
+        _check(
+            (self.prompt_embed_dim // 2) % self.decoder_num_heads == 0,
+            f"decoder_num_heads ({self.decoder_num_heads}) must divide prompt_embed_dim / 2",
+        )
+        _check(self.mask_in_chans % 4 == 0, "mask_in_chans must be a multiple of 4")
+        _check(self.iou_head_depth >= 1 and self.decoder_depth >= 1, "depths must be >= 1")
+
+    @property
+    def encoder_type(self) -> str:
+        return self.encoder.encoder_type
+
+    @property
+    def img_size(self) -> int:
+        return self.encoder.img_size
+
+    @property
+    def image_embedding_size(self) -> int:
+        """Side E of the image embedding; low-res masks are 4E x 4E."""
+        return self.encoder.embedding_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        d: dict[str, Any] = {"encoder_type": self.encoder_type}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "encoder":
+                value = {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()
+                }
+            d[f.name] = value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamConfig:
+        """Inverse of :meth:`to_dict`; raises InvalidInputError on malformed data."""
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(f"a SAM config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        enc_type = data.pop("encoder_type", "vit")
+        if enc_type not in _ENCODER_CONFIGS:
+            raise InvalidInputError(
+                f"unknown encoder_type {enc_type!r}; expected one of {sorted(_ENCODER_CONFIGS)}"
+            )
+        enc_cls = _ENCODER_CONFIGS[enc_type]
+        enc_data = data.pop("encoder", {})
+        known = {f.name for f in fields(cls)} - {"encoder"}
+        unknown = set(data) - known
+        enc_unknown = set(enc_data) - {f.name for f in fields(enc_cls)}
+        if unknown or enc_unknown:
+            raise InvalidInputError(f"unknown SAM config fields: {sorted(unknown | enc_unknown)}")
+        try:
+            return cls(encoder=enc_cls(**enc_data), **data)
+        except TypeError as exc:
+            raise InvalidInputError(f"invalid SAM config: {exc}") from exc
+
+
+MODEL_CONFIGS: dict[str, SamConfig] = {
+    "vit_b": SamConfig(ViTEncoderConfig()),
+    "vit_l": SamConfig(
+        ViTEncoderConfig(
+            embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)
+        )
+    ),
+    "vit_h": SamConfig(
+        ViTEncoderConfig(
+            embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)
+        )
+    ),
+    "vit_t": SamConfig(TinyViTEncoderConfig()),
+}
+
+
+def _build_vit(cfg: ViTEncoderConfig, out_chans: int) -> nn.Module:
+    return ImageEncoderViT(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=out_chans,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+    )
+
+
+def _build_tiny_vit(cfg: TinyViTEncoderConfig, out_chans: int) -> nn.Module:
+    return TinyViT(
+        img_size=cfg.img_size,
+        embed_dims=cfg.embed_dims,
+        depths=cfg.depths,
+        num_heads=cfg.num_heads,
+        window_sizes=cfg.window_sizes,
+        mlp_ratio=cfg.mlp_ratio,
+        mbconv_expand_ratio=cfg.mbconv_expand_ratio,
+        out_chans=out_chans,
+        num_classes=cfg.num_classes,
+    )
+
+
+# encoder_type -> builder(encoder config, out_chans) -> image encoder module
+ENCODER_BUILDERS: dict[str, Callable[[Any, int], nn.Module]] = {
+    "vit": _build_vit,
+    "tiny_vit": _build_tiny_vit,
+}
+
+
+def build_sam(config: str | SamConfig) -> Sam:
+    """Build a randomly initialised SAM from a config or an ``MODEL_CONFIGS`` name."""
+    if isinstance(config, str):
+        if config not in MODEL_CONFIGS:
+            raise InvalidInputError(
+                f"unknown model config {config!r}; expected one of {sorted(MODEL_CONFIGS)}"
+            )
+        config = MODEL_CONFIGS[config]
+    if not isinstance(config, SamConfig):
+        raise InvalidInputError(f"config must be a str or SamConfig, got {type(config).__name__}")
+    dim = config.prompt_embed_dim
+    e = config.image_embedding_size
+    s = config.img_size
+    encoder = ENCODER_BUILDERS[config.encoder_type](config.encoder, dim)
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim,
+        image_embedding_size=(e, e),
+        input_image_size=(s, s),
+        mask_in_chans=config.mask_in_chans,
+    )
+    mask_decoder = MaskDecoder(
+        transformer_dim=dim,
+        transformer=TwoWayTransformer(
+            depth=config.decoder_depth,
+            embedding_dim=dim,
+            num_heads=config.decoder_num_heads,
+            mlp_dim=config.decoder_mlp_dim,
+        ),
+        num_multimask_outputs=config.num_multimask_outputs,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    return Sam(encoder, prompt_encoder, mask_decoder, config=config)
+
+
+# ----------------------------------------------------------------------------------------
+# configuration inference
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd if (m := rx.fullmatch(k))}
+    return max(found) + 1 if found else 0
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise CheckpointError(
+            f"cannot infer the model configuration: key {key!r} is missing; this does not "
+            "look like a SAM / MobileSAM checkpoint"
+        )
+    return tuple(sd[key].shape)
+
+
+def _infer_vit(sd: Mapping[str, Any]) -> ViTEncoderConfig:
+    p = "image_encoder."
+    _, g, g2, dim = _shape(sd, p + "pos_embed")
+    patch = _shape(sd, p + "patch_embed.proj.weight")[-1]
+    depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
+    head_dim = _shape(sd, p + "blocks.0.attn.rel_pos_h")[1]
+    mlp_dim = _shape(sd, p + "blocks.0.mlp.lin1.weight")[0]
+    lengths = [_shape(sd, f"{p}blocks.{i}.attn.rel_pos_h")[0] for i in range(depth)]
+    global_idx = tuple(i for i, n in enumerate(lengths) if n == 2 * g - 1)
+    windowed = {n for n in lengths if n != 2 * g - 1}
+    if len(windowed) > 1:
+        raise CheckpointError(f"blocks use several window sizes {sorted(windowed)}; unsupported")
+    window = (windowed.pop() + 1) // 2 if windowed else 0
+    return ViTEncoderConfig(
+        img_size=g * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=dim // head_dim,
+        global_attn_indexes=global_idx,
+        window_size=window,
+        mlp_ratio=mlp_dim / dim,
+    )
+
+
+def _infer_tiny_vit(sd: Mapping[str, Any]) -> TinyViTEncoderConfig:
+    p = "image_encoder."
+    dims = [_shape(sd, p + "patch_embed.seq.2.c.weight")[0]]
+    for i in range(3):
+        dims.append(_shape(sd, f"{p}layers.{i}.downsample.conv1.c.weight")[0])
+    depths = [_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\..*") for i in range(4)]
+    heads, windows = [1], [1]
+    for i in range(1, 4):
+        nh, n_off = _shape(sd, f"{p}layers.{i}.blocks.0.attn.attention_biases")
+        heads.append(nh)
+        windows.append(round(n_off**0.5))
+    heads[0], windows[0] = 1, 7  # stage 0 is convolutional; placeholders
+    hidden = _shape(sd, p + "layers.0.blocks.0.conv1.c.weight")[0]
+    mlp_dim = _shape(sd, p + "layers.1.blocks.0.mlp.fc1.weight")[0]
+    head_key = p + "head.weight"
+    num_classes = _shape(sd, head_key)[0] if head_key in sd else 0
+    default = TinyViTEncoderConfig()
+    return TinyViTEncoderConfig(
+        img_size=default.img_size,
+        embed_dims=tuple(dims),
+        depths=tuple(depths),
+        num_heads=(default.num_heads[0], *heads[1:]),
+        window_sizes=(default.window_sizes[0], *windows[1:]),
+        mlp_ratio=mlp_dim / dims[1],
+        mbconv_expand_ratio=hidden / dims[0],
+        num_classes=num_classes,
+    )
+
+
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
+    """Infer a :class:`SamConfig` from parameter names and shapes.
+
+    Everything is recovered from shapes except what weights cannot show: the
+    mask decoder's number of attention heads (assumed 8, or the largest divisor
+    of the attention width below 8) and TinyViT's input size (assumed 1024, the
+    TinyViT weights do not depend on it). Raises CheckpointError if the state dict
+    is not a SAM one.
+    """
+    if "image_encoder.pos_embed" in state_dict:
+        encoder: EncoderConfig = _infer_vit(state_dict)
+    elif "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        encoder = _infer_tiny_vit(state_dict)
+    else:
+        raise CheckpointError(
+            "cannot infer the model configuration: no 'image_encoder.pos_embed' (SAM ViT) or "
+            "'image_encoder.patch_embed.seq.0.c.weight' (MobileSAM TinyViT) key; this does "
+            "not look like a SAM checkpoint"
+        )
+    d = "mask_decoder."
+    dim = _shape(state_dict, "prompt_encoder.no_mask_embed.weight")[1]
+    width = dim // 2
+    heads = next(h for h in range(8, 0, -1) if width % h == 0)
+    d_layers = r"mask_decoder\.transformer\.layers\."
+    d_iou = r"mask_decoder\.iou_prediction_head\.layers\."
+    try:
+        return SamConfig(
+            encoder=encoder,
+            prompt_embed_dim=dim,
+            decoder_depth=_count(state_dict, d_layers + r"(\d+)\.norm1\.weight"),
+            decoder_mlp_dim=_shape(state_dict, d + "transformer.layers.0.mlp.lin1.weight")[0],
+            decoder_num_heads=heads,
+            iou_head_depth=_count(state_dict, d_iou + r"(\d+)\.weight"),
+            iou_head_hidden_dim=_shape(state_dict, d + "iou_prediction_head.layers.0.weight")[0],
+            num_multimask_outputs=_shape(state_dict, d + "mask_tokens.weight")[0] - 1,
+            mask_in_chans=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight")[0],
+        )
+    except InvalidInputError as exc:
+        raise CheckpointError(f"inferred an invalid model configuration: {exc}") from exc
