@@ -1,0 +1,732 @@
+"""SAM training loop: interactive prompt simulation on instance datasets.
+
+One step:
+
+1. draw ``batch_size`` images (order depends only on ``(seed, step)``), take a
+   random view of each (:meth:`InstanceDataset.sample`) and encode them in one
+   image-encoder call;
+2. pick up to ``instances_per_image`` objects per image; each is prompted
+   first with a point (multimask output, best-of-3 loss) or a noisy box, then
+   ``rounds - 1`` correction rounds add a point in the error region and feed
+   the previous low-res logits back as the mask prompt (the last
+   ``mask_only_rounds`` add no point). Each round is one batched mask-decoder
+   call over all objects of all images;
+3. each round's loss is back-propagated right away into a detached copy of
+   the image embeddings (so only one decoder graph is alive at a time), and
+   the accumulated embedding gradient is back-propagated through the image
+   encoder once at the end.
+
+Checkpoints go to ``output_dir``: ``last.safetensors`` (model, with its config
+and the step in the metadata), ``last_state.pt`` (optimizer state and step;
+load with ``weights_only=True``), ``best.safetensors`` (best validation IoU),
+``config.json`` and ``log.jsonl`` (one JSON object per logged step). A run
+resumes from ``last.*`` when they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_sam.errors import CancelledError, CheckpointError, InvalidInputError
+
+from .augment import AugmentConfig
+from .datasets import InstanceDataset, Sample
+from .losses import SamLoss, sam_loss, soft_targets
+from .prompts import (
+    boxes_from_masks,
+    correction_points,
+    innermost_points,
+    instance_masks,
+    jitter_boxes,
+    sample_instances,
+    sample_points_in_masks,
+)
+
+__all__ = [
+    "TrainConfig",
+    "add_train_arguments",
+    "build_model",
+    "load_ids",
+    "run_rounds",
+    "run_train",
+    "train",
+]
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as ``config.json``).
+
+    Model: ``init`` (a checkpoint path or zoo name) is fine-tuned when given;
+    otherwise a randomly initialised model is built from ``model`` (a
+    ``SamConfig``, its ``to_dict()``, a ``MODEL_CONFIGS`` name or a JSON file).
+    """
+
+    data: str = ""
+    output_dir: str = "runs/sam"
+    model: Any = "vit_t"
+    init: str | None = None
+    val_ids: str | None = None  # JSON file: list of ids, or {"train": [...], "val": [...]}
+    train_ids: list[str] | None = None  # default: all ids of the data minus the val ids
+    steps: int = 1000
+    batch_size: int = 4  # images per step
+    instances_per_image: int = 8
+    rounds: int = 3  # 1 first prompt + (rounds - 1) correction rounds
+    mask_only_rounds: int = 0  # of the correction rounds, the last ones add no point
+    box_prob: float = 0.5  # probability that an object's first prompt is a box
+    point_mode: str = "interior"  # correction clicks, see prompts.correction_points
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # "cosine", "step" (x0.1 at 2/3 and 8/9) or "constant"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0  # max gradient norm, 0 disables
+    freeze_encoder: bool = False
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    full_view_prob: float = 0.5
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    augment: bool = True
+    min_area: int = 8  # objects smaller than this (model pixels) are not prompted
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    val_every: int = 0  # 0: no validation during training
+    val_images: int = 16
+    num_threads: int | None = None
+    cache_images: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if hasattr(self.model, "to_dict"):
+            d["model"] = self.model.to_dict()
+        return d
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def build_model(model: Any = "vit_t", init: str | None = None) -> torch.nn.Module:
+    """The model to train: ``init`` loaded (checkpoint path or zoo name) or built from ``model``."""
+    if init:
+        from napari_sam.models import zoo
+
+        return zoo.load_model(init)
+    from napari_sam.models.build import MODEL_CONFIGS, SamConfig, build_sam
+
+    if isinstance(model, dict):
+        model = SamConfig.from_dict(model)
+    elif isinstance(model, (str, Path)) and str(model) not in MODEL_CONFIGS:
+        path = Path(model)
+        if not path.is_file():
+            raise InvalidInputError(
+                f"model {str(model)!r} is neither a config name ({sorted(MODEL_CONFIGS)}) "
+                "nor a JSON config file."
+            )
+        model = SamConfig.from_dict(json.loads(path.read_text()))
+    return build_sam(model)
+
+
+def _model_config(model: torch.nn.Module) -> Any:
+    return getattr(model, "config", None)
+
+
+def _save_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        from napari_sam.models.checkpoint import save_model
+    except ImportError:  # fallback until models.checkpoint exists
+        from safetensors.torch import save_file
+
+        meta = dict(metadata)
+        cfg = _model_config(model)
+        if cfg is not None:
+            meta["config"] = json.dumps(cfg.to_dict())
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp), metadata=meta)
+    else:
+        save_model(model, tmp, extra_metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Load a ``last.safetensors`` written by this loop; returns its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+        model.load_state_dict(state)
+    except Exception as exc:  # corrupt file, or another architecture
+        raise CheckpointError(
+            f"Cannot resume from {path}: {exc}. Delete the output folder's last.* files or "
+            "choose another output_dir."
+        ) from exc
+    return meta
+
+
+# ------------------------------------------------------------------------ schedule
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup, then the decay schedule."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "step":
+        n = sum(step >= config.steps * f for f in (2 / 3, 8 / 9))
+        return config.lr * (0.1**n)
+    span = max(1, config.steps - config.warmup_steps)
+    t = min(1.0, (step - config.warmup_steps) / span)
+    lo = config.lr * config.min_lr_ratio
+    return lo + 0.5 * (config.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # no weight decay on norms, biases, position tables and prompt embeddings
+        if p.ndim < 2 or "pos" in name or "embed.weight" in name or name.endswith("_embed"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+# -------------------------------------------------------------------------- data
+
+
+def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
+    """Read an ids file: ``(train_ids or None, val_ids)``.
+
+    Accepts a JSON list of validation ids, a JSON object with ``"val"`` (and
+    optionally ``"train"``) lists, or a text file with one validation id a line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"ids file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None, [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(data, list):
+        return None, [str(i) for i in data]
+    if isinstance(data, dict) and "val" in data:
+        train = data.get("train")
+        return ([str(i) for i in train] if train is not None else None), [
+            str(i) for i in data["val"]
+        ]
+    raise InvalidInputError(
+        f"{path}: expected a list of ids or an object with a 'val' list, got {type(data).__name__}."
+    )
+
+
+def _image_order(n: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """Dataset indices of ``step``: epochs are seeded permutations of ``range(n)``."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch, 1]).permutation(n)
+        out.append(int(perm[i]))
+    return out
+
+
+@dataclasses.dataclass
+class ObjectBatch:
+    """The objects prompted in one step, over all images of the batch.
+
+    Attributes:
+      image_index: (M,) index of each object's image in the embedding batch.
+      gt: (M, S, S) bool ground-truth masks at model resolution.
+      target: (M, L, L) float soft low-resolution targets.
+      valid: (M, S, S) bool valid (unpadded) region of each object's image.
+    """
+
+    image_index: torch.Tensor
+    gt: torch.Tensor
+    target: torch.Tensor
+    valid: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> ObjectBatch:
+        return ObjectBatch(
+            self.image_index[rows], self.gt[rows], self.target[rows], self.valid[rows]
+        )
+
+    def __len__(self) -> int:
+        return int(self.image_index.numel())
+
+
+def collect_objects(
+    samples: Sequence[Sample],
+    k: int | None,
+    low_res_size: int,
+    generator: torch.Generator | None = None,
+    min_area: int = 1,
+) -> ObjectBatch:
+    """Pick up to ``k`` objects per sample (all when ``k`` is None) into an :class:`ObjectBatch`."""
+    index, gts, valids = [], [], []
+    S = samples[0].labels.shape[-1]
+    ar = torch.arange(S)
+    for i, s in enumerate(samples):
+        ids = sample_instances(s.labels, k if k is not None else 1 << 30, generator, min_area)
+        if ids.numel() == 0:
+            continue
+        gts.append(instance_masks(s.labels, ids))
+        h, w = s.input_size
+        valid = (ar[:, None] < h) & (ar[None, :] < w)
+        valids.append(valid.expand(ids.numel(), S, S))
+        index.append(torch.full((ids.numel(),), i, dtype=torch.int64))
+    if not gts:
+        empty = torch.zeros(0, S, S, dtype=torch.bool)
+        return ObjectBatch(
+            torch.zeros(0, dtype=torch.int64),
+            empty,
+            torch.zeros(0, low_res_size, low_res_size),
+            empty,
+        )
+    gt = torch.cat(gts)
+    return ObjectBatch(torch.cat(index), gt, soft_targets(gt, low_res_size), torch.cat(valids))
+
+
+# ------------------------------------------------------------------------- rounds
+
+
+def run_rounds(
+    model: torch.nn.Module,
+    embeddings: torch.Tensor,
+    objects: ObjectBatch,
+    rounds: int,
+    first: str = "point",
+    mask_only_rounds: int = 0,
+    point_mode: str = "interior",
+    first_point: str = "uniform",
+    box_noise: bool = True,
+    generator: torch.Generator | None = None,
+    rng: np.random.Generator | None = None,
+    loss_weights: tuple[float, float, float] = (20.0, 1.0, 1.0),
+    backward_scale: float | None = None,
+) -> list[SamLoss]:
+    """Simulate ``rounds`` interactive prompting rounds for ``objects``.
+
+    Arguments:
+      embeddings: (B, C, E, E) image embeddings; ``objects.image_index``
+        indexes them. For training pass a leaf tensor that requires grad.
+      first: ``"point"`` (multimask output, best-of-C loss) or ``"box"``.
+      first_point: ``"uniform"`` in the mask, or ``"center"`` (innermost pixel).
+      box_noise: jitter the tight box (SAM's box noise).
+      backward_scale: if given, ``loss.total * backward_scale`` of each round is
+        back-propagated right after the round (training).
+
+    Returns:
+      one :class:`SamLoss` per round.
+    """
+    M = len(objects)
+    S = objects.gt.shape[-1]
+    if first == "point":
+        if first_point == "center":
+            rc = torch.from_numpy(innermost_points(objects.gt)).float()
+            coords = rc.flip(-1)
+        else:
+            coords, _ = sample_points_in_masks(objects.gt, generator)
+        points = coords[:, None, :]
+        labels = torch.ones(M, 1, dtype=torch.int64)
+        boxes = None
+    elif first == "box":
+        boxes = boxes_from_masks(objects.gt)
+        if box_noise:
+            boxes = jitter_boxes(boxes, (S, S), generator)
+        points = torch.zeros(M, 0, 2)
+        labels = torch.zeros(M, 0, dtype=torch.int64)
+    else:
+        raise InvalidInputError(f"first must be 'point' or 'box', got {first!r}")
+    image_pe = model.prompt_encoder.get_dense_pe()
+    emb = embeddings.index_select(0, objects.image_index)
+    mask_input = None
+    out = []
+    for r in range(rounds):
+        if r > 0 and r < rounds - mask_only_rounds:
+            pred = F.interpolate(mask_input, (S, S), mode="bilinear", align_corners=False)
+            pred = (pred[:, 0] > 0) & objects.valid
+            c, lab = correction_points(pred, objects.gt, point_mode, generator, rng)
+            points = torch.cat([points, c[:, None]], 1)
+            labels = torch.cat([labels, lab[:, None]], 1)
+        multimask = first == "point" and r == 0
+        sparse, dense = model.prompt_encoder(
+            points=(points, labels) if points.shape[1] else None, boxes=boxes, masks=mask_input
+        )
+        if r > 0 and backward_scale is not None:
+            # each round's backward frees the gather's graph: rebuild it
+            emb = embeddings.index_select(0, objects.image_index)
+        logits, iou_pred = model.mask_decoder(
+            image_embeddings=emb,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        loss = sam_loss(logits, iou_pred, objects.target, *loss_weights)
+        if backward_scale is not None:
+            (loss.total * backward_scale).backward()
+        chosen = logits.detach()[torch.arange(M), loss.best]
+        mask_input = chosen[:, None]
+        out.append(loss)
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _summary(losses: list[SamLoss]) -> dict[str, float]:
+    return {
+        "loss": float(sum(float(x.total.detach()) for x in losses) / len(losses)),
+        "focal": float(torch.stack([x.focal.mean() for x in losses]).mean()),
+        "dice": float(torch.stack([x.dice.mean() for x in losses]).mean()),
+        "iou_mse": float(torch.stack([x.iou_mse.mean() for x in losses]).mean()),
+        "iou_first": float(losses[0].iou.mean()),
+        "iou_last": float(losses[-1].iou.mean()),
+    }
+
+
+def _split_first_prompt(
+    n: int, box_prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    is_box = torch.rand(n, generator=generator) < box_prob
+    return torch.nonzero(~is_box).squeeze(1), torch.nonzero(is_box).squeeze(1)
+
+
+def _prepare(config: TrainConfig) -> tuple[list[str], list[str]]:
+    if not config.data:
+        raise InvalidInputError("TrainConfig.data (the dataset folder) is required.")
+    from .datasets import find_pairs
+
+    all_ids = [t[0] for t in find_pairs(config.data)]
+    val_ids: list[str] = []
+    train_ids = config.train_ids
+    if config.val_ids:
+        file_train, val_ids = load_ids(config.val_ids)
+        if train_ids is None:
+            train_ids = file_train
+    if train_ids is None:
+        val_set = set(val_ids)
+        train_ids = [i for i in all_ids if i not in val_set]
+    overlap = set(train_ids) & set(val_ids)
+    if overlap:
+        raise InvalidInputError(f"{len(overlap)} ids are both in train and val ids.")
+    return train_ids, val_ids
+
+
+def train(
+    config: TrainConfig,
+    progress: ProgressFn | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Path:
+    """Train (or resume training) a SAM model; returns the path of ``last.safetensors``.
+
+    Arguments:
+      progress: called as ``progress(step, steps, metrics)`` after every step.
+      cancel: polled before every step; when it returns True a checkpoint is
+        written and :class:`~napari_sam.errors.CancelledError` is raised.
+    """
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    if config.rounds < 1 or config.mask_only_rounds >= max(config.rounds, 1):
+        raise InvalidInputError("rounds must be >= 1 and mask_only_rounds < rounds.")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.init)
+    model.train()
+    if config.freeze_encoder:
+        for p in model.image_encoder.parameters():
+            p.requires_grad_(False)
+        model.image_encoder.eval()
+    S = int(model.image_encoder.img_size)
+    L = int(model.prompt_encoder.mask_input_size[0])
+    train_ids, val_ids = _prepare(config)
+    aug = AugmentConfig() if config.augment else AugmentConfig.none()
+    common = dict(
+        img_size=S,
+        low_res_size=L,
+        pixel_mean=model.pixel_mean.flatten().tolist(),
+        pixel_std=model.pixel_std.flatten().tolist(),
+        cache=config.cache_images,
+    )
+    data = InstanceDataset(
+        config.data,
+        ids=train_ids,
+        augment=aug,
+        full_view_prob=config.full_view_prob,
+        scale_range=tuple(config.scale_range),
+        min_area=config.min_area,
+        **common,
+    )
+    val = None
+    if val_ids and config.val_every > 0:
+        val = InstanceDataset(config.data, ids=val_ids[: config.val_images], **common)
+    optimizer = _optimizer(model, config)
+
+    # resume
+    start, best = 0, -1.0
+    last, state_path = out / "last.safetensors", out / "last_state.pt"
+    if last.is_file() and state_path.is_file():
+        meta = _load_weights(model, last)
+        state = torch.load(state_path, weights_only=True)
+        if int(meta.get("step", -1)) != int(state["step"]):
+            raise CheckpointError(
+                f"{last} (step {meta.get('step')}) and {state_path} (step {state['step']}) "
+                "do not match (interrupted while saving?); delete both to restart."
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        start, best = int(state["step"]), float(state.get("best", -1.0))
+        print(f"resuming from step {start} ({last})", file=sys.stderr)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    def save(step: int) -> None:
+        meta = {"step": str(step), "train_config": json.dumps(config.to_dict())}
+        torch.save(
+            {"step": step, "best": best, "optimizer": optimizer.state_dict()},
+            state_path.with_name(state_path.name + ".tmp"),
+        )
+        _save_model(model, last, meta)
+        os.replace(state_path.with_name(state_path.name + ".tmp"), state_path)
+
+    weights = (config.focal_weight, config.dice_weight, config.iou_weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log_path = out / "log.jsonl"
+    tic = time.perf_counter()
+    for step in range(start, config.steps):
+        if cancel is not None and cancel():
+            save(step)
+            raise CancelledError(f"Training cancelled at step {step}; resume with the same config.")
+        lr = learning_rate(config, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        metrics = train_step(model, data, config, step, params, optimizer, weights)
+        metrics.update(step=step + 1, lr=lr, sec=time.perf_counter() - tic)
+        tic = time.perf_counter()
+        done = step + 1
+        if val is not None and (done % config.val_every == 0 or done == config.steps):
+            v = validate(model, val, config)
+            metrics.update({f"val_{k}": x for k, x in v.items()})
+            if v["iou_mean"] > best:
+                best = v["iou_mean"]
+                _save_model(model, out / "best.safetensors", {"step": str(done)})
+            model.train()
+            if config.freeze_encoder:
+                model.image_encoder.eval()
+        if done % config.log_every == 0 or done == config.steps or "val_loss" in metrics:
+            _log(log_path, metrics)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step",))
+            print(f"step {done}/{config.steps} {shown}", file=sys.stderr)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done)
+        if progress is not None:
+            progress(done, config.steps, metrics)
+    if not last.is_file():
+        save(start)
+    return last
+
+
+def train_step(
+    model: torch.nn.Module,
+    data: InstanceDataset,
+    config: TrainConfig,
+    step: int,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    weights: tuple[float, float, float],
+) -> dict[str, float]:
+    """One optimisation step (see the module doc); returns its metrics."""
+    rng = np.random.default_rng([config.seed, step, 2])
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    indices = _image_order(len(data), config.seed, step, config.batch_size)
+    samples = [data.sample(i, rng, augment=config.augment) for i in indices]
+    objects = collect_objects(
+        samples, config.instances_per_image, data.low_res_size, gen, config.min_area
+    )
+    optimizer.zero_grad(set_to_none=True)
+    if len(objects) == 0:
+        return {"loss": float("nan"), "objects": 0}
+    images = torch.stack([s.image for s in samples])
+    if config.freeze_encoder:
+        with torch.no_grad():
+            emb = model.image_encoder(images)
+        leaf = emb
+    else:
+        emb = model.image_encoder(images)
+        leaf = emb.detach().requires_grad_(True)
+    point_rows, box_rows = _split_first_prompt(len(objects), config.box_prob, gen)
+    losses: list[SamLoss] = []
+    n_total = len(objects)
+    for first, rows in (("point", point_rows), ("box", box_rows)):
+        if rows.numel() == 0:
+            continue
+        # weight so that the step's loss is the mean over objects and rounds
+        scale = rows.numel() / n_total / config.rounds
+        group = run_rounds(
+            model,
+            leaf,
+            objects.select(rows),
+            config.rounds,
+            first=first,
+            mask_only_rounds=config.mask_only_rounds,
+            point_mode=config.point_mode,
+            generator=gen,
+            rng=rng,
+            loss_weights=weights,
+            backward_scale=scale,
+        )
+        losses.extend(_weighted(group, rows.numel() / n_total))
+    if not config.freeze_encoder and leaf.grad is not None:
+        emb.backward(leaf.grad)
+    if config.grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    else:
+        gnorm = float("nan")
+    optimizer.step()
+    metrics = _merge(losses, config.rounds)
+    metrics.update(objects=n_total, grad_norm=gnorm)
+    return metrics
+
+
+def _weighted(group: list[SamLoss], w: float) -> list[tuple[SamLoss, float]]:
+    return [(x, w) for x in group]
+
+
+def _merge(losses: list[tuple[SamLoss, float]], rounds: int) -> dict[str, float]:
+    """Object-weighted means over the point and box groups (same number of rounds each)."""
+    groups = [losses[i : i + rounds] for i in range(0, len(losses), rounds)]
+    out: dict[str, float] = {}
+    for g in groups:
+        w = g[0][1]
+        for k, v in _summary([x for x, _ in g]).items():
+            out[k] = out.get(k, 0.0) + w * v
+    return out
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module, data: InstanceDataset, config: TrainConfig
+) -> dict[str, float]:
+    """Deterministic validation: whole images, every object, innermost first point.
+
+    Returns the mean loss, IoU after the first point (``iou_first``), after the
+    last round (``iou_last``), their mean over rounds (``iou_mean``) and the IoU
+    of a tight box (``iou_box``), all at low resolution.
+    """
+    model.eval()
+    weights = (config.focal_weight, config.dice_weight, config.iou_weight)
+    totals: dict[str, float] = {}
+    n = 0
+    for i in range(len(data)):
+        s = data[i]
+        objects = collect_objects([s], None, data.low_res_size, None, config.min_area)
+        if len(objects) == 0:
+            continue
+        emb = model.image_encoder(s.image[None])
+        pts = run_rounds(
+            model,
+            emb,
+            objects,
+            config.rounds,
+            "point",
+            point_mode="center",
+            first_point="center",
+            loss_weights=weights,
+        )
+        box = run_rounds(model, emb, objects, 1, "box", box_noise=False, loss_weights=weights)
+        m = len(objects)
+        vals = {
+            "loss": float(pts[0].total),
+            "iou_first": float(pts[0].iou.mean()),
+            "iou_last": float(pts[-1].iou.mean()),
+            "iou_mean": float(torch.stack([x.iou.mean() for x in pts]).mean()),
+            "iou_box": float(box[0].iou.mean()),
+        }
+        for k, v in vals.items():
+            totals[k] = totals.get(k, 0.0) + v * m
+        n += m
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` subcommand's options to ``parser``."""
+    d = TrainConfig()
+    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.tif + x_labels.tif)")
+    parser.add_argument("-o", "--output-dir", default=d.output_dir)
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        help="architecture to train from scratch: config name or JSON SamConfig file",
+    )
+    parser.add_argument("--init", default=None, help="checkpoint path or zoo name to fine-tune")
+    parser.add_argument("--val-ids", default=None, help="JSON/text file with validation ids")
+    for name in (
+        "steps",
+        "batch_size",
+        "instances_per_image",
+        "rounds",
+        "mask_only_rounds",
+        "warmup_steps",
+        "seed",
+        "checkpoint_every",
+        "log_every",
+        "val_every",
+        "val_images",
+        "num_threads",
+        "min_area",
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "weight_decay", "box_prob", "grad_clip", "min_lr_ratio", "full_view_prob"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=d.schedule)
+    parser.add_argument(
+        "--point-mode", choices=("uniform", "center", "interior"), default=d.point_mode
+    )
+    parser.add_argument("--freeze-encoder", action="store_true")
+    parser.add_argument("--no-augment", dest="augment", action="store_false")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run training from parsed :func:`add_train_arguments` options; returns an exit code."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names}
+    path = train(TrainConfig(**kwargs))
+    print(path)
+    return 0
