@@ -139,7 +139,7 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x)  # (B, h, w, 3C)
         if window_size <= 0:
-            return self.proj(self._attend(qkv).view(b, h, w, c))
+            return self.proj(self._attend(qkv).reshape(b, h, w, c))
         # The projection of a zero padding token is the qkv bias: pad after the
         # projection so the padded tokens cost no matmul.
         pad_h, pad_w = -h % window_size, -w % window_size
@@ -150,7 +150,7 @@ class Attention(nn.Module):
             padded[:, :h, w:] = self.qkv.bias
             qkv = padded
         windows, padded_hw = window_partition(qkv, window_size)
-        out = self._attend(windows).view(-1, window_size, window_size, c)
+        out = self._attend(windows).reshape(-1, window_size, window_size, c)
         # crop before the output projection (per token) to skip the padding
         return self.proj(window_unpartition(out, window_size, padded_hw, (h, w)))
 
@@ -188,6 +188,8 @@ class Attention(nn.Module):
 
 def _decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
     """(B, heads, r, w, h) and (B, heads, r, w, w) -> contiguous (B, heads, r, w, h, w) sum."""
+    if torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad):
+        return rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)  # out= is not differentiable
     b, nh, r, w, h = rel_h.shape
     out = rel_h.new_empty(b, nh, r, w, h, w)
     return torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=out)
