@@ -1,0 +1,414 @@
+"""Checkpoint loading/saving and the model zoo (downloads against a local server)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_sam.errors import (
+    CheckpointError,
+    DownloadError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
+from napari_sam.models import checkpoint, zoo
+from napari_sam.models.checkpoint import (
+    CONFIG_METADATA_KEY,
+    load_state_dict,
+    load_weights,
+    model_from_checkpoint,
+    save_model,
+)
+from napari_sam.models.zoo import ModelInfo
+from reference_utils import build_random_sam, tiny_vit_sam_config
+
+# ---------------------------------------------------------------------------------------
+# local HTTP server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append((self.path, rng))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        if rng and srv.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.requests, srv.honour_range = {}, [], True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save(build_random_sam(tiny_vit_sam_config(), seed=3).state_dict(), buf)
+    return buf.getvalue()
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(folder))
+    return folder
+
+
+def _register(monkeypatch, url: str, hash_: str, name: str = "tiny") -> ModelInfo:
+    info = ModelInfo(name, "", url, hash_, f"{name}.pth", 0.1, "test model")
+    monkeypatch.setitem(zoo.ZOO, name, info)
+    return info
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# downloads
+
+
+def test_download_verifies_hash_and_is_cached(server, cache, monkeypatch, tiny_ckpt_bytes):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
+    path = zoo.download_checkpoint("tiny", progress=False)
+    assert path == cache / "tiny.pth"
+    assert path.read_bytes() == tiny_ckpt_bytes
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny.pth"]  # no .part left
+    assert zoo.download_checkpoint("tiny") == path
+    assert len(server.requests) == 1  # second call used the cache
+
+
+def test_download_hash_mismatch_leaves_nothing(server, cache, monkeypatch, tiny_ckpt_bytes):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    _register(monkeypatch, server.url + "/tiny.pth", "sha256:" + "0" * 64)
+    with pytest.raises(DownloadError, match="hash") as exc:
+        zoo.download_checkpoint("tiny", progress=False)
+    assert "tiny.pth" in str(exc.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_download_md5_hash(server, cache, monkeypatch, tiny_ckpt_bytes):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    md5 = "md5:" + hashlib.md5(tiny_ckpt_bytes).hexdigest()
+    _register(monkeypatch, server.url + "/tiny.pth", md5)
+    assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == tiny_ckpt_bytes
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_download_resumes_from_part_file(server, cache, monkeypatch, tiny_ckpt_bytes, honour_range):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    server.honour_range = honour_range
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
+    half = len(tiny_ckpt_bytes) // 2
+    cache.mkdir()
+    (cache / "tiny.pth.part").write_bytes(tiny_ckpt_bytes[:half])
+    path = zoo.download_checkpoint("tiny", progress=False)
+    assert path.read_bytes() == tiny_ckpt_bytes
+    assert server.requests == [("/tiny.pth", f"bytes={half}-")]
+    assert not (cache / "tiny.pth.part").exists()
+
+
+def test_download_complete_part_file(server, cache, monkeypatch, tiny_ckpt_bytes):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
+    cache.mkdir()
+    (cache / "tiny.pth.part").write_bytes(tiny_ckpt_bytes)  # server answers 416
+    assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == tiny_ckpt_bytes
+
+
+def test_download_progress_on_stderr(server, cache, monkeypatch, tiny_ckpt_bytes, capsys):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
+    zoo.download_checkpoint("tiny", progress=True)
+    assert "tiny.pth" in capsys.readouterr().err
+
+
+def test_download_file_url(tmp_path, monkeypatch, tiny_ckpt_bytes):
+    src = tmp_path / "src" / "tiny.pth"
+    src.parent.mkdir()
+    src.write_bytes(tiny_ckpt_bytes)
+    _register(monkeypatch, src.as_uri(), _sha(tiny_ckpt_bytes))
+    path = zoo.download_checkpoint("tiny", cache_dir=tmp_path / "dest", progress=False)
+    assert path == tmp_path / "dest" / "tiny.pth"
+    assert path.read_bytes() == tiny_ckpt_bytes
+
+
+def test_download_without_network_explains_what_to_do(cache, monkeypatch):
+    url = f"http://127.0.0.1:{_closed_port()}/weights/tiny.pth"
+    _register(monkeypatch, url, "sha256:" + "0" * 64)
+    with pytest.raises(DownloadError) as exc:
+        zoo.download_checkpoint("tiny", progress=False)
+    msg = str(exc.value)
+    assert url in msg and "tiny.pth" in msg and str(cache) in msg
+    assert not (cache / "tiny.pth").exists()
+
+
+def test_download_http_error(server, cache, monkeypatch):
+    _register(monkeypatch, server.url + "/missing.pth", "sha256:" + "0" * 64)
+    with pytest.raises(DownloadError, match="404"):
+        zoo.download_checkpoint("tiny", progress=False)
+
+
+def test_load_model_downloads_zoo_model(server, cache, monkeypatch, tiny_ckpt_bytes):
+    server.files["/tiny.pth"] = tiny_ckpt_bytes
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
+    model = zoo.load_model("tiny", device="cpu")
+    assert not model.training
+    assert model.config == tiny_vit_sam_config()
+    expected = torch.load(io.BytesIO(tiny_ckpt_bytes), weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+
+
+# ---------------------------------------------------------------------------------------
+# zoo API
+
+
+def test_zoo_entries():
+    assert zoo.list_models()[0] == "default"
+    assert {"vit_b", "vit_l", "vit_h", "vit_t"} <= set(zoo.list_models())
+    for name in ("vit_b", "vit_l", "vit_h", "vit_t"):
+        info = zoo.model_info(name)
+        algo, digest = info.hash.split(":")
+        assert algo == "sha256" and len(digest) == 64 and int(digest, 16) >= 0
+        assert info.url.startswith("https://") and info.url.endswith(info.filename)
+        assert info.config_name == name
+    assert zoo.model_info("vit_h").filename == "sam_vit_h_4b8939.pth"
+    with pytest.raises(ModelNotFoundError, match="vit_b"):
+        zoo.model_info("vit_q")
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path / "x"))
+    assert zoo.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("NAPARI_SAM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(zoo.sys, "platform", "linux")
+    assert zoo.cache_dir() == tmp_path / "xdg" / "napari-sam"
+
+
+def test_resolve_device():
+    assert zoo.resolve_device("cpu") == torch.device("cpu")
+    assert zoo.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    auto = zoo.resolve_device(None)
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    assert auto.type in ("cpu", "cuda", "mps")
+    with pytest.raises(InvalidInputError, match="device"):
+        zoo.resolve_device("banana")
+    with pytest.raises(InvalidInputError):
+        zoo.resolve_device(3.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA"):
+            zoo.resolve_device("cuda")
+
+
+def test_load_model_unknown_name():
+    with pytest.raises(ModelNotFoundError) as exc:
+        zoo.load_model("no_such_model_or_file")
+    assert "vit_b" in str(exc.value) and "default" in str(exc.value)
+
+
+def test_default_model(monkeypatch, tmp_path):
+    missing = tmp_path / "weights" / "default.safetensors"
+    monkeypatch.setattr(zoo, "embedded_weights_path", lambda: missing)
+    with pytest.raises(ModelNotFoundError, match="embedded"):
+        zoo.load_model()
+    sam = build_random_sam(tiny_vit_sam_config(decoder_num_heads=4), seed=5)
+    save_model(sam, missing)
+    loaded = zoo.load_model(device="cpu")
+    assert loaded.config.decoder_num_heads == 4  # from the metadata, not inferred
+    torch.testing.assert_close(loaded.state_dict(), sam.state_dict())
+    assert zoo.download_checkpoint("default") == missing
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def test_save_and_load_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    cfg = tiny_vit_sam_config(decoder_num_heads=2)  # not recoverable from shapes
+    sam = build_random_sam(cfg, seed=1)
+    path = save_model(sam, tmp_path / "m.safetensors", extra_metadata={"note": "hello"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp file
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["note"] == "hello"
+    assert json.loads(meta[CONFIG_METADATA_KEY])["decoder_num_heads"] == 2
+    sd, stored = load_state_dict(path)
+    assert stored == cfg
+    model = zoo.load_model(str(path), device="cpu")
+    assert model.config == cfg
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_encoder(x), sam.image_encoder(x))
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"old")
+
+    def boom(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(build_random_sam(tiny_vit_sam_config()), target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_load_pth_unwraps_and_strips_prefix(tmp_path):
+    sam = build_random_sam(tiny_vit_sam_config(), seed=2)
+    wrapped = {"model": {"module." + k: v for k, v in sam.state_dict().items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "w.pth")
+    sd, cfg = load_state_dict(tmp_path / "w.pth")
+    assert cfg is None
+    assert sd.keys() == sam.state_dict().keys()
+    torch.save({"state_dict": sam.state_dict()}, tmp_path / "s.pt")
+    model = model_from_checkpoint(tmp_path / "s.pt")
+    assert model.config == tiny_vit_sam_config()
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "raw-pickle"])
+def test_malicious_pickle_is_refused(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    payload = {"image_encoder.pos_embed": torch.zeros(1), "evil": _Exploit(marker)}
+    path = tmp_path / "evil.pth"
+    if fmt == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match="unsafe"):
+        zoo.load_model(str(path), device="cpu")
+    assert not marker.exists()
+    # sanity check that the payload really does run code when unpickled unsafely
+    pickle.loads(pickle.dumps(payload))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file(tmp_path, suffix):
+    sam = build_random_sam(tiny_vit_sam_config())
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".pth":
+        torch.save(sam.state_dict(), path)
+    else:
+        save_model(sam, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError) as exc:
+        load_state_dict(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "download" in msg
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_state_dict(path)
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict("/nonexistent/dir/model.pth")
+
+
+def test_wrong_keys_and_shapes(tmp_path):
+    sam = build_random_sam(tiny_vit_sam_config())
+    sd = dict(sam.state_dict())
+    sd.pop("mask_decoder.iou_token.weight")
+    sd["extra.weight"] = torch.zeros(3)
+    sd["image_encoder.pos_embed"] = torch.zeros(1, 4, 4, 64)
+    with pytest.raises(CheckpointError) as exc:
+        load_weights(build_random_sam(tiny_vit_sam_config()), sd)
+    msg = str(exc.value)
+    assert "mask_decoder.iou_token.weight" in msg
+    assert "extra.weight" in msg
+    assert "image_encoder.pos_embed" in msg
+    # a checkpoint that is not SAM at all
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="SAM"):
+        zoo.load_model(str(tmp_path / "other.pth"), device="cpu")
+    # config given explicitly but weights of another shape
+    good = tmp_path / "tiny.pth"
+    torch.save(sam.state_dict(), good)
+    other_cfg = tiny_vit_sam_config(encoder=dict(embed_dim=32))
+    with pytest.raises(CheckpointError, match="shape"):
+        model_from_checkpoint(good, config=other_cfg)
+
+
+def test_bad_config_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {
+        k: v.contiguous() for k, v in build_random_sam(tiny_vit_sam_config()).state_dict().items()
+    }
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path), metadata={CONFIG_METADATA_KEY: '{"encoder_type": "resnet"}'})
+    with pytest.raises(CheckpointError, match="configuration"):
+        load_state_dict(path)
+    # no metadata at all: the config is inferred
+    save_file(sd, str(path))
+    assert load_state_dict(path)[1] is None
+    assert model_from_checkpoint(path).config == tiny_vit_sam_config()
+
+
+def test_checkpoint_module_exports():
+    assert checkpoint.CONFIG_METADATA_KEY == "napari_sam_config"
