@@ -22,13 +22,17 @@ import numpy as np
 from napari_sam.errors import InvalidInputError
 
 __all__ = [
+    "MAX_PLANE_PIXELS",
     "check_plane_displayed",
+    "check_segmentable",
     "commit_mask",
     "current_slice_index",
     "get_image_plane",
     "image_plane_shape",
     "labels_fit_image",
     "make_labels_layer",
+    "make_plane_labels_layer",
+    "plane_affine",
     "points_to_prompts",
     "shapes_to_boxes",
     "spatial_shape",
@@ -37,6 +41,8 @@ __all__ = [
 
 # feature column of the prompt Points layer: True = positive (foreground) click
 POSITIVE_FEATURE = "positive"
+# largest 2D plane the widgets accept (8192 x 8192): the encoder sees 1024 px anyway
+MAX_PLANE_PIXELS = 8192 * 8192
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +74,30 @@ def _base_data(image_layer: Any) -> Any:
             "viewer.add_image(layer.data[0])."
         )
     return image_layer.data
+
+
+def check_segmentable(image_layer: Any) -> None:
+    """Raise :class:`InvalidInputError` (with advice) if the widgets cannot segment the layer."""
+    shape = spatial_shape(image_layer)
+    h, w = image_plane_shape(image_layer)
+    if not getattr(image_layer, "rgb", False) and len(shape) >= 3 and w in (3, 4):
+        raise InvalidInputError(
+            f"Layer {image_layer.name!r} has shape {shape}: its last axis looks like {w} colour "
+            f"channels, but napari shows it as a stack of {h} x {w} images. Open it as RGB "
+            "(viewer.add_image(data, rgb=True)) or split the channels "
+            "(viewer.add_image(data, channel_axis=-1)) and segment one channel."
+        )
+    if h * w > MAX_PLANE_PIXELS:
+        raise InvalidInputError(
+            f"Layer {image_layer.name!r} has {h} x {w} pixel planes, more than the "
+            f"{MAX_PLANE_PIXELS} pixels the widgets accept. Segment a crop or a downsampled copy, "
+            "e.g. viewer.add_image(data[..., ::4, ::4], scale=(4, 4))."
+        )
+    dtype = np.dtype(image_layer.data.dtype)
+    if dtype.kind not in "biuf":
+        raise InvalidInputError(
+            f"Layer {image_layer.name!r} has dtype {dtype}; SAM needs numeric images."
+        )
 
 
 def check_plane_displayed(image_layer: Any, dims: Any) -> None:
@@ -244,6 +274,38 @@ def make_labels_layer(image_layer: Any, name: str, dtype: Any = np.uint32) -> An
         if hasattr(image_layer, attr):
             kwargs[attr] = getattr(image_layer, attr)
     return Labels(np.zeros(spatial_shape(image_layer), dtype=dtype), name=name, **kwargs)
+
+
+def plane_affine(image_layer: Any, slice_index: Sequence[int] = ()) -> np.ndarray:
+    """(3, 3) affine from the plane's ``(row, col)`` data pixels to the last two world axes.
+
+    Built from the layer's public ``data_to_world`` (so scale, translate, rotate,
+    shear and affine all count) at the given slice.
+    """
+    lead = [float(i) for i in slice_index]
+
+    def world(r: float, c: float) -> np.ndarray:
+        return np.asarray(image_layer.data_to_world([*lead, r, c]), dtype=float)[-2:]
+
+    origin = world(0.0, 0.0)
+    mat = np.eye(3)
+    mat[:2, 0] = world(1.0, 0.0) - origin
+    mat[:2, 1] = world(0.0, 1.0) - origin
+    mat[:2, 2] = origin
+    return mat
+
+
+def make_plane_labels_layer(
+    image_layer: Any, slice_index: Sequence[int], name: str, dtype: Any = np.uint8
+) -> Any:
+    """A new 2D Labels layer over one plane of ``image_layer`` (e.g. a preview)."""
+    from napari.layers import Labels
+
+    return Labels(
+        np.zeros(image_plane_shape(image_layer), dtype=dtype),
+        name=name,
+        affine=plane_affine(image_layer, slice_index),
+    )
 
 
 def labels_fit_image(labels_layer: Any, image_layer: Any) -> bool:

@@ -1,0 +1,211 @@
+"""Qt pieces shared by the two dock widgets: model/device pickers, layer combos, helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QCoreApplication, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QWidget
+
+__all__ = [
+    "BROWSE",
+    "DEFAULT_MODEL",
+    "LayerCombo",
+    "ModelPicker",
+    "available_devices",
+    "error_message",
+    "process_events_until",
+]
+
+BROWSE = "Browse…"
+DEFAULT_MODEL = "default"
+CUSTOM_PREFIX = "file: "
+
+
+def available_devices() -> list[str]:
+    """``auto`` plus the torch devices usable here (``cpu``, ``cuda``, ``mps``)."""
+    devices = ["auto", "cpu"]
+    try:  # torch is imported lazily: it is already loaded once a model is
+        import torch
+
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            devices.append("mps")
+    except Exception:  # pragma: no cover - a broken torch install still lists cpu
+        pass
+    return devices
+
+
+def model_names() -> list[str]:
+    """Names from the model zoo, ``default`` first."""
+    from napari_sam.models.zoo import list_models
+
+    names = list(list_models())
+    if DEFAULT_MODEL in names:
+        names.remove(DEFAULT_MODEL)
+    return [DEFAULT_MODEL, *names]
+
+
+def error_message(err: BaseException) -> str:
+    """A one-paragraph message for a notification (typed errors carry advice already)."""
+    from napari_sam.errors import NapariSamError
+
+    if isinstance(err, NapariSamError):
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "Out of memory. Use a smaller model (vit_t or default), a smaller image, or a GPU."
+    return f"{type(err).__name__}: {err}"
+
+
+def process_events_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Process Qt events until ``done()`` is true or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        QCoreApplication.processEvents()
+        if done():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+
+
+class ModelPicker(QWidget):
+    """Model combo (zoo names + local files via Browse…) and device combo.
+
+    Emits ``changed(name_or_path, device)`` when the user picks a model or device.
+    """
+
+    changed = Signal(str, str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model_combo = QComboBox(self)
+        self.model_combo.setToolTip(
+            "SAM model: 'default' is the small model shipped with the plugin; vit_b/l/h are the "
+            "official SAM models and vit_t is MobileSAM (downloaded on first use). "
+            "Browse… loads a local .pth/.pt/.safetensors checkpoint."
+        )
+        try:
+            names = model_names()
+        except Exception:  # the zoo failed to import: still offer Browse…
+            names = [DEFAULT_MODEL]
+        self.model_combo.addItems([*names, BROWSE])
+        self.device_combo = QComboBox(self)
+        self.device_combo.addItems(available_devices())
+        self.device_combo.setToolTip("Where the model runs; 'auto' picks a GPU when there is one.")
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.model_combo, 3)
+        lay.addWidget(self.device_combo, 1)
+        self._last_index = 0
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.device_combo.activated.connect(lambda _: self.changed.emit(self.name, self.device))
+
+    @property
+    def name(self) -> str:
+        """The chosen zoo name or local checkpoint path."""
+        text = self.model_combo.currentText()
+        return text[len(CUSTOM_PREFIX):] if text.startswith(CUSTOM_PREFIX) else text
+
+    @property
+    def device(self) -> str | None:
+        """The chosen device, or None for automatic."""
+        text = self.device_combo.currentText()
+        return None if text == "auto" else text
+
+    def show_model(self, label: str) -> None:
+        """Show ``label`` (a zoo name, a path, or a description) without emitting ``changed``."""
+        self.model_combo.blockSignals(True)
+        idx = self.model_combo.findText(label)
+        if idx < 0:
+            idx = self.model_combo.count() - 1  # before Browse…
+            self.model_combo.insertItem(idx, label)
+        self.model_combo.setCurrentIndex(idx)
+        self._last_index = idx
+        self.model_combo.blockSignals(False)
+
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemText(index) == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors);;All files (*)"
+            )
+            if not path:
+                self.model_combo.setCurrentIndex(self._last_index)
+                return
+            self.show_model(CUSTOM_PREFIX + path)
+        self._last_index = self.model_combo.currentIndex()
+        self.changed.emit(self.name, self.device or "")
+
+
+class LayerCombo(QComboBox):
+    """Combo box of the viewer's layers of one type, kept in sync with the layer list.
+
+    ``none_text`` adds a first entry meaning "no layer" (e.g. "new layer").
+    """
+
+    layer_changed = Signal(object)
+
+    def __init__(
+        self,
+        viewer: Any,
+        layer_type: type,
+        none_text: str | None = None,
+        accept: Callable[[Any], bool] | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._viewer = viewer
+        self._type = layer_type
+        self._none_text = none_text
+        self._accept = accept or (lambda layer: True)
+        self._layers: list[Any] = []
+        self.refresh()
+        self.currentIndexChanged.connect(lambda _: self.layer_changed.emit(self.layer))
+
+    def _candidates(self) -> list[Any]:
+        return [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, self._type) and self._accept(layer)
+        ]
+
+    @property
+    def layer(self) -> Any:
+        """The selected layer or None."""
+        i = self.currentIndex() - (1 if self._none_text is not None else 0)
+        return self._layers[i] if 0 <= i < len(self._layers) else None
+
+    def set_layer(self, layer: Any) -> None:
+        """Select ``layer`` (None selects the "no layer" entry if there is one)."""
+        self.refresh()
+        offset = 1 if self._none_text is not None else 0
+        if layer is None:
+            self.setCurrentIndex(0 if self._none_text is not None else -1)
+        elif layer in self._layers:
+            self.setCurrentIndex(self._layers.index(layer) + offset)
+
+    def refresh(self) -> None:
+        """Re-list the layers, keeping the selection when it still exists."""
+        current = self.layer
+        layers = self._candidates()
+        self.blockSignals(True)
+        self.clear()
+        if self._none_text is not None:
+            self.addItem(self._none_text)
+        for layer in layers:
+            self.addItem(layer.name)
+        self._layers = layers
+        offset = 1 if self._none_text is not None else 0
+        if current in layers:
+            self.setCurrentIndex(layers.index(current) + offset)
+        elif self._none_text is not None:
+            self.setCurrentIndex(0)
+        elif layers:
+            self.setCurrentIndex(len(layers) - 1)
+        self.blockSignals(False)
+        if self.layer is not current:
+            self.layer_changed.emit(self.layer)

@@ -1,0 +1,457 @@
+"""The "Segment Everything" dock widget: automatic masks for a slice or a whole stack.
+
+Runs :class:`napari_sam.engine.everything.AutomaticMaskGenerator` in a napari
+``thread_worker`` that yields progress per batch of prompt points and one label
+image per finished slice; the main thread writes them into a NEW Labels layer
+(``"<image> everything"``, made unique), never into a user's layer. Cancel stops
+the run at the next batch: a single slice then leaves no layer, a stack keeps the
+finished slices in a layer named ``... (partial)`` with ``metadata["complete"] = False``.
+
+Scripting API: ``set_model(...)``, ``set_image_layer(layer)``, ``set_params(**kw)``,
+``params``, ``scope``, ``run()``, ``cancel()``, ``wait(timeout)``, ``running``,
+``result_layer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from functools import partial
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_sam.errors import CancelledError, InvalidInputError
+from napari_sam.widgets import layers as L
+from napari_sam.widgets._common import (
+    DEFAULT_MODEL,
+    LayerCombo,
+    ModelPicker,
+    error_message,
+    process_events_until,
+)
+
+__all__ = ["PARAMS", "SegmentEverythingWidget"]
+
+CURRENT_SLICE = "current slice"
+WHOLE_STACK = "whole stack"
+
+# name: (kind, default, minimum, maximum, step, tooltip)
+PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
+    "points_per_side": (
+        int, 32, 1, 128, 1,
+        "Prompt points along each side of the image (a grid of n x n clicks). More finds "
+        "smaller objects but takes n² decoder runs.",
+    ),
+    "points_per_batch": (
+        int, 64, 1, 1024, 16,
+        "Prompt points decoded together. Larger is faster but needs more memory.",
+    ),
+    "pred_iou_thresh": (
+        float, 0.88, 0.0, 1.0, 0.01,
+        "Keep masks whose predicted quality (IoU score) is at least this. Lower keeps more, "
+        "worse masks.",
+    ),
+    "stability_score_thresh": (
+        float, 0.95, 0.0, 1.0, 0.01,
+        "Keep masks that barely change when the mask threshold moves (stability score at "
+        "least this). Lower keeps fuzzier masks.",
+    ),
+    "box_nms_thresh": (
+        float, 0.7, 0.0, 1.0, 0.01,
+        "Two masks whose boxes overlap more than this (IoU) are duplicates: the better one "
+        "is kept.",
+    ),
+    "crop_n_layers": (
+        int, 0, 0, 3, 1,
+        "Also run on 2^k x 2^k overlapping crops for k = 1..n (finds small objects in large "
+        "images; slower).",
+    ),
+    "min_mask_region_area": (
+        int, 0, 0, 1_000_000, 10,
+        "Remove holes and islands smaller than this many pixels from each mask (0: off).",
+    ),
+}
+
+
+def _everything_job(
+    model: Any,
+    device: str | None,
+    data: Any,
+    slices: list[tuple[int, ...]],
+    contrast_limits: tuple[float, float] | None,
+    params: dict[str, Any],
+    cancel: threading.Event,
+) -> Iterator[tuple]:
+    """Worker body (generator).
+
+    Yields ``("model", model)`` after loading a named model, ``("progress", k, n,
+    done, total)`` per decoded batch of slice ``k`` of ``n``, and ``("slice", k,
+    index, labels)`` with each finished (H, W) uint32 label image. The mask
+    generator runs in a helper thread because it reports progress through a
+    callback; the messages travel through a queue.
+    """
+    msgs: queue.Queue = queue.Queue()
+
+    def body() -> None:
+        try:
+            from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+
+            sam = model
+            if isinstance(sam, str):
+                from napari_sam.models.zoo import load_model
+
+                sam = load_model(sam, device=device)
+                msgs.put(("model", sam))
+            amg = AutomaticMaskGenerator(sam, **params)
+            n = len(slices)
+            for k, index in enumerate(slices):
+                if cancel.is_set():
+                    raise CancelledError("Segment Everything was cancelled.")
+                plane = np.asarray(data[index] if index else data)
+                records = amg.generate(
+                    plane,
+                    contrast_limits=contrast_limits,
+                    progress=lambda done, total, k=k: msgs.put(("progress", k, n, done, total)),
+                    cancel=cancel.is_set,
+                )
+                shape = plane.shape[:2]
+                msgs.put(("slice", k, index, records_to_labels(records, shape)))
+        except BaseException as err:  # forwarded to the worker thread, raised there
+            msgs.put(("error", err))
+        finally:
+            msgs.put(("done",))
+
+    thread = threading.Thread(target=body, name="napari-sam-everything", daemon=True)
+    thread.start()
+    while True:
+        msg = msgs.get()
+        if msg[0] == "done":
+            break
+        if msg[0] == "error":
+            thread.join()
+            raise msg[1]
+        yield msg
+    thread.join()
+
+
+class SegmentEverythingWidget(QWidget):
+    """Automatic mask generation for the shown slice or every slice of an image layer."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.result_layer: Any = None
+        self.last_error: BaseException | None = None
+        self._model: Any = None
+        self._model_key: tuple[str, str | None] | None = None
+        self._worker: Any = None
+        self._cancel = threading.Event()
+        self._run_state: dict[str, Any] = {}
+        self._life = {"closed": False}
+        life = self._life
+        self.destroyed.connect(lambda *_: life.update(closed=True))
+        self._build_ui()
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image):
+            self.image_combo.set_layer(active)
+
+    # ------------------------------------------------------------------ UI
+
+    def _build_ui(self) -> None:
+        self.model_picker = ModelPicker(self)
+        self.model_picker.changed.connect(self._on_model_picked)
+        self.image_combo = LayerCombo(self.viewer, Image, parent=self)
+        self.image_combo.setToolTip("The image to segment.")
+        self.scope_combo = QComboBox(self)
+        self.scope_combo.addItems([CURRENT_SLICE, WHOLE_STACK])
+        self.scope_combo.setToolTip(
+            "Current slice: the 2D plane shown in the viewer. Whole stack: every 2D plane of an "
+            "nD image, one after the other (objects get ids unique in the whole stack, but are "
+            "not linked between slices)."
+        )
+        form = QFormLayout()
+        form.addRow("model", self.model_picker)
+        form.addRow("image", self.image_combo)
+        form.addRow("scope", self.scope_combo)
+        self.param_widgets: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        for name, (kind, default, lo, hi, step, tip) in PARAMS.items():
+            box = QSpinBox(self) if kind is int else QDoubleSpinBox(self)
+            if kind is float:
+                box.setDecimals(2)
+            box.setRange(kind(lo), kind(hi))
+            box.setSingleStep(kind(step))
+            box.setValue(kind(default))
+            box.setToolTip(tip)
+            label = QLabel(name.replace("_", " "), self)
+            label.setToolTip(tip)
+            form.addRow(label, box)
+            self.param_widgets[name] = box
+
+        self.run_button = QPushButton("Run", self)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar(self)
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.status = QLabel("", self)
+        self.status.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress_bar)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        if not self._life["closed"]:
+            self.image_combo.refresh()
+
+    def _set_status(self, text: str) -> None:
+        if not self._life["closed"]:
+            self.status.setText(text)
+
+    # -------------------------------------------------------------- settings
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The AutomaticMaskGenerator keyword arguments set in the form."""
+        out: dict[str, Any] = {}
+        for name, box in self.param_widgets.items():
+            kind = PARAMS[name][0]
+            out[name] = kind(box.value())
+        return out
+
+    def set_params(self, **kwargs: Any) -> None:
+        """Set form parameters by name (see :data:`PARAMS`)."""
+        for name, value in kwargs.items():
+            if name not in self.param_widgets:
+                raise InvalidInputError(
+                    f"Unknown parameter {name!r}; choose from {', '.join(self.param_widgets)}."
+                )
+            self.param_widgets[name].setValue(value)
+
+    @property
+    def scope(self) -> str:
+        """``"current slice"`` or ``"whole stack"``."""
+        return self.scope_combo.currentText()
+
+    def set_scope(self, scope: str) -> None:
+        """Run on ``"current slice"`` or ``"whole stack"``."""
+        if scope not in (CURRENT_SLICE, WHOLE_STACK):
+            raise InvalidInputError(f"scope must be {CURRENT_SLICE!r} or {WHOLE_STACK!r}.")
+        self.scope_combo.setCurrentText(scope)
+
+    @property
+    def image_layer(self) -> Image | None:
+        return self.image_combo.layer
+
+    def set_image_layer(self, layer: Image) -> None:
+        self.image_combo.set_layer(layer)
+
+    def set_model(self, model: Any, device: str | None = None) -> None:
+        """Use ``model``: a Sam instance, or a zoo name / checkpoint path (loaded on Run)."""
+        if isinstance(model, (str, Path)):
+            self._model = None
+            self._model_key = None
+            self.model_picker.show_model(str(model))
+        else:
+            if device is not None and hasattr(model, "to"):
+                model = model.to(device)
+            self._model = model
+            self._model_key = ("<object>", device)
+            self.model_picker.show_model(f"<{type(model).__name__} object>")
+
+    def _on_model_picked(self, name: str, device: str) -> None:
+        self._model = None  # loaded (in the worker) on the next run
+        self._model_key = None
+
+    # ------------------------------------------------------------------- run
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self) -> Any:
+        """Start a run in a worker thread; returns the worker (or None if it could not start)."""
+        if self._worker is not None:
+            show_info("Segment Everything is already running; cancel it first.")
+            return None
+        image = self.image_layer
+        try:
+            if image is None:
+                raise InvalidInputError("Add or select an image layer first.")
+            L.check_segmentable(image)
+            slices = self._slices(image)
+        except InvalidInputError as err:
+            show_error(str(err))
+            self._set_status(str(err))
+            return None
+        model: Any = self._model
+        device = self.model_picker.device
+        if model is None:
+            model = self.model_picker.name or DEFAULT_MODEL
+        self.last_error = None
+        self.result_layer = None
+        self._cancel = threading.Event()
+        self._run_state = {
+            "image": image,
+            "slices": slices,
+            "done_slices": 0,
+            "layer": None,
+            "offset": 0,
+            "cancelled": False,
+            "name": L.unique_name((x.name for x in self.viewer.layers), f"{image.name} everything"),
+        }
+        limits = tuple(float(v) for v in image.contrast_limits)
+        worker = create_worker(
+            _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
+            _progress={"desc": "SAM: segment everything", "total": 1000},
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_yielded)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(partial(self._on_finished, worker))
+        self._worker = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setValue(0)
+        self._set_status(f"Running on {len(slices)} slice(s)…")
+        worker.start()
+        return worker
+
+    def _slices(self, image: Image) -> list[tuple[int, ...]]:
+        lead = L.spatial_shape(image)[:-2]
+        if self.scope == WHOLE_STACK:
+            return [tuple(i) for i in product(*(range(n) for n in lead))]
+        L.check_plane_displayed(image, self.viewer.dims)
+        return [L.current_slice_index(image, self.viewer.dims.point)]
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next batch."""
+        if self._worker is None:
+            return
+        self._cancel.set()
+        self._run_state["cancelled"] = True
+        with contextlib.suppress(Exception):
+            self._worker.quit()
+        self._set_status("Cancelling…")
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until the run has finished (or ``timeout`` s); for scripts/tests."""
+        return process_events_until(lambda: self._worker is None, timeout)
+
+    def _on_yielded(self, msg: tuple) -> None:
+        if self._life["closed"]:
+            return
+        kind = msg[0]
+        state = self._run_state
+        if kind == "model":
+            self._model = msg[1]
+            self._model_key = (self.model_picker.name, self.model_picker.device)
+        elif kind == "progress":
+            _, k, n, done, total = msg
+            frac = (k + (done / total if total else 1.0)) / max(n, 1)
+            value = int(round(1000 * frac))
+            self.progress_bar.setValue(value)
+            pbar = getattr(self._worker, "pbar", None)
+            if pbar is not None:
+                with contextlib.suppress(Exception):
+                    pbar.n = value
+                    pbar.refresh()
+            self._set_status(f"Slice {k + 1} of {n}: batch {done} of {total}")
+        elif kind == "slice":
+            _, k, index, labels = msg
+            self._write_slice(state, index, labels)
+            state["done_slices"] = k + 1
+
+    def _write_slice(
+        self, state: dict[str, Any], index: tuple[int, ...], labels: np.ndarray
+    ) -> None:
+        image = state["image"]
+        layer = state["layer"]
+        if layer is None or layer not in self.viewer.layers:
+            layer = L.make_labels_layer(image, state["name"])
+            layer.metadata["napari_sam"] = {"params": self.params, "complete": False}
+            self.viewer.add_layer(layer)
+            state["layer"] = layer
+            self.result_layer = layer
+        labels = np.asarray(labels).astype(layer.data.dtype, copy=False)
+        objects = labels > 0
+        out = np.zeros_like(labels)
+        out[objects] = labels[objects] + state["offset"]  # ids unique over the stack
+        if objects.any():
+            state["offset"] = int(out.max())
+        if index:
+            layer.data[index] = out
+        else:
+            layer.data[...] = out
+        layer.refresh()
+
+    def _on_error(self, err: BaseException) -> None:
+        if isinstance(err, CancelledError):
+            self._run_state["cancelled"] = True
+            return
+        self.last_error = err
+        msg = f"Segment Everything failed: {error_message(err)}"
+        if not self._life["closed"]:
+            show_error(msg)
+        self._set_status(msg)
+
+    def _on_finished(self, worker: Any) -> None:
+        if worker is not self._worker:
+            return
+        self._worker = None
+        if self._life["closed"]:
+            return
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        state = self._run_state
+        layer = state.get("layer")
+        n = len(state.get("slices", ()))
+        done = state.get("done_slices", 0)
+        if state.get("cancelled") and done < n:
+            if layer is not None and layer in self.viewer.layers:
+                layer.name = L.unique_name(
+                    (x.name for x in self.viewer.layers), f"{state['name']} (partial)"
+                )
+                self._set_status(
+                    f"Cancelled after {done} of {n} slices: {layer.name!r} is partial."
+                )
+            else:
+                self.result_layer = None
+                self._set_status("Cancelled; no layer was created.")
+            return
+        if self.last_error is not None:
+            return
+        if layer is not None:
+            layer.metadata["napari_sam"]["complete"] = True
+            count = len(np.unique(layer.data)) - 1
+            self.progress_bar.setValue(1000)
+            self._set_status(f"Done: {count} objects in {layer.name!r}.")

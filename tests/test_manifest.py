@@ -1,0 +1,99 @@
+"""The npe2 manifest (napari.yaml): valid, importable, packaged; the sample data loads."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+npe2 = pytest.importorskip("npe2")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return npe2.PluginManifest.from_distribution("napari-sam")
+
+
+def test_manifest_is_valid_and_found_through_entry_point(manifest):
+    assert manifest.name == "napari-sam"
+    assert manifest.display_name == "Segment Anything"
+    # the file on disk validates on its own too
+    from_file = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
+    assert from_file.name == manifest.name
+    widgets = {w.display_name for w in manifest.contributions.widgets}
+    assert widgets == {"Segment Anything", "Segment Everything"}
+    samples = {s.display_name for s in manifest.contributions.sample_data}
+    assert samples == {"Nuclei (DSB2018)"}
+
+
+def test_every_python_name_resolves(manifest):
+    from npe2.manifest.utils import import_python_name
+
+    commands = manifest.contributions.commands
+    assert commands
+    for cmd in commands:
+        obj = import_python_name(cmd.python_name)
+        assert callable(obj), cmd.python_name
+    manifest.validate_imports()
+
+
+def test_sample_loads(manifest):
+    from npe2.manifest.utils import import_python_name
+
+    (sample,) = manifest.contributions.sample_data
+    cmd = next(c for c in manifest.contributions.commands if c.id == sample.command)
+    layers = import_python_name(cmd.python_name)()
+    assert len(layers) == 1
+    data, kwargs = layers[0]
+    assert data.shape == (520, 696) and data.dtype == np.uint8
+    assert data.std() > 5  # a real image, not a blank
+    assert kwargs["name"] == "nuclei"
+    assert "CC0" in kwargs["metadata"]["attribution"]
+
+
+def test_installed_package_contains_manifest():
+    path = resources.files("napari_sam") / "napari.yaml"
+    assert path.is_file()
+    assert "name: napari-sam" in path.read_text()
+
+
+@pytest.mark.slow
+def test_wheel_contains_manifest_and_data(tmp_path):
+    """Build a wheel from a copy of the sources: napari.yaml is a real file inside it."""
+    src = tmp_path / "src_copy"
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "napari.yaml", src)
+    for extra in ("README.md", "LICENSE"):
+        if (ROOT / extra).exists():
+            shutil.copy(ROOT / extra, src)
+    shutil.copytree(
+        ROOT / "src" / "napari_sam",
+        src / "src" / "napari_sam",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"),
+    )
+    out = tmp_path / "wheel"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--no-index", "-q", "-w", str(out), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"could not build a wheel here: {proc.stderr[-500:]}")
+    (whl,) = out.glob("*.whl")
+    with zipfile.ZipFile(whl) as zf:
+        names = set(zf.namelist())
+        assert "napari_sam/napari.yaml" in names
+        assert "name: napari-sam" in zf.read("napari_sam/napari.yaml").decode()
+        assert "napari_sam/data/nuclei.png" in names
+        eps = next(n for n in names if n.endswith("entry_points.txt"))
+        assert "napari_sam:napari.yaml" in zf.read(eps).decode()

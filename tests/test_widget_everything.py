@@ -1,0 +1,158 @@
+"""The "Segment Everything" dock widget in a real napari viewer (run under xvfb-run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+pytestmark = pytest.mark.napari
+
+TIMEOUT = 120
+# low thresholds: the tiny random model's masks have low scores
+FAST = dict(
+    points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+    box_nms_thresh=0.7, crop_n_layers=0, min_mask_region_area=0,
+)
+
+
+def _image(shape=(48, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    rr, cc = np.mgrid[: shape[-2], : shape[-1]]
+    blob = 150 * (((rr - 20) ** 2 + (cc - 30) ** 2) < 120)
+    return (40 + blob + rng.integers(0, 30, shape)).astype(np.uint8)
+
+
+def _open(viewer, tiny_sam):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    widget.set_model(tiny_sam)
+    widget.set_params(**FAST)
+    return widget
+
+
+def test_run_makes_new_labels_layer(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_image(), name="img", scale=(2, 0.5), translate=(3, 4))
+    mine = viewer.add_labels(np.zeros((48, 64), np.uint8), name="img everything")
+    widget = _open(viewer, tiny_sam)
+    widget.set_image_layer(image)
+    assert widget.params == FAST
+    assert widget.run() is not None
+    assert widget.wait(TIMEOUT)
+    layer = widget.result_layer
+    assert layer is not None and layer is not mine
+    assert layer.name == "img everything [2]"  # unique; the user's layer is untouched
+    assert not mine.data.any()
+    assert layer.data.shape == (48, 64)
+    assert layer.data.max() >= 1
+    np.testing.assert_allclose(layer.scale, image.scale)
+    np.testing.assert_allclose(layer.translate, image.translate)
+    assert layer.metadata["napari_sam"]["complete"] is True
+    assert widget.progress_bar.value() == 1000
+
+    # matches the engine called directly
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+
+    records = AutomaticMaskGenerator(tiny_sam, **FAST).generate(
+        image.data, contrast_limits=image.contrast_limits
+    )
+    np.testing.assert_array_equal(layer.data, records_to_labels(records, (48, 64)))
+
+    # a second run: another new layer
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert widget.result_layer.name == "img everything [3]"
+
+
+def test_whole_stack_fills_every_slice_with_unique_ids(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack")
+    widget = _open(viewer, tiny_sam)
+    progress = []
+    widget.set_scope("whole stack")
+    worker = widget.run()
+    worker.yielded.connect(lambda msg: progress.append(msg[:2]))
+    assert widget.wait(TIMEOUT)
+    layer = widget.result_layer
+    assert layer.data.shape == (3, 48, 64)
+    ids = [set(np.unique(layer.data[k])) - {0} for k in range(3)]
+    assert all(ids)
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+    # progress per batch and a result per slice
+    assert [m for m in progress if m[0] == "slice"] == [("slice", 0), ("slice", 1), ("slice", 2)]
+    assert sum(m[0] == "progress" for m in progress) >= 3
+
+
+def test_current_slice_of_stack(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack")
+    viewer.dims.set_current_step(0, 1)
+    widget = _open(viewer, tiny_sam)
+    assert widget.scope == "current slice"
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    layer = widget.result_layer
+    assert layer.data.shape == (3, 48, 64)
+    assert layer.data[1].any() and not layer.data[0].any() and not layer.data[2].any()
+
+
+def test_cancel_immediately_leaves_no_layer_and_widget_usable(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    n_layers = len(viewer.layers)
+    widget.run()
+    widget.cancel()
+    assert widget.wait(TIMEOUT)
+    assert not widget.running
+    assert len(viewer.layers) == n_layers
+    assert widget.result_layer is None
+    assert "Cancelled" in widget.status.text()
+    assert widget.run_button.isEnabled()
+    # usable again
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert widget.result_layer is not None and widget.result_layer.data.any()
+
+
+def test_cancel_during_stack_keeps_partial_layer(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(4)]), name="stack")
+    widget = _open(viewer, tiny_sam)
+    widget.set_scope("whole stack")
+    worker = widget.run()
+
+    def on_msg(msg):
+        if msg[0] == "slice" and msg[1] == 0:
+            widget.cancel()
+
+    worker.yielded.connect(on_msg)
+    assert widget.wait(TIMEOUT)
+    layer = widget.result_layer
+    assert layer is not None and layer.name.endswith("(partial)")
+    assert layer.metadata["napari_sam"]["complete"] is False
+    assert layer.data[0].any()
+    assert not layer.data[3].any()
+
+
+def test_errors_are_notified_and_widget_recovers(make_napari_viewer, tiny_sam, tmp_path,
+                                                 monkeypatch):
+    from napari_sam.widgets import everything
+
+    errors = []
+    monkeypatch.setattr(everything, "show_error", lambda msg: errors.append(msg))
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    widget.set_model(str(bad))
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert errors and "broken.safetensors" in errors[-1]
+    assert widget.result_layer is None and widget.run_button.isEnabled()
+    widget.set_model(tiny_sam)
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert widget.result_layer is not None

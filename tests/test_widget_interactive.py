@@ -1,0 +1,310 @@
+"""The "Segment Anything" dock widget driven in a real napari viewer (run under xvfb-run).
+
+The model is the tiny random-weight SAM of ``tests/conftest.py``: its masks are
+meaningless but deterministic, partially on, and computed in milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari.layers import Labels  # noqa: E402
+
+pytestmark = pytest.mark.napari
+
+TIMEOUT = 60
+
+
+def _blob_image(shape=(64, 80), dtype=np.uint8, seed=0):
+    rng = np.random.default_rng(seed)
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    img = 40 + 150 * (((rr - shape[0] / 2) ** 2 + (cc - shape[1] / 3) ** 2) < 150)
+    img = img + rng.integers(0, 30, shape)
+    if dtype == np.uint16:
+        img = img * 200
+    return img.astype(dtype)
+
+
+def _open(viewer, tiny_sam):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(tiny_sam)
+    assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
+    return widget
+
+
+def _click(widget, row, col, positive=True):
+    """Add a point at image data (row, col) on the shown slice, as a click would."""
+    widget.set_polarity(positive)
+    lead = list(widget.slice_index)
+    widget.points_layer.add([[*lead, row, col]])
+
+
+@pytest.mark.parametrize(
+    "kind", ["gray", "rgb", "uint16"],
+)
+def test_click_preview_candidates_commit_undo_clear(make_napari_viewer, tiny_sam, kind):
+    viewer = make_napari_viewer()
+    if kind == "rgb":
+        gray = _blob_image()
+        image = np.stack([gray, 255 - gray, gray // 2], axis=-1)
+        viewer.add_image(image, rgb=True, name="img")
+    else:
+        viewer.add_image(_blob_image(dtype=np.uint16 if kind == "uint16" else np.uint8),
+                         name="img")
+    widget = _open(viewer, tiny_sam)
+    assert widget.image_layer is viewer.layers["img"]
+    assert widget.points_layer.name == "SAM points"
+    assert widget.boxes_layer.name == "SAM boxes"
+
+    # one click: three candidates, the best shown
+    _click(widget, 30, 25)
+    assert widget.preview is not None and widget.preview.shape == (64, 80)
+    assert widget.scores.shape == (3,)
+    assert widget.candidate == int(np.argmax(widget.scores))
+    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.preview)
+    other = (widget.candidate + 1) % 3
+    widget.select_candidate(other)
+    assert widget.candidate == other
+    np.testing.assert_array_equal(widget.preview, widget.masks[other])
+    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.masks[other])
+    preview1 = widget.preview.copy()
+    assert preview1.any()
+
+    id1 = widget.commit()
+    assert id1 == 1
+    labels = widget.labels_layer
+    assert isinstance(labels, Labels) and labels.name == "img objects"
+    assert labels.data.shape == (64, 80)
+    np.testing.assert_array_equal(labels.data == id1, preview1)
+    # commit cleared the prompts and the preview
+    assert len(widget.points_layer.data) == 0 and widget.preview is None
+
+    # a second object: a negative point refines; existing object preserved
+    _click(widget, 10, 70)
+    _click(widget, 50, 10, positive=False)
+    assert widget.last_prompts["labels"].tolist() == [1, 0]
+    preview2 = widget.preview.copy()
+    id2 = widget.commit()
+    assert id2 == 2
+    np.testing.assert_array_equal(labels.data == id1, preview1)  # not overwritten
+    np.testing.assert_array_equal(labels.data == id2, preview2 & ~preview1)
+
+    # clear never touches committed labels
+    _click(widget, 5, 5)
+    before = labels.data.copy()
+    widget.clear()
+    assert widget.preview is None and len(widget.points_layer.data) == 0
+    np.testing.assert_array_equal(labels.data, before)
+
+    # undo removes the last object only
+    labels.undo()
+    assert not (labels.data == id2).any()
+    np.testing.assert_array_equal(labels.data == id1, preview1)
+
+
+def test_refinement_uses_previous_logits_and_box(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    _click(widget, 30, 25)
+    assert widget.last_prompts["multimask"] and not widget.last_prompts["mask_input"]
+    _click(widget, 32, 28)
+    # a correction point on the same object: previous logits fed back, one mask
+    assert widget.last_prompts["mask_input"] and not widget.last_prompts["multimask"]
+    assert widget.scores.shape == (1,)
+    # a box prompt (rectangle in world = data coords here)
+    widget.boxes_layer.add_rectangles(np.array([[5, 10], [40, 60]]))
+    np.testing.assert_allclose(widget.last_prompts["box"], [5, 10, 40, 60])
+    assert not widget.last_prompts["mask_input"]
+    assert widget.preview.shape == (64, 80)
+
+
+def test_scale_translate_maps_world_points_to_data_pixels(make_napari_viewer, tiny_sam,
+                                                          monkeypatch):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_blob_image(), name="img", scale=(2, 0.5), translate=(10, -5))
+    widget = _open(viewer, tiny_sam)
+
+    seen = {}
+    real_predict = widget._predictor.predict
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real_predict(**kwargs)
+
+    monkeypatch.setattr(widget._predictor, "predict", spy)
+    # a click at world (10 + 2*20, -5 + 0.5*30) is image pixel (20, 30)
+    world = np.array([50.0, 10.0])
+    widget.points_layer.add(widget.points_layer.world_to_data(world))
+    np.testing.assert_allclose(seen["points"], [[20, 30]])
+    np.testing.assert_allclose(image.world_to_data(world), [20, 30])
+    # the preview and labels sit on the image pixels
+    np.testing.assert_allclose(
+        widget.preview_layer.data_to_world([20, 30]), image.data_to_world([20, 30])
+    )
+    widget.commit()
+    labels = widget.labels_layer
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+
+
+def test_nd_stack_commit_lands_in_shown_slice(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    stack = np.stack([_blob_image(seed=s) for s in range(4)])
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 2)
+    widget = _open(viewer, tiny_sam)
+    assert widget.slice_index == (2,)
+    _click(widget, 30, 25)
+    assert widget.preview.shape == (64, 80)
+    preview = widget.preview.copy()
+    new_id = widget.commit()
+    labels = widget.labels_layer
+    assert labels.data.shape == (4, 64, 80)
+    np.testing.assert_array_equal(labels.data[2] == new_id, preview)
+    assert not labels.data[[0, 1, 3]].any()
+
+    # another slice: a new embedding, points of slice 2 are ignored there
+    _click(widget, 30, 25)
+    viewer.dims.set_current_step(0, 1)
+    assert widget.wait_for_embedding(TIMEOUT)
+    assert widget.slice_index == (1,)
+    assert widget.preview is None  # the point is on slice 2
+    _click(widget, 20, 40)
+    assert len(widget.last_prompts["points"]) == 1
+    id2 = widget.commit()
+    assert (labels.data[1] == id2).any() and not (labels.data[2] == id2).any()
+    # two embeddings were cached (slices 2 and 1)
+    assert len(widget.cache) == 2
+
+
+def test_stale_embedding_is_ignored(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_blob_image(seed=s) for s in range(3)]), name="stack")
+    widget = _open(viewer, tiny_sam)
+    gen = widget._emb_gen
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(0, 2)
+    assert widget._emb_gen > gen
+    assert widget.wait_for_embedding(TIMEOUT)
+    assert widget.slice_index == (2,)
+    _click(widget, 30, 25)
+    # the preview comes from slice 2's embedding
+    from napari_sam.engine.predictor import Predictor
+
+    ref = Predictor(tiny_sam)
+    stack = viewer.layers["stack"]
+    ref.set_image(stack.data[2], contrast_limits=stack.contrast_limits)
+    best = ref.predict(points=np.array([[30, 25]]))
+    np.testing.assert_allclose(widget.scores, best.scores, atol=1e-5)
+
+
+def test_keys_toggle_polarity_and_commit(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    pts = widget.points_layer
+    assert viewer.layers.selection.active is pts
+    handler = viewer.window._qt_viewer.canvas._key_map_handler
+    handler.press_key("t")
+    assert widget.negative_radio.isChecked()
+    pts.add([[30, 25]])
+    assert pts.features["positive"].tolist() == [False]
+    handler.press_key("t")
+    pts.add([[31, 26]])
+    assert pts.features["positive"].tolist() == [False, True]
+    handler.press_key("x")
+    assert len(pts.data) == 0
+    pts.add([[30, 25]])
+    handler.press_key("2")
+    assert widget.candidate == 1
+    handler.press_key("c")
+    assert widget.labels_layer is not None and (widget.labels_layer.data == 1).any()
+
+
+def test_existing_labels_layer_is_used_and_objects_kept(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    existing = np.zeros((64, 80), dtype=np.int32)
+    existing[28:33, 20:30] = 7
+    lab = viewer.add_labels(existing.copy(), name="mine")
+    widget = _open(viewer, tiny_sam)
+    widget.set_labels_layer(lab)
+    _click(widget, 30, 25)
+    mask = widget.preview.copy()
+    new_id = widget.commit()
+    assert new_id == 8
+    np.testing.assert_array_equal(lab.data[28:33, 20:30], 7)
+    np.testing.assert_array_equal(lab.data == 8, mask & (existing == 0))
+    # overwrite on: replaces
+    widget.overwrite_check.setChecked(True)
+    _click(widget, 30, 25)
+    mask = widget.preview.copy()
+    assert widget.commit() == 9
+    np.testing.assert_array_equal(lab.data == 9, mask)
+
+
+def test_corrupt_checkpoint_notifies_and_widget_still_works(
+    make_napari_viewer, tiny_sam, tmp_path, monkeypatch
+):
+    from napari_sam.errors import CheckpointError, NapariSamError
+    from napari_sam.widgets import interactive
+
+    messages = []
+    monkeypatch.setattr(interactive, "show_error", lambda msg: messages.append(msg))
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(NapariSamError) as info:
+        widget.set_model(str(bad))
+    assert isinstance(info.value, (CheckpointError, NapariSamError))
+    assert messages and "broken.pth" in messages[-1]
+    # the previous model is still in use
+    assert widget.model is tiny_sam
+    assert widget.wait_for_embedding(TIMEOUT)
+    _click(widget, 30, 25)
+    assert widget.preview is not None
+
+    # the same through the UI path (a worker): notification, still usable
+    messages.clear()
+    widget._load_model_async(str(bad), None)
+    from napari_sam.widgets._common import process_events_until
+
+    assert process_events_until(lambda: bool(messages), TIMEOUT)
+    assert widget.model is tiny_sam
+    _click(widget, 31, 26)
+    assert widget.preview is not None
+
+
+def test_unsupported_layer_warns_and_widget_recovers(make_napari_viewer, tiny_sam, monkeypatch):
+    from napari_sam.widgets import interactive
+
+    warnings = []
+    monkeypatch.setattr(interactive, "show_warning", lambda msg: warnings.append(msg))
+    viewer = make_napari_viewer()
+    good = viewer.add_image(_blob_image(), name="good")
+    widget = _open(viewer, tiny_sam)
+    bad = viewer.add_image(np.zeros((64, 80, 3), dtype=np.float32), name="channels", rgb=False)
+    widget.set_image_layer(bad)
+    assert warnings and "rgb=True" in warnings[-1]
+    assert not widget.ready
+    widget.set_image_layer(good)
+    assert widget.wait_for_embedding(TIMEOUT)
+    _click(widget, 30, 25)
+    assert widget.preview is not None
+
+
+def test_empty_preview_commits_nothing(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    assert widget.commit() == 0
+    assert widget.labels_layer is None
+    _click(widget, 30, 25)
+    widget.preview = np.zeros_like(widget.preview)
+    assert widget.commit() == 0
