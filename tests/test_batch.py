@@ -208,3 +208,328 @@ def test_temp_files_are_hidden(tmp_path):
         tmp.write_bytes(b"data")
     assert (tmp_path / "x.tif").read_bytes() == b"data"
     assert Path(tmp).exists() is False
+
+
+# ---------------------------------------------------------------------- batch: inputs
+
+
+from napari_sam.engine import batch  # noqa: E402
+from napari_sam.errors import ModelNotFoundError  # noqa: E402
+
+
+def _write_png(path: Path, seed: int = 0, size: int = 64) -> np.ndarray:
+    img = _blobs(size, size, seed)
+    Image.fromarray(img).save(path)
+    return img
+
+
+def test_scan_inputs_files_folders_globs(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("b.png", "a.tif", "c.JPG"):
+        (d / name).write_bytes(b"x")
+    (d / "notes.txt").write_text("x")
+    (d / ".hidden.png").write_bytes(b"x")
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.png").write_bytes(b"x")
+    other = tmp_path / "z.png"
+    other.write_bytes(b"x")
+
+    scan = batch.scan_inputs([d, str(d / "b.png"), str(tmp_path / "*.png"),
+                              str(tmp_path / "nope.png"), str(tmp_path / "*.bmp")])
+    names = [p.name for p in scan.paths]
+    assert names == ["a.tif", "b.png", "c.JPG", "z.png"]  # sorted by full path, deduplicated
+    assert all(p.is_absolute() for p in scan.paths)
+    assert [p.name for p, _ in scan.ignored] == ["notes.txt"]
+    assert [arg for arg, _ in scan.missing] == [str(tmp_path / "nope.png"), str(tmp_path / "*.bmp")]
+    assert batch.discover_inputs([str(d / "**" / "*.png")]) == sorted(
+        [(d / "b.png").resolve(), (d / "sub" / "deep.png").resolve()]
+    )
+
+
+def test_output_and_overlay_paths(tmp_path):
+    assert batch.output_path("/x/cells.png", tmp_path) == tmp_path / "cells_labels.tif"
+    assert batch.output_path("/x/cells.tif", tmp_path, "png") == tmp_path / "cells_labels.png"
+    assert batch.output_path("/x/cells.tif", tmp_path, "coco") == tmp_path / "cells_coco.json"
+    assert batch.overlay_path(tmp_path / "cells_labels.tif") == tmp_path / "cells_overlay.png"
+    assert batch.overlay_path(tmp_path / "c_coco.json", stack=True) == tmp_path / "c_overlay.tif"
+    with pytest.raises(InvalidInputError, match="Unknown output format"):
+        batch.output_path("a.png", tmp_path, "jpg")
+
+
+# ---------------------------------------------------------------------- batch: fake generator
+
+
+class FakeGenerator:
+    """Stands in for AutomaticMaskGenerator: bright pixels form one mask, the
+    top-left 8x8 square another. ``fail_on`` = call numbers (1-based) that raise."""
+
+    def __init__(self, fail_on=(), exc=RuntimeError):
+        self.calls = 0
+        self.fail_on = set(fail_on)
+        self.exc = exc
+
+    def generate(self, rgb, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise self.exc(f"simulated failure on call {self.calls}")
+        bright = rgb[..., 0] > 100
+        square = np.zeros(rgb.shape[:2], dtype=bool)
+        square[:8, :8] = True
+        out = []
+        for seg, iou in ((square, 0.9), (bright, 0.95)):
+            rows, cols = np.nonzero(seg)
+            out.append({
+                "segmentation": seg,
+                "area": int(seg.sum()),
+                "bbox": [int(cols.min()), int(rows.min()), int(np.ptp(cols)), int(np.ptp(rows))],
+                "predicted_iou": iou,
+                "stability_score": 0.97,
+                "point_coords": [[1.0, 2.0]],
+                "crop_box": [0, 0, rgb.shape[1], rgb.shape[0]],
+            })
+        return out
+
+
+def expected_labels(rgb):
+    """What everything_labels paints for FakeGenerator: larger mask first, ids by size."""
+    bright = rgb[..., 0] > 100
+    square = np.zeros(rgb.shape[:2], dtype=bool)
+    square[:8, :8] = True
+    big, small = (bright, square) if bright.sum() >= square.sum() else (square, bright)
+    lab = np.zeros(rgb.shape[:2], dtype=np.uint32)
+    lab[big] = 1
+    lab[small] = 2
+    return lab
+
+
+@pytest.fixture
+def fake_gen(monkeypatch):
+    gen = FakeGenerator()
+    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    return gen
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    images = {f"img{i}.png": _write_png(d / f"img{i}.png", seed=i) for i in range(3)}
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00garbage")
+    (d / "readme.txt").write_text("not an image")
+    return d, images
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_batch_writes_reports_and_skips_bad_files(fake_gen, folder, tmp_path):
+    d, images = folder
+    out = tmp_path / "out"
+    seen = []
+    report = batch.run_batch([d], out, "fake", {}, progress=lambda *a: seen.append(a))
+    assert [p.name for p in report.done] == ["img0.png", "img1.png", "img2.png"]
+    assert [p.name for p, _ in report.failed] == ["corrupt.png"]
+    assert "corrupt.png: cannot read image" in report.failed[0][1]
+    assert [p.name for p, _ in report.ignored] == ["readme.txt"]
+    assert report.summary() == "3 done, 0 skipped, 1 failed (1 non-image files ignored)"
+    assert not report.ok
+    assert [(n, t, s) for n, t, _, s in seen] == [
+        (1, 4, "failed"), (2, 4, "done"), (3, 4, "done"), (4, 4, "done")
+    ]
+    assert _listing(out) == ["img0_labels.tif", "img1_labels.tif", "img2_labels.tif"]
+    for name, img in images.items():
+        got = io.read_labels(out / name.replace(".png", "_labels.tif"))
+        assert got.dtype == np.uint32
+        np.testing.assert_array_equal(got, expected_labels(img))
+
+
+def test_batch_resume_skips_finished_and_overwrite_redoes(fake_gen, folder, tmp_path):
+    d, _ = folder
+    out = tmp_path / "out"
+    batch.run_batch([d], out, "fake", {})
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    calls = fake_gen.calls
+
+    again = batch.run_batch([d], out, "fake", {})
+    assert [p.name for p in again.skipped] == ["img0.png", "img1.png", "img2.png"]
+    assert again.done == [] and len(again.failed) == 1  # the corrupt file is retried
+    assert fake_gen.calls == calls
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first
+
+    redo = batch.run_batch([d], out, "fake", {}, overwrite=True)
+    assert len(redo.done) == 3 and redo.skipped == []
+    assert fake_gen.calls == calls + 3
+
+    # asking for overlays re-runs inputs that have labels but no overlay yet
+    with_overlay = batch.run_batch([d], out, "fake", {}, overlay=True)
+    assert len(with_overlay.done) == 3
+    assert "img0_overlay.png" in _listing(out)
+
+
+def test_batch_interrupted_keeps_finished_outputs(monkeypatch, folder, tmp_path):
+    d, images = folder
+    out = tmp_path / "out"
+    gen = FakeGenerator(fail_on={2}, exc=KeyboardInterrupt)
+    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch([d / "img0.png", d / "img1.png", d / "img2.png"], out, "fake", {},
+                        overlay=True)
+    # the first image is complete, nothing of the second exists, no temp files
+    assert _listing(out) == ["img0_labels.tif", "img0_overlay.png"]
+    np.testing.assert_array_equal(io.read_labels(out / "img0_labels.tif"),
+                                  expected_labels(images["img0.png"]))
+
+    # the same command resumes: img0 skipped, the others done
+    gen.fail_on = set()
+    report = batch.run_batch([d / "img0.png", d / "img1.png", d / "img2.png"], out, "fake", {},
+                             overlay=True)
+    assert [p.name for p in report.skipped] == ["img0.png"]
+    assert [p.name for p in report.done] == ["img1.png", "img2.png"]
+
+
+def test_batch_error_in_one_image_goes_on(monkeypatch, folder, tmp_path):
+    d, _ = folder
+    gen = FakeGenerator(fail_on={2})
+    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    report = batch.run_batch([str(d / "img*.png")], tmp_path / "out", "fake", {})
+    assert [p.name for p in report.done] == ["img0.png", "img2.png"]
+    assert len(report.failed) == 1
+    path, message = report.failed[0]
+    assert path.name == "img1.png"
+    assert "RuntimeError: simulated failure on call 2" in message
+    assert _listing(tmp_path / "out") == ["img0_labels.tif", "img2_labels.tif"]
+
+
+def test_batch_write_failure_leaves_no_temp_file(fake_gen, folder, tmp_path, monkeypatch):
+    d, _ = folder
+
+    def broken_imwrite(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", broken_imwrite)
+    out = tmp_path / "out"
+    report = batch.run_batch([d / "img0.png"], out, "fake", {})
+    assert report.done == [] and "disk full" in report.failed[0][1]
+    assert _listing(out) == []
+
+
+def test_batch_stack_ids_unique_across_planes(fake_gen, tmp_path):
+    planes = np.stack([_blobs(48, 48, s)[..., 0] for s in range(3)]).astype(np.uint16) * 10
+    tifffile.imwrite(tmp_path / "stack.tif", planes, photometric="minisblack")
+    report = batch.run_batch([tmp_path / "stack.tif"], tmp_path / "out", "fake", {},
+                             overlay=True)
+    assert report.ok
+    labels = io.read_labels(tmp_path / "out" / "stack_labels.tif")
+    assert labels.shape == (3, 48, 48)
+    ids = [set(np.unique(labels[z]).tolist()) - {0} for z in range(3)]
+    assert ids == [{1, 2}, {3, 4}, {5, 6}]
+    assert (tmp_path / "out" / "stack_overlay.tif").exists()
+    # PNG cannot hold a stack: reported, not crashed
+    report = batch.run_batch([tmp_path / "stack.tif"], tmp_path / "out", "fake", {}, fmt="png")
+    assert "Use --format tif" in report.failed[0][1]
+
+
+def test_batch_coco_output(fake_gen, folder, tmp_path):
+    from napari_sam.engine.masks import rle_to_mask
+
+    d, images = folder
+    out = tmp_path / "out"
+    report = batch.run_batch([d / "img1.png"], out, "fake", {}, fmt="coco")
+    assert report.ok
+    doc = json.loads((out / "img1_coco.json").read_text())
+    assert doc["images"] == [{"id": 1, "file_name": "img1.png", "height": 64, "width": 64}]
+    assert len(doc["annotations"]) == 2
+    lab = expected_labels(images["img1.png"])
+    for ann in doc["annotations"]:
+        mask = rle_to_mask(ann["segmentation"])
+        assert ann["area"] == int(mask.sum())
+        # the label id stored in the annotation is the one painted for this mask
+        assert np.all(lab[mask & (lab == ann["label"])] == ann["label"])
+        assert (lab == ann["label"]).sum() > 0
+
+
+def test_batch_name_clash_and_outputs_beside_inputs(fake_gen, tmp_path):
+    _write_png(tmp_path / "a.png", 1)
+    tifffile.imwrite(tmp_path / "a.tif", _blobs(32, 32, 2))
+    report = batch.run_batch([tmp_path], tmp_path, "fake", {})
+    assert [p.name for p in report.done] == ["a.png"]
+    assert "clashes with a.png" in report.failed[0][1]
+    # outputs written into the input folder are not taken as inputs next time
+    report = batch.run_batch([tmp_path / "a.png", tmp_path / "a_labels.tif"], tmp_path, "fake",
+                             {})
+    assert [p.name for p in report.skipped] == ["a.png"]
+    assert [p.name for p, _ in report.ignored] == ["a_labels.tif"]
+
+
+def test_batch_missing_inputs_and_bad_model(tmp_path):
+    report = batch.run_batch([tmp_path / "nope.png"], tmp_path / "out", None, {})
+    assert report.done == [] and "no such file or folder" in report.failed[0][1]
+    _write_png(tmp_path / "a.png")
+    with pytest.raises(ModelNotFoundError):
+        batch.run_batch([tmp_path / "a.png"], tmp_path / "out", tmp_path / "missing.safetensors",
+                        {})
+    assert not (tmp_path / "out").exists() or _listing(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------------- batch: real tiny model
+
+
+@pytest.fixture
+def tiny_model_path(tiny_sam, tmp_path):
+    from napari_sam.models.checkpoint import save_model
+
+    return save_model(tiny_sam, tmp_path / "tiny.safetensors")
+
+
+GEN_KW = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+def test_batch_real_tiny_model_matches_generator(tiny_model_path, tmp_path):
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+    from napari_sam.models.zoo import load_model
+
+    img = _write_png(tmp_path / "a.png", 3)
+    report = batch.run_batch([tmp_path / "a.png"], tmp_path / "out", tiny_model_path, GEN_KW,
+                             device="cpu", overlay=True)
+    assert report.ok and len(report.done) == 1
+    got = io.read_labels(tmp_path / "out" / "a_labels.tif")
+    gen = AutomaticMaskGenerator(load_model(tiny_model_path, device="cpu"), **GEN_KW)
+    want = records_to_labels(gen.generate(img), img.shape[:2])
+    assert want.max() > 0  # the test would be vacuous on an empty result
+    np.testing.assert_array_equal(got, want)
+    assert (tmp_path / "out" / "a_overlay.png").exists()
+
+
+@pytest.mark.slow
+def test_batch_distributed_local_cluster(tiny_model_path, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(4):
+        _write_png(d / f"im{i}.png", i)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        report = batch.run_batch([d], tmp_path / "out", tiny_model_path, GEN_KW,
+                                 scheduler=cluster.scheduler_address, device="cpu",
+                                 torch_threads=1)
+        assert report.ok, report.failed
+        assert sorted(p.name for p in report.done) == [f"im{i}.png" for i in range(4)]
+        assert _listing(tmp_path / "out") == [f"im{i}_labels.tif" for i in range(4)]
+        # the same model and images in process give the same labels
+        local = batch.run_batch([d], tmp_path / "local", tiny_model_path, GEN_KW, device="cpu")
+        for i in range(4):
+            np.testing.assert_array_equal(
+                io.read_labels(tmp_path / "out" / f"im{i}_labels.tif"),
+                io.read_labels(tmp_path / "local" / f"im{i}_labels.tif"),
+            )
+        assert len(local.done) == 4
+        # rerun on the cluster: everything is skipped, no task is submitted
+        again = batch.run_batch([d], tmp_path / "out", tiny_model_path, GEN_KW,
+                                scheduler=cluster.scheduler_address)
+        assert len(again.skipped) == 4
