@@ -453,7 +453,7 @@ def _cmd_segment(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
-    from napari_sam.engine.batch import run_batch
+    from napari_sam.engine.batch import output_path, run_batch
 
     out: Path = args.out
     suffix = out.suffix.lower()
@@ -476,6 +476,8 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
 
     def progress(n: int, total: int, path: Path, status: str) -> None:
         console.info(f"[{n}/{total}] {status}: {path}")
+        if status == "done":  # results as they come, so a long run can be followed
+            console.result(str(out_file if out_file is not None else output_path(path, out, fmt)))
 
     try:
         report = run_batch(
@@ -491,8 +493,6 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
         console.info(f"ignored: {path}: {reason}")
     for _path, message in report.failed:
         print(f"{PROG}: failed: {message}", file=sys.stderr)
-    for path in report.done:
-        console.result(str(report.outputs[path]))
     print(report.summary(), file=sys.stderr)
     return 0 if report.ok else 1
 
