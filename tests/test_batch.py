@@ -533,3 +533,19 @@ def test_batch_distributed_local_cluster(tiny_model_path, tmp_path):
         again = batch.run_batch([d], tmp_path / "out", tiny_model_path, GEN_KW,
                                 scheduler=cluster.scheduler_address)
         assert len(again.skipped) == 4
+
+
+def test_batch_cancel_between_images(fake_gen, folder, tmp_path):
+    from napari_sam.errors import CancelledError
+
+    d, _ = folder
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return fake_gen.calls >= 1  # stop after the first image
+
+    with pytest.raises(CancelledError, match="finished outputs are kept"):
+        batch.run_batch([str(d / "img*.png")], tmp_path / "out", "fake", {}, cancel=cancel)
+    assert _listing(tmp_path / "out") == ["img0_labels.tif"]
+    assert polls
