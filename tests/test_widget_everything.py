@@ -116,24 +116,35 @@ def test_cancel_immediately_leaves_no_layer_and_widget_usable(make_napari_viewer
     assert widget.result_layer is not None and widget.result_layer.data.any()
 
 
-def test_cancel_during_stack_keeps_partial_layer(make_napari_viewer, tiny_sam):
+def test_cancel_during_stack_keeps_partial_layer(make_napari_viewer, tiny_sam, monkeypatch):
+    from napari_sam.engine import everything as engine
+
     viewer = make_napari_viewer()
     viewer.add_image(np.stack([_image(seed=s) for s in range(4)]), name="stack")
     widget = _open(viewer, tiny_sam)
     widget.set_scope("whole stack")
-    worker = widget.run()
 
-    def on_msg(msg):
-        if msg[0] == "slice" and msg[1] == 0:
-            widget.cancel()
+    # press Cancel while slice 1 starts (deterministic: set the flag from the job itself)
+    real_generate = engine.AutomaticMaskGenerator.generate
+    calls = []
 
-    worker.yielded.connect(on_msg)
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            widget._cancel.set()
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.AutomaticMaskGenerator, "generate", generate)
+    widget.run()
     assert widget.wait(TIMEOUT)
+    assert len(calls) == 2
     layer = widget.result_layer
-    assert layer is not None and layer.name.endswith("(partial)")
+    assert layer is not None and layer.name == "stack everything (partial)"
     assert layer.metadata["napari_sam"]["complete"] is False
     assert layer.data[0].any()
-    assert not layer.data[3].any()
+    assert not layer.data[1:].any()
+    assert "Cancelled after 1 of 4" in widget.status.text()
+    assert widget.run_button.isEnabled()
 
 
 def test_errors_are_notified_and_widget_recovers(make_napari_viewer, tiny_sam, tmp_path,

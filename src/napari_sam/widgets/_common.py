@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QCoreApplication, Signal
+from qtpy.QtCore import QCoreApplication, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QWidget
 
 __all__ = [
@@ -48,6 +48,17 @@ def model_names() -> list[str]:
     if DEFAULT_MODEL in names:
         names.remove(DEFAULT_MODEL)
     return [DEFAULT_MODEL, *names]
+
+
+def _model_tooltip(name: str) -> str:
+    try:
+        from napari_sam.models.zoo import model_info
+
+        info = model_info(name)
+    except Exception:
+        return name
+    size = f" ({info.size_mb:.0f} MB download, once)" if info.size_mb else ""
+    return f"{info.description}{size}"
 
 
 def error_message(err: BaseException) -> str:
@@ -94,6 +105,8 @@ class ModelPicker(QWidget):
         except Exception:  # the zoo failed to import: still offer Browse…
             names = [DEFAULT_MODEL]
         self.model_combo.addItems([*names, BROWSE])
+        for i, name in enumerate(names):
+            self.model_combo.setItemData(i, _model_tooltip(name), Qt.ItemDataRole.ToolTipRole)
         self.device_combo = QComboBox(self)
         self.device_combo.addItems(available_devices())
         self.device_combo.setToolTip("Where the model runs; 'auto' picks a GPU when there is one.")

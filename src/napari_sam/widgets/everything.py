@@ -275,8 +275,11 @@ class SegmentEverythingWidget(QWidget):
     def set_image_layer(self, layer: Image) -> None:
         self.image_combo.set_layer(layer)
 
-    def set_model(self, model: Any, device: str | None = None) -> None:
-        """Use ``model``: a Sam instance, or a zoo name / checkpoint path (loaded on Run)."""
+    def set_model(self, model: Any, device: str | None = None, label: str | None = None) -> None:
+        """Use ``model``: a Sam instance, or a zoo name / checkpoint path (loaded on Run).
+
+        ``label`` names a Sam instance in the model box (default: its class name).
+        """
         if isinstance(model, (str, Path)):
             self._model = None
             self._model_key = None
@@ -286,7 +289,7 @@ class SegmentEverythingWidget(QWidget):
                 model = model.to(device)
             self._model = model
             self._model_key = ("<object>", device)
-            self.model_picker.show_model(f"<{type(model).__name__} object>")
+            self.model_picker.show_model(label or f"<{type(model).__name__} object>")
 
     def _on_model_picked(self, name: str, device: str) -> None:
         self._model = None  # loaded (in the worker) on the next run
@@ -454,4 +457,4 @@ class SegmentEverythingWidget(QWidget):
             layer.metadata["napari_sam"]["complete"] = True
             count = len(np.unique(layer.data)) - 1
             self.progress_bar.setValue(1000)
-            self._set_status(f"Done: {count} objects in {layer.name!r}.")
+            self._set_status(f"Done: {count} object(s) in {layer.name!r}.")

@@ -245,8 +245,10 @@ class SegmentAnythingWidget(QWidget):
         """The current Sam model (or None while none is loaded)."""
         return self._model
 
-    def set_model(self, model: Any, device: str | None = None) -> None:
+    def set_model(self, model: Any, device: str | None = None, label: str | None = None) -> None:
         """Use ``model``: a Sam instance, a zoo name or a checkpoint path (loaded now).
+
+        ``label`` names a Sam instance in the model box (default: its class name).
 
         Raises the loader's typed errors (ModelNotFoundError, CheckpointError,
         DownloadError) after showing them as a notification; the previous model
@@ -262,7 +264,7 @@ class SegmentAnythingWidget(QWidget):
         else:
             if device is not None and hasattr(model, "to"):
                 model = model.to(device)
-            self._install_model(model, f"<{type(model).__name__} object>")
+            self._install_model(model, label or f"<{type(model).__name__} object>")
 
     def _autoload_default_model(self) -> None:
         if self._model_gen == 0 and self._model is None and not self._closed:
@@ -806,6 +808,8 @@ class SegmentAnythingWidget(QWidget):
         """Remove all prompts and the preview; committed labels are untouched."""
         self._clear_prompt_data()
         self._reset_prediction()
+        if None in (self.points_layer, self.boxes_layer, self.preview_layer):
+            self._ensure_layers()  # the user deleted one of them: bring it back
         if self._ready:
             self._set_status(f"Ready ({self._model_label}): click on the object.")
 
