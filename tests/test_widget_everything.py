@@ -167,3 +167,15 @@ def test_errors_are_notified_and_widget_recovers(make_napari_viewer, tiny_sam, t
     widget.run()
     assert widget.wait(TIMEOUT)
     assert widget.result_layer is not None
+
+
+def test_device_change_keeps_a_model_given_as_object(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    picker = widget.model_picker
+    picker.device_combo.setCurrentText("cpu")
+    picker.changed.emit(picker.name, "cpu")
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert widget.last_error is None and widget.result_layer is not None

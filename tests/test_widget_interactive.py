@@ -308,3 +308,16 @@ def test_empty_preview_commits_nothing(make_napari_viewer, tiny_sam):
     _click(widget, 30, 25)
     widget.preview = np.zeros_like(widget.preview)
     assert widget.commit() == 0
+
+
+def test_device_change_keeps_a_model_given_as_object(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    picker = widget.model_picker
+    picker.device_combo.setCurrentText("cpu")
+    picker.changed.emit(picker.name, "cpu")  # what choosing a device in the box does
+    assert widget.model is tiny_sam
+    assert widget.wait_for_embedding(TIMEOUT)
+    _click(widget, 30, 25)
+    assert widget.preview is not None

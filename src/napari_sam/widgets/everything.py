@@ -163,7 +163,7 @@ class SegmentEverythingWidget(QWidget):
         self.result_layer: Any = None
         self.last_error: BaseException | None = None
         self._model: Any = None
-        self._model_key: tuple[str, str | None] | None = None
+        self._instance_label: str | None = None  # label of a model given as an object
         self._worker: Any = None
         self._cancel = threading.Event()
         self._run_state: dict[str, Any] = {}
@@ -282,18 +282,19 @@ class SegmentEverythingWidget(QWidget):
         """
         if isinstance(model, (str, Path)):
             self._model = None
-            self._model_key = None
+            self._instance_label = None
             self.model_picker.show_model(str(model))
         else:
             if device is not None and hasattr(model, "to"):
                 model = model.to(device)
             self._model = model
-            self._model_key = ("<object>", device)
-            self.model_picker.show_model(label or f"<{type(model).__name__} object>")
+            self._instance_label = label or f"<{type(model).__name__} object>"
+            self.model_picker.show_model(self._instance_label)
 
     def _on_model_picked(self, name: str, device: str) -> None:
+        if self._model is not None and name == self._instance_label:
+            return  # the same object; it is moved to the chosen device on Run
         self._model = None  # loaded (in the worker) on the next run
-        self._model_key = None
 
     # ------------------------------------------------------------------- run
 
@@ -320,6 +321,12 @@ class SegmentEverythingWidget(QWidget):
         device = self.model_picker.device
         if model is None:
             model = self.model_picker.name or DEFAULT_MODEL
+        elif self._instance_label is not None and device is not None:
+            try:
+                model = self._model = model.to(device)
+            except Exception as err:
+                show_error(f"Could not move the model to {device}: {error_message(err)}")
+                return None
         self.last_error = None
         self.result_layer = None
         self._cancel = threading.Event()
@@ -376,8 +383,7 @@ class SegmentEverythingWidget(QWidget):
         kind = msg[0]
         state = self._run_state
         if kind == "model":
-            self._model = msg[1]
-            self._model_key = (self.model_picker.name, self.model_picker.device)
+            self._model = msg[1]  # reused by later runs until another model is picked
         elif kind == "progress":
             _, k, n, done, total = msg
             frac = (k + (done / total if total else 1.0)) / max(n, 1)

@@ -116,6 +116,7 @@ class SegmentAnythingWidget(QWidget):
 
         self._model: Any = None
         self._model_label = ""
+        self._instance_label: str | None = None  # label of a model given as an object
         self._predictor: Any = None
         self._model_gen = 0  # bumps on every model change: stale loads are dropped
         self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
@@ -264,13 +265,27 @@ class SegmentAnythingWidget(QWidget):
         else:
             if device is not None and hasattr(model, "to"):
                 model = model.to(device)
-            self._install_model(model, label or f"<{type(model).__name__} object>")
+            label = label or f"<{type(model).__name__} object>"
+            self._install_model(model, label)
+            self._instance_label = label
 
     def _autoload_default_model(self) -> None:
         if self._model_gen == 0 and self._model is None and not self._closed:
             self._load_model_async(DEFAULT_MODEL, self.model_picker.device)
 
     def _on_model_picked(self, name: str, device: str) -> None:
+        if self._model is not None and name == self._instance_label:
+            # a model given as an object (no name to reload): move it to the new device
+            try:
+                from napari_sam.models.zoo import resolve_device
+
+                model = self._model.to(resolve_device(device or None))
+            except Exception as err:
+                show_error(f"Could not move the model to {device or 'auto'}: {error_message(err)}")
+                return
+            self._install_model(model, name)
+            self._instance_label = name
+            return
         self._load_model_async(name, device or None)
 
     def _load_model_async(self, name: str, device: str | None) -> None:
@@ -317,6 +332,7 @@ class SegmentAnythingWidget(QWidget):
         self._loading = False
         self._model = model
         self._model_label = label
+        self._instance_label = None
         self._predictor = Predictor(model, cache=self.cache)
         self.model_picker.show_model(label)
         self._reset_prediction()
