@@ -181,7 +181,9 @@ def mask_to_box_rc(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def box_xyxy_to_xywh(box: Sequence[float] | torch.Tensor | np.ndarray) -> list:
     """``[x0, y0, x1, y1]`` -> ``[x0, y0, x1 - x0, y1 - y0]`` as a Python list."""
-    x0, y0, x1, y1 = (v.item() if hasattr(v, "item") else v for v in box)
+    if isinstance(box, torch.Tensor):
+        box = box.tolist()
+    x0, y0, x1, y1 = np.asarray(box).tolist()
     return [x0, y0, x1 - x0, y1 - y0]
 
 
