@@ -69,7 +69,7 @@ class ImageTransform:
         if (h, w) == image.shape[:2]:
             return np.ascontiguousarray(image)
         pil = Image.fromarray(np.ascontiguousarray(image))
-        return np.asarray(pil.resize((w, h), Image.BILINEAR))
+        return np.array(pil.resize((w, h), Image.BILINEAR))
 
     def points_to_model(self, points_rc: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) (row, col) image pixels -> (..., 2) float64 (x, y) in the model frame."""

@@ -1,0 +1,708 @@
+"""Interactive SAM prediction with numpy in, numpy out.
+
+:class:`Predictor` holds one image embedding and turns point / box / mask
+prompts into masks. It speaks the engine's coordinate convention:
+
+* points are ``(row, col)`` in image-data pixels, ``0 <= row < H`` and
+  ``0 <= col < W`` (a point outside raises; round or clip napari click
+  coordinates first), with labels 1 (foreground) or 0 (background);
+* boxes are ``(row0, col0, row1, col1)`` in image-data pixels; corners given in
+  the wrong order are sorted, a box of zero height or width raises;
+* ``mask_input`` is a previous prediction's low-resolution logits.
+
+Everything in SAM's model frame ((x, y) in the resized input, batched torch
+tensors) goes through :meth:`Predictor.predict_torch`, which everything-mode
+uses directly.
+
+Masks are computed like the reference ``Sam.postprocess_masks`` (bilinear to
+the padded model input, crop, bilinear to the original size, threshold), but
+only the part of the padded input that survives the crop is upsampled.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_sam.engine.cache import CacheEntry, EmbeddingCache
+from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.transforms import ImageTransform
+from napari_sam.errors import InvalidInputError
+
+__all__ = ["Prediction", "Predictor"]
+
+
+class Prediction(NamedTuple):
+    """Output of :meth:`Predictor.predict`.
+
+    Single prompt (C = 3 with ``multimask=True``, else 1):
+      masks: (C, H, W) bool at the original image size (float32 logits with
+        ``return_logits=True``).
+      scores: (C,) float32 predicted IoU of each mask.
+      logits: (C, 4E, 4E) float32 low-resolution logits (E = embedding size,
+        256 x 256 for the official models); feed one back as ``mask_input``.
+
+    Batched prompts add a leading batch axis B to every field.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+
+
+class Predictor:
+    """Predict masks for one image at a time from point, box and mask prompts.
+
+    Arguments:
+      model: a ``napari_sam.models.Sam`` (or any module with the same
+        interface: ``image_encoder`` with ``img_size``, ``prompt_encoder``,
+        ``mask_decoder``, ``preprocess``, ``mask_threshold``).
+      cache: embedding cache to use (may be shared between predictors);
+        a private one of ``cache_bytes`` is made when None.
+      cache_bytes: capacity of the private cache.
+
+    Typical use::
+
+        predictor = Predictor(load_model("vit_b"))
+        predictor.set_image(image)                     # slow: runs the encoder
+        pred = predictor.predict(points=[[120, 85]])   # fast: one click
+        best = pred.masks[pred.scores.argmax()]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: EmbeddingCache | None = None,
+        cache_bytes: int = 512 * 2**20,
+    ) -> None:
+        self.model = model
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
+        self.transform = ImageTransform(model.image_encoder.img_size)
+        self._dense_pe: torch.Tensor | None = None
+        self._fast = _FastDecoder(model.mask_decoder) if _FastDecoder.supports(model) else None
+        self._context: dict | None = None
+        self.reset_image()
+
+    @property
+    def use_fast_decoder(self) -> bool:
+        """Whether predictions use the restructured decoder (see :class:`_FastDecoder`).
+
+        True by default when the model's decoder has the standard SAM layout; set
+        False to run ``model.mask_decoder`` itself.
+        """
+        return self._fast is not None
+
+    @use_fast_decoder.setter
+    def use_fast_decoder(self, value: bool) -> None:
+        if value and not _FastDecoder.supports(self.model):
+            raise InvalidInputError("This model's mask decoder has no fast path.")
+        self._fast = _FastDecoder(self.model.mask_decoder) if value else None
+        self._context = None
+
+    # ------------------------------------------------------------------ image state
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self.is_image_set = False
+        self._context = None
+
+    def set_image(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+    ) -> None:
+        """Normalise ``image`` (see :func:`~napari_sam.engine.image.to_rgb_uint8`) and embed it.
+
+        The embedding comes from the cache when this model has seen the same
+        normalised image before; otherwise the image encoder runs (slow).
+        """
+        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
+        entry = self.embed(rgb)
+        self.set_embedding(entry.features, entry.original_size, entry.input_size)
+
+    def embed(self, rgb: np.ndarray) -> CacheEntry:
+        """Embedding of a normalised (H, W, 3) uint8 image, from the cache or computed.
+
+        Does not change the predictor's current image, so a worker thread can
+        call it while the main thread keeps predicting; apply the result with
+        :meth:`set_embedding`.
+        """
+        key = self.cache.key(self.model, rgb)
+        entry = self.cache.get(key)
+        if entry is None:
+            original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+            input_size = self.transform.input_size(original_size)
+            entry = CacheEntry(self.compute_embedding(rgb), input_size, original_size)
+            self.cache.put(key, entry)
+        return entry
+
+    def compute_embedding(self, rgb: np.ndarray) -> torch.Tensor:
+        """Run the image encoder on a normalised (H, W, 3) uint8 image.
+
+        Pure: no cache, no state change. Returns (1, C, E, E) features on the
+        model's device (C = 256, E = 64 for the official models).
+        """
+        resized = self.transform.resize_image(rgb)  # (h, w, 3) uint8
+        with torch.inference_mode():
+            x = torch.from_numpy(resized).to(self.device)
+            x = x.permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h, w), 0..255
+            return self.model.image_encoder(self.model.preprocess(x))
+
+    def set_embedding(
+        self,
+        features: torch.Tensor,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int],
+    ) -> None:
+        """Use precomputed ``features`` (1, C, E, E) of an image of ``original_size`` (H, W)
+        resized to ``input_size`` (h, w)."""
+        if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[0] != 1:
+            shape = getattr(features, "shape", type(features).__name__)
+            raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
+        self.features = features.to(self.device)
+        self._context = None
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.is_image_set = True
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for prompts in image-data pixel coordinates.
+
+        Arguments:
+          points: (N, 2) (row, col) points, or (B, N, 2) for a batch of prompts.
+          labels: (N,) or (B, N) labels, 1 = foreground, 0 = background;
+            all 1 when None.
+          box: (4,) (row0, col0, row1, col1), or (B, 4).
+          mask_input: (1, 4E, 4E) low-res logits of an earlier prediction
+            (``pred.logits[i][None]``), or (B, 1, 4E, 4E).
+          multimask: return 3 candidate masks (best for a single ambiguous
+            click) instead of 1.
+          return_logits: return full-size float32 logits instead of bool masks.
+
+        Unbatched prompts are broadcast against batched ones.
+
+        Returns:
+          :class:`Prediction` (see there for shapes).
+
+        Raises:
+          InvalidInputError: no image set, no prompt, malformed or
+            out-of-image prompts.
+        """
+        if not self.is_image_set:
+            raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
+        H, W = self.original_size
+        pts = self._check_points(points, labels)
+        boxes = self._check_boxes(box)
+        masks = self._check_mask_input(mask_input)
+        if pts is None and boxes is None and masks is None:
+            raise InvalidInputError(
+                "No prompt given; add at least one point (points=[[row, col]]) or a box "
+                "(box=[row0, col0, row1, col1])."
+            )
+
+        # agree on a batch size; unbatched prompts are broadcast to it
+        given = {"points": pts, "box": boxes, "mask_input": masks}
+        sizes = {name: len(v[0]) for name, v in given.items() if v is not None and v[-1]}
+        if len(set(sizes.values())) > 1:
+            desc = ", ".join(f"{name}: {n}" for name, n in sizes.items())
+            raise InvalidInputError(f"Batched prompts disagree on the batch size ({desc}).")
+        batched = bool(sizes)
+        n_batch = next(iter(sizes.values())) if batched else 1
+
+        dev = self.device
+        coords_t = labels_t = boxes_t = mask_t = None
+        if pts is not None:
+            rc, lab, pts_batched = pts
+            xy = torch.as_tensor(self.transform.points_to_model(rc, (H, W)), dtype=torch.float32)
+            coords_t = _batch(xy.to(dev), pts_batched, n_batch)
+            labels_t = _batch(torch.as_tensor(lab, device=dev), pts_batched, n_batch)
+        if boxes is not None:
+            xyxy = torch.as_tensor(self.transform.boxes_to_model(boxes[0], (H, W)),
+                                   dtype=torch.float32)
+            boxes_t = _batch(xyxy.to(dev), boxes[1], n_batch)
+        if masks is not None:
+            mask_t = _batch(torch.as_tensor(masks[0], device=dev), masks[1], n_batch)
+
+        out_masks, iou, low_res = self.predict_torch(
+            coords_t, labels_t, boxes_t, mask_t, multimask=multimask, return_logits=return_logits
+        )
+        out = Prediction(
+            out_masks.cpu().numpy(),
+            iou.float().cpu().numpy(),
+            low_res.float().cpu().numpy(),
+        )
+        if not batched:
+            out = Prediction(*(a[0] for a in out))
+        return out
+
+    def predict_torch(
+        self,
+        coords_xy: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes_xy: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = True,
+        return_logits: bool = False,
+        upscale: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Masks for batched prompts already in SAM's model frame.
+
+        Arguments:
+          coords_xy: (B, N, 2) float (x, y) in the resized model input frame.
+          labels: (B, N) int labels (1 foreground, 0 background, -1 padding).
+          boxes_xy: (B, 4) float (x0, y0, x1, y1) in the model input frame.
+          mask_input: (B, 1, 4E, 4E) low-res logits.
+          multimask: 3 masks per prompt instead of 1.
+          return_logits: full-size float logits instead of bool masks.
+          upscale: compute full-size masks; when False the first output is None
+            (use :meth:`upscale_logits` later, e.g. after filtering).
+
+        Returns:
+          masks (B, C, H, W) bool (or float logits) at the original size, or None;
+          iou (B, C) predicted IoU; low_res (B, C, 4E, 4E) logits.
+        """
+        if not self.is_image_set:
+            raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
+        if (coords_xy is None) != (labels is None):
+            raise InvalidInputError("coords_xy and labels must be given together.")
+        model = self.model
+        with torch.inference_mode():
+            points = (coords_xy, labels) if coords_xy is not None else None
+            sparse, dense = model.prompt_encoder(points=points, boxes=boxes_xy, masks=mask_input)
+            if self._fast is not None:
+                if self._context is None:
+                    self._context = self._fast.context(
+                        self.features, model.prompt_encoder.no_mask_embed.weight,
+                        self._get_dense_pe(),
+                    )
+                image_tokens = None
+                if mask_input is not None:  # the dense prompt differs from the cached one
+                    image_tokens = (self.features + dense).flatten(2).transpose(1, 2)
+                low_res, iou = self._fast(self._context, sparse, multimask, image_tokens)
+            else:
+                low_res, iou = model.mask_decoder(
+                    image_embeddings=self.features,
+                    image_pe=self._get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+            masks = None
+            if upscale:
+                masks = self.upscale_logits(low_res)
+                if not return_logits:
+                    masks = masks > model.mask_threshold
+        return masks, iou, low_res
+
+    def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(B, C, 4E, 4E) low-res logits -> (B, C, H, W) logits at the original image size.
+
+        Same result as the reference ``Sam.postprocess_masks``: bilinear
+        (align_corners=False) to the padded model input, crop to the resized
+        image, bilinear to the original size. Only the rows and columns that
+        survive the crop are upsampled in the first step.
+        """
+        if not self.is_image_set:
+            raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
+        with torch.inference_mode():
+            return _postprocess(
+                low_res, self.transform.target_length, self.input_size, self.original_size
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _get_dense_pe(self) -> torch.Tensor:
+        """(1, C, E, E) positional encoding of the embedding grid (computed once)."""
+        pe = self._dense_pe
+        if pe is None or pe.device != self.features.device:
+            with torch.inference_mode():
+                pe = self.model.prompt_encoder.get_dense_pe().to(self.features.device)
+            self._dense_pe = pe
+        return pe
+
+    def _low_res_size(self) -> tuple[int, int]:
+        size = getattr(self.model.prompt_encoder, "mask_input_size", None)
+        if size is None:
+            size = (4 * self.features.shape[-2], 4 * self.features.shape[-1])
+        return int(size[0]), int(size[1])
+
+    def _check_points(self, points, labels):
+        """-> ((N, 2) | (B, N, 2) rc points, (N,) | (B, N) labels, batched) or None."""
+        if points is None or np.size(points) == 0:
+            if labels is not None and np.size(labels) > 0:
+                raise InvalidInputError("labels were given without points.")
+            return None
+        pts = _as_float_array(points, "points")
+        if not ((pts.ndim == 2 and pts.shape[1] == 2) or (pts.ndim == 3 and pts.shape[2] == 2)):
+            raise InvalidInputError(
+                f"points must have shape (N, 2) as (row, col), or (B, N, 2) for a batch; "
+                f"got {pts.shape}."
+            )
+        if labels is None:
+            lab = np.ones(pts.shape[:-1], dtype=np.int64)
+        else:
+            lab_f = _as_float_array(labels, "labels")
+            if lab_f.shape != pts.shape[:-1]:
+                raise InvalidInputError(
+                    f"Got {pts.shape[:-1]} points but labels of shape {lab_f.shape}; give one "
+                    "label (1 foreground, 0 background) per point."
+                )
+            bad = ~np.isin(lab_f, (0.0, 1.0))
+            if bad.any():
+                raise InvalidInputError(
+                    f"labels must be 1 (foreground) or 0 (background); got {lab_f[bad][0]!r}."
+                )
+            lab = lab_f.astype(np.int64)
+        if np.isnan(pts).any() or np.isinf(pts).any():
+            raise InvalidInputError("points contain NaN or inf values.")
+        H, W = self.original_size
+        inside = (pts[..., 0] >= 0) & (pts[..., 0] < H) & (pts[..., 1] >= 0) & (pts[..., 1] < W)
+        if not inside.all():
+            idx = tuple(int(i) for i in np.argwhere(~inside)[0])
+            raise InvalidInputError(
+                f"Point {idx} at (row, col) = {tuple(float(v) for v in pts[idx])} is outside "
+                f"the image of shape ({H}, {W}); rows must be in [0, {H}) and columns in "
+                f"[0, {W})."
+            )
+        return pts, lab, pts.ndim == 3
+
+    def _check_boxes(self, box):
+        """-> ((4,) | (B, 4) float64 box with sorted corners, batched) or None."""
+        if box is None or np.size(box) == 0:
+            return None
+        b = _as_float_array(box, "box")
+        if b.shape[-1:] != (4,) or b.ndim not in (1, 2):
+            raise InvalidInputError(
+                f"box must have shape (4,) as (row0, col0, row1, col1), or (B, 4); got {b.shape}."
+            )
+        if not np.isfinite(b).all():
+            raise InvalidInputError("box contains NaN or inf values.")
+        r0, c0, r1, c1 = (b[..., i] for i in range(4))
+        rc = np.stack(
+            [np.minimum(r0, r1), np.minimum(c0, c1), np.maximum(r0, r1), np.maximum(c0, c1)], -1
+        )
+        H, W = self.original_size
+        pairs = zip(b.reshape(-1, 4), rc.reshape(-1, 4), strict=True)
+        for i, (given, (br0, bc0, br1, bc1)) in enumerate(pairs):
+            if br1 == br0 or bc1 == bc0:
+                raise InvalidInputError(
+                    f"Box {i} {tuple(given.tolist())} has zero height or width; draw a box with "
+                    "row1 != row0 and col1 != col0."
+                )
+            if br1 < 0 or bc1 < 0 or br0 >= H or bc0 >= W:
+                raise InvalidInputError(
+                    f"Box {i} {tuple(given.tolist())} (row0, col0, row1, col1) does not overlap "
+                    f"the image of shape ({H}, {W})."
+                )
+        return rc, rc.ndim == 2
+
+    def _check_mask_input(self, mask_input):
+        """-> ((1, 4E, 4E) | (B, 1, 4E, 4E) float32, batched) or None."""
+        if mask_input is None:
+            return None
+        m = _as_float_array(mask_input, "mask_input").astype(np.float32)
+        size = self._low_res_size()
+        if m.shape == size:
+            m = m[None]
+        if m.shape[-3:] != (1, *size) or m.ndim not in (3, 4):
+            raise InvalidInputError(
+                f"mask_input must be low-res logits of shape (1, {size[0]}, {size[1]}) (e.g. "
+                f"pred.logits[i][None]) or (B, 1, {size[0]}, {size[1]}); got {m.shape}."
+            )
+        if not np.isfinite(m).all():
+            raise InvalidInputError("mask_input contains NaN or inf values.")
+        return m, m.ndim == 4
+
+
+def _as_float_array(value, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"{name} must be a numeric array, got {value!r}.") from err
+    return arr
+
+
+def _batch(t: torch.Tensor, batched: bool, n_batch: int) -> torch.Tensor:
+    """Give an unbatched prompt tensor a batch axis of size ``n_batch`` (batched: unchanged)."""
+    if batched:
+        return t
+    return t[None].expand(n_batch, *t.shape).contiguous()
+
+
+def _postprocess(
+    low_res: torch.Tensor,
+    target_length: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """(B, C, L, L) logits -> (B, C, H, W) logits, as the reference postprocessing.
+
+    Step 1 upsamples L -> target_length and keeps [:h, :w]. When target_length
+    is a multiple r of L, the rows/cols kept only depend on the first
+    ceil(h / r) + 1 low-res rows/cols, and upsampling that slice by the same
+    factor r gives bit-identical values, so only the slice is upsampled.
+    """
+    h, w = input_size
+    H, W = original_size
+    L_h, L_w = low_res.shape[-2:]
+    x = low_res
+    if target_length % L_h == 0 and target_length % L_w == 0:
+        rh, rw = target_length // L_h, target_length // L_w
+        kh, kw = min(L_h, -(-h // rh) + 1), min(L_w, -(-w // rw) + 1)
+        x = F.interpolate(x[..., :kh, :kw], size=(kh * rh, kw * rw), mode="bilinear",
+                          align_corners=False)
+    else:
+        x = F.interpolate(x, size=(target_length, target_length), mode="bilinear",
+                          align_corners=False)
+    x = x[..., :h, :w]
+    if (h, w) != (H, W):
+        x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+    return x
+
+
+# ---------------------------------------------------------------------------- fast decoding
+
+
+class _FastDecoder:
+    """SAM's mask decoder, restructured for few prompt tokens; same weights, same maths.
+
+    The reference decoder projects all E*E image tokens to queries/keys/values in
+    every cross-attention (E*E x C x C/2 multiply-adds each). With only a handful
+    of prompt tokens T it is cheaper to move the projection to the token side:
+
+    * token -> image: ``(q Wk_h) (X + P)^T`` gives the logits (the key bias only
+      adds a per-row constant, which softmax ignores) and
+      ``(A X) Wv_h^T + bv_h`` the values (rows of A sum to 1);
+    * image -> token: ``(X + P) (Wq_h^T k_h^T) + bq_h k_h^T`` gives the logits
+      and ``A (v_h Wo_h^T)`` summed over heads the projected output.
+
+    Each costs E*E x C x heads*T multiply-adds. In the first block, for prompts
+    without a mask, the image side is the same for every click, so its
+    projections are computed once per image (:meth:`context`). The output
+    upscaling (two 2x2 stride-2 transposed convolutions) runs as matrix
+    products on pixel-major features, so no layout copies of the large tensors
+    are needed. Token-side modules (self-attention, MLPs, norms, heads) are the
+    model's own.
+    """
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        self.dec = decoder
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        """True if ``model.mask_decoder`` has the standard SAM layout this class relies on."""
+        nn = torch.nn
+        try:
+            dec = model.mask_decoder
+            tr = dec.transformer
+            up = dec.output_upscaling
+            attns = [tr.final_attn_token_to_image]
+            for layer in tr.layers:
+                attns += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
+                for name in ("self_attn", "norm1", "norm2", "norm3", "norm4", "mlp"):
+                    getattr(layer, name)
+                bool(layer.skip_first_layer_pe)
+            ok = len(tr.layers) > 0 and all(
+                isinstance(getattr(a, n), nn.Linear) and getattr(a, n).bias is not None
+                and isinstance(a.num_heads, int)
+                for a in attns for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+            )
+            convs = (up[0], up[3])
+            ok = ok and len(up) == 5 and all(
+                type(c) is nn.ConvTranspose2d and c.kernel_size == (2, 2) and c.stride == (2, 2)
+                and c.padding == (0, 0) and c.output_padding == (0, 0) and c.groups == 1
+                and c.dilation == (1, 1) and c.bias is not None
+                for c in convs
+            )
+            ok = ok and all(
+                type(g) is nn.GELU and g.approximate == "none" for g in (up[2], up[4])
+            )
+            ok = ok and all(hasattr(up[1], n) for n in ("weight", "bias", "eps"))
+            ok = ok and type(up[1]).__name__ == "LayerNorm2d"
+            for name in ("iou_token", "mask_tokens", "output_hypernetworks_mlps",
+                         "iou_prediction_head", "num_mask_tokens"):
+                getattr(dec, name)
+            model.prompt_encoder.no_mask_embed.weight  # noqa: B018
+        except (AttributeError, IndexError, TypeError):
+            return False
+        return bool(ok)
+
+    def context(
+        self, features: torch.Tensor, no_mask_embed: torch.Tensor, dense_pe: torch.Tensor
+    ) -> dict:
+        """Per-image tensors: image tokens X (1, L, C) with the no-mask embedding
+        added, positional encoding P (1, L, C), and the first block's image-side
+        projections (per head)."""
+        layer = self.dec.transformer.layers[0]
+        x = (features + no_mask_embed.reshape(1, -1, 1, 1)).flatten(2).transpose(1, 2)
+        x = x.contiguous()
+        p = dense_pe.flatten(2).transpose(1, 2).contiguous()
+        xp = x + p
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        n = x.shape[1]
+        k = t2i.k_proj(xp)[0].view(n, t2i.num_heads, -1).transpose(0, 1).contiguous()
+        v = t2i.v_proj(x)[0].view(n, t2i.num_heads, -1).transpose(0, 1).contiguous()
+        q = i2t.q_proj(xp)[0].view(n, i2t.num_heads, -1).permute(1, 2, 0)
+        q = (q * q.shape[1] ** -0.5).contiguous()
+        grid = (int(features.shape[-2]), int(features.shape[-1]))
+        return {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
+
+    def __call__(
+        self,
+        ctx: dict,
+        sparse: torch.Tensor,
+        multimask: bool,
+        image_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode (B, N, C) sparse prompt tokens.
+
+        ``image_tokens`` (B, L, C) replaces the cached image side when the dense
+        prompt is not the no-mask embedding (mask prompts).
+
+        Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
+        """
+        dec = self.dec
+        tr = dec.transformer
+        b = sparse.shape[0]
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        p = ctx["p"]
+        queries, qpe = tokens, tokens
+        keys = ctx["x"] if image_tokens is None else image_tokens
+        for i, layer in enumerate(tr.layers):
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + qpe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            cached = i == 0 and image_tokens is None
+            if cached:
+                attn = _t2i_cached(layer.cross_attn_token_to_image, queries + qpe, ctx["k1"],
+                                   ctx["v1"])
+            else:
+                kp = keys + p
+                attn = _t2i(layer.cross_attn_token_to_image, queries + qpe, kp, keys)
+            queries = layer.norm2(queries + attn)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            if cached:
+                attn = _i2t_cached(layer.cross_attn_image_to_token, ctx["q1"], queries + qpe,
+                                   queries)
+            else:
+                attn = _i2t(layer.cross_attn_image_to_token, kp, queries + qpe, queries)
+            keys = layer.norm4(keys + attn)
+        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys + p, keys)
+        hs = tr.norm_final_attn(queries + attn)
+
+        sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
+        iou = dec.iou_prediction_head(hs[:, 0])[:, sel]
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in sel], 1)
+        return self._upscale(keys, hyper, ctx["grid"]), iou
+
+    def _upscale(
+        self, keys: torch.Tensor, hyper: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """(B|1, L, C) image tokens, (B, M, C/8) hypernetwork outputs -> (B, M, 4E, 4E)."""
+        up = self.dec.output_upscaling
+        conv1, norm, conv2 = up[0], up[1], up[3]
+        b, m = hyper.shape[:2]
+        n, c = keys.shape[1:]
+        eh, ew = grid
+        c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
+        # out[o, 2i+a, 2j+b] = bias[o] + sum_c x[c, i, j] W[c, o, a, b]: columns ordered (a, b, o)
+        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
+        y = torch.matmul(keys, w1).view(keys.shape[0], n * 4, c4)
+        y = F.gelu(F.layer_norm(y + conv1.bias, (c4,), norm.weight, norm.bias, norm.eps))
+        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
+        y = F.gelu(torch.matmul(y, w2).view(y.shape[0], n * 16, c8) + conv2.bias)
+        masks = torch.matmul(y, hyper.transpose(1, 2))  # (B, L*16, M), rows (i, j, a, b, a2, b2)
+        masks = masks.view(b, eh, ew, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * eh, 4 * ew)
+
+
+def _head_weights(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """(D, C) projection weight -> (heads, D / heads, C)."""
+    d, c = linear.weight.shape
+    return linear.weight.view(heads, d // heads, c)
+
+
+def _t2i(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """Token -> image attention. q_in (B, T, C); k_in, v_in (B|1, L, C) -> (B, T, C)."""
+    b, t, c = q_in.shape
+    h = attn.num_heads
+    d = attn.q_proj.out_features // h
+    q = attn.q_proj(q_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
+    qk = torch.matmul(q, _head_weights(attn.k_proj, h)).reshape(b, h * t, c)
+    a = torch.softmax(torch.matmul(qk, k_in.transpose(1, 2)), dim=-1)  # (B, H*T, L)
+    av = torch.matmul(a, v_in).view(b, h, t, c)
+    out = torch.matmul(av, _head_weights(attn.v_proj, h).transpose(1, 2))
+    out = out + attn.v_proj.bias.view(h, 1, d)  # (B, H, T, d)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def _t2i_cached(attn, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Token -> image attention with projected keys/values k, v (H, L, d) shared by the batch."""
+    b, t, _ = q_in.shape
+    h, _, d = k.shape
+    q = attn.q_proj(q_in).view(b * t, h, d).transpose(0, 1) * d**-0.5  # (H, B*T, d)
+    a = torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1)  # (H, B*T, L)
+    out = torch.matmul(a, v)  # (H, B*T, d)
+    return attn.out_proj(out.transpose(0, 1).reshape(b, t, h * d))
+
+
+def _i2t_output(attn, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """a (B, H*T, L) attention (normalised over T per head), v (B, H, T, d) -> (B, L, C)."""
+    b, h, t, d = v.shape
+    c = attn.out_proj.out_features
+    wo = attn.out_proj.weight.view(c, h, d)
+    vo = torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, h * t, c)
+    return torch.baddbmm(attn.out_proj.bias.view(1, 1, c), a.transpose(1, 2), vo)
+
+
+def _i2t(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """Image -> token attention. q_in (B, L, C) image; k_in, v_in (B, T, C) -> (B, L, C)."""
+    b, t, c = k_in.shape
+    n = q_in.shape[1]
+    h = attn.num_heads
+    d = attn.q_proj.out_features // h
+    k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
+    kq = torch.matmul(k, _head_weights(attn.q_proj, h)).reshape(b, h * t, c)
+    bias = torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
+    logits = torch.baddbmm(bias, kq, q_in.transpose(1, 2))  # (B, H*T, L)
+    a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
+    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
+    return _i2t_output(attn, a, v)
+
+
+def _i2t_cached(attn, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """Image -> token attention with projected, pre-scaled queries q (H, d, L) shared by the
+    batch. k_in, v_in (B, T, C) -> (B, L, C)."""
+    b, t, _ = k_in.shape
+    h, d, n = q.shape
+    k = attn.k_proj(k_in).view(b * t, h, d).transpose(0, 1)  # (H, B*T, d)
+    logits = torch.matmul(k, q).view(h, b, t, n)
+    a = torch.softmax(logits, dim=2).transpose(0, 1).reshape(b, h * t, n)
+    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
+    return _i2t_output(attn, a, v)

@@ -1,0 +1,398 @@
+"""Behaviour of engine.predictor.Predictor on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_sam.engine.cache import EmbeddingCache
+from napari_sam.engine.predictor import Prediction, Predictor, _postprocess
+from napari_sam.errors import InvalidInputError
+
+RNG = np.random.default_rng(0)
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img[h // 4 : h // 2, w // 4 : w // 2] = (250, 20, 20)  # some structure
+    return img
+
+
+@pytest.fixture
+def predictor(tiny_sam) -> Predictor:
+    p = Predictor(tiny_sam)
+    p.set_image(_image(60, 90))
+    return p
+
+
+def _count_encoder_calls(model) -> list[int]:
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    model.image_encoder.register_forward_hook(hook)
+    return calls
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_single_point_shapes_and_types(predictor):
+    low = 4 * predictor.features.shape[-1]
+    pred = predictor.predict(points=[[30, 45]])
+    assert isinstance(pred, Prediction)
+    assert pred.masks.shape == (3, 60, 90) and pred.masks.dtype == np.bool_
+    assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
+    assert pred.logits.shape == (3, low, low) and pred.logits.dtype == np.float32
+    single = predictor.predict(points=[[30, 45]], multimask=False)
+    assert single.masks.shape == (1, 60, 90) and single.scores.shape == (1,)
+    assert not np.array_equal(single.logits[0], pred.logits[0])
+
+
+@pytest.mark.parametrize("shape", [(60, 90), (90, 60), (128, 128), (200, 37), (7, 5)])
+def test_non_square_images(tiny_sam, shape):
+    p = Predictor(tiny_sam)
+    p.set_image(_image(*shape))
+    assert p.original_size == shape
+    assert max(p.input_size) == 128
+    pred = p.predict(points=[[shape[0] - 1, 0]], box=[0, 0, shape[0] - 1, shape[1] - 1])
+    assert pred.masks.shape == (3, *shape)
+
+
+def test_return_logits_threshold_gives_masks(predictor):
+    pred = predictor.predict(points=[[10, 20], [40, 70]], labels=[1, 0])
+    logit = predictor.predict(points=[[10, 20], [40, 70]], labels=[1, 0], return_logits=True)
+    assert logit.masks.dtype == np.float32 and logit.masks.shape == pred.masks.shape
+    np.testing.assert_array_equal(logit.masks > predictor.model.mask_threshold, pred.masks)
+    np.testing.assert_array_equal(logit.scores, pred.scores)
+
+
+def test_labels_default_to_foreground(predictor):
+    a = predictor.predict(points=[[10, 20], [40, 70]])
+    b = predictor.predict(points=[[10, 20], [40, 70]], labels=[1, 1])
+    c = predictor.predict(points=[[10, 20], [40, 70]], labels=[1, 0])
+    np.testing.assert_array_equal(a.logits, b.logits)
+    assert not np.allclose(a.logits, c.logits)
+
+
+def test_mask_input_feedback_changes_result(predictor):
+    first = predictor.predict(points=[[30, 45]])
+    best = first.logits[first.scores.argmax()][None]
+    again = predictor.predict(points=[[30, 45]], mask_input=best, multimask=False)
+    plain = predictor.predict(points=[[30, 45]], multimask=False)
+    assert again.masks.shape == (1, 60, 90)
+    assert not np.allclose(again.logits, plain.logits)
+    # a (4E, 4E) mask is accepted as (1, 4E, 4E)
+    np.testing.assert_allclose(
+        predictor.predict(points=[[30, 45]], mask_input=best[0], multimask=False).logits,
+        again.logits,
+    )
+
+
+def test_mask_input_alone_is_a_prompt(predictor):
+    low = 4 * predictor.features.shape[-1]
+    pred = predictor.predict(mask_input=np.zeros((1, low, low), np.float32))
+    assert pred.masks.shape == (3, 60, 90)
+
+
+def test_inverted_box_is_sorted(predictor):
+    a = predictor.predict(box=[10, 20, 50, 80])
+    b = predictor.predict(box=[50, 80, 10, 20])
+    c = predictor.predict(box=[10, 80, 50, 20])
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.logits, c.logits)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_batched_points_match_single(predictor):
+    pts = np.array([[[10, 20], [40, 70]], [[30, 45], [5, 5]], [[59, 89], [0, 0]]], float)
+    lab = np.array([[1, 0], [1, 1], [1, 0]])
+    batch = predictor.predict(points=pts, labels=lab)
+    assert batch.masks.shape == (3, 3, 60, 90) and batch.scores.shape == (3, 3)
+    for i in range(3):
+        one = predictor.predict(points=pts[i], labels=lab[i])
+        np.testing.assert_allclose(batch.logits[i], one.logits, atol=1e-4)
+        np.testing.assert_allclose(batch.scores[i], one.scores, atol=1e-5)
+        assert (batch.masks[i] == one.masks).mean() > 0.999
+
+
+def test_batched_boxes_with_broadcast_point(predictor):
+    boxes = np.array([[0, 0, 30, 40], [20, 30, 59, 89]], float)
+    batch = predictor.predict(points=[[25, 35]], box=boxes, multimask=False)
+    assert batch.masks.shape == (2, 1, 60, 90)
+    for i in range(2):
+        one = predictor.predict(points=[[25, 35]], box=boxes[i], multimask=False)
+        np.testing.assert_allclose(batch.logits[i], one.logits, atol=1e-4)
+
+
+def test_batched_mask_input(predictor):
+    first = predictor.predict(points=[[[10, 20]], [[40, 70]]])
+    masks = first.logits[:, :1]  # (B, 1, 4E, 4E)
+    batch = predictor.predict(points=[[[10, 20]], [[40, 70]]], mask_input=masks, multimask=False)
+    one = predictor.predict(points=[[40, 70]], mask_input=masks[1], multimask=False)
+    np.testing.assert_allclose(batch.logits[1], one.logits, atol=1e-4)
+
+
+def test_batch_size_disagreement_raises(predictor):
+    with pytest.raises(InvalidInputError, match="batch size"):
+        predictor.predict(points=np.zeros((2, 1, 2)), box=np.array([[0, 0, 5, 5]] * 3))
+
+
+# ----------------------------------------------------------------------------- fast decoder
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(points=[[30, 45]]),
+        dict(points=[[10, 20], [40, 70]], labels=[1, 0], multimask=False),
+        dict(box=[5, 10, 50, 80]),
+        dict(points=np.array([[[10, 20]], [[40, 70]]]), box=[[0, 0, 30, 40], [20, 30, 59, 89]]),
+    ],
+)
+def test_fast_decoder_matches_model_decoder(predictor, kwargs):
+    assert predictor.use_fast_decoder
+    fast = predictor.predict(**kwargs)
+    fast_mask = predictor.predict(**kwargs, mask_input=fast.logits.reshape(-1, 1, 32, 32)[:1][0])
+    predictor.use_fast_decoder = False
+    slow = predictor.predict(**kwargs)
+    slow_mask = predictor.predict(**kwargs, mask_input=fast.logits.reshape(-1, 1, 32, 32)[:1][0])
+    for a, b in ((fast, slow), (fast_mask, slow_mask)):
+        span = float(b.logits.max() - b.logits.min())
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5 * span)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        assert (a.masks == b.masks).mean() > 0.999
+
+
+def test_fast_decoder_falls_back_for_unknown_decoders(tiny_sam):
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    tiny_sam.mask_decoder = Wrapped(tiny_sam.mask_decoder)
+    p = Predictor(tiny_sam)
+    assert not p.use_fast_decoder
+    p.set_image(_image(40, 40))
+    assert p.predict(points=[[20, 20]]).masks.shape == (3, 40, 40)
+    with pytest.raises(InvalidInputError, match="no fast path"):
+        p.use_fast_decoder = True
+
+
+# ----------------------------------------------------------------------------- postprocessing
+
+
+@pytest.mark.parametrize(
+    ("input_size", "original_size"),
+    [
+        ((128, 128), (128, 128)),
+        ((85, 128), (60, 90)),
+        ((128, 3), (1000, 21)),
+        ((77, 128), (77, 128)),
+        ((128, 128), (1, 1)),
+    ],
+)
+def test_postprocess_is_bit_identical_to_full_upsample_and_crop(input_size, original_size):
+    low = torch.randn(2, 3, 32, 32)
+    x = F.interpolate(low, (128, 128), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    x = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+    assert torch.equal(_postprocess(low, 128, input_size, original_size), x)
+
+
+def test_predict_torch_without_upscale_and_upscale_logits(predictor):
+    xy = torch.tensor([[[30.0, 40.0]]])
+    lab = torch.ones(1, 1, dtype=torch.int64)
+    masks, iou, low = predictor.predict_torch(xy, lab, upscale=False)
+    assert masks is None and iou.shape == (1, 3) and low.shape == (1, 3, 32, 32)
+    full = predictor.upscale_logits(low)
+    assert full.shape == (1, 3, 60, 90)
+    masks2, _, _ = predictor.predict_torch(xy, lab)
+    assert torch.equal(masks2, full > predictor.model.mask_threshold)
+
+
+def test_predict_torch_requires_labels_with_coords(predictor):
+    with pytest.raises(InvalidInputError, match="together"):
+        predictor.predict_torch(torch.zeros(1, 1, 2), None)
+
+
+# ----------------------------------------------------------------------------- embedding cache
+
+
+def test_second_set_image_reuses_the_cached_embedding(tiny_sam):
+    calls = _count_encoder_calls(tiny_sam)
+    p = Predictor(tiny_sam)
+    img = _image(60, 90)
+    p.set_image(img)
+    first = p.features
+    p.set_image(img.copy())
+    assert calls[0] == 1 and p.features is first
+    p.set_image(_image(60, 90, seed=1))
+    assert calls[0] == 2
+    p.set_image(img, contrast_limits=(0, 100))  # different normalised image
+    assert calls[0] == 3
+    p.set_image(img)
+    assert calls[0] == 3 and p.features is first
+
+
+def test_cache_shared_between_predictors_and_disabled_cache(tiny_sam):
+    calls = _count_encoder_calls(tiny_sam)
+    cache = EmbeddingCache()
+    img = _image(50, 50)
+    Predictor(tiny_sam, cache=cache).set_image(img)
+    Predictor(tiny_sam, cache=cache).set_image(img)
+    assert calls[0] == 1 and len(cache) == 1
+    p = Predictor(tiny_sam, cache_bytes=0)
+    p.set_image(img)
+    p.set_image(img)
+    assert calls[0] == 3
+
+
+def test_grayscale_and_rgb_versions_share_an_embedding(tiny_sam):
+    calls = _count_encoder_calls(tiny_sam)
+    p = Predictor(tiny_sam)
+    gray = np.random.default_rng(3).integers(0, 256, (40, 30), dtype=np.uint8)
+    p.set_image(gray)
+    p.set_image(np.repeat(gray[..., None], 3, axis=2))
+    assert calls[0] == 1
+
+
+def test_embed_in_worker_thread_then_set_embedding(tiny_sam):
+    p = Predictor(tiny_sam)
+    p.set_image(_image(60, 90))
+    before = p.predict(points=[[30, 45]])
+    other = _image(70, 40, seed=5)
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("entry", p.embed(other)))
+    th.start()
+    th.join()
+    assert p.original_size == (60, 90)  # embed did not touch the current image
+    np.testing.assert_array_equal(p.predict(points=[[30, 45]]).logits, before.logits)
+    entry = result["entry"]
+    p.set_embedding(entry.features, entry.original_size, entry.input_size)
+    ref = Predictor(tiny_sam)
+    ref.set_image(other)
+    np.testing.assert_allclose(
+        p.predict(points=[[3, 4]]).logits, ref.predict(points=[[3, 4]]).logits, atol=1e-6
+    )
+
+
+def test_compute_embedding_is_pure(tiny_sam):
+    p = Predictor(tiny_sam)
+    feats = p.compute_embedding(_image(30, 20))
+    assert not p.is_image_set and len(p.cache) == 0
+    assert feats.shape[:2] == (1, tiny_sam.prompt_encoder.embed_dim)
+
+
+def test_set_embedding_validates(tiny_sam):
+    with pytest.raises(InvalidInputError, match="features"):
+        Predictor(tiny_sam).set_embedding(np.zeros((1, 64, 8, 8)), (8, 8), (128, 128))
+
+
+# ----------------------------------------------------------------------------- odd images
+
+
+def test_one_pixel_image_gives_one_pixel_masks(tiny_sam):
+    """Documented: a 1x1 image is upscaled to a full model input; it works."""
+    p = Predictor(tiny_sam)
+    p.set_image(np.array([[200]], np.uint8))
+    assert p.input_size == (128, 128)
+    pred = p.predict(points=[[0, 0]])
+    assert pred.masks.shape == (3, 1, 1)
+
+
+def test_too_wide_image_raises(tiny_sam):
+    p = Predictor(tiny_sam)
+    with pytest.raises(InvalidInputError, match="too elongated"):
+        p.set_image(np.zeros((1, 300), np.uint8))
+    assert not p.is_image_set
+
+
+def test_channel_axis_and_contrast_limits_are_passed_through(tiny_sam):
+    p = Predictor(tiny_sam)
+    data = np.random.default_rng(1).uniform(0, 1000, (3, 20, 30))
+    p.set_image(data, contrast_limits=(0, 1000), channel_axis=0)
+    assert p.original_size == (20, 30)
+
+
+# ----------------------------------------------------------------------------- input errors
+
+
+def test_predict_without_image_raises(tiny_sam):
+    p = Predictor(tiny_sam)
+    with pytest.raises(InvalidInputError, match="set_image"):
+        p.predict(points=[[1, 1]])
+    with pytest.raises(InvalidInputError, match="set_image"):
+        p.upscale_logits(torch.zeros(1, 1, 32, 32))
+
+
+def test_reset_image(predictor):
+    predictor.reset_image()
+    assert not predictor.is_image_set and predictor.features is None
+    with pytest.raises(InvalidInputError, match="set_image"):
+        predictor.predict(points=[[1, 1]])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(points=np.zeros((0, 2))), dict(points=[], labels=[], box=np.zeros((0, 4)))],
+)
+def test_no_prompt_raises(predictor, kwargs):
+    with pytest.raises(InvalidInputError, match="add at least one point"):
+        predictor.predict(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(points=[[1, 2]], labels=[1, 0]), "one label"),
+        (dict(points=[[1, 2], [3, 4]], labels=[1]), "one label"),
+        (dict(points=[[1, 2]], labels=[2]), "1 \\(foreground\\) or 0"),
+        (dict(points=[[1, 2]], labels=[-1]), "1 \\(foreground\\) or 0"),
+        (dict(points=[[1, 2]], labels=[0.5]), "1 \\(foreground\\) or 0"),
+        (dict(points=[[1, 2, 3]]), "shape \\(N, 2\\)"),
+        (dict(points=[1, 2]), "shape \\(N, 2\\)"),
+        (dict(points=[["a", "b"]]), "numeric"),
+        (dict(points=[[np.nan, 2]]), "NaN"),
+        (dict(labels=[1]), "without points"),
+        (dict(box=[1, 2, 3]), "shape \\(4,\\)"),
+        (dict(box=[1, 2, np.nan, 4]), "NaN"),
+        (dict(box=[10, 20, 10, 40]), "zero height or width"),
+        (dict(box=[10, 20, 30, 20]), "zero height or width"),
+        (dict(box=[100, 0, 200, 10]), "does not overlap"),
+        (dict(points=[[1, 2]], mask_input=np.zeros((1, 16, 16))), "mask_input must be"),
+        (dict(points=[[1, 2]], mask_input=np.zeros((2, 32, 32))), "mask_input must be"),
+        (dict(points=[[1, 2]], mask_input=np.full((1, 32, 32), np.nan)), "NaN"),
+    ],
+)
+def test_bad_prompts_raise(predictor, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        predictor.predict(**kwargs)
+
+
+@pytest.mark.parametrize("point", [[60, 10], [10, 90], [-1, 10], [10, -0.5], [60.0, 90.0]])
+def test_point_outside_image_names_point_and_shape(predictor, point):
+    with pytest.raises(InvalidInputError, match=r"outside the image of shape \(60, 90\)") as err:
+        predictor.predict(points=[[5, 5], point], labels=[1, 0])
+    assert "Point (1,)" in str(err.value)
+
+
+def test_points_on_the_last_pixel_are_inside(predictor):
+    pred = predictor.predict(points=[[59.9, 89.9], [0, 0]])
+    assert pred.masks.shape == (3, 60, 90)
+
+
+def test_errors_are_value_errors(predictor):
+    with pytest.raises(ValueError):
+        predictor.predict()
