@@ -168,3 +168,36 @@ def test_full_model_matches_reference(tiny_pair):
         ours.postprocess_masks(low, (128, 96), (200, 150)),
         ref.postprocess_masks(low, (128, 96), (200, 150)),
     )
+
+
+def test_torchvision_stand_ins():
+    """The stand-ins used by the reference packages behave like torchvision."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.ops.boxes import batched_nms, box_area
+    from torchvision.transforms.functional import resize, to_pil_image
+
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10], [21, 21, 30, 30]],
+        dtype=torch.float32,
+    )
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.8, 0.6])
+    assert box_area(boxes).tolist() == [100, 100, 100, 100, 81]
+    # one category: 1 (0.95) suppresses 0 and 3 (IoU 0.68), 4 (0.6) suppresses 2 (IoU 0.81)
+    keep = batched_nms(boxes, scores, torch.zeros(5, dtype=torch.int64), 0.5)
+    assert keep.tolist() == [1, 4]
+    # box 3 in its own category survives; a higher threshold keeps more
+    keep = batched_nms(boxes, scores, torch.tensor([0, 0, 0, 1, 0]), 0.5)
+    assert keep.tolist() == [1, 3, 4]
+    keep = batched_nms(boxes, scores, torch.zeros(5, dtype=torch.int64), 0.9)
+    assert keep.tolist() == [1, 0, 4, 2]  # box 3 duplicates box 0 (IoU 1)
+    assert batched_nms(boxes[:0], scores[:0], torch.zeros(0), 0.5).numel() == 0
+
+    arr = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    pil = to_pil_image(arr)
+    assert pil.mode == "RGB" and pil.size == (40, 30)
+    out = np.array(resize(pil, (60, 80)))
+    assert out.shape == (60, 80, 3)
+    np.testing.assert_array_equal(
+        out, np.array(Image.fromarray(arr).resize((80, 60), Image.BILINEAR))
+    )
