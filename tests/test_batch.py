@@ -549,3 +549,26 @@ def test_batch_cancel_between_images(fake_gen, folder, tmp_path):
         batch.run_batch([str(d / "img*.png")], tmp_path / "out", "fake", {}, cancel=cancel)
     assert _listing(tmp_path / "out") == ["img0_labels.tif"]
     assert polls
+
+
+def test_batch_tiled_matches_generate_tiled(tiny_model_path, tmp_path):
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+    from napari_sam.engine.tiles import generate_tiled
+    from napari_sam.models.zoo import load_model
+
+    img = _write_png(tmp_path / "big.png", 5, size=96)
+    report = batch.run_batch([tmp_path / "big.png"], tmp_path / "out", tiny_model_path, GEN_KW,
+                             device="cpu", tile_size=64, tile_overlap=16, fmt="coco")
+    assert report.ok, report.failed
+    gen = AutomaticMaskGenerator(load_model(tiny_model_path, device="cpu"), **GEN_KW)
+    records = generate_tiled(gen, img, tile_size=64, overlap=16)
+    assert len(records) > 0
+    doc = json.loads((tmp_path / "out" / "big_coco.json").read_text())
+    assert sorted(a["area"] for a in doc["annotations"]) == sorted(r["area"] for r in records)
+    batch.run_batch([tmp_path / "big.png"], tmp_path / "out", tiny_model_path, GEN_KW,
+                    device="cpu", tile_size=64, tile_overlap=16)
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "out" / "big_labels.tif"),
+                                  records_to_labels(records, img.shape[:2]))
+    with pytest.raises(InvalidInputError, match="tile_overlap"):
+        batch.run_batch([tmp_path / "big.png"], tmp_path / "o2", tiny_model_path, GEN_KW,
+                        tile_size=64, tile_overlap=64)

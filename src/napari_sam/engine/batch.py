@@ -289,7 +289,9 @@ def everything_labels(
         if tile_size is not None and max(h, w) > tile_size:
             from napari_sam.engine.tiles import generate_tiled
 
-            records = generate_tiled(generator, rgb, tile_size=tile_size, overlap=tile_overlap)
+            records = generate_tiled(
+                generator, rgb, tile_size=tile_size, overlap=tile_overlap, cancel=cancel
+            )
         else:
             records = generator.generate(rgb, cancel=cancel, use_cache=False)
         records = sorted(records, key=lambda r: -int(r["area"]))  # stable: ties keep order
@@ -541,6 +543,10 @@ def run_batch(
         raise InvalidInputError(f"n_workers must be at least 1, got {n_workers}.")
     if tile_size is not None and int(tile_size) < 16:
         raise InvalidInputError(f"tile_size must be at least 16 pixels, got {tile_size}.")
+    if tile_size is not None and not 0 <= int(tile_overlap) < int(tile_size):
+        raise InvalidInputError(
+            f"tile_overlap must be in [0, tile_size), got {tile_overlap} for tile_size {tile_size}."
+        )
     spec = _resolve_model_spec(model_spec)
     kwargs = dict(generator_kwargs or {})
 
