@@ -90,6 +90,7 @@ class TrainConfig:
     mask_only_rounds: int = 0  # of the correction rounds, the last ones add no point
     box_prob: float = 0.5  # probability that an object's first prompt is a box
     point_mode: str = "interior"  # correction clicks, see prompts.correction_points
+    decoder_chunk: int = 8  # objects per mask-decoder call (small chunks are faster on CPU)
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
@@ -126,6 +127,10 @@ class TrainConfig:
 def build_model(model: Any = "vit_t", init: str | None = None) -> torch.nn.Module:
     """The model to train: ``init`` loaded (checkpoint path or zoo name) or built from ``model``."""
     if init:
+        if Path(init).expanduser().is_file():
+            from napari_sam.models.checkpoint import model_from_checkpoint
+
+            return model_from_checkpoint(init)
         from napari_sam.models import zoo
 
         return zoo.load_model(init)
@@ -570,6 +575,7 @@ def train_step(
     weights: tuple[float, float, float],
 ) -> dict[str, float]:
     """One optimisation step (see the module doc); returns its metrics."""
+    t0 = time.perf_counter()
     rng = np.random.default_rng([config.seed, step, 2])
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     indices = _image_order(len(data), config.seed, step, config.batch_size)
@@ -581,6 +587,7 @@ def train_step(
     if len(objects) == 0:
         return {"loss": float("nan"), "objects": 0}
     images = torch.stack([s.image for s in samples])
+    t1 = time.perf_counter()
     if config.freeze_encoder:
         with torch.no_grad():
             emb = model.image_encoder(images)
@@ -588,28 +595,30 @@ def train_step(
     else:
         emb = model.image_encoder(images)
         leaf = emb.detach().requires_grad_(True)
+    t2 = time.perf_counter()
     point_rows, box_rows = _split_first_prompt(len(objects), config.box_prob, gen)
-    losses: list[SamLoss] = []
+    groups: list[tuple[list[SamLoss], float]] = []
     n_total = len(objects)
+    chunk = max(1, config.decoder_chunk)
     for first, rows in (("point", point_rows), ("box", box_rows)):
-        if rows.numel() == 0:
-            continue
-        # weight so that the step's loss is the mean over objects and rounds
-        scale = rows.numel() / n_total / config.rounds
-        group = run_rounds(
-            model,
-            leaf,
-            objects.select(rows),
-            config.rounds,
-            first=first,
-            mask_only_rounds=config.mask_only_rounds,
-            point_mode=config.point_mode,
-            generator=gen,
-            rng=rng,
-            loss_weights=weights,
-            backward_scale=scale,
-        )
-        losses.extend(_weighted(group, rows.numel() / n_total))
+        for part in rows.split(chunk) if rows.numel() else ():
+            w = part.numel() / n_total
+            # scaled so that the step's loss is the mean over objects and rounds
+            rounds = run_rounds(
+                model,
+                leaf,
+                objects.select(part),
+                config.rounds,
+                first=first,
+                mask_only_rounds=config.mask_only_rounds,
+                point_mode=config.point_mode,
+                generator=gen,
+                rng=rng,
+                loss_weights=weights,
+                backward_scale=w / config.rounds,
+            )
+            groups.append((rounds, w))
+    t3 = time.perf_counter()
     if not config.freeze_encoder and leaf.grad is not None:
         emb.backward(leaf.grad)
     if config.grad_clip > 0:
@@ -617,22 +626,24 @@ def train_step(
     else:
         gnorm = float("nan")
     optimizer.step()
-    metrics = _merge(losses, config.rounds)
-    metrics.update(objects=n_total, grad_norm=gnorm)
+    metrics = _merge(groups)
+    t4 = time.perf_counter()
+    metrics.update(
+        objects=n_total,
+        grad_norm=gnorm,
+        t_data=t1 - t0,
+        t_encoder=t2 - t1,
+        t_decoder=t3 - t2,
+        t_backward=t4 - t3,
+    )
     return metrics
 
 
-def _weighted(group: list[SamLoss], w: float) -> list[tuple[SamLoss, float]]:
-    return [(x, w) for x in group]
-
-
-def _merge(losses: list[tuple[SamLoss, float]], rounds: int) -> dict[str, float]:
-    """Object-weighted means over the point and box groups (same number of rounds each)."""
-    groups = [losses[i : i + rounds] for i in range(0, len(losses), rounds)]
+def _merge(groups: list[tuple[list[SamLoss], float]]) -> dict[str, float]:
+    """Object-weighted means of the metrics of several object groups."""
     out: dict[str, float] = {}
-    for g in groups:
-        w = g[0][1]
-        for k, v in _summary([x for x, _ in g]).items():
+    for losses, w in groups:
+        for k, v in _summary(losses).items():
             out[k] = out.get(k, 0.0) + w * v
     return out
 

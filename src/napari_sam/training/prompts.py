@@ -74,7 +74,9 @@ def sample_points_in_masks(
       whose coordinates are 0).
     """
     K, H, W = masks.shape
-    weights = masks.reshape(K, -1).float()
+    if K == 0:
+        return torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool)
+    weights = masks.reshape(K, H * W).float()
     valid = weights.sum(1) > 0
     weights[~valid] = 1.0
     flat = torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -201,13 +203,13 @@ def correction_points(
     coords = torch.zeros(K, 2)
     labels = torch.full((K,), -1, dtype=torch.int64)
     if mode == "uniform":
-        err = (fn | fp).reshape(K, -1)
+        err = (fn | fp).reshape(K, H * W)
         has = err.any(1)
         weights = err.float()
         weights[~has] = 1.0
         flat = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         coords = _flat_to_xy(flat, W)
-        labels = gt.reshape(K, -1).gather(1, flat[:, None]).squeeze(1).long()
+        labels = gt.reshape(K, H * W).gather(1, flat[:, None]).squeeze(1).long()
         coords[~has] = 0.0
         labels[~has] = -1
         return coords, labels
