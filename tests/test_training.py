@@ -1,0 +1,403 @@
+"""Tests of napari_sam.training: datasets, prompt simulation, losses, the training loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from napari_sam.errors import InvalidInputError
+from napari_sam.training.augment import AugmentConfig, augment_geometry, augment_intensity
+from napari_sam.training.datasets import InstanceDataset, find_pairs, split_ids
+from napari_sam.training.loop import TrainConfig, learning_rate, load_ids, train
+from napari_sam.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, soft_targets
+from napari_sam.training.prompts import (
+    boxes_from_masks,
+    correction_points,
+    innermost_points,
+    jitter_boxes,
+    sample_instances,
+    sample_points_in_masks,
+)
+
+# ------------------------------------------------------------------------ helpers
+
+
+def disk_image(size: int = 64, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A dark noisy image with ``n`` bright non-overlapping disks and their labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = rng.normal(30, 5, (size, size))
+    lab = np.zeros((size, size), np.uint16)
+    k = 0
+    for _ in range(50):
+        if k == n:
+            break
+        r = rng.uniform(size / 14, size / 7)
+        cy, cx = rng.uniform(r, size - r, 2)
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        if (lab[m] > 0).any():
+            continue
+        k += 1
+        lab[m] = k
+        img[m] = 200
+    return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def write_dataset(root: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(n):
+        img, lab = disk_image(size, seed=seed + i)
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        Image.fromarray(lab).save(root / "labels" / f"im{i}.png")
+    return root
+
+
+# ----------------------------------------------------------------------- datasets
+
+
+def test_dataset_folder_layout_and_sample(tmp_path):
+    root = write_dataset(tmp_path / "d", n=3, size=48)
+    ds = InstanceDataset(root, img_size=64, low_res_size=16)
+    assert len(ds) == 3 and ds.ids == ["im0", "im1", "im2"]
+    s = ds[0]
+    assert s.image.shape == (3, 64, 64) and s.image.dtype == torch.float32
+    assert s.labels.shape == (64, 64) and s.labels_low.shape == (16, 16)
+    assert s.input_size == (64, 64)
+    # labels are aligned with the bright disks after the resize
+    fg = s.labels > 0
+    assert s.image[0][fg].mean() > s.image[0][~fg].mean() + 1.0
+    assert set(s.labels.unique().tolist()) == set(s.labels_low.unique().tolist())
+
+
+def test_dataset_flat_tif_layout(tmp_path):
+    for i in range(2):
+        img, lab = disk_image(40, seed=i)
+        tifffile.imwrite(tmp_path / f"cells{i}.tif", img.astype(np.uint16) * 100)
+        tifffile.imwrite(tmp_path / f"cells{i}_labels.tif", lab.astype(np.int32))
+    pairs = find_pairs(tmp_path)
+    assert [p[0] for p in pairs] == ["cells0", "cells1"]
+    assert pairs[0][2].name == "cells0_labels.tif"
+    ds = InstanceDataset(tmp_path, img_size=32)
+    img, lab = ds.load(1)
+    assert img.shape == (40, 40, 3) and img.dtype == np.uint8 and lab.max() > 0
+
+
+def test_dataset_pairs_list_and_padding(tmp_path):
+    img, lab = disk_image(40)
+    img = img[:, :20]
+    lab = lab[:, :20]
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(lab).save(tmp_path / "b.png")
+    ds = InstanceDataset([(tmp_path / "a.png", tmp_path / "b.png")], img_size=80)
+    s = ds[0]
+    assert s.input_size == (80, 40)
+    assert (s.labels[:, 40:] == 0).all() and (s.image[:, :, 40:] == 0).all()
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        InstanceDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="No images"):
+        InstanceDataset(tmp_path / "empty")
+
+    root = write_dataset(tmp_path / "missing", n=3)
+    (root / "labels" / "im1.png").unlink()
+    with pytest.raises(InvalidInputError, match=r"1 of 3 images .* im1\.png"):
+        InstanceDataset(root)
+
+    root = write_dataset(tmp_path / "shape", n=2)
+    Image.fromarray(np.zeros((10, 12), np.uint16)).save(root / "labels" / "im0.png")
+    with pytest.raises(InvalidInputError, match="must match"):
+        InstanceDataset(root)
+
+    root = tmp_path / "float"
+    root.mkdir()
+    img, lab = disk_image(32)
+    tifffile.imwrite(root / "x.tif", img)
+    tifffile.imwrite(root / "x_labels.tif", lab.astype(np.float32))
+    with pytest.raises(InvalidInputError, match="integers"):
+        InstanceDataset(root)
+
+    root = write_dataset(tmp_path / "ids", n=2)
+    with pytest.raises(InvalidInputError, match="not in the dataset"):
+        InstanceDataset(root, ids=["im0", "zzz"])
+
+
+def test_dataset_empty_labels_skipped_or_error(tmp_path):
+    root = write_dataset(tmp_path / "d", n=3)
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(root / "labels" / "im2.png")
+    with pytest.warns(UserWarning, match="im2.png"):
+        ds = InstanceDataset(root)
+    assert ds.ids == ["im0", "im1"]
+    for i in range(2):
+        Image.fromarray(np.zeros((64, 64), np.uint16)).save(root / "labels" / f"im{i}.png")
+    with pytest.raises(InvalidInputError, match="empty"):
+        InstanceDataset(root)
+
+
+def test_random_samples_are_seeded_and_aligned(tmp_path):
+    root = write_dataset(tmp_path / "d", n=2, size=96)
+    ds = InstanceDataset(root, img_size=64, low_res_size=16, augment=AugmentConfig())
+    a = ds.sample(1, np.random.default_rng(5))
+    b = ds.sample(1, np.random.default_rng(5))
+    assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
+    # geometric augmentation keeps image and labels together
+    plain = InstanceDataset(root, img_size=64, augment=AugmentConfig.none())
+    for seed in range(6):
+        s = plain.sample(0, np.random.default_rng(seed), crop=True)
+        fg = s.labels > 0
+        if fg.any() and (~fg).any():
+            valid = torch.zeros_like(fg)
+            valid[: s.input_size[0], : s.input_size[1]] = True
+            assert s.image[0][fg].mean() > s.image[0][~fg & valid].mean()
+
+
+def test_augment_geometry_keeps_pairs():
+    img = np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3)
+    lab = img[..., 0].astype(np.int64)
+    for seed in range(8):
+        a, b = augment_geometry(img, lab, np.random.default_rng(seed), AugmentConfig())
+        assert np.array_equal(a[..., 0].astype(np.int64), b)
+    pixels = np.full((8, 8, 3), 100.0, np.float32)
+    out = augment_intensity(pixels, np.random.default_rng(0), AugmentConfig.none())
+    np.testing.assert_allclose(out, pixels, atol=1e-3)
+
+
+def test_split_ids_deterministic():
+    ids = [f"id{i:03d}" for i in range(40)]
+    train_a, val_a = split_ids(ids, 0.15, seed=3)
+    train_b, val_b = split_ids(list(reversed(ids)), 0.15, seed=3)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert len(val_a) == 6 and not set(train_a) & set(val_a)
+    assert sorted(train_a + val_a) == ids
+    assert split_ids(ids, 0.15, seed=4)[1] != val_a
+    assert len(split_ids(["a", "b"], 0.1)[1]) == 1
+
+
+def test_load_ids(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"train": ["x"], "val": ["y", "z"]}))
+    assert load_ids(tmp_path / "a.json") == (["x"], ["y", "z"])
+    (tmp_path / "b.txt").write_text("y\nz\n")
+    assert load_ids(tmp_path / "b.txt") == (None, ["y", "z"])
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def _masks(seed=0, k=5, size=64):
+    _, lab = disk_image(size, n=k, seed=seed)
+    lab = torch.from_numpy(lab.astype(np.int64))
+    ids = sample_instances(lab, 10)
+    return lab.unsqueeze(0) == ids.view(-1, 1, 1)
+
+
+def test_first_points_inside_masks():
+    masks = _masks()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        coords, valid = sample_points_in_masks(masks, gen)
+        assert valid.all()
+        x, y = coords[:, 0].long(), coords[:, 1].long()
+        assert masks[torch.arange(len(masks)), y, x].all()
+    empty = torch.zeros(2, 8, 8, dtype=torch.bool)
+    assert not sample_points_in_masks(empty)[1].any()
+
+
+def test_sample_instances_min_area_and_count():
+    lab = torch.zeros(10, 10, dtype=torch.int64)
+    lab[0, 0] = 1
+    lab[2:6, 2:6] = 2
+    lab[7:10, 7:10] = 3
+    assert sample_instances(lab, 5, min_area=4).tolist() == [2, 3]
+    gen = torch.Generator().manual_seed(0)
+    assert len(sample_instances(lab, 2, gen)) == 2
+
+
+def test_boxes_and_jitter():
+    masks = torch.zeros(2, 50, 60, dtype=torch.bool)
+    masks[0, 10:20, 5:35] = True
+    masks[1, 40:50, 50:60] = True
+    boxes = boxes_from_masks(masks)
+    assert boxes.tolist() == [[5, 10, 34, 19], [50, 40, 59, 49]]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        noisy = jitter_boxes(boxes, (50, 60), gen)
+        assert (noisy[:, 2] >= noisy[:, 0]).all() and (noisy[:, 3] >= noisy[:, 1]).all()
+        assert noisy[:, 0::2].min() >= 0 and noisy[:, 0::2].max() <= 59
+        # noise std is 10% of the side: 6 sigma is 18 px in x and 6 px in y for box 0
+        assert (noisy[0] - boxes[0]).abs().le(torch.tensor([18.0, 6.0, 18.0, 6.0])).all()
+
+
+@pytest.mark.parametrize("mode", ["uniform", "center", "interior"])
+def test_correction_points_in_error_region(mode):
+    gt = torch.zeros(3, 40, 40, dtype=torch.bool)
+    gt[:, 10:30, 10:30] = True
+    pred = gt.clone()
+    pred[0, 10:30, 10:20] = False  # object 0: a false-negative half
+    pred[1, 0:40, 30:40] = True  # object 1: a large false-positive band
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        coords, labels = correction_points(pred, gt, mode, gen, rng)
+        x, y = coords.long().unbind(1)
+        assert labels.tolist() == [1, 0, -1]
+        assert gt[0, y[0], x[0]] and not pred[0, y[0], x[0]]
+        assert pred[1, y[1], x[1]] and not gt[1, y[1], x[1]]
+    if mode == "center":
+        # the innermost pixel of the 20x10 false-negative block, first in raster order
+        assert coords[0].tolist() == [14.0, 14.0]
+
+
+def test_correction_points_pick_larger_region():
+    gt = torch.zeros(1, 30, 30, dtype=torch.bool)
+    gt[0, 5:25, 5:25] = True
+    pred = gt.clone()
+    pred[0, 5:7, 5:7] = False  # 4 px false negative
+    pred[0, 26:30, 0:30] = True  # 120 px false positive
+    coords, labels = correction_points(pred, gt, "center")
+    assert labels.tolist() == [0] and coords[0, 1] >= 26
+
+
+def test_innermost_points():
+    m = np.zeros((2, 20, 20), bool)
+    m[0, 2:9, 3:10] = True  # 7 x 7 block: innermost pixel (5, 6)
+    assert innermost_points(m).tolist() == [[5, 6], [-1, -1]]
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def test_focal_and_dice_known_values():
+    logits = torch.zeros(1, 2, 2)
+    ones, zeros = torch.ones(1, 2, 2), torch.zeros(1, 2, 2)
+    ln2 = math.log(2)
+    assert focal_loss(logits, ones).item() == pytest.approx(0.25 * 0.25 * ln2, rel=1e-5)
+    assert focal_loss(logits, zeros).item() == pytest.approx(0.75 * 0.25 * ln2, rel=1e-5)
+    # confident and right -> ~0; confident and wrong -> large
+    assert focal_loss(torch.full((1, 2, 2), 10.0), ones).item() < 1e-6
+    assert focal_loss(torch.full((1, 2, 2), -10.0), ones).item() > 1.0
+    half = torch.zeros(1, 4, 4)
+    half[0, :2] = 1
+    # p = 0.5 everywhere: 1 - (2 * 4 + 1) / (8 + 8 + 1)
+    assert dice_loss(torch.zeros(1, 4, 4), half).item() == pytest.approx(1 - 9 / 17, rel=1e-6)
+    assert dice_loss(half * 40 - 20, half).item() < 1e-6
+    assert mask_iou(half * 2 - 1, half).item() == 1.0
+    assert mask_iou(torch.ones(1, 4, 4), half).item() == 0.5
+
+
+def test_sam_loss_best_of_three():
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 2:6] = 1
+    good = target * 40 - 20
+    logits = torch.stack([torch.full((2, 8, 8), -20.0), good, torch.full((2, 8, 8), 20.0)], 1)
+    logits[1] = logits[1, [2, 0, 1]]  # object 1: the good mask is output 2
+    iou_pred = torch.tensor([[0.0, 1.0, 0.25], [0.0, 0.0, 0.0]], requires_grad=True)
+    logits.requires_grad_(True)
+    out = sam_loss(logits, iou_pred, target)
+    assert out.best.tolist() == [1, 2]
+    assert out.iou.tolist() == [1.0, 1.0]
+    # object 0's IoU predictions are exact (actual IoUs 0, 1, 0.25): its MSE is 0;
+    # object 1 predicts 0 for outputs whose IoUs are 0.25 (all on), 0 (all off), 1
+    assert out.iou_mse[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert out.iou_mse[1].item() == pytest.approx((0.25**2 + 0 + 1) / 3, rel=1e-5)
+    out.total.backward()
+    # only the selected mask gets a mask-loss gradient
+    g = logits.grad.abs().sum((2, 3))
+    assert g[0, 1] == 0 or g[0, 1] < 1e-6  # saturated logits
+    assert (iou_pred.grad[0] == 0).all() and (iou_pred.grad[1, [0, 2]] < 0).all()
+
+
+def test_soft_targets_area_average():
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, :2, :3] = True
+    t = soft_targets(m, 4)
+    assert t.shape == (1, 4, 4)
+    assert t[0, 0].tolist() == [1.0, 0.5, 0.0, 0.0]
+    with pytest.raises(InvalidInputError):
+        soft_targets(m, 3)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=100, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 99) == pytest.approx(1e-4, rel=1e-2)
+    cfg.schedule = "step"
+    assert learning_rate(cfg, 95) == pytest.approx(1e-5)
+
+
+# ------------------------------------------------------------------------- loop
+
+
+def _config(tmp_path, tiny_sam_config, **kw) -> TrainConfig:
+    base = dict(
+        data=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "run"),
+        model=tiny_sam_config,
+        steps=30,
+        batch_size=2,
+        instances_per_image=3,
+        rounds=2,
+        lr=1e-3,
+        warmup_steps=3,
+        log_every=1,
+        checkpoint_every=1000,
+        seed=0,
+        num_threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_decreases_loss(tmp_path, tiny_sam_config):
+    write_dataset(tmp_path / "data", n=6, size=80)
+    cfg = _config(tmp_path, tiny_sam_config, val_ids=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = train(cfg)
+    assert path.is_file() and (path.parent / "last_state.pt").is_file()
+    losses = _losses(path.parent)
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_resume_gives_same_weights(tmp_path, tiny_sam_config):
+    from safetensors.torch import load_file
+
+    write_dataset(tmp_path / "data", n=4, size=64)
+    (tmp_path / "val.json").write_text(json.dumps(["im3"]))
+    kw = dict(steps=6, val_ids=str(tmp_path / "val.json"), checkpoint_every=3, rounds=2)
+    one = train(_config(tmp_path, tiny_sam_config, output_dir=str(tmp_path / "a"), **kw))
+    # a run cancelled after 3 steps, then resumed
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    from napari_sam.errors import CancelledError
+
+    cfg_b = _config(tmp_path, tiny_sam_config, output_dir=str(tmp_path / "b"), **kw)
+    with pytest.raises(CancelledError):
+        train(cfg_b, cancel=cancel)
+    assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+    two = train(cfg_b)
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-4)
