@@ -10,6 +10,7 @@ load affects both alike. Reports median / min latency and the ratio, and
 checks that the masks agree.
 
     python benchmarks/bench_click.py [--model vit_b] [--shape 1200 1600] [--repeats 30]
+                                     [--threads N] [--fake-embedding]
 
 ``--fake-embedding`` skips the encoders and gives both sides the same random
 (1, 256, 64, 64) features (the click latency does not depend on them).
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--fake-embedding", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from napari_sam.engine.predictor import Predictor
     from napari_sam.models.build import MODEL_CONFIGS, build_sam

@@ -312,9 +312,11 @@ class Predictor:
                 )
             masks = None
             if upscale:
-                masks = self.upscale_logits(low_res)
-                if not return_logits:
-                    masks = masks > model.mask_threshold
+                threshold = None if return_logits else float(model.mask_threshold)
+                masks = _postprocess(
+                    low_res, self.transform.target_length, self.input_size, self.original_size,
+                    threshold=threshold,
+                )
         return masks, iou, low_res
 
     def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
@@ -457,8 +459,12 @@ def _postprocess(
     target_length: int,
     input_size: tuple[int, int],
     original_size: tuple[int, int],
+    threshold: float | None = None,
 ) -> torch.Tensor:
     """(B, C, L, L) logits -> (B, C, H, W) logits, like the reference postprocessing.
+
+    With ``threshold``, returns the bool masks ``logits > threshold`` instead,
+    computed band by band so the full-size float logits never exist at once.
 
     The reference upsamples bilinearly to the padded model input
     (``target_length``), crops ``input_size`` and resizes bilinearly to
@@ -472,7 +478,7 @@ def _postprocess(
     b, c, low_h, low_w = low_res.shape
     plan_rows = _resize_plan(low_h, target_length, int(input_size[0]), int(original_size[0]))
     plan_cols = _resize_plan(low_w, target_length, int(input_size[1]), int(original_size[1]))
-    out = _apply_resize(low_res.reshape(b * c, low_h, low_w), plan_rows, plan_cols)
+    out = _apply_resize(low_res.reshape(b * c, low_h, low_w), plan_rows, plan_cols, threshold)
     return out.view(b, c, *out.shape[-2:])
 
 
@@ -538,8 +544,10 @@ def _apply_resize(
     x: torch.Tensor,
     plan_rows: tuple[torch.Tensor, torch.Tensor, int],
     plan_cols: tuple[torch.Tensor, torch.Tensor, int],
+    threshold: float | None = None,
 ) -> torch.Tensor:
-    """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns."""
+    """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns; bool
+    ``> threshold`` when a threshold is given."""
     n, low_h, _ = x.shape
     idx_c, w_c, out_w = plan_cols
     idx_r, w_r, out_h = plan_rows
@@ -553,8 +561,14 @@ def _apply_resize(
     t = t.permute(1, 0, 2).reshape(n, low_h, nbc * bsc)[..., :out_w]
     # rows: (nbr, bsr, kr) @ (N, nbr, kr, W)
     g = t.index_select(1, idx_r).view(n, nbr, kr, out_w)
-    out = torch.matmul(w_r, g).view(n, nbr * bsr, out_w)
-    return out[:, :out_h]
+    if threshold is None:
+        return torch.matmul(w_r, g).view(n, nbr * bsr, out_w)[:, :out_h]
+    masks = torch.empty((n, nbr * bsr, out_w), dtype=torch.bool, device=x.device)
+    step = max(1, (1 << 17) // (n * bsr * out_w))  # bands per chunk: ~512 KiB of floats
+    for j in range(0, nbr, step):
+        band = torch.matmul(w_r[j : j + step], g[:, j : j + step])  # (N, s, bsr, W)
+        torch.gt(band.view(n, -1, out_w), threshold, out=masks[:, j * bsr : (j + step) * bsr])
+    return masks[:, :out_h]
 
 
 # ---------------------------------------------------------------------------- fast decoding
