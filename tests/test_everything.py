@@ -185,6 +185,17 @@ def test_progress_and_cancel(sam, image):
     assert not gen.predictor.is_image_set  # state cleaned up
 
 
+def test_shared_predictor_keeps_its_image(sam, image):
+    pred = Predictor(sam)
+    other = np.zeros((50, 60), np.uint8)
+    pred.set_image(other)
+    before = pred.predict(points=[[25, 30]])
+    AutomaticMaskGenerator(pred, points_per_side=3, **LOW).generate(image)
+    assert pred.original_size == (50, 60)
+    after = pred.predict(points=[[25, 30]])
+    np.testing.assert_array_equal(before.masks, after.masks)
+
+
 def test_use_cache(sam, image):
     pred = Predictor(sam)
     gen = AutomaticMaskGenerator(pred, points_per_side=4, **LOW)

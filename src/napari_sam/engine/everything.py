@@ -218,11 +218,17 @@ class AutomaticMaskGenerator:
         total = sum(math.ceil(len(self.point_grids[k]) / ppb) for k in layers)
         state = {"done": 0, "total": total, "progress": progress, "cancel": cancel}
         parts = []
+        p = self.predictor
+        saved = (p.features, p.original_size, p.input_size) if p.is_image_set else None
         try:
             for crop_box, layer in zip(crop_boxes, layers, strict=True):
                 parts.append(self._process_crop(rgb, crop_box, layer, state, use_cache))
         finally:
-            self.predictor.reset_image()
+            # give a shared predictor its image back (an interactive session may use it)
+            if saved is None:
+                p.reset_image()
+            else:
+                p.set_embedding(*saved)
         data = _cat(parts)
         if len(crop_boxes) > 1 and len(data["iou"]):
             # between crops, prefer masks from smaller crops

@@ -1,0 +1,176 @@
+"""Everything-mode speed: napari-sam's AutomaticMaskGenerator vs the official one.
+
+Both generators get the same random SAM weights (``build_sam(model)`` seeded,
+copied into ``segment_anything``'s Sam) and the same image: a 512 x 512 crop of
+a DSB 2018 nuclei image (the set has no 512 x 512 image; the crop is rows
+4..516, columns 92..604 of a 520 x 696 one). Two parameter sets run:
+
+* ``default``: the official defaults (points_per_side=32, pred_iou_thresh=0.88,
+  stability_score_thresh=0.95, ...). Random weights pass (almost) no mask here,
+  so this measures the prompt decoding, which dominates the reference's time.
+* ``lowered``: thresholds lowered so that a realistic number of masks survive
+  and the whole post-processing runs (upsampling, stability, boxes, NMS,
+  output). Random-weight logits are ~20x weaker than a trained model's, so the
+  stability offset is scaled down; their masks cover the whole image, so box
+  NMS is switched off (otherwise it keeps one mask).
+
+For each side: embedding time (the reference's ``set_image``; our encoder run),
+mask-generation time without the embedding, total, number of masks; and the
+fraction of reference masks matched by one of ours at mask IoU >= 0.95.
+
+    python benchmarks/bench_everything.py [--model vit_b] [--points-per-side 32]
+        [--sets default,lowered] [--encoder-depth N]   # N: shallower encoder, for quick runs
+
+Needs the reference package ``segment-anything`` (a test dependency); the
+torchvision it imports is replaced by the stand-ins in ``tests/stubs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_ID = "8efed2e62c919e6d70a2ab548b1a33014877fe8a23f177ef25a9dee25ffe8842"
+DATA = Path("/work/shared/data/dsb2018/images")
+
+PARAMS = {
+    "default": {},
+    "lowered": dict(
+        pred_iou_thresh=0.1,
+        stability_score_thresh=0.55,
+        stability_score_offset=0.02,
+        box_nms_thresh=1.0,
+    ),
+}
+
+
+def load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    return np.ascontiguousarray(img[4:516, 92:604])
+
+
+def build_models(model: str, encoder_depth: int | None):
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "stubs")]
+    from napari_sam.models.build import MODEL_CONFIGS, build_sam
+    from reference_utils import make_reference_sam
+
+    cfg = MODEL_CONFIGS[model]
+    if encoder_depth is not None:
+        enc = dataclasses.replace(
+            cfg.encoder, depth=encoder_depth, global_attn_indexes=(encoder_depth - 1,)
+        )
+        cfg = dataclasses.replace(cfg, encoder=enc)
+    torch.manual_seed(0)
+    ours = build_sam(cfg).eval()
+    ref = make_reference_sam(cfg)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref.eval()
+
+
+def run_ours(model, image, params):
+    from napari_sam.engine.everything import AutomaticMaskGenerator
+
+    gen = AutomaticMaskGenerator(model, **params)
+    t0 = time.perf_counter()
+    gen.predictor.embed(image)  # fills the embedding cache
+    t1 = time.perf_counter()
+    records = gen.generate(image)  # takes the embedding from the cache
+    t2 = time.perf_counter()
+    return records, t1 - t0, t2 - t1
+
+
+def run_reference(model, image, params):
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    embed = {"t": 0.0}
+    orig = SamPredictor.set_image
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        orig(self, *args, **kwargs)
+        embed["t"] += time.perf_counter() - t
+
+    SamPredictor.set_image = timed
+    try:
+        gen = SamAutomaticMaskGenerator(model, **params)
+        t0 = time.perf_counter()
+        records = gen.generate(image)
+        total = time.perf_counter() - t0
+    finally:
+        SamPredictor.set_image = orig
+    return records, embed["t"], total - embed["t"]
+
+
+def match_fraction(ref_records, our_records, thresh: float = 0.95) -> float:
+    """Fraction of reference masks with a mask of ours at IoU >= thresh."""
+    if not ref_records:
+        return float("nan") if our_records else 1.0
+    if not our_records:
+        return 0.0
+    ours = torch.from_numpy(np.stack([r["segmentation"] for r in our_records])).flatten(1)
+    ours_f = ours.float()
+    area_o = ours_f.sum(1)
+    matched = 0
+    for s in range(0, len(ref_records), 32):
+        ref = torch.from_numpy(np.stack([r["segmentation"] for r in ref_records[s : s + 32]]))
+        ref_f = ref.flatten(1).float()
+        inter = ref_f @ ours_f.T
+        union = ref_f.sum(1)[:, None] + area_o[None] - inter
+        iou = inter / union.clamp(min=1)
+        matched += int((iou.max(dim=1).values >= thresh).sum())
+    return matched / len(ref_records)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="vit_b")
+    ap.add_argument("--points-per-side", type=int, default=32)
+    ap.add_argument("--sets", default="default,lowered")
+    ap.add_argument("--encoder-depth", type=int, default=None)
+    ap.add_argument("--image", default=str(DATA / f"{IMAGE_ID}.png"))
+    args = ap.parse_args()
+
+    image = load_image(Path(args.image))
+    ours_model, ref_model = build_models(args.model, args.encoder_depth)
+    rows = []
+    for name in args.sets.split(","):
+        params = dict(PARAMS[name], points_per_side=args.points_per_side)
+        with torch.inference_mode():
+            ours, o_emb, o_gen = run_ours(ours_model, image, params)
+        print(f"[{name}] ours: embed {o_emb:.1f}s, masks {o_gen:.1f}s, n={len(ours)}", flush=True)
+        ref, r_emb, r_gen = run_reference(ref_model, image, params)
+        print(f"[{name}] reference: embed {r_emb:.1f}s, masks {r_gen:.1f}s, n={len(ref)}",
+              flush=True)
+        rows.append((name, o_emb, o_gen, len(ours), r_emb, r_gen, len(ref),
+                     match_fraction(ref, ours)))
+        del ours, ref
+
+    depth = "" if args.encoder_depth is None else f", encoder depth {args.encoder_depth}"
+    print()
+    print(f"Everything-mode, {args.model}{depth} (random weights), 512 x 512 image, "
+          f"points_per_side={args.points_per_side}; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print()
+    print("| params | side | embedding (s) | masks (s) | total (s) | masks | "
+          "speed-up masks / total | ref. masks matched (IoU >= 0.95) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, o_emb, o_gen, n_o, r_emb, r_gen, n_r, match in rows:
+        print(f"| {name} | reference | {r_emb:.1f} | {r_gen:.1f} | {r_emb + r_gen:.1f} | {n_r} "
+              "| | |")
+        print(f"| {name} | napari-sam | {o_emb:.1f} | {o_gen:.1f} | {o_emb + o_gen:.1f} | {n_o} "
+              f"| {r_gen / o_gen:.1f}x / {(r_emb + r_gen) / (o_emb + o_gen):.1f}x "
+              f"| {match:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
