@@ -1,1 +1,20 @@
-"""napari_sam.evaluation."""
+"""Evaluation of SAM models: interactive point/box mIoU and everything-mode AP.
+
+Main entry point: :func:`evaluate` (see :mod:`napari_sam.evaluation.evaluate`);
+metric definitions in :mod:`napari_sam.evaluation.metrics`.
+"""
+
+from .evaluate import add_evaluate_arguments, evaluate, format_results, run_evaluate, write_results
+from .metrics import iou_matrix, mask_iou, matching_metrics, mean_metrics
+
+__all__ = [
+    "add_evaluate_arguments",
+    "evaluate",
+    "format_results",
+    "iou_matrix",
+    "mask_iou",
+    "matching_metrics",
+    "mean_metrics",
+    "run_evaluate",
+    "write_results",
+]

@@ -1,1 +1,18 @@
-"""napari_sam.training."""
+"""Training SAM on instance-segmentation data (prompt simulation, losses, loop).
+
+Main entry point: :func:`train` with a :class:`TrainConfig` (see
+:mod:`napari_sam.training.loop`).
+"""
+
+from .datasets import InstanceDataset, find_pairs, split_ids
+from .loop import TrainConfig, add_train_arguments, run_train, train
+
+__all__ = [
+    "InstanceDataset",
+    "TrainConfig",
+    "add_train_arguments",
+    "find_pairs",
+    "run_train",
+    "split_ids",
+    "train",
+]

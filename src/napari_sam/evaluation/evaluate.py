@@ -1,0 +1,274 @@
+"""Evaluate a SAM model on an instance-segmentation dataset.
+
+:func:`evaluate` runs, per image, the interactive protocol of
+:mod:`napari_sam.evaluation.interactive` (first click, correction clicks,
+box) and optionally everything mode (:mod:`napari_sam.evaluation.everything`),
+and returns a JSON-able dict::
+
+    {
+      "model": str, "data": str, "n_images": int, "n_objects": int,
+      "settings": {...},
+      "interactive": {"point_miou": [after 1 click, after 2, ...],
+                      "box_miou": float},            # means over all objects
+      "everything": {"ap50": ..., "ap75": ..., "ap_dsb": ...,
+                     "precision50": ..., "recall50": ..., "f1_50": ..., ...},
+                                                     # means over images
+      "per_image": [{"id": ..., "n_objects": ..., "point_miou": [...],
+                     "box_miou": ..., "everything": {...}, "seconds": ...}, ...],
+    }
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sam.errors import CancelledError, InvalidInputError
+
+from .everything import evaluate_image_everything
+from .interactive import evaluate_image_interactive
+from .metrics import mean_metrics
+
+__all__ = [
+    "add_evaluate_arguments",
+    "evaluate",
+    "format_results",
+    "run_evaluate",
+    "write_results",
+]
+
+
+def _nanmean(x: np.ndarray, axis: int | None = None) -> Any:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or np.isnan(x).all():
+        return float("nan") if axis is None else np.full(x.shape[1:], np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(x, axis=axis)
+
+
+def _resolve_ids(ids: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
+    if ids is None or (isinstance(ids, Sequence) and not isinstance(ids, str)):
+        return list(ids) if ids is not None else None
+    from napari_sam.training.loop import load_ids
+
+    return load_ids(ids)[1]
+
+
+def evaluate(
+    model: Any,
+    root: str | os.PathLike,
+    ids: Sequence[str] | str | os.PathLike | None = None,
+    n_clicks: int = 3,
+    everything: bool = True,
+    max_images: int | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+    box: bool = True,
+    min_area: int = 10,
+    everything_kwargs: dict[str, Any] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the dataset in ``root`` (layouts: :mod:`napari_sam.training.datasets`).
+
+    Arguments:
+      model: a ``Sam`` module, a :class:`~napari_sam.engine.predictor.Predictor`,
+        or a zoo name / checkpoint path for :func:`napari_sam.models.zoo.load_model`.
+      ids: image ids to use, or an ids file (its validation ids; see
+        :func:`napari_sam.training.loop.load_ids`); all images when None.
+      n_clicks: correction clicks after the first one.
+      everything: also run everything mode (slow: a grid of prompts per image).
+      max_images: evaluate at most this many images (the first ones).
+      progress: called as ``progress(done, total)`` after each image.
+      box: evaluate tight-box prompts.
+      min_area: objects with fewer pixels are not prompted (interactive only;
+        everything mode is scored against all objects).
+      everything_kwargs: options of
+        :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`.
+      cancel: polled before each image; True raises CancelledError.
+
+    Returns:
+      the results dict described in the module doc.
+    """
+    import torch
+
+    from napari_sam.engine.predictor import Predictor
+    from napari_sam.training.datasets import InstanceDataset
+
+    model_name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    if isinstance(model, (str, os.PathLike)):
+        from napari_sam.models.zoo import load_model
+
+        model = load_model(str(model))
+    if hasattr(model, "set_image"):
+        predictor = model
+    elif isinstance(model, torch.nn.Module):
+        model.eval()
+        predictor = Predictor(model)
+    else:
+        raise InvalidInputError(
+            f"model must be a Sam module, a Predictor or a model name/path, got {type(model)}."
+        )
+    data = InstanceDataset(root, ids=_resolve_ids(ids))
+    n = len(data) if max_images is None else min(len(data), int(max_images))
+    generator = None
+    if everything:
+        from napari_sam.engine.everything import AutomaticMaskGenerator
+
+        generator = AutomaticMaskGenerator(predictor, **(everything_kwargs or {}))
+    per_image: list[dict[str, Any]] = []
+    point_all, box_all = [], []
+    for i in range(n):
+        if cancel is not None and cancel():
+            raise CancelledError(f"Evaluation cancelled after {i} of {n} images.")
+        tic = time.perf_counter()
+        image, labels = data.load(i)
+        res = evaluate_image_interactive(
+            predictor, image, labels, n_clicks=n_clicks, box=box, min_area=min_area
+        )
+        point_all.append(res["point_iou"])
+        box_all.append(res["box_iou"])
+        entry: dict[str, Any] = {
+            "id": data.ids[i],
+            "n_objects": int(len(res["ids"])),
+            "point_miou": [float(v) for v in _nanmean(res["point_iou"], 0)]
+            if len(res["ids"])
+            else [float("nan")] * (1 + n_clicks),
+            "box_miou": float(_nanmean(res["box_iou"])) if box else None,
+        }
+        if generator is not None:
+            entry["everything"] = evaluate_image_everything(generator, image, labels)
+        entry["seconds"] = time.perf_counter() - tic
+        per_image.append(entry)
+        if progress is not None:
+            progress(i + 1, n)
+    points = np.concatenate(point_all) if point_all else np.zeros((0, 1 + n_clicks))
+    boxes = np.concatenate(box_all) if box_all else np.zeros(0)
+    results: dict[str, Any] = {
+        "model": str(model_name),
+        "data": str(root),
+        "n_images": n,
+        "n_objects": int(len(points)),
+        "settings": {
+            "n_clicks": n_clicks,
+            "box": box,
+            "min_area": min_area,
+            "everything": everything,
+            "everything_kwargs": everything_kwargs or {},
+        },
+        "interactive": {
+            "point_miou": [float(v) for v in np.atleast_1d(_nanmean(points, 0))],
+            "box_miou": float(_nanmean(boxes)) if box else None,
+        },
+    }
+    if generator is not None:
+        results["everything"] = mean_metrics([e["everything"] for e in per_image])
+    results["per_image"] = per_image
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table of the summary scores of :func:`evaluate`."""
+    rows = [
+        ("images", f"{results['n_images']}"),
+        ("objects", f"{results['n_objects']}"),
+    ]
+    inter = results.get("interactive", {})
+    for k, v in enumerate(inter.get("point_miou", [])):
+        label = "1 point (best of 3)" if k == 0 else f"1 + {k} correction click{'s' * (k > 1)}"
+        rows.append((f"mIoU {label}", f"{v:.4f}"))
+    if inter.get("box_miou") is not None:
+        rows.append(("mIoU box", f"{inter['box_miou']:.4f}"))
+    ev = results.get("everything")
+    if ev:
+        for key, name in (
+            ("ap50", "everything AP@0.5 = TP/(TP+FP+FN)"),
+            ("ap75", "everything AP@0.75"),
+            ("ap_dsb", "everything AP@[0.5:0.95] (DSB)"),
+            ("precision50", "everything precision@0.5"),
+            ("recall50", "everything recall@0.5"),
+            ("f1_50", "everything F1@0.5"),
+        ):
+            if key in ev:
+                rows.append((name, f"{ev[key]:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def write_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``results`` as JSON (NaN becomes null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        return x
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(results), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``evaluate`` subcommand's options to ``parser``."""
+    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.tif + x_labels.tif)")
+    parser.add_argument(
+        "-m", "--model", default="default", help="zoo name or checkpoint path (default: embedded)"
+    )
+    parser.add_argument("--ids", default=None, help="ids file (JSON list / {'val': [...]} / text)")
+    parser.add_argument("--n-clicks", type=int, default=3, help="correction clicks (default 3)")
+    parser.add_argument("--no-everything", dest="everything", action="store_false")
+    parser.add_argument("--no-box", dest="box", action="store_false")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--min-area", type=int, default=10)
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
+    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
+    kwargs = {
+        "points_per_side": args.points_per_side,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+    }
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+
+    results = evaluate(
+        args.model,
+        args.data,
+        ids=args.ids,
+        n_clicks=args.n_clicks,
+        everything=args.everything,
+        max_images=args.max_images,
+        progress=progress,
+        box=args.box,
+        min_area=args.min_area,
+        everything_kwargs=kwargs,
+    )
+    print(file=sys.stderr)
+    print(format_results(results))
+    if args.output:
+        write_results(results, args.output)
+    return 0

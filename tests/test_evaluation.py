@@ -1,0 +1,236 @@
+"""Tests of napari_sam.evaluation: metrics, interactive protocol, evaluate()."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_sam.errors import InvalidInputError
+from napari_sam.evaluation import (
+    evaluate,
+    format_results,
+    iou_matrix,
+    mask_iou,
+    matching_metrics,
+    mean_metrics,
+    write_results,
+)
+from napari_sam.evaluation.everything import evaluate_image_everything
+from napari_sam.evaluation.interactive import evaluate_image_interactive
+from napari_sam.evaluation.metrics import match_counts
+from napari_sam.training.prompts import innermost_points
+
+# ------------------------------------------------------------------------ metrics
+
+
+def _labels() -> np.ndarray:
+    lab = np.zeros((40, 40), np.int32)
+    lab[0:10, 0:10] = 1  # 100 px
+    lab[20:30, 0:10] = 2  # 100 px
+    lab[20:30, 20:40] = 3  # 200 px
+    return lab
+
+
+def test_mask_iou_values():
+    a = np.zeros((10, 10), bool)
+    b = np.zeros((10, 10), bool)
+    assert mask_iou(a, b) == 1.0
+    a[:5] = True
+    b[:, :5] = True
+    assert mask_iou(a, b) == pytest.approx(25 / 75)
+    assert mask_iou(a, a) == 1.0
+    with pytest.raises(InvalidInputError):
+        mask_iou(a, np.zeros((3, 3), bool))
+
+
+def test_iou_matrix_labels_and_overlapping_masks():
+    gt = _labels()
+    pred = [gt == 1, (gt == 1) | (gt == 2), np.zeros_like(gt, bool)]
+    iou = iou_matrix(gt, pred)
+    assert iou.shape == (3, 3)
+    np.testing.assert_allclose(iou[:, 0], [1, 0, 0])
+    np.testing.assert_allclose(iou[:, 1], [0.5, 0.5, 0])
+    np.testing.assert_allclose(iou[:, 2], 0)
+    # a label image as prediction: columns follow its sorted ids
+    pred_lab = np.where(gt == 3, 7, np.where(gt == 1, 2, 0))
+    np.testing.assert_allclose(iou_matrix(gt, pred_lab), [[1, 0], [0, 0], [0, 1]])
+
+
+def test_matching_known_counts():
+    gt = _labels()
+    exact = gt == 1
+    partial = np.zeros_like(exact)
+    partial[20:30, 0:6] = True
+    partial[20:22, 6] = True  # IoU 0.62 with object 2
+    spurious = np.zeros_like(exact)
+    spurious[32:40, 32:40] = True
+    m = matching_metrics(gt, [exact, partial, spurious])
+    assert (m["tp50"], m["fp50"], m["fn50"]) == (2, 1, 1)
+    assert (m["tp75"], m["fp75"], m["fn75"]) == (1, 2, 2)
+    assert m["ap50"] == pytest.approx(2 / 4)
+    assert m["ap75"] == pytest.approx(1 / 5)
+    assert m["precision50"] == pytest.approx(2 / 3)
+    assert m["recall50"] == pytest.approx(2 / 3)
+    assert m["f1_50"] == pytest.approx(4 / 6)
+    # DSB: thresholds 0.5..0.95; the partial match counts at 0.5, 0.55 and 0.6
+    expected = (3 * (2 / 4) + 7 * (1 / 5)) / 10
+    assert m["ap_dsb"] == pytest.approx(expected)
+    # duplicates of one object count once
+    dup = matching_metrics(gt, [exact, exact])
+    assert (dup["tp50"], dup["fp50"], dup["fn50"]) == (1, 1, 2)
+    assert (dup["tp75"], dup["fp75"]) == (1, 1)
+    # nothing to find and nothing found is perfect
+    empty = matching_metrics(np.zeros((5, 5), np.int32), [])
+    assert empty["ap50"] == 1.0 and empty["recall50"] == 1.0
+
+
+def test_match_counts_low_threshold_is_one_to_one():
+    iou = np.array([[0.4, 0.35], [0.0, 0.3]])
+    assert match_counts(iou, 0.3) == (2, 0, 0)
+    assert match_counts(iou, 0.38) == (1, 1, 1)
+    assert match_counts(np.zeros((0, 2)), 0.5) == (0, 2, 0)
+
+
+def test_mean_metrics_sums_counts():
+    a = {"ap50": 1.0, "tp50": 2.0}
+    b = {"ap50": 0.5, "tp50": 3.0}
+    assert mean_metrics([a, b]) == {"ap50": 0.75, "tp50": 5.0}
+
+
+def test_innermost_point_selection():
+    lab = _labels()
+    pts = innermost_points(lab[None] == np.array([1, 3])[:, None, None])
+    # 10x10 block at rows 0..9: ties broken in raster order -> (4, 4)
+    assert pts[0].tolist() == [4, 4]
+    assert lab[tuple(pts[1])] == 3
+
+
+# -------------------------------------------------------------------- interactive
+
+
+class OraclePredictor:
+    """Returns the ground-truth object under the last positive click or the box centre.
+
+    ``after`` > 1 makes it return only the object's left half until it has seen
+    that many points.
+    """
+
+    def __init__(self, labels: np.ndarray, mode: str = "oracle", after: int = 1) -> None:
+        self.labels = labels
+        self.mode = mode
+        self.after = after
+        self.calls = []
+
+    def set_image(self, image):
+        self.image = image
+
+    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask=True):
+        H, W = self.labels.shape
+        if points is not None:
+            pts = np.asarray(points)
+            where = [tuple(p[0].astype(int)) for p in pts]
+            n_points = pts.shape[1]
+        else:
+            b = np.asarray(box)
+            where = [(int((r0 + r1) / 2), int((c0 + c1) / 2)) for r0, c0, r1, c1 in b]
+            n_points = 1
+        self.calls.append((n_points, mask_input is not None, multimask))
+        c = 3 if multimask else 1
+        masks = np.zeros((len(where), c, H, W), bool)
+        for i, rc in enumerate(where):
+            obj = self.labels == self.labels[rc]
+            if self.mode == "empty":
+                continue
+            if n_points < self.after:
+                obj = obj & (np.arange(W) < (np.flatnonzero(obj.any(0)).mean()))[None]
+            masks[i, c - 1] = obj  # the best mask is the last output
+        scores = np.tile(np.arange(c, dtype=np.float32), (len(where), 1))
+        logits = np.zeros((len(where), c, 8, 8), np.float32)
+        return SimpleNamespace(masks=masks, scores=scores, logits=logits)
+
+
+def test_interactive_oracle_is_perfect_and_empty_is_zero():
+    lab = _labels()
+    lab[39, 39] = 9  # a 1-pixel object: skipped (min_area)
+    res = evaluate_image_interactive(OraclePredictor(lab), np.zeros((40, 40)), lab, n_clicks=2)
+    assert res["ids"].tolist() == [1, 2, 3]
+    assert res["point_iou"].shape == (3, 3)
+    np.testing.assert_allclose(res["point_iou"], 1.0)
+    np.testing.assert_allclose(res["box_iou"], 1.0)
+    empty = OraclePredictor(lab, "empty")
+    res = evaluate_image_interactive(empty, None, lab, n_clicks=2)
+    np.testing.assert_allclose(res["point_iou"], 0.0)
+    np.testing.assert_allclose(res["box_iou"], 0.0)
+    # empty predictions get a positive correction click on every round
+    assert [c[0] for c in empty.calls] == [1, 2, 3, 1]
+    assert empty.calls[1] == (2, True, False)  # mask fed back, single output
+
+
+def test_interactive_correction_click_improves():
+    lab = _labels()
+    pred = OraclePredictor(lab, after=2)
+    res = evaluate_image_interactive(pred, None, lab, n_clicks=2, box=False)
+    assert (res["point_iou"][:, 0] < 0.75).all()
+    np.testing.assert_allclose(res["point_iou"][:, 1:], 1.0)
+    assert np.isnan(res["box_iou"]).all()
+    # objects done after the first correction get no more clicks
+    assert [c[0] for c in pred.calls] == [1, 2]
+
+
+def test_everything_scoring_with_fake_generator():
+    lab = _labels()
+
+    class Gen:
+        def generate(self, image):
+            return [{"segmentation": lab == 1}, {"segmentation": lab == 3}]
+
+    m = evaluate_image_everything(Gen(), np.zeros((40, 40)), lab)
+    assert (m["tp50"], m["fp50"], m["fn50"]) == (2, 0, 1)
+    assert m["ap50"] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_end_to_end(tmp_path, tiny_sam):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(2):
+        lab = _labels()
+        img = np.where(lab > 0, 200, 20).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"a{i}.png")
+        Image.fromarray(lab.astype(np.uint16)).save(root / "labels" / f"a{i}.png")
+    (tmp_path / "ids.json").write_text(json.dumps({"train": ["a0"], "val": ["a1"]}))
+    seen = []
+    res = evaluate(
+        tiny_sam,
+        root,
+        ids=tmp_path / "ids.json",
+        n_clicks=1,
+        everything=True,
+        everything_kwargs={
+            "points_per_side": 4,
+            "pred_iou_thresh": 0.0,
+            "stability_score_thresh": 0.0,
+        },
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert seen == [(1, 1)]
+    assert res["n_images"] == 1 and res["n_objects"] == 3
+    assert [e["id"] for e in res["per_image"]] == ["a1"]
+    assert len(res["interactive"]["point_miou"]) == 2
+    for v in [*res["interactive"]["point_miou"], res["interactive"]["box_miou"]]:
+        assert 0.0 <= v <= 1.0
+    for key in ("ap50", "ap75", "ap_dsb", "precision50", "recall50", "f1_50"):
+        assert 0.0 <= res["everything"][key] <= 1.0
+    text = format_results(res)
+    assert "mIoU box" in text and "AP@0.5" in text
+    res["interactive"]["box_miou"] = float("nan")
+    path = write_results(res, tmp_path / "out" / "r.json")
+    back = json.loads(path.read_text())
+    assert back["interactive"]["box_miou"] is None and back["n_objects"] == 3
