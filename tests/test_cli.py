@@ -306,3 +306,25 @@ def test_train_evaluate_help_is_forwarded(command, capsys):
         pytest.skip(f"{command} is not implemented yet")
     assert code == 0
     assert f"usage: napari-sam {command}" in res.out
+
+
+def test_evaluate_runs_through_the_cli(tiny_model_path, tmp_path, capsys):
+    pytest.importorskip("napari_sam.evaluation.evaluate")
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "labels").mkdir()
+    img = np.full((64, 64, 3), 20, np.uint8)
+    lab = np.zeros((64, 64), np.uint16)
+    img[10:30, 10:30], lab[10:30, 10:30] = 200, 1
+    img[40:55, 35:60], lab[40:55, 35:60] = 150, 2
+    Image.fromarray(img).save(tmp_path / "ds" / "images" / "a.png")
+    Image.fromarray(lab).save(tmp_path / "ds" / "labels" / "a.png")
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(tmp_path / "ds"), "-m", str(tiny_model_path), "--no-everything",
+                 "--n-clicks", "1", "-o", str(out)]) == 0
+    res = capsys.readouterr()
+    assert "objects" in res.out and out.exists()
+    # errors of forwarded commands follow the same conventions
+    assert main(["evaluate", str(tmp_path / "nope"), "-m", str(tiny_model_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("napari-sam: error: ") and "does not exist" in err
+    assert main(["evaluate", "--bogus"]) == 2

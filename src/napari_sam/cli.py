@@ -248,7 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exit_)
     args.extra = extra
     console = _Console(quiet=bool(getattr(args, "quiet", False)))
-    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args, console) or 0)
     except SystemExit as exit_:  # a forwarded parser (train/evaluate) exited
@@ -260,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted (finished outputs are kept)", file=sys.stderr)
         return 130
     except Exception as err:
+        debug = bool(getattr(args, "debug", False))  # train/evaluate may set it late
         if debug:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
@@ -522,9 +522,10 @@ def _forward(name: str, module_names: Sequence[str], add: str, run: str,
     _common_options(parser, suppress=True)
     getattr(module, add)(parser)
     sub_args = parser.parse_args(args.extra)
-    for key in ("quiet", "debug"):
-        if not hasattr(sub_args, key):
-            setattr(sub_args, key, getattr(args, key, False))
+    for key in ("quiet", "debug"):  # given before or after the command
+        value = bool(getattr(sub_args, key, False) or getattr(args, key, False))
+        setattr(sub_args, key, value)
+        setattr(args, key, value)
     run_fn: Callable[[argparse.Namespace], int] = getattr(module, run)
     return int(run_fn(sub_args) or 0)
 
