@@ -682,6 +682,7 @@ class _FastDecoder:
         p = ctx["p"]
         queries, qpe = tokens, tokens
         keys = ctx["x"] if image_tokens is None else image_tokens
+        keys_pe = None if image_tokens is None else keys + p  # the cached first block needs none
         for i, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -690,21 +691,19 @@ class _FastDecoder:
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             cached = i == 0 and image_tokens is None
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             if cached:
-                attn = _t2i_cached(layer.cross_attn_token_to_image, queries + qpe, ctx["k1"],
-                                   ctx["v1"])
+                attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
             else:
-                kp = keys + p
-                attn = _t2i(layer.cross_attn_token_to_image, queries + qpe, kp, keys)
+                attn = _t2i(t2i, queries + qpe, keys_pe, keys)
             queries = layer.norm2(queries + attn)
             queries = layer.norm3(queries + layer.mlp(queries))
             if cached:
-                attn = _i2t_cached(layer.cross_attn_image_to_token, ctx["q1"], queries + qpe,
-                                   queries)
+                a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
             else:
-                attn = _i2t(layer.cross_attn_image_to_token, kp, queries + qpe, queries)
-            keys = layer.norm4(keys + attn)
-        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys + p, keys)
+                a, vo = _i2t(i2t, keys_pe, queries + qpe, queries)
+            keys, keys_pe = _image_update(i2t, a, vo, keys, layer.norm4, p)
+        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
         hs = tr.norm_final_attn(queries + attn)
 
         sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
@@ -770,17 +769,50 @@ def _t2i_cached(attn, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return attn.out_proj(out.transpose(0, 1).reshape(b, t, h * d))
 
 
-def _i2t_output(attn, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """a (B, H*T, L) attention (normalised over T per head), v (B, H, T, d) -> (B, L, C)."""
+def _projected_values(attn, v: torch.Tensor) -> torch.Tensor:
+    """v (B, H, T, d) -> per-head values through out_proj, (B, H*T, C)."""
     b, h, t, d = v.shape
     c = attn.out_proj.out_features
     wo = attn.out_proj.weight.view(c, h, d)
-    vo = torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, h * t, c)
-    return torch.baddbmm(attn.out_proj.bias.view(1, 1, c), a.transpose(1, 2), vo)
+    return torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, h * t, c)
 
 
-def _i2t(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-    """Image -> token attention. q_in (B, L, C) image; k_in, v_in (B, T, C) -> (B, L, C)."""
+def _image_update(
+    attn,
+    a: torch.Tensor,
+    vo: torch.Tensor,
+    keys: torch.Tensor,
+    norm: torch.nn.Module,
+    pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish an image -> token attention block: ``keys' = norm(keys + a^T vo + bias)``.
+
+    a (B, H*T, L) attention, vo (B, H*T, C) (:func:`_projected_values`), keys
+    (B|1, L, C), pe (1, L, C). Returns keys' and keys' + pe, both (B, L, C).
+    Runs in chunks of rows so the intermediates stay in cache.
+    """
+    b, _, n = a.shape
+    c = vo.shape[-1]
+    bias = attn.out_proj.bias.view(1, 1, c)
+    a_t = a.transpose(1, 2)
+    new = keys.new_empty((b, n, c))
+    new_pe = keys.new_empty((b, n, c))
+    step = max(16, (1 << 17) // (b * c))
+    for s in range(0, n, step):
+        z = torch.baddbmm(bias, a_t[:, s : s + step], vo)
+        z += keys[:, s : s + step]
+        z = norm(z)
+        new[:, s : s + step] = z
+        torch.add(z, pe[:, s : s + step], out=new_pe[:, s : s + step])
+    return new, new_pe
+
+
+def _i2t(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> tuple:
+    """Image -> token attention. q_in (B, L, C) image (with PE); k_in, v_in (B, T, C) tokens.
+
+    Returns the attention a (B, H*T, L) and projected values vo (B, H*T, C);
+    the image update is ``a^T vo + out_proj.bias`` (see :func:`_image_update`).
+    """
     b, t, c = k_in.shape
     n = q_in.shape[1]
     h = attn.num_heads
@@ -791,16 +823,15 @@ def _i2t(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> to
     logits = torch.baddbmm(bias, kq, q_in.transpose(1, 2))  # (B, H*T, L)
     a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
     v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-    return _i2t_output(attn, a, v)
+    return a, _projected_values(attn, v)
 
 
-def _i2t_cached(attn, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-    """Image -> token attention with projected, pre-scaled queries q (H, d, L) shared by the
-    batch. k_in, v_in (B, T, C) -> (B, L, C)."""
+def _i2t_cached(attn, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> tuple:
+    """:func:`_i2t` with projected, pre-scaled queries q (H, d, L) shared by the batch."""
     b, t, _ = k_in.shape
     h, d, n = q.shape
     k = attn.k_proj(k_in).view(b * t, h, d).transpose(0, 1)  # (H, B*T, d)
     logits = torch.matmul(k, q).view(h, b, t, n)
     a = torch.softmax(logits, dim=2).transpose(0, 1).reshape(b, h * t, n)
     v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-    return _i2t_output(attn, a, v)
+    return a, _projected_values(attn, v)
