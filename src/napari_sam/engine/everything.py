@@ -267,7 +267,7 @@ class AutomaticMaskGenerator:
             for s in range(0, len(pts), self.points_per_batch):
                 _check_cancel(state["cancel"])
                 sl = slice(s, s + self.points_per_batch)
-                chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box, (h_c, w_c),
+                chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box,
                                                   rgb.shape[:2], thr, dev))
                 state["done"] += 1
                 if state["progress"] is not None:
@@ -296,14 +296,15 @@ class AutomaticMaskGenerator:
         _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True, upscale=False)
         return iou, lambda b, k: low[b, k]
 
-    def _process_batch(self, pts, model_xy, crop_box, crop_size, orig_size, thr, dev):
+    def _process_batch(self, pts, model_xy, crop_box, orig_size, thr, dev):
+        """Decode one batch of prompts -> filtered masks (crop frame) and their data."""
         iou, get_low = self._decode(model_xy, dev)
         n_out = iou.shape[1]
         flat_iou = iou.reshape(-1)
         cand = torch.arange(flat_iou.numel(), device=flat_iou.device)
         if self.pred_iou_thresh > 0.0:
             cand = cand[flat_iou > self.pred_iou_thresh]
-        empty = _empty_data(crop_size, dev)
+        empty = _empty_data()
         if cand.numel() == 0:
             return empty
         b_idx, k_idx = cand // n_out, cand % n_out
@@ -359,23 +360,28 @@ class AutomaticMaskGenerator:
         """Fill small holes, drop small islands, then NMS preferring unchanged masks."""
         if len(data["iou"]) == 0:
             return data
-        new_masks, scores = [], []
         H, W = shape
-        for mask, (r0, c0) in data["masks"]:
+        changed: dict[int, np.ndarray] = {}
+        scores, boxes = [], []
+        for i, (mask, (r0, c0)) in enumerate(data["masks"]):
+            # in the full frame: a background region is only a hole if it is small there
             full = np.zeros((H, W), dtype=bool)
             h, w = mask.shape
             full[r0 : r0 + h, c0 : c0 + w] = mask.cpu().numpy()
             full, changed_h = M.remove_small_regions(full, min_area, "holes")
             full, changed_i = M.remove_small_regions(full, min_area, "islands")
-            unchanged = not (changed_h or changed_i)
-            new_masks.append(full)
-            scores.append(float(unchanged))
-        boxes = M.mask_to_box_xyxy(torch.from_numpy(np.stack(new_masks)))
-        keep = M.nms(boxes.float(), torch.tensor(scores), nms_thresh)
+            if changed_h or changed_i:
+                changed[i] = full
+                boxes.append(M.mask_to_box_xyxy(torch.from_numpy(full)))
+            else:
+                boxes.append(data["boxes"][i])
+            scores.append(0.0 if (changed_h or changed_i) else 1.0)
+        boxes_t = torch.stack(boxes)
+        keep = M.nms(boxes_t.float(), torch.tensor(scores), nms_thresh)
         for i in keep.tolist():
-            if scores[i] == 0.0:
-                data["masks"][i] = (torch.from_numpy(new_masks[i]), (0, 0))
-                data["boxes"][i] = boxes[i]
+            if i in changed:
+                data["masks"][i] = (torch.from_numpy(changed[i]), (0, 0))
+                data["boxes"][i] = boxes_t[i]
         return _filter(data, keep)
 
     def _records(self, data, shape) -> list[dict[str, Any]]:
@@ -472,7 +478,7 @@ def _check_cancel(cancel: Callable[[], bool] | None) -> None:
         raise CancelledError("Everything-mode was cancelled.")
 
 
-def _empty_data(crop_size, dev) -> dict[str, Any]:
+def _empty_data() -> dict[str, Any]:
     return {
         "masks": [],
         "iou": torch.zeros(0),
@@ -484,7 +490,7 @@ def _empty_data(crop_size, dev) -> dict[str, Any]:
 
 def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
-        return _empty_data(None, None)
+        return _empty_data()
     out: dict[str, Any] = {}
     for key in parts[0]:
         vals = [p[key] for p in parts]
