@@ -174,6 +174,7 @@ class Predictor:
             raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
         self.features = features.to(self.device)
         self._context = None
+        self._dense_pe = None
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
@@ -369,8 +370,8 @@ class Predictor:
             lab_f = _as_float_array(labels, "labels")
             if lab_f.shape != pts.shape[:-1]:
                 raise InvalidInputError(
-                    f"Got {pts.shape[:-1]} points but labels of shape {lab_f.shape}; give one "
-                    "label (1 foreground, 0 background) per point."
+                    f"Got points of shape {pts.shape} but labels of shape {lab_f.shape}; give "
+                    "one label (1 foreground, 0 background) per point."
                 )
             bad = ~np.isin(lab_f, (0.0, 1.0))
             if bad.any():
