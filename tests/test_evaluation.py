@@ -234,3 +234,19 @@ def test_evaluate_end_to_end(tmp_path, tiny_sam):
     path = write_results(res, tmp_path / "out" / "r.json")
     back = json.loads(path.read_text())
     assert back["interactive"]["box_miou"] is None and back["n_objects"] == 3
+
+
+def test_evaluate_cli_arguments():
+    import argparse
+
+    from napari_sam.evaluation import add_evaluate_arguments
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(["d", "-m", "x.safetensors", "--no-everything", "--n-clicks", "5"])
+    assert (args.data, args.model, args.everything, args.n_clicks) == (
+        "d",
+        "x.safetensors",
+        False,
+        5,
+    )

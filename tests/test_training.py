@@ -401,3 +401,22 @@ def test_resume_gives_same_weights(tmp_path, tiny_sam_config):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-4)
+
+
+def test_focal_ramp_and_cli_arguments():
+    import argparse
+    import dataclasses
+
+    from napari_sam.training.loop import add_train_arguments
+
+    cfg = TrainConfig(focal_ramp_steps=10)
+    assert cfg.loss_kwargs(0)["focal_weight"] == 0.0
+    assert cfg.loss_kwargs(5)["focal_weight"] == pytest.approx(10.0)
+    assert cfg.loss_kwargs(50)["focal_weight"] == 20.0
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["d", "--steps", "5", "--freeze-encoder", "--lr", "1e-4"])
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(vars(args)) <= names
+    built = TrainConfig(**vars(args))
+    assert (built.data, built.steps, built.freeze_encoder, built.lr) == ("d", 5, True, 1e-4)

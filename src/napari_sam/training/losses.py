@@ -118,6 +118,8 @@ def sam_loss(
     focal_weight: float = 20.0,
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
 ) -> SamLoss:
     """SAM's loss for C mask outputs per object.
 
@@ -125,13 +127,14 @@ def sam_loss(
       mask_logits: (K, C, h, w) low-resolution mask logits.
       iou_pred: (K, C) predicted IoUs.
       targets: (K, h, w) targets in [0, 1] (see :func:`soft_targets`).
+      focal_alpha, focal_gamma: see :func:`focal_loss`.
 
     Returns:
       :class:`SamLoss`; only the lowest-loss mask of each object contributes
       to the mask loss, every output to the IoU loss.
     """
     t = targets.unsqueeze(1).expand_as(mask_logits)
-    focal = focal_loss(mask_logits, t)
+    focal = focal_loss(mask_logits, t, focal_alpha, focal_gamma)
     dice = dice_loss(mask_logits, t)
     per_mask = focal_weight * focal + dice_weight * dice  # (K, C)
     best = per_mask.detach().argmin(1)
