@@ -516,9 +516,9 @@ def _resize_matrix(n_low: int, n_model: int, n_crop: int, n_out: int) -> np.ndar
 @lru_cache(maxsize=32)
 def _resize_plan(
     n_low: int, n_model: int, n_crop: int, n_out: int, block: int = 32
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[tuple[int, ...], torch.Tensor, int]:
     """Banded form of :func:`_resize_matrix`: output rows in blocks of ``block``; block j
-    reads the k input rows ``idx[j]``. Returns idx (nb * k,) int64, weights
+    reads the k consecutive input rows from ``starts[j]``. Returns starts, weights
     (nb, block, k) float32 and n_out."""
     if not (0 < n_crop <= n_model and n_out > 0 and n_low > 0):
         raise InvalidInputError(
@@ -538,38 +538,38 @@ def _resize_plan(
     idx = start[:, None] + np.arange(k)  # (nb, k)
     m = np.pad(m, ((0, pad), (0, 0))).reshape(nb, block, n_low)
     w = np.take_along_axis(m, np.broadcast_to(idx[:, None, :], (nb, block, k)), axis=2)
-    return torch.from_numpy(idx.reshape(-1)), torch.from_numpy(w.astype(np.float32)), n_out
+    return tuple(int(v) for v in start), torch.from_numpy(w.astype(np.float32)), n_out
 
 
 def _apply_resize(
     x: torch.Tensor,
-    plan_rows: tuple[torch.Tensor, torch.Tensor, int],
-    plan_cols: tuple[torch.Tensor, torch.Tensor, int],
+    plan_rows: tuple[tuple[int, ...], torch.Tensor, int],
+    plan_cols: tuple[tuple[int, ...], torch.Tensor, int],
     threshold: float | None = None,
 ) -> torch.Tensor:
     """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns; bool
-    ``> threshold`` when a threshold is given."""
+    ``> threshold`` when a threshold is given (then the full-size float logits
+    never exist at once)."""
     n, low_h, _ = x.shape
-    idx_c, w_c, out_w = plan_cols
-    idx_r, w_r, out_h = plan_rows
-    idx_c, idx_r = idx_c.to(x.device), idx_r.to(x.device)
+    starts_c, w_c, out_w = plan_cols
+    starts_r, w_r, out_h = plan_rows
     w_c, w_r = w_c.to(x.device, x.dtype), w_r.to(x.device, x.dtype)
     nbc, bsc, kc = w_c.shape
     nbr, bsr, kr = w_r.shape
-    # columns: (nbc, N*Lh, kc) @ (nbc, kc, bsc)
+    # columns, all blocks at once: (nbc, N*Lh, kc) @ (nbc, kc, bsc)
+    idx_c = (torch.tensor(starts_c)[:, None] + torch.arange(kc)).reshape(-1).to(x.device)
     g = x.index_select(2, idx_c).view(n * low_h, nbc, kc).transpose(0, 1)
     t = torch.bmm(g, w_c.transpose(1, 2))
     t = t.permute(1, 0, 2).reshape(n, low_h, nbc * bsc)[..., :out_w]
-    # rows: (nbr, bsr, kr) @ (N, nbr, kr, W)
-    g = t.index_select(1, idx_r).view(n, nbr, kr, out_w)
-    if threshold is None:
-        return torch.matmul(w_r, g).view(n, nbr * bsr, out_w)[:, :out_h]
-    masks = torch.empty((n, nbr * bsr, out_w), dtype=torch.bool, device=x.device)
-    step = max(1, (1 << 17) // (n * bsr * out_w))  # bands per chunk: ~512 KiB of floats
-    for j in range(0, nbr, step):
-        band = torch.matmul(w_r[j : j + step], g[:, j : j + step])  # (N, s, bsr, W)
-        torch.gt(band.view(n, -1, out_w), threshold, out=masks[:, j * bsr : (j + step) * bsr])
-    return masks[:, :out_h]
+    # rows, block by block from slices of t: (bsr, kr) @ (N, kr, W)
+    out = x.new_empty((n, nbr * bsr, out_w), dtype=x.dtype if threshold is None else torch.bool)
+    for j, s in enumerate(starts_r):
+        band = torch.matmul(w_r[j], t[:, s : s + kr])
+        if threshold is None:
+            out[:, j * bsr : (j + 1) * bsr] = band
+        else:
+            torch.gt(band, threshold, out=out[:, j * bsr : (j + 1) * bsr])
+    return out[:, :out_h]
 
 
 # ---------------------------------------------------------------------------- fast decoding
