@@ -85,7 +85,10 @@ def test_matching_known_counts():
     assert (dup["tp75"], dup["fp75"]) == (1, 1)
     # nothing to find and nothing found is perfect
     empty = matching_metrics(np.zeros((5, 5), np.int32), [])
-    assert empty["ap50"] == 1.0 and empty["recall50"] == 1.0
+    assert empty["ap50"] == 1.0 and empty["recall50"] == 1.0 and empty["precision50"] == 1.0
+    # predicting nothing on an image with objects is not precise
+    none = matching_metrics(gt, [])
+    assert (none["ap50"], none["precision50"], none["recall50"]) == (0.0, 0.0, 0.0)
 
 
 def test_match_counts_low_threshold_is_one_to_one():

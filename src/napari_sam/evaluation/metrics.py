@@ -15,7 +15,9 @@ Definitions (per image; ``t`` is an IoU threshold):
   ``t = 0.50, 0.55, ..., 0.95``.
 * precision ``TP / (TP + FP)``, recall ``TP / (TP + FN)``, F1
   ``2 TP / (2 TP + FP + FN)``.
-* When a denominator is 0 (no objects and no predictions) the value is 1.
+* An image with no objects and no predictions scores 1 everywhere. A score
+  whose denominator is 0 otherwise is 0 (precision of an empty prediction on
+  an image with objects, recall of predictions on an image without objects).
 
 Scores over a dataset are means over images (as in DSB 2018).
 """
@@ -111,8 +113,11 @@ def match_counts(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
     return tp, n_pred - tp, n_gt - tp
 
 
-def _ratio(num: float, den: float) -> float:
-    return 1.0 if den == 0 else num / den
+def _ratio(num: float, den: float, perfect: bool = True) -> float:
+    """``num / den``; when ``den`` is 0: 1 if ``perfect`` (nothing was expected) else 0."""
+    if den == 0:
+        return 1.0 if perfect else 0.0
+    return num / den
 
 
 def matching_metrics(
@@ -132,8 +137,8 @@ def matching_metrics(
         name = f"{round(100 * t)}"
         out[f"ap{name}"] = _ratio(tp, tp + fp + fn)
         if t in thresholds:
-            out[f"precision{name}"] = _ratio(tp, tp + fp)
-            out[f"recall{name}"] = _ratio(tp, tp + fn)
+            out[f"precision{name}"] = _ratio(tp, tp + fp, perfect=fn == 0)
+            out[f"recall{name}"] = _ratio(tp, tp + fn, perfect=fp == 0)
             out[f"f1_{name}"] = _ratio(2 * tp, 2 * tp + fp + fn)
             out[f"tp{name}"], out[f"fp{name}"], out[f"fn{name}"] = float(tp), float(fp), float(fn)
     out["ap_dsb"] = float(np.mean([out[f"ap{round(100 * t)}"] for t in DSB_THRESHOLDS]))
