@@ -575,6 +575,7 @@ def _apply_resize(
 # ---------------------------------------------------------------------------- fast decoding
 
 _UPSCALE_CHUNK = 512  # embedding-grid cells per chunk in _FastDecoder._upscale
+_UPDATE_CHUNK = 1 << 17  # elements per chunk in _image_update
 
 
 class _FastDecoder:
@@ -798,7 +799,7 @@ def _image_update(
     a_t = a.transpose(1, 2)
     new = keys.new_empty((b, n, c))
     new_pe = keys.new_empty((b, n, c))
-    step = max(16, (1 << 17) // (b * c))
+    step = max(16, _UPDATE_CHUNK // (b * c))
     for s in range(0, n, step):
         z = torch.baddbmm(bias, a_t[:, s : s + step], vo)
         z += keys[:, s : s + step]
