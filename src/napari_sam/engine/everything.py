@@ -741,8 +741,26 @@ class _FastDecoder:
         o = o + attn.v_proj.bias.view(h, d)
         return attn.out_proj(o.reshape(b, t, ci))
 
+    @staticmethod
+    def _t2i_pe(attn, q_in, keys, pe) -> torch.Tensor:
+        """Like :meth:`_t2i` with keys ``keys + pe``, without forming that sum: the pe part
+        of the logits, ``(q W_k) pe^T``, is one product for all prompts (cheap for few
+        tokens)."""
+        b, t, c = q_in.shape
+        h = attn.num_heads
+        ci = attn.q_proj.out_features
+        d = ci // h
+        q = (attn.q_proj(q_in) * (d**-0.5)).view(b, t, h, d)
+        qk = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(h, d, c))
+        qk = qk.reshape(b, h * t, c)
+        a = torch.baddbmm(qk @ pe.t(), qk, keys.transpose(1, 2)).softmax(dim=-1)
+        r = torch.bmm(a, keys).view(b, h, t, c)
+        o = torch.einsum("bhtc,hdc->bthd", r, attn.v_proj.weight.view(h, d, c))
+        o = o + attn.v_proj.bias.view(h, d)
+        return attn.out_proj(o.reshape(b, t, ci))
+
     def _i2t(self, attn, kp, k_in, v_in, keys) -> torch.Tensor:
-        """``keys + image-to-token attention`` with queries ``kp`` (before the norm)."""
+        """``keys + image-to-token attention`` with queries ``kp`` (before the norm), in place."""
         b, t, c = k_in.shape
         h = attn.num_heads
         d = attn.q_proj.out_features // h
@@ -753,32 +771,39 @@ class _FastDecoder:
         n = kp.shape[1]
         a = _softmax_short_(s.view(b, n, h, t)).view(b, n, h * t)
         vo = self._fold_out(attn, attn.v_proj(v_in).view(b, t, h, d))
-        return torch.baddbmm(keys, a, vo)
+        return keys.baddbmm_(a, vo)  # the caller's keys are not needed any more
 
     # ------------------------------------------------------------------ decoding
 
     def run(
-        self, sparse: torch.Tensor, sub_batch: int = 8
+        self, sparse: torch.Tensor, sub_batch: int = 16
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor], int]]:
         """(B, Np, C) sparse prompt tokens -> IoU predictions (B, num_mask_tokens) and a state.
 
-        Prompts go through the transformer ``sub_batch`` at a time: the (b, N, C)
-        temporaries of a few prompts stay in the CPU caches, which is faster than
-        streaming those of the whole batch through memory for every step.
+        Only the IoU token goes through the final token-to-image attention here;
+        the mask tokens follow in :meth:`masks`, for the prompts that need them
+        (each token attends on its own, so this is exact). Prompts go through
+        the transformer ``sub_batch`` at a time to bound memory.
         """
         if self._img is None:
             raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
-        queries, keys = [], []
+        queries, keys, iou_tokens = [], [], []
         for s in range(0, sparse.shape[0], sub_batch):
-            q, k = self._transformer(sparse[s : s + sub_batch])
+            q, k, qpe = self._transformer(sparse[s : s + sub_batch])
+            iou_tokens.append(self._final(q[:, :1], qpe[:, :1], k))
             queries.append(q)
             keys.append(k)
-        queries = torch.cat(queries)
-        iou = self.dec.iou_prediction_head(queries[:, 0])
-        return iou, (queries, keys, sub_batch)
+        iou = self.dec.iou_prediction_head(torch.cat(iou_tokens)[:, 0])
+        return iou, (torch.cat(queries), keys, sub_batch)
 
-    def _transformer(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-way transformer: tokens (b, T, C) and image tokens (b, N, C)."""
+    def _final(self, queries: torch.Tensor, qpe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Final token-to-image attention + norm for (b, t, C) tokens against (b, N, C) keys."""
+        tr = self.tr
+        out = self._t2i_pe(tr.final_attn_token_to_image, queries + qpe, keys, self._img["pe"])
+        return tr.norm_final_attn(queries + out)
+
+    def _transformer(self, sparse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The two-way attention blocks: tokens (b, T, C), image tokens (b, N, C), token pe."""
         img = self._img
         dec, tr = self.dec, self.tr
         b = sparse.shape[0]
@@ -808,10 +833,7 @@ class _FastDecoder:
                 keys = layer.norm4(self._i2t(layer.cross_attn_image_to_token, kp,
                                              queries + qpe, queries, keys))
                 del kp
-        kp = keys + pe
-        out = self._t2i(tr.final_attn_token_to_image, queries + qpe, kp, keys)
-        del kp
-        return tr.norm_final_attn(queries + out), keys
+        return queries, keys, qpe
 
     def masks(
         self,
@@ -838,18 +860,21 @@ class _FastDecoder:
         tok_pos = torch.full((dec.num_mask_tokens,), -1, dtype=torch.long)
         tok_pos[toks] = torch.arange(len(toks))
         col = tok_pos[token_idx.cpu()].to(token_idx.device)
-        q_sel = queries[uniq]
-        hyper = torch.stack(
-            [dec.output_hypernetworks_mlps[k](q_sel[:, 1 + k]) for k in toks], dim=2
-        )  # (U, C/8, K)
+        tok_rows = torch.tensor([1 + k for k in toks], device=queries.device)
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         out = queries.new_empty(prompt_idx.numel(), 4 * eh, 4 * ew)
         for s in range(0, uniq.numel(), chunk):
             e = min(s + chunk, uniq.numel())
             keys = torch.stack([key_parts[p // sub][p % sub] for p in uniq[s:e].tolist()])
+            q = queries[uniq[s:e]][:, tok_rows]
+            q = self._final(q, out_tokens[tok_rows][None].expand(e - s, -1, -1), keys)
+            hyper = torch.stack(
+                [dec.output_hypernetworks_mlps[k](q[:, j]) for j, k in enumerate(toks)], dim=2
+            )  # (P, C/8, K)
             x = F.linear(keys, w1, b1).view(e - s, -1, 4, c4)
             x = act1(F.layer_norm(x, (c4,), ln.weight, ln.bias, ln.eps))
             y = act2(F.linear(x, w2, b2)).view(e - s, -1, c8)  # (P, N*16, C/8)
-            m = torch.bmm(y, hyper[s:e])  # (P, N*16, K), order (y, x, ky1, kx1, ky2, kx2)
+            m = torch.bmm(y, hyper)  # (P, N*16, K), order (y, x, ky1, kx1, ky2, kx2)
             rows = torch.nonzero((inv >= s) & (inv < e)).flatten()
             m = m[inv[rows] - s, :, col[rows]]  # (R, N*16)
             m = m.view(-1, eh, ew, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
