@@ -60,9 +60,15 @@ def test_subprocess_help_version_and_usage_errors():
     assert res.returncode == 2 and "--prompts" in res.stderr
 
 
-@pytest.mark.skipif(shutil.which("napari-sam") is None, reason="console script not installed")
+def _console_script() -> str | None:
+    """The installed `napari-sam` script: beside this interpreter (a venv), else on PATH."""
+    beside = Path(sys.executable).with_name("napari-sam")
+    return str(beside) if beside.is_file() else shutil.which("napari-sam")
+
+
+@pytest.mark.skipif(_console_script() is None, reason="console script not installed")
 def test_console_script_entry_point():
-    res = subprocess.run(["napari-sam", "models", "list", "--json"], capture_output=True,
+    res = subprocess.run([_console_script(), "models", "list", "--json"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0
     assert "vit_b" in [m["name"] for m in json.loads(res.stdout)]
