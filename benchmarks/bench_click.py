@@ -12,6 +12,12 @@ checks that the masks agree.
     python benchmarks/bench_click.py [--model vit_b] [--shape 1200 1600] [--repeats 30]
                                      [--threads N] [--fake-embedding]
 
+On a busy machine, OpenMP's default of spinning idle worker threads turns
+CPU contention into stalls of seconds per call for both sides; the benchmark
+therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set
+(it is printed with the results; ``OMP_WAIT_POLICY=ACTIVE`` reproduces the
+default).
+
 ``--fake-embedding`` skips the encoders and gives both sides the same random
 (1, 256, 64, 64) features (the click latency does not depend on them).
 
@@ -30,8 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
           f"multimask, full-resolution masks; {args.repeats} timed calls each")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print()
     print("| side | set_image (s) | click median (ms) | click min (ms) |")
