@@ -404,3 +404,30 @@ def test_points_on_the_last_pixel_are_inside(predictor):
 def test_errors_are_value_errors(predictor):
     with pytest.raises(ValueError):
         predictor.predict()
+
+
+def test_results_do_not_share_reused_scratch_memory(predictor):
+    first = predictor.predict(points=[[30, 45]])
+    saved = Prediction(*(a.copy() for a in first))
+    predictor.predict(points=[[5, 80], [50, 10]], labels=[1, 0], box=[0, 0, 59, 89])
+    predictor.predict(points=[[[1, 1]], [[20, 20]]])  # batched: other scratch shapes
+    for a, b in zip(first, saved, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_predictions_on_one_predictor(predictor):
+    prompts = [[[10 + 4 * i, 20 + 6 * i]] for i in range(6)]
+    expected = [predictor.predict(points=pt).logits for pt in prompts]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = predictor.predict(points=prompts[i]).logits
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(6):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-6)

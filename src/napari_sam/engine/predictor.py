@@ -21,6 +21,7 @@ the resize chain applied as one banded matrix product per axis.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -85,6 +86,8 @@ class Predictor:
         self._dense_pe: torch.Tensor | None = None
         self._fast = _FastDecoder(model.mask_decoder) if _FastDecoder.supports(model) else None
         self._context: dict | None = None
+        self._post_work: dict = {}  # scratch tensors of _postprocess
+        self._lock = threading.Lock()
         self.reset_image()
 
     @property
@@ -290,7 +293,8 @@ class Predictor:
         if (coords_xy is None) != (labels is None):
             raise InvalidInputError("coords_xy and labels must be given together.")
         model = self.model
-        with torch.inference_mode():
+        # one prediction at a time: the decoder and postprocessing reuse scratch tensors
+        with self._lock, torch.inference_mode():
             points = (coords_xy, labels) if coords_xy is not None else None
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes_xy, masks=mask_input)
             if self._fast is not None:
@@ -316,7 +320,7 @@ class Predictor:
                 threshold = None if return_logits else float(model.mask_threshold)
                 masks = _postprocess(
                     low_res, self.transform.target_length, self.input_size, self.original_size,
-                    threshold=threshold,
+                    threshold=threshold, work=self._post_work,
                 )
         return masks, iou, low_res
 
@@ -461,6 +465,7 @@ def _postprocess(
     input_size: tuple[int, int],
     original_size: tuple[int, int],
     threshold: float | None = None,
+    work: dict | None = None,
 ) -> torch.Tensor:
     """(B, C, L, L) logits -> (B, C, H, W) logits, like the reference postprocessing.
 
@@ -479,7 +484,8 @@ def _postprocess(
     b, c, low_h, low_w = low_res.shape
     plan_rows = _resize_plan(low_h, target_length, int(input_size[0]), int(original_size[0]))
     plan_cols = _resize_plan(low_w, target_length, int(input_size[1]), int(original_size[1]))
-    out = _apply_resize(low_res.reshape(b * c, low_h, low_w), plan_rows, plan_cols, threshold)
+    x = low_res.reshape(b * c, low_h, low_w)
+    out = _apply_resize(x, plan_rows, plan_cols, threshold, work)
     return out.view(b, c, *out.shape[-2:])
 
 
@@ -546,10 +552,11 @@ def _apply_resize(
     plan_rows: tuple[tuple[int, ...], torch.Tensor, int],
     plan_cols: tuple[tuple[int, ...], torch.Tensor, int],
     threshold: float | None = None,
+    work: dict | None = None,
 ) -> torch.Tensor:
     """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns; bool
     ``> threshold`` when a threshold is given (then the full-size float logits
-    never exist at once)."""
+    never exist at once). ``work`` (a dict) keeps scratch tensors between calls."""
     n, low_h, _ = x.shape
     starts_c, w_c, out_w = plan_cols
     starts_r, w_r, out_h = plan_rows
@@ -559,8 +566,11 @@ def _apply_resize(
     # columns, all blocks at once: (nbc, N*Lh, kc) @ (nbc, kc, bsc)
     idx_c = (torch.tensor(starts_c)[:, None] + torch.arange(kc)).reshape(-1).to(x.device)
     g = x.index_select(2, idx_c).view(n * low_h, nbc, kc).transpose(0, 1)
-    t = torch.bmm(g, w_c.transpose(1, 2))
-    t = t.permute(1, 0, 2).reshape(n, low_h, nbc * bsc)[..., :out_w]
+    t_blocks = _scratch(work, "cols", (nbc, n * low_h, bsc), x)
+    torch.bmm(g, w_c.transpose(1, 2), out=t_blocks)
+    t = _scratch(work, "rows_in", (n, low_h, nbc * bsc), x)
+    t.view(n * low_h, nbc, bsc).copy_(t_blocks.transpose(0, 1))
+    t = t[..., :out_w]
     # rows, block by block from slices of t: (bsr, kr) @ (N, kr, W)
     out = x.new_empty((n, nbr * bsr, out_w), dtype=x.dtype if threshold is None else torch.bool)
     for j, s in enumerate(starts_r):
@@ -570,6 +580,17 @@ def _apply_resize(
         else:
             torch.gt(band, threshold, out=out[:, j * bsr : (j + 1) * bsr])
     return out[:, :out_h]
+
+
+def _scratch(work: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor):
+    """A scratch tensor from ``work`` (reused when the shape matches), or a new one."""
+    if work is None:
+        return like.new_empty(shape)
+    key = (name, like.device, like.dtype)
+    buf = work.get(key)
+    if buf is None or buf.shape != shape:
+        buf = work[key] = like.new_empty(shape)
+    return buf
 
 
 # ---------------------------------------------------------------------------- fast decoding
@@ -602,6 +623,13 @@ class _FastDecoder:
 
     def __init__(self, decoder: torch.nn.Module) -> None:
         self.dec = decoder
+        # Scratch tensors reused between calls: fresh multi-MB allocations cost
+        # page faults (about 1 us per 4 KiB page), a noticeable part of a click.
+        self._work: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable scratch tensor (contents undefined)."""
+        return _scratch(self._work, name, shape, like)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -675,6 +703,7 @@ class _FastDecoder:
         prompt is not the no-mask embedding (mask prompts).
 
         Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
+        Not thread-safe (scratch tensors are reused); the Predictor serialises calls.
         """
         dec = self.dec
         tr = dec.transformer
@@ -704,7 +733,9 @@ class _FastDecoder:
                 a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
             else:
                 a, vo = _i2t(i2t, keys_pe, queries + qpe, queries)
-            keys, keys_pe = _image_update(i2t, a, vo, keys, layer.norm4, p)
+            shape = (a.shape[0], a.shape[2], vo.shape[2])
+            out = (self._buffer(f"keys{i % 2}", shape, vo), self._buffer(f"kpe{i % 2}", shape, vo))
+            keys, keys_pe = _image_update(i2t, a, vo, keys, layer.norm4, p, out)
         attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
         hs = tr.norm_final_attn(queries + attn)
 
@@ -730,15 +761,18 @@ class _FastDecoder:
         # masks (B, M, L*16), columns ordered (i, j, a, b, a2, b2) for the output pixel
         # (4i + 2a + a2, 4j + 2b + b2). Done in chunks of grid cells so the
         # intermediates stay in cache (markedly faster than whole-tensor ops).
-        masks = keys.new_empty((b, m, n * 16))
+        masks = self._buffer("upscale", (b, m, n * 16), keys)
         for i in range(b):
             for s in range(0, n, _UPSCALE_CHUNK):
                 y = torch.addmm(bias1, keys[i, s : s + _UPSCALE_CHUNK], w1).view(-1, c4)
                 y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
                 y = F.gelu(torch.addmm(bias2, y, w2)).view(-1, c8)
                 torch.mm(hyper[i], y.t(), out=masks[i, :, 16 * s : 16 * (s + _UPSCALE_CHUNK)])
-        masks = masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        return masks.reshape(b, m, 4 * eh, 4 * ew)
+        result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
+        result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(
+            masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        )
+        return result
 
 
 def _head_weights(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
@@ -786,19 +820,20 @@ def _image_update(
     keys: torch.Tensor,
     norm: torch.nn.Module,
     pe: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish an image -> token attention block: ``keys' = norm(keys + a^T vo + bias)``.
 
     a (B, H*T, L) attention, vo (B, H*T, C) (:func:`_projected_values`), keys
-    (B|1, L, C), pe (1, L, C). Returns keys' and keys' + pe, both (B, L, C).
-    Runs in chunks of rows so the intermediates stay in cache.
+    (B|1, L, C), pe (1, L, C). Returns keys' and keys' + pe, both (B, L, C),
+    written to ``out`` if given (must not alias ``keys``). Runs in chunks of
+    rows so the intermediates stay in cache.
     """
     b, _, n = a.shape
     c = vo.shape[-1]
     bias = attn.out_proj.bias.view(1, 1, c)
     a_t = a.transpose(1, 2)
-    new = keys.new_empty((b, n, c))
-    new_pe = keys.new_empty((b, n, c))
+    new, new_pe = out if out is not None else (keys.new_empty((b, n, c)), keys.new_empty((b, n, c)))
     step = max(16, _UPDATE_CHUNK // (b * c))
     for s in range(0, n, step):
         z = torch.baddbmm(bias, a_t[:, s : s + step], vo)
