@@ -23,6 +23,7 @@ at mask IoU >= 0.95.
 
     python benchmarks/bench_everything.py [--model vit_b] [--points-per-side 32]
         [--sets default,lowered] [--encoder-depth N]   # N: shallower encoder, for quick runs
+        [--weights default|PATH]   # trained weights (the embedded model): real masks survive
 
 Needs the reference package ``segment-anything`` (a test dependency); the
 torchvision it imports is replaced by the stand-ins in ``tests/stubs``.
@@ -62,11 +63,22 @@ def load_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[4:516, 92:604])
 
 
-def build_models(model: str, encoder_depth: int | None):
+def build_models(model: str, encoder_depth: int | None, weights: str | None = None):
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "stubs")]
     from napari_sam.models.build import MODEL_CONFIGS, build_sam
     from reference_utils import make_reference_sam
 
+    if weights is not None:  # trained weights (e.g. the embedded default model) on both sides
+        from napari_sam.models import zoo
+        from napari_sam.models.checkpoint import load_state_dict
+
+        path = zoo.embedded_weights_path() if weights == "default" else Path(weights)
+        state, cfg = load_state_dict(path)
+        ours = build_sam(cfg).eval()
+        ours.load_state_dict(state)
+        ref = make_reference_sam(cfg)
+        ref.load_state_dict(state)
+        return ours, ref.eval()
     cfg = MODEL_CONFIGS[model]
     if encoder_depth is not None:
         enc = dataclasses.replace(
@@ -143,11 +155,17 @@ def main() -> None:
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--sets", default="default,lowered")
     ap.add_argument("--encoder-depth", type=int, default=None)
+    ap.add_argument(
+        "--weights",
+        default=None,
+        help="trained weights for both sides: 'default' (the embedded model) or a checkpoint "
+        "with its config (our safetensors); replaces --model's random weights",
+    )
     ap.add_argument("--image", default=str(DATA / f"{IMAGE_ID}.png"))
     args = ap.parse_args()
 
     image = load_image(Path(args.image))
-    ours_model, ref_model = build_models(args.model, args.encoder_depth)
+    ours_model, ref_model = build_models(args.model, args.encoder_depth, args.weights)
     rows = []
     for name in args.sets.split(","):
         params = dict(PARAMS[name], points_per_side=args.points_per_side)
@@ -164,7 +182,9 @@ def main() -> None:
 
     depth = "" if args.encoder_depth is None else f", encoder depth {args.encoder_depth}"
     print()
-    print(f"Everything-mode, {args.model}{depth} (random weights), 512 x 512 image, "
+    what = f"{args.model}{depth} (random weights)" if args.weights is None else (
+        f"trained weights {args.weights}")
+    print(f"Everything-mode, {what}, 512 x 512 image, "
           f"points_per_side={args.points_per_side}; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print()

@@ -420,3 +420,46 @@ def test_focal_ramp_and_cli_arguments():
     assert set(vars(args)) <= names
     built = TrainConfig(**vars(args))
     assert (built.data, built.steps, built.freeze_encoder, built.lr) == ("d", 5, True, 1e-4)
+
+
+def test_object_windows_and_windowed_losses():
+    from napari_sam.training.losses import object_windows
+
+    t = torch.zeros(2, 32, 32)
+    t[0, 10:14, 20:24] = 1  # 4 x 4 object centred at (11.5, 21.5)
+    w = object_windows(t, 3.0, min_side=1)
+    rows = torch.nonzero(w[0].any(1)).flatten()
+    cols = torch.nonzero(w[0].any(0)).flatten()
+    # 3 x its 4-pixel box about the centre: |i - 11.5| <= 6
+    assert (rows.min().item(), rows.max().item()) == (6, 17)
+    assert (cols.min().item(), cols.max().item()) == (16, 27)
+    assert w[1].all()  # empty target: the whole map
+    # errors outside the window do not count
+    logits = t * 40 - 20
+    logits[0, 0, 0] = 20.0  # a false positive far away
+    full = focal_loss(logits, t, alpha=-1)[0]
+    windowed = focal_loss(logits, t, alpha=-1, window=w)[0]
+    assert full > 1e-3 and windowed < 1e-6
+    assert dice_loss(logits, t, window=w)[0] < 1e-6 < dice_loss(logits, t)[0]
+    out = sam_loss(logits[:, None], torch.ones(2, 1), t, window=w)
+    assert out.iou[0] < 1.0  # IoU is over the whole map
+
+
+def test_loss_window_schedule_and_cli():
+    import argparse
+
+    from napari_sam.training.loop import add_train_arguments
+
+    cfg = TrainConfig(loss_window=3.0, loss_window_steps=10)
+    assert cfg.loss_kwargs(0)["loss_window"] == 3.0
+    assert cfg.loss_kwargs(10)["loss_window"] == 0.0
+    assert cfg.loss_kwargs()["loss_window"] == 0.0  # validation: whole map
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["d", "--loss-window", "3", "--loss-window-steps", "7", "--scale-range", "1", "3",
+         "--cache-images"]
+    )
+    built = TrainConfig(**vars(args))
+    assert (built.loss_window, built.loss_window_steps) == (3.0, 7)
+    assert tuple(built.scale_range) == (1.0, 3.0) and built.cache_images

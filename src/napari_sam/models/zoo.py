@@ -290,6 +290,17 @@ def _missing_embedded(path: Path) -> ModelNotFoundError:
     )
 
 
+def available_devices() -> list[str]:
+    """Device names usable here, for pickers: ``cpu``, then ``cuda`` and ``mps`` if available."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """Pick a torch device: the given one, or CUDA > MPS > CPU when None."""
     if device is None:

@@ -44,7 +44,7 @@ from napari_sam.errors import CancelledError, CheckpointError, InvalidInputError
 
 from .augment import AugmentConfig
 from .datasets import InstanceDataset, Sample
-from .losses import SamLoss, sam_loss, soft_targets
+from .losses import SamLoss, object_windows, sam_loss, soft_targets
 from .prompts import (
     boxes_from_masks,
     correction_points,
@@ -107,6 +107,11 @@ class TrainConfig:
     # ramp the focal weight linearly from 0 over the first N steps (0: off). Small objects
     # (nuclei) otherwise push a model trained from scratch into predicting empty masks first.
     focal_ramp_steps: int = 0
+    # curriculum for small objects trained from scratch: for the first
+    # ``loss_window_steps`` steps the mask losses count only a window of
+    # ``loss_window`` x each object's box (0: off, SAM's whole-map loss)
+    loss_window: float = 0.0
+    loss_window_steps: int = 0
     full_view_prob: float = 0.5
     scale_range: tuple[float, float] = (0.5, 2.0)
     augment: bool = True
@@ -124,12 +129,16 @@ class TrainConfig:
         ramp = 1.0
         if step is not None and self.focal_ramp_steps > 0:
             ramp = min(1.0, step / self.focal_ramp_steps)
+        window = 0.0
+        if step is not None and self.loss_window > 0 and step < self.loss_window_steps:
+            window = self.loss_window
         return {
             "focal_weight": self.focal_weight * ramp,
             "dice_weight": self.dice_weight,
             "iou_weight": self.iou_weight,
             "focal_alpha": self.focal_alpha,
             "focal_gamma": self.focal_gamma,
+            "loss_window": window,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -378,6 +387,10 @@ def run_rounds(
         raise InvalidInputError(f"first must be 'point' or 'box', got {first!r}")
     image_pe = model.prompt_encoder.get_dense_pe()
     emb = embeddings.index_select(0, objects.image_index)
+    loss_kwargs = dict(loss_kwargs or {})
+    factor = float(loss_kwargs.pop("loss_window", 0.0) or 0.0)
+    if factor > 0:
+        loss_kwargs["window"] = object_windows(objects.target, factor)
     mask_input = None
     out = []
     for r in range(rounds):
@@ -401,7 +414,7 @@ def run_rounds(
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        loss = sam_loss(logits, iou_pred, objects.target, **(loss_kwargs or {}))
+        loss = sam_loss(logits, iou_pred, objects.target, **loss_kwargs)
         if backward_scale is not None:
             (loss.total * backward_scale).backward()
         chosen = logits.detach()[torch.arange(M), loss.best]
@@ -728,6 +741,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "min_area",
         "focal_ramp_steps",
         "decoder_chunk",
+        "loss_window_steps",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in (
@@ -742,8 +756,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "iou_weight",
         "focal_alpha",
         "focal_gamma",
+        "loss_window",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    parser.add_argument(
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=d.scale_range,
+        metavar=("MIN", "MAX"),
+        help="zoom range of random crops (1 = native resolution)",
+    )
     parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=d.schedule)
     parser.add_argument(
         "--point-mode", choices=("uniform", "center", "interior"), default=d.point_mode

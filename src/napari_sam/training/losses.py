@@ -24,11 +24,23 @@ import torch.nn.functional as F
 
 from napari_sam.errors import InvalidInputError
 
-__all__ = ["SamLoss", "dice_loss", "focal_loss", "mask_iou", "sam_loss", "soft_targets"]
+__all__ = [
+    "SamLoss",
+    "dice_loss",
+    "focal_loss",
+    "mask_iou",
+    "object_windows",
+    "sam_loss",
+    "soft_targets",
+]
 
 
 def focal_loss(
-    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    window: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sigmoid focal loss, averaged over the last two (pixel) dimensions.
 
@@ -36,6 +48,7 @@ def focal_loss(
       logits: (..., H, W) mask logits.
       targets: (..., H, W) targets in [0, 1] (soft targets allowed).
       alpha: weight of positives (``1 - alpha`` for negatives); < 0 disables.
+      window: optional (..., H, W) 0/1 map (broadcastable): average over it only.
 
     Returns:
       (...) per-mask loss.
@@ -46,20 +59,33 @@ def focal_loss(
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss.mean(dim=(-2, -1))
+    if window is None:
+        return loss.mean(dim=(-2, -1))
+    window = window.expand_as(loss)
+    return (loss * window).sum(dim=(-2, -1)) / window.sum(dim=(-2, -1)).clamp(min=1)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    eps: float = 1.0,
+    window: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Soft Dice loss ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` per mask.
 
     Arguments:
       logits: (..., H, W) mask logits (``p = sigmoid(logits)``).
       targets: (..., H, W) targets in [0, 1].
+      window: optional (..., H, W) 0/1 map (broadcastable): sums over it only.
 
     Returns:
       (...) per-mask loss.
     """
-    prob = torch.sigmoid(logits).flatten(-2)
+    prob = torch.sigmoid(logits)
+    if window is not None:
+        prob = prob * window
+        targets = targets * window
+    prob = prob.flatten(-2)
     targets = targets.flatten(-2)
     inter = (prob * targets).sum(-1)
     return 1 - (2 * inter + eps) / (prob.sum(-1) + targets.sum(-1) + eps)
@@ -91,6 +117,33 @@ def soft_targets(masks: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(x.unsqueeze(1), side // size).squeeze(1)
 
 
+def object_windows(targets: torch.Tensor, factor: float, min_side: int = 8) -> torch.Tensor:
+    """(K, h, w) targets -> (K, h, w) float 0/1 windows around each object.
+
+    Each window is the object's bounding box scaled by ``factor`` about its
+    centre (each side at least ``min_side`` pixels), clipped to the map. An
+    empty target gives the whole map.
+    """
+    K, h, w = targets.shape
+    fg = targets > 0
+    rows, cols = fg.any(2), fg.any(1)
+    ar_h = torch.arange(h, device=targets.device, dtype=torch.float32)
+    ar_w = torch.arange(w, device=targets.device, dtype=torch.float32)
+
+    def span(any_: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        big = ar.numel()
+        lo = torch.where(any_, ar, torch.full_like(ar, big)).amin(1)
+        hi = torch.where(any_, ar, torch.full_like(ar, -1)).amax(1)
+        centre, half = (lo + hi) / 2, ((hi - lo + 1) * factor).clamp(min=min_side) / 2
+        empty = hi < lo
+        inside = (ar[None] - centre[:, None]).abs() <= half[:, None]
+        return inside | empty[:, None], empty
+
+    in_r, _ = span(rows, ar_h)
+    in_c, _ = span(cols, ar_w)
+    return (in_r[:, :, None] & in_c[:, None, :]).float()
+
+
 @dataclasses.dataclass
 class SamLoss:
     """Result of :func:`sam_loss`.
@@ -120,6 +173,7 @@ def sam_loss(
     iou_weight: float = 1.0,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    window: torch.Tensor | None = None,
 ) -> SamLoss:
     """SAM's loss for C mask outputs per object.
 
@@ -128,14 +182,18 @@ def sam_loss(
       iou_pred: (K, C) predicted IoUs.
       targets: (K, h, w) targets in [0, 1] (see :func:`soft_targets`).
       focal_alpha, focal_gamma: see :func:`focal_loss`.
+      window: optional (K, h, w) 0/1 maps (:func:`object_windows`): the mask
+        losses count only these pixels (a curriculum for small objects; the
+        reported IoU is always over the whole map).
 
     Returns:
       :class:`SamLoss`; only the lowest-loss mask of each object contributes
       to the mask loss, every output to the IoU loss.
     """
     t = targets.unsqueeze(1).expand_as(mask_logits)
-    focal = focal_loss(mask_logits, t, focal_alpha, focal_gamma)
-    dice = dice_loss(mask_logits, t)
+    win = None if window is None else window.unsqueeze(1)
+    focal = focal_loss(mask_logits, t, focal_alpha, focal_gamma, win)
+    dice = dice_loss(mask_logits, t, window=win)
     per_mask = focal_weight * focal + dice_weight * dice  # (K, C)
     best = per_mask.detach().argmin(1)
     rows = torch.arange(mask_logits.shape[0])

@@ -26,18 +26,9 @@ CUSTOM_PREFIX = "file: "
 
 def available_devices() -> list[str]:
     """``auto`` plus the torch devices usable here (``cpu``, ``cuda``, ``mps``)."""
-    devices = ["auto", "cpu"]
-    try:  # torch is imported lazily: it is already loaded once a model is
-        import torch
+    from napari_sam.models.zoo import available_devices as torch_devices
 
-        if torch.cuda.is_available():
-            devices.append("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            devices.append("mps")
-    except Exception:  # pragma: no cover - a broken torch install still lists cpu
-        pass
-    return devices
+    return ["auto", *torch_devices()]
 
 
 def model_names() -> list[str]:
