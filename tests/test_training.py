@@ -454,6 +454,10 @@ def test_loss_window_schedule_and_cli():
     assert cfg.loss_kwargs(0)["loss_window"] == 3.0
     assert cfg.loss_kwargs(10)["loss_window"] == 0.0
     assert cfg.loss_kwargs()["loss_window"] == 0.0  # validation: whole map
+    grow = TrainConfig(loss_window=2.0, loss_window_steps=10, loss_window_end=32.0)
+    assert grow.loss_kwargs(0)["loss_window"] == 2.0
+    assert grow.loss_kwargs(5)["loss_window"] == pytest.approx(8.0)  # geometric
+    assert grow.loss_kwargs(10)["loss_window"] == 0.0
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args(

@@ -109,9 +109,11 @@ class TrainConfig:
     focal_ramp_steps: int = 0
     # curriculum for small objects trained from scratch: for the first
     # ``loss_window_steps`` steps the mask losses count only a window of
-    # ``loss_window`` x each object's box (0: off, SAM's whole-map loss)
+    # ``loss_window`` x each object's box (0: off, SAM's whole-map loss); with
+    # ``loss_window_end`` > 0 the factor grows geometrically to it over those steps
     loss_window: float = 0.0
     loss_window_steps: int = 0
+    loss_window_end: float = 0.0
     full_view_prob: float = 0.5
     scale_range: tuple[float, float] = (0.5, 2.0)
     augment: bool = True
@@ -132,6 +134,9 @@ class TrainConfig:
         window = 0.0
         if step is not None and self.loss_window > 0 and step < self.loss_window_steps:
             window = self.loss_window
+            if self.loss_window_end > 0:
+                t = step / self.loss_window_steps
+                window = self.loss_window * (self.loss_window_end / self.loss_window) ** t
         return {
             "focal_weight": self.focal_weight * ramp,
             "dice_weight": self.dice_weight,
@@ -757,6 +762,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "focal_alpha",
         "focal_gamma",
         "loss_window",
+        "loss_window_end",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     parser.add_argument(
