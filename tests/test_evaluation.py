@@ -253,3 +253,6 @@ def test_evaluate_cli_arguments():
         False,
         5,
     )
+    # everything-mode options are the CLI's; only the given ones reach the generator
+    args = parser.parse_args(["d", "--crop-n-layers", "1", "--pred-iou-thresh", "0.8"])
+    assert (args.crop_n_layers, args.pred_iou_thresh, args.points_per_side) == (1, 0.8, None)

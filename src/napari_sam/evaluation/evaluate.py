@@ -238,19 +238,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-box", dest="box", action="store_false")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--min-area", type=int, default=10)
-    parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+    from napari_sam.cli import GENERATOR_OPTIONS  # lazy: the CLI imports this module
+
+    g = parser.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
+    for option, _key, typ, default, text in GENERATOR_OPTIONS:
+        g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
+                       help=f"{text} (default: {default:g})")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
-    kwargs = {
-        "points_per_side": args.points_per_side,
-        "pred_iou_thresh": args.pred_iou_thresh,
-        "stability_score_thresh": args.stability_score_thresh,
-    }
+    from napari_sam.cli import GENERATOR_OPTIONS
+
+    kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
+              if getattr(args, key, None) is not None}
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
