@@ -277,6 +277,9 @@ def test_save_and_load_safetensors(tmp_path):
     sam = build_random_sam(cfg, seed=1)
     path = save_model(sam, tmp_path / "m.safetensors", extra_metadata={"note": "hello"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["note"] == "hello"

@@ -334,3 +334,25 @@ def test_evaluate_runs_through_the_cli(tiny_model_path, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("napari-sam: error: ") and "does not exist" in err
     assert main(["evaluate", "--bogus"]) == 2
+
+
+def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, capsys):
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+    from napari_sam.engine.io import read_labels as read
+    from napari_sam.models.zoo import load_model, recommended_everything_settings
+    from napari_sam.sample_data import nuclei
+
+    img = np.asarray(nuclei()[0][0])[:160, :200]
+    Image.fromarray(img).save(tmp_path / "crop.png")
+    out = tmp_path / "crop_labels.tif"
+    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out),
+                 "--points-per-side", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "recommended settings pred_iou_thresh=0.6, stability_score_thresh=0.85" in err
+    kw = dict(recommended_everything_settings("default"), points_per_side=8)
+    want = records_to_labels(AutomaticMaskGenerator(load_model(), **kw).generate(img), img.shape)
+    np.testing.assert_array_equal(read(out), want)
+    # an option given on the command line wins
+    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out), "--overwrite",
+                 "--points-per-side", "8", "--pred-iou-thresh", "0.99"]) == 0
+    assert read(out).max() == 0

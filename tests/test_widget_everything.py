@@ -179,3 +179,18 @@ def test_device_change_keeps_a_model_given_as_object(make_napari_viewer, tiny_sa
     widget.run()
     assert widget.wait(TIMEOUT)
     assert widget.last_error is None and widget.result_layer is not None
+
+
+def test_recommended_thresholds_follow_the_model(make_napari_viewer):
+    from napari_sam.models.zoo import recommended_everything_settings
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    rec = recommended_everything_settings("default")
+    assert rec == {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.85}
+    assert {k: widget.params[k] for k in rec} == pytest.approx(rec)  # the default model
+    widget.set_model("vit_b")  # official SAM: the official defaults
+    assert (widget.params["pred_iou_thresh"], widget.params["stability_score_thresh"]) == (
+        pytest.approx(0.88), pytest.approx(0.95))
+    widget.set_model("default")
+    assert {k: widget.params[k] for k in rec} == pytest.approx(rec)

@@ -325,9 +325,12 @@ def _cmd_models_list(args: argparse.Namespace, console: _Console) -> int:
     for name in zoo.list_models():
         info = zoo.model_info(name)
         path = _model_local_path(zoo, name, args.cache_dir)
+        size_mb = float(info.size_mb)
+        if not info.url and path.is_file():  # embedded: its file size
+            size_mb = path.stat().st_size / 2**20
         rows.append({
             "name": name,
-            "size_mb": float(info.size_mb),
+            "size_mb": size_mb,
             "cached": path.is_file(),
             "path": str(path),
             "description": info.description,
@@ -473,6 +476,13 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
         raise _UsageError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
               if getattr(args, key) is not None}
+    recommended = _zoo().recommended_everything_settings(args.model)
+    for key, value in recommended.items():
+        kwargs.setdefault(key, value)
+    if recommended:
+        shown = ", ".join(f"{k}={v:g}" for k, v in recommended.items())
+        console.info(f"model {args.model or 'default'}: recommended settings {shown} "
+                     "(options given on the command line win)")
 
     def progress(n: int, total: int, path: Path, status: str) -> None:
         console.info(f"[{n}/{total}] {status}: {path}")

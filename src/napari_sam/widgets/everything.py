@@ -171,6 +171,7 @@ class SegmentEverythingWidget(QWidget):
         life = self._life
         self.destroyed.connect(lambda *_: life.update(closed=True))
         self._build_ui()
+        self._apply_recommended(self.model_picker.name or DEFAULT_MODEL)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         active = self.viewer.layers.selection.active
@@ -284,6 +285,7 @@ class SegmentEverythingWidget(QWidget):
             self._model = None
             self._instance_label = None
             self.model_picker.show_model(str(model))
+            self._apply_recommended(str(model))
         else:
             if device is not None and hasattr(model, "to"):
                 model = model.to(device)
@@ -295,6 +297,15 @@ class SegmentEverythingWidget(QWidget):
         if self._model is not None and name == self._instance_label:
             return  # the same object; it is moved to the chosen device on Run
         self._model = None  # loaded (in the worker) on the next run
+        self._apply_recommended(name)
+
+    def _apply_recommended(self, name: str) -> None:
+        """Set the thresholds a zoo model recommends (the official defaults otherwise)."""
+        from napari_sam.models.zoo import recommended_everything_settings
+
+        recommended = recommended_everything_settings(name)
+        for key in ("pred_iou_thresh", "stability_score_thresh"):
+            self.param_widgets[key].setValue(recommended.get(key, PARAMS[key][1]))
 
     # ------------------------------------------------------------------- run
 
