@@ -22,7 +22,7 @@ fraction of reference masks matched by one of ours from the same prompt point
 at mask IoU >= 0.95.
 
     python benchmarks/bench_everything.py [--model vit_b] [--points-per-side 32]
-        [--sets default,lowered] [--encoder-depth N]   # N: shallower encoder, for quick runs
+        [--sets default,lowered,recommended] [--encoder-depth N]   # N: shallower encoder
         [--weights default|PATH]   # trained weights (the embedded model): real masks survive
 
 Needs the reference package ``segment-anything`` (a test dependency); the
@@ -54,6 +54,15 @@ PARAMS = {
         box_nms_thresh=1.0,
     ),
 }
+
+
+def params_for(name: str) -> dict:
+    """A parameter set by name; ``recommended``: the embedded default model's thresholds."""
+    if name == "recommended":
+        from napari_sam.models.zoo import recommended_everything_settings
+
+        return recommended_everything_settings("default")
+    return PARAMS[name]
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -168,7 +177,7 @@ def main() -> None:
     ours_model, ref_model = build_models(args.model, args.encoder_depth, args.weights)
     rows = []
     for name in args.sets.split(","):
-        params = dict(PARAMS[name], points_per_side=args.points_per_side)
+        params = dict(params_for(name), points_per_side=args.points_per_side)
         with torch.inference_mode():
             ours, o_emb, o_gen, o_cpu = run_ours(ours_model, image, params)
         print(f"[{name}] ours: embed {o_emb:.1f}s, masks {o_gen:.1f}s (cpu {o_cpu:.1f}s), "

@@ -256,3 +256,16 @@ def test_evaluate_cli_arguments():
     # everything-mode options are the CLI's; only the given ones reach the generator
     args = parser.parse_args(["d", "--crop-n-layers", "1", "--pred-iou-thresh", "0.8"])
     assert (args.crop_n_layers, args.pred_iou_thresh, args.points_per_side) == (1, 0.8, None)
+
+
+def test_box_prompt_of_one_pixel_thin_object(tiny_sam):
+    """A one-pixel-wide object has a zero-area tight box: it gets one pixel of extent."""
+    from napari_sam.engine.predictor import Predictor
+
+    lab = np.zeros((48, 64), np.int32)
+    lab[10:30, 20] = 1  # a vertical line, 1 pixel wide
+    lab[35:40, 40:50] = 2
+    image = (lab > 0).astype(np.uint8) * 200
+    res = evaluate_image_interactive(Predictor(tiny_sam), image, lab, n_clicks=0, min_area=5)
+    assert res["ids"].tolist() == [1, 2]
+    assert np.isfinite(res["box_iou"]).all()

@@ -431,3 +431,26 @@ def test_concurrent_predictions_on_one_predictor(predictor):
         th.join()
     for i in range(6):
         np.testing.assert_allclose(results[i], expected[i], atol=1e-6)
+
+
+def test_few_prompt_decodes_use_one_thread_and_restore_the_count(monkeypatch):
+    import torch
+
+    from napari_sam.engine import predictor as P
+
+    seen = []
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    with P._threads_for_clicks(1):
+        seen.append("inside")
+    assert calls == [1, 2]  # one thread for a click, then the count is restored
+    calls.clear()
+    with P._threads_for_clicks(P.SINGLE_THREAD_MAX_BATCH + 1):
+        pass
+    assert calls == []  # large batches keep every thread
+    with pytest.raises(RuntimeError), P._threads_for_clicks(1):
+        raise RuntimeError("boom")
+    assert calls == [1, 2]  # restored on errors too
+    assert seen == ["inside"] and before >= 1

@@ -21,7 +21,9 @@ the resize chain applied as one banded matrix product per axis.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -293,8 +295,11 @@ class Predictor:
         if (coords_xy is None) != (labels is None):
             raise InvalidInputError("coords_xy and labels must be given together.")
         model = self.model
+        batch = next(
+            (int(t.shape[0]) for t in (coords_xy, boxes_xy, mask_input) if t is not None), 1
+        )
         # one prediction at a time: the decoder and postprocessing reuse scratch tensors
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), _threads_for_clicks(batch):
             points = (coords_xy, labels) if coords_xy is not None else None
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes_xy, masks=mask_input)
             if self._fast is not None:
@@ -773,6 +778,32 @@ class _FastDecoder:
             masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         )
         return result
+
+
+#: prompt batches up to this size decode on one thread (see :func:`_threads_for_clicks`)
+SINGLE_THREAD_MAX_BATCH = 4
+
+
+@contextlib.contextmanager
+def _threads_for_clicks(batch: int) -> Iterator[None]:
+    """Run a few-prompt decode on one intra-op thread, then restore the thread count.
+
+    The decoder's operations on one or a few prompts are small (tens of
+    microseconds each): splitting them over threads costs more in
+    synchronisation than it gains. Measured on 2 cores: a click with the
+    embedded model 6.2 ms on 1 thread vs 13.3 ms on 2; with ViT-B 45 vs 49 ms.
+    Only the calling thread's pool is affected (OpenMP thread counts are per
+    thread); large prompt batches keep every thread.
+    """
+    n = torch.get_num_threads()
+    if n == 1 or batch > SINGLE_THREAD_MAX_BATCH:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _head_weights(linear: torch.nn.Linear, heads: int) -> torch.Tensor:

@@ -250,9 +250,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
     from napari_sam.cli import GENERATOR_OPTIONS
+    from napari_sam.models.zoo import recommended_everything_settings
 
     kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
               if getattr(args, key, None) is not None}
+    recommended = recommended_everything_settings(args.model)
+    for key, value in recommended.items():
+        kwargs.setdefault(key, value)  # as `napari-sam everything` does
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)

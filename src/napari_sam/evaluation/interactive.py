@@ -15,7 +15,8 @@ debris, and one click cannot be placed meaningfully):
   previous low-res logits fed back as ``mask_input``, ``multimask=False``.
   An object already segmented perfectly gets no more clicks and keeps IoU 1.
 * **box**: the tight box of the object (inclusive ``(row0, col0, row1,
-  col1)``), ``multimask=False`` (as SAM does for boxes).
+  col1)``; one pixel wider for objects one pixel thin, whose tight box has no
+  area), ``multimask=False`` (as SAM does for boxes).
 
 IoUs are computed at the original image resolution. Everything works with any
 predictor that has ``set_image(image)`` and the batched
@@ -111,6 +112,9 @@ def evaluate_image_interactive(
         if box:
             xyxy = boxes_from_masks(torch.from_numpy(gt)).numpy()
             boxes = xyxy[:, [1, 0, 3, 2]]  # (row0, col0, row1, col1)
+            # a one-pixel-thin object has a zero-area tight box, which the predictor
+            # rejects: give it one pixel of extent
+            boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
             pred = predictor.predict(box=boxes, multimask=False)
             box_iou[chunk] = masks_iou(np.asarray(pred.masks)[:, 0].astype(bool), gt)
     return {"ids": ids, "area": areas, "point_iou": point_iou, "box_iou": box_iou}
