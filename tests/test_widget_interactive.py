@@ -321,3 +321,38 @@ def test_device_change_keeps_a_model_given_as_object(make_napari_viewer, tiny_sa
     assert widget.wait_for_embedding(TIMEOUT)
     _click(widget, 30, 25)
     assert widget.preview is not None
+
+
+def test_default_model_on_the_sample_click_a_nucleus_and_commit(make_napari_viewer):
+    """The user story: open the sample, (default model), click a nucleus, commit it."""
+    from scipy import ndimage
+
+    from napari_sam.sample_data import nuclei
+
+    viewer = make_napari_viewer()
+    (data, kwargs), = nuclei()
+    layer = viewer.add_image(data, **kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    assert widget.model_picker.name == "default"
+    assert widget.image_layer is layer
+    assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
+    from PIL import Image
+
+    from napari_sam.models import zoo
+
+    truth = np.asarray(Image.open(zoo.embedded_weights_path().parent.parent / "data"
+                                  / "nuclei_labels.png")).astype(np.int64)
+    ids, counts = np.unique(truth[truth > 0], return_counts=True)
+    ious = []
+    for n, i in enumerate(ids[np.argsort(counts)[::-1][:5]], start=1):  # the 5 largest nuclei
+        target = truth == i
+        dist = ndimage.distance_transform_edt(target)
+        r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        _click(widget, r, c)
+        assert widget.preview is not None
+        ious.append((widget.preview & target).sum() / (widget.preview | target).sum())
+        assert widget.commit() == n
+        assert not widget.points_layer.data.size  # prompts cleared for the next object
+        assert (widget.labels_layer.data == n).any()
+    # measured 0.50 (default model, this held-out image); a random model gets about 0
+    assert np.mean(ious) >= 0.4, ious
