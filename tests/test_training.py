@@ -467,3 +467,27 @@ def test_loss_window_schedule_and_cli():
     built = TrainConfig(**vars(args))
     assert (built.loss_window, built.loss_window_steps) == (3.0, 7)
     assert tuple(built.scale_range) == (1.0, 3.0) and built.cache_images
+
+
+def test_fine_tune_a_checkpoint_with_frozen_encoder(tmp_path, tiny_sam_config):
+    """``init`` loads a checkpoint; ``freeze_encoder`` trains the prompt side only."""
+    from safetensors.torch import load_file
+
+    from napari_sam.models.build import build_sam
+    from napari_sam.models.checkpoint import save_model
+
+    write_dataset(tmp_path / "data", n=4, size=64)
+    torch.manual_seed(3)
+    start = save_model(build_sam(tiny_sam_config), tmp_path / "start.safetensors")
+    cfg = _config(tmp_path, tiny_sam_config, steps=3, val_ids=None, init=str(start),
+                  freeze_encoder=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train(cfg)
+    before, after = load_file(str(start)), load_file(str(out))
+    assert before.keys() == after.keys()
+    enc = [k for k in before if k.startswith("image_encoder.")]
+    dec = [k for k in before if k.startswith("mask_decoder.")]
+    assert enc and dec
+    assert all(torch.equal(before[k], after[k]) for k in enc)  # frozen
+    assert any(not torch.equal(before[k], after[k]) for k in dec)  # fine-tuned
