@@ -98,13 +98,10 @@ def main(argv: list[str] | None = None) -> None:
 
     make_reference_sam, SamPredictor = _reference_modules()
     if args.weights is not None:
-        from napari_sam.models import zoo
-        from napari_sam.models.checkpoint import load_state_dict
+        from napari_sam.models.zoo import load_model
 
-        path = zoo.embedded_weights_path() if args.weights == "default" else Path(args.weights)
-        state, cfg = load_state_dict(path)
-        ours_model = build_sam(cfg).eval()
-        ours_model.load_state_dict(state)
+        ours_model = load_model(args.weights, device="cpu")  # "default" or a checkpoint path
+        cfg = ours_model.config
         what = f"weights {args.weights}"
     else:
         cfg = MODEL_CONFIGS[args.model]

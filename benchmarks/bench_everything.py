@@ -78,15 +78,11 @@ def build_models(model: str, encoder_depth: int | None, weights: str | None = No
     from reference_utils import make_reference_sam
 
     if weights is not None:  # trained weights (e.g. the embedded default model) on both sides
-        from napari_sam.models import zoo
-        from napari_sam.models.checkpoint import load_state_dict
+        from napari_sam.models.zoo import load_model
 
-        path = zoo.embedded_weights_path() if weights == "default" else Path(weights)
-        state, cfg = load_state_dict(path)
-        ours = build_sam(cfg).eval()
-        ours.load_state_dict(state)
-        ref = make_reference_sam(cfg)
-        ref.load_state_dict(state)
+        ours = load_model(weights, device="cpu")  # "default" or a checkpoint path
+        ref = make_reference_sam(ours.config)
+        ref.load_state_dict(ours.state_dict())
         return ours, ref.eval()
     cfg = MODEL_CONFIGS[model]
     if encoder_depth is not None:

@@ -38,6 +38,18 @@ def sample():
     return image, labels
 
 
+@pytest.fixture(scope="module")
+def reference_default():
+    """The reference ``segment_anything`` Sam holding the shipped weights (eval mode)."""
+    pytest.importorskip("segment_anything")
+    from reference_utils import make_reference_sam
+
+    state, config = load_state_dict(zoo.embedded_weights_path())
+    ref = make_reference_sam(config)
+    ref.load_state_dict(state, strict=True)
+    return ref.eval()
+
+
 def _innermost(mask: np.ndarray) -> tuple[int, int]:
     from scipy import ndimage
 
@@ -109,21 +121,16 @@ def test_default_model_box_prompts(default_model, sample):
 
 
 @pytest.mark.reference
-def test_default_model_matches_reference(default_model, sample):
-    pytest.importorskip("segment_anything")
+def test_default_model_matches_reference(default_model, reference_default, sample):
     from segment_anything import SamPredictor
 
     from napari_sam.engine.image import to_rgb_uint8
-    from reference_utils import make_reference_sam
 
-    state, config = load_state_dict(zoo.embedded_weights_path())
-    ref = make_reference_sam(config)
-    ref.load_state_dict(state, strict=True)
     image, labels = sample
     image = image[:300, :260]  # non-square
     ours = Predictor(default_model)
     ours.set_image(image)
-    theirs = SamPredictor(ref.eval())
+    theirs = SamPredictor(reference_default)
     theirs.set_image(to_rgb_uint8(image), image_format="RGB")
     emb_ours, emb_ref = ours.features, theirs.features
     assert torch.allclose(emb_ours, emb_ref, atol=1e-4 * float(emb_ref.abs().max()))
@@ -152,22 +159,16 @@ def test_default_model_matches_reference(default_model, sample):
 
 
 @pytest.mark.reference
-def test_default_model_everything_matches_reference(default_model, sample):
+def test_default_model_everything_matches_reference(default_model, reference_default, sample):
     """Everything-mode with the shipped weights: same masks as SamAutomaticMaskGenerator."""
-    pytest.importorskip("segment_anything")
     from segment_anything import SamAutomaticMaskGenerator
 
     from napari_sam.engine.everything import AutomaticMaskGenerator
-    from reference_utils import make_reference_sam
-    from test_everything_equivalence import _compare
-
-    state, config = load_state_dict(zoo.embedded_weights_path())
-    ref = make_reference_sam(config)
-    ref.load_state_dict(state, strict=True)
     from napari_sam.engine.image import to_rgb_uint8
+    from test_everything_equivalence import _compare
 
     image = to_rgb_uint8(sample[0][:220, :300])
     kw = dict(points_per_side=12, **zoo.recommended_everything_settings("default"))
     ours = AutomaticMaskGenerator(default_model, **kw).generate(image)
-    theirs = SamAutomaticMaskGenerator(ref.eval(), **kw).generate(image)
+    theirs = SamAutomaticMaskGenerator(reference_default, **kw).generate(image)
     _compare(ours, theirs, min_count=5)

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from napari_sam import __version__
 from napari_sam.errors import ModelNotFoundError, NapariSamError
 
-__all__ = ["GENERATOR_OPTIONS", "build_parser", "main"]
+__all__ = ["GENERATOR_OPTIONS", "add_generator_options", "build_parser", "generator_kwargs", "main"]
 
 PROG = "napari-sam"
 
@@ -58,6 +58,32 @@ GENERATOR_OPTIONS: tuple[tuple[str, str, type, Any, str], ...] = (
     ("--min-mask-region-area", "min_mask_region_area", int, 0,
      "remove holes and islands smaller than this many pixels (0: off)"),
 )
+
+
+def add_generator_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add :data:`GENERATOR_OPTIONS` to ``parser`` as a group (default None: not given)."""
+    g = parser.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
+    for option, _key, typ, default, text in GENERATOR_OPTIONS:
+        g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
+                       help=f"{text} (default: {default:g})")
+    return g
+
+
+def generator_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
+    """AutomaticMaskGenerator keywords from options parsed with :func:`add_generator_options`.
+
+    The options given, then, for the others, the settings that ``args.model``
+    recommends (:func:`~napari_sam.models.zoo.recommended_everything_settings`).
+    Returns the keywords and the recommended settings.
+    """
+    from napari_sam.models.zoo import recommended_everything_settings
+
+    kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
+              if getattr(args, key, None) is not None}
+    recommended = recommended_everything_settings(args.model)
+    for key, value in recommended.items():
+        kwargs.setdefault(key, value)
+    return kwargs, recommended
 
 
 class _Console:
@@ -198,10 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tif: uint32 label image (stacks ok); png: 16-bit label image (2D); "
                         "coco: COCO JSON with RLE masks (default: tif, or from --out's suffix)")
     _model_options(p)
-    g = p.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
-    for option, _key, typ, default, text in GENERATOR_OPTIONS:
-        g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
-                       help=f"{text} (default: {default:g})")
+    g = add_generator_options(p)
     g.add_argument("--tile-size", type=_positive_int, default=None, metavar="PX",
                    help="split images larger than PX pixels into overlapping tiles "
                         "(default: no tiling)")
@@ -474,11 +497,7 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
                           "--scheduler (start workers with 'dask worker' instead)")
     if args.tile_overlap < 0:
         raise _UsageError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
-    kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
-              if getattr(args, key) is not None}
-    recommended = _zoo().recommended_everything_settings(args.model)
-    for key, value in recommended.items():
-        kwargs.setdefault(key, value)
+    kwargs, recommended = generator_kwargs(args)
     if recommended:
         shown = ", ".join(f"{k}={v:g}" for k, v in recommended.items())
         console.info(f"model {args.model or 'default'}: recommended settings {shown} "

@@ -239,24 +239,16 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--min-area", type=int, default=10)
     parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
-    from napari_sam.cli import GENERATOR_OPTIONS  # lazy: the CLI imports this module
+    from napari_sam.cli import add_generator_options  # lazy: the CLI imports this module
 
-    g = parser.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
-    for option, _key, typ, default, text in GENERATOR_OPTIONS:
-        g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
-                       help=f"{text} (default: {default:g})")
+    add_generator_options(parser)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
-    from napari_sam.cli import GENERATOR_OPTIONS
-    from napari_sam.models.zoo import recommended_everything_settings
+    from napari_sam.cli import generator_kwargs
 
-    kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
-              if getattr(args, key, None) is not None}
-    recommended = recommended_everything_settings(args.model)
-    for key, value in recommended.items():
-        kwargs.setdefault(key, value)  # as `napari-sam everything` does
+    kwargs, _ = generator_kwargs(args)  # the model's recommended settings, as `everything` does
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)

@@ -307,13 +307,17 @@ def _missing_embedded(path: Path) -> ModelNotFoundError:
     )
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def available_devices() -> list[str]:
     """Device names usable here, for pickers: ``cpu``, then ``cuda`` and ``mps`` if available."""
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if _mps_available():
         devices.append("mps")
     return devices
 
@@ -323,8 +327,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -335,10 +338,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InvalidInputError(f"device {device!r} requested but MPS is not available")
+    if dev.type == "mps" and not _mps_available():
+        raise InvalidInputError(f"device {device!r} requested but MPS is not available")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InvalidInputError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'mps'")
     return dev

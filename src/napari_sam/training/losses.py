@@ -124,23 +124,21 @@ def object_windows(targets: torch.Tensor, factor: float, min_side: int = 8) -> t
     centre (each side at least ``min_side`` pixels), clipped to the map. An
     empty target gives the whole map.
     """
-    K, h, w = targets.shape
+    h, w = targets.shape[1:]
     fg = targets > 0
     rows, cols = fg.any(2), fg.any(1)
     ar_h = torch.arange(h, device=targets.device, dtype=torch.float32)
     ar_w = torch.arange(w, device=targets.device, dtype=torch.float32)
 
-    def span(any_: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        big = ar.numel()
-        lo = torch.where(any_, ar, torch.full_like(ar, big)).amin(1)
+    def span(any_: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
+        """(K, n) rows/cols holding the object -> (K, n) inside its scaled extent."""
+        lo = torch.where(any_, ar, torch.full_like(ar, ar.numel())).amin(1)
         hi = torch.where(any_, ar, torch.full_like(ar, -1)).amax(1)
         centre, half = (lo + hi) / 2, ((hi - lo + 1) * factor).clamp(min=min_side) / 2
         empty = hi < lo
-        inside = (ar[None] - centre[:, None]).abs() <= half[:, None]
-        return inside | empty[:, None], empty
+        return ((ar[None] - centre[:, None]).abs() <= half[:, None]) | empty[:, None]
 
-    in_r, _ = span(rows, ar_h)
-    in_c, _ = span(cols, ar_w)
+    in_r, in_c = span(rows, ar_h), span(cols, ar_w)
     return (in_r[:, :, None] & in_c[:, None, :]).float()
 
 
