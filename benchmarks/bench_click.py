@@ -20,11 +20,14 @@ this is the check of the default model's targets (embedding <= 0.3 s, click
 embedding cache is bypassed, so every run computes the embedding) and reports
 the median.
 
-On a busy machine, OpenMP's default of spinning idle worker threads turns
-CPU contention into stalls of seconds per call for both sides; the benchmark
-therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set
-(it is printed with the results; ``OMP_WAIT_POLICY=ACTIVE`` reproduces the
-default).
+OpenMP's wait policy matters here. By default (``OMP_WAIT_POLICY`` unset, as
+in a user's napari session) idle OpenMP threads spin briefly before sleeping,
+which makes multi-threaded small operations cheap on a quiet machine; the
+benchmark leaves it so. On a busy machine spinning threads compete with other
+jobs, and ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_click.py`` gives
+steadier figures (our predictor then decodes few prompts on one thread, see
+``napari_sam.engine.predictor._threads_for_clicks``). The policy is printed
+with the results.
 
 ``--fake-embedding`` skips the encoders and gives both sides the same random
 (1, 256, 64, 64) features (the click latency does not depend on them).
@@ -44,10 +47,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 

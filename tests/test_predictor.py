@@ -438,6 +438,7 @@ def test_few_prompt_decodes_use_one_thread_and_restore_the_count(monkeypatch):
 
     from napari_sam.engine import predictor as P
 
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     seen = []
     before = torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -454,3 +455,12 @@ def test_few_prompt_decodes_use_one_thread_and_restore_the_count(monkeypatch):
         raise RuntimeError("boom")
     assert calls == [1, 2]  # restored on errors too
     assert seen == ["inside"] and before >= 1
+    calls.clear()
+    for policy in ("ACTIVE", ""):  # threads that spin before sleeping: keep them all
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        with P._threads_for_clicks(1):
+            pass
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    with P._threads_for_clicks(1):
+        pass
+    assert calls == []

@@ -22,6 +22,7 @@ the resize chain applied as one banded matrix product per axis.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from functools import lru_cache
@@ -741,12 +742,18 @@ class _FastDecoder:
             shape = (a.shape[0], a.shape[2], vo.shape[2])
             out = (self._buffer(f"keys{i % 2}", shape, vo), self._buffer(f"kpe{i % 2}", shape, vo))
             keys, keys_pe = _image_update(i2t, a, vo, keys, layer.norm4, p, out)
+        # Only the IoU token and the selected mask tokens are read after the final
+        # attention, so only they attend (the prompt tokens' outputs are unused).
+        sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
+        used = [0] + [1 + i for i in sel]
+        queries, qpe = queries[:, used], qpe[:, used]
         attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
         hs = tr.norm_final_attn(queries + attn)
 
-        sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
         iou = dec.iou_prediction_head(hs[:, 0])[:, sel]
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in sel], 1)
+        hyper = torch.stack(
+            [dec.output_hypernetworks_mlps[i](hs[:, 1 + k]) for k, i in enumerate(sel)], 1
+        )
         return self._upscale(keys, hyper, ctx["grid"]), iou
 
     def _upscale(
@@ -780,23 +787,33 @@ class _FastDecoder:
         return result
 
 
-#: prompt batches up to this size decode on one thread (see :func:`_threads_for_clicks`)
+#: prompt batches up to this size decode on one thread under a passive OpenMP
+#: wait policy (see :func:`_threads_for_clicks`)
 SINGLE_THREAD_MAX_BATCH = 4
+
+
+def _openmp_threads_sleep() -> bool:
+    """True when ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep at once."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 @contextlib.contextmanager
 def _threads_for_clicks(batch: int) -> Iterator[None]:
-    """Run a few-prompt decode on one intra-op thread, then restore the thread count.
+    """Under a passive OpenMP wait policy, run a few-prompt decode on one intra-op
+    thread, then restore the thread count.
 
     The decoder's operations on one or a few prompts are small (tens of
-    microseconds each): splitting them over threads costs more in
-    synchronisation than it gains. Measured on 2 cores: a click with the
-    embedded model 6.2 ms on 1 thread vs 13.3 ms on 2; with ViT-B 45 vs 49 ms.
-    Only the calling thread's pool is affected (OpenMP thread counts are per
-    thread); large prompt batches keep every thread.
+    microseconds each). With the default policy idle OpenMP threads spin for a
+    moment before sleeping, so splitting even small operations over threads
+    pays. With ``OMP_WAIT_POLICY=PASSIVE`` every parallel region wakes sleeping
+    threads, which costs more than it gains. Measured on 2 cores (ViT-B click at
+    1200 x 1600 / embedded model at 512 x 512): default policy, 2 threads 22 /
+    4.6 ms vs 1 thread 38 / 6.4 ms; passive policy, 2 threads 45 / 10.9 ms vs
+    1 thread 38 / 6.3 ms. Only the calling thread's pool is affected (OpenMP
+    thread counts are per thread); large prompt batches keep every thread.
     """
     n = torch.get_num_threads()
-    if n == 1 or batch > SINGLE_THREAD_MAX_BATCH:
+    if n == 1 or batch > SINGLE_THREAD_MAX_BATCH or not _openmp_threads_sleep():
         yield
         return
     torch.set_num_threads(1)
@@ -862,14 +879,14 @@ def _image_update(
     """
     b, _, n = a.shape
     c = vo.shape[-1]
-    bias = attn.out_proj.bias.view(1, 1, c)
+    # Each head's attention sums to 1 over the tokens, so a^T (vo + bias / H) =
+    # a^T vo + bias: the bias rides along in the matrix product.
+    vo = vo + attn.out_proj.bias.view(1, 1, c) / attn.num_heads
     a_t = a.transpose(1, 2)
     new, new_pe = out if out is not None else (keys.new_empty((b, n, c)), keys.new_empty((b, n, c)))
     step = max(16, _UPDATE_CHUNK // (b * c))
     for s in range(0, n, step):
-        z = torch.baddbmm(bias, a_t[:, s : s + step], vo)
-        z += keys[:, s : s + step]
-        z = norm(z)
+        z = norm(torch.baddbmm(keys[:, s : s + step], a_t[:, s : s + step], vo))
         new[:, s : s + step] = z
         torch.add(z, pe[:, s : s + step], out=new_pe[:, s : s + step])
     return new, new_pe
