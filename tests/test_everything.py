@@ -63,12 +63,19 @@ def test_fast_decoder_matches_mask_decoder(depth):
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low, iou = model.mask_decoder(feats, pe, sparse, dense, multimask_output=True)
         fd.prepare(feats, pe)
-        iou_fast, state = fd.run(sparse, sub_batch=4)
-        torch.testing.assert_close(iou_fast[:, 1:], iou, atol=1e-5, rtol=1e-4)
-        b = torch.tensor([0, 0, 5, 10, 7, 7, 7])
-        k = torch.tensor([0, 2, 1, 0, 0, 1, 2])
-        out = fd.masks(state, b, k + 1, chunk=2)
-        torch.testing.assert_close(out, low[b, k], atol=1e-5, rtol=1e-4)
+        chosen = torch.zeros(11, 3, dtype=torch.bool)
+        chosen[[0, 0, 5, 10, 7, 7, 7], [0, 2, 1, 0, 0, 1, 2]] = True
+        offset = 0
+
+        def select(iou_sub):  # sub-batches of 4 prompts arrive in order
+            nonlocal offset
+            offset += len(iou_sub)
+            return chosen[offset - len(iou_sub) : offset]
+
+        iou_fast, low_fast = fd.decode(sparse, select, sub_batch=4)
+        assert offset == 11
+        torch.testing.assert_close(iou_fast, iou, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(low_fast, low[chosen], atol=1e-5, rtol=1e-4)
 
 
 def test_fast_decoder_refuses_unknown_structure():

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_sam.engine import masks as M
 from napari_sam.engine.image import to_rgb_uint8
-from napari_sam.engine.predictor import Predictor
+from napari_sam.engine.predictor import Predictor, upscale_masks
+from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "records_to_labels"]
@@ -285,30 +285,40 @@ class AutomaticMaskGenerator:
         data["masks"] = [(m, (y0, x0)) for m in data["masks"]]
         return data
 
-    def _decode(self, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, Callable]:
-        """IoU predictions (B, 3) and a function (prompt idx, output idx) -> low-res logits."""
+    def _decode(self, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
+        """Decode a batch of point prompts.
+
+        Returns the IoU predictions (B, 3) of the multimask outputs, the flat
+        indices (prompt * 3 + output) of the outputs that pass
+        ``pred_iou_thresh``, and their low-res logits (S, 4E, 4E).
+        """
         coords = torch.as_tensor(model_xy, device=dev)[:, None, :]  # float64, like the reference
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=dev)
+
+        def select(iou: torch.Tensor) -> torch.Tensor:
+            if self.pred_iou_thresh > 0.0:
+                return iou > self.pred_iou_thresh
+            return torch.ones_like(iou, dtype=torch.bool)
+
         if self._decoder is not None:
             sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            iou, state = self._decoder.run(sparse)
-            return iou[:, 1:], lambda b, k: self._decoder.masks(state, b, k + 1)
-        _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True, upscale=False)
-        return iou, lambda b, k: low[b, k]
+            iou, low = self._decoder.decode(sparse, select)
+        else:
+            _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True,
+                                                       upscale=False)
+            low = low[select(iou)]
+        cand = torch.nonzero(select(iou).flatten()).flatten()
+        return iou, cand, low
 
     def _process_batch(self, pts, model_xy, crop_box, orig_size, thr, dev):
         """Decode one batch of prompts -> filtered masks (crop frame) and their data."""
-        iou, get_low = self._decode(model_xy, dev)
+        iou, cand, low = self._decode(model_xy, dev)
         n_out = iou.shape[1]
         flat_iou = iou.reshape(-1)
-        cand = torch.arange(flat_iou.numel(), device=flat_iou.device)
-        if self.pred_iou_thresh > 0.0:
-            cand = cand[flat_iou > self.pred_iou_thresh]
         empty = _empty_data()
         if cand.numel() == 0:
             return empty
-        b_idx, k_idx = cand // n_out, cand % n_out
-        low = get_low(b_idx, k_idx)  # (S, L, L)
+        b_idx = cand // n_out
 
         p = self.predictor
         if self.stability_score_thresh > 0.0:
@@ -586,297 +596,84 @@ def _stability_upper_bound(
 # ----------------------------------------------------------------------------- fast decoder
 
 
-def _softmax_short_(x: torch.Tensor) -> torch.Tensor:
-    """In-place softmax over a short last axis (a few prompt tokens).
-
-    ``Tensor.softmax`` is slow when rows are only a handful of elements long;
-    three vectorised passes are faster.
-    """
-    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-    return x.div_(x.sum(dim=-1, keepdim=True))
-
-
-def _has(obj: Any, *names: str) -> bool:
-    return all(hasattr(obj, n) for n in names)
-
-
 class _FastDecoder:
     """SAM's mask decoder evaluated for many prompt sets on one image embedding.
 
     Gives the same IoU predictions and low-res logits as
-    ``model.mask_decoder`` without a mask prompt (up to float rounding), with
-    far less work for the (B, N, C) image tokens (B prompts, N = E*E tokens):
+    ``model.mask_decoder`` without a mask prompt (up to float rounding). The
+    two-way transformer is the interactive predictor's
+    (:class:`napari_sam.engine.predictor._FastDecoder`: first-block image
+    projections computed once per image, factored cross-attention, chunked
+    image updates into reused buffers). Everything-mode then saves more:
 
-    * The first block's image tokens are the same for every prompt, so its
-      image-side q/k/v projections are computed once per image (:meth:`prepare`).
-    * Cross-attention is factored. Token-to-image attention computes
-      ``softmax((Q W_k) (K + pe)^T) K`` and applies ``W_v`` afterwards (the key
-      bias is constant along the softmax axis and drops out, attention rows sum
-      to one); image-to-token attention folds ``W_q`` into the token keys and
-      ``W_o`` into the token values. Every product with the N image tokens
-      then has width ``heads * tokens`` instead of the attention width.
-    * Mask logits are only computed on request (:meth:`masks`), for the prompts
-      whose IoU predictions pass the filter, with the transposed convolutions
-      written as matrix products on the channels-last tokens.
+    * :meth:`run` sends only the IoU token through the final token-to-image
+      attention (each token attends on its own, so this is exact);
+    * :meth:`masks` computes mask logits on request, for the prompts whose
+      IoU predictions pass the filter, one prompt at a time in cache-sized
+      chunks (:func:`~napari_sam.engine.predictor.upscale_masks`).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.dec = model.mask_decoder
-        self.tr = self.dec.transformer
         self.no_mask = model.prompt_encoder.no_mask_embed.weight
-        self._img: dict[str, torch.Tensor] | None = None
+        self._core = _CoreDecoder(self.dec)
+        self._ctx: dict | None = None
+        self._work: dict[tuple, torch.Tensor] = {}  # scratch tensors of upscale_masks
 
     @classmethod
     def build(cls, model: Any) -> _FastDecoder | None:
         """A fast decoder for ``model``, or None when its decoder has another structure."""
-        try:
-            dec = model.mask_decoder
-            tr = dec.transformer
-            ok = (
-                type(dec).__name__ == "MaskDecoder"
-                and type(tr).__name__ == "TwoWayTransformer"
-                and _has(dec, "iou_token", "mask_tokens", "output_hypernetworks_mlps",
-                         "iou_prediction_head", "num_mask_tokens", "output_upscaling")
-                and _has(tr, "layers", "final_attn_token_to_image", "norm_final_attn")
-                and len(tr.layers) > 0
-                and hasattr(model.prompt_encoder, "no_mask_embed")
-                and len(dec.output_upscaling) == 5
-            )
-            up = dec.output_upscaling
-            ok = ok and all(
-                isinstance(up[i], torch.nn.ConvTranspose2d)
-                and tuple(up[i].kernel_size) == (2, 2)
-                and tuple(up[i].stride) == (2, 2)
-                and tuple(up[i].padding) == (0, 0)
-                for i in (0, 3)
-            ) and _has(up[1], "weight", "bias", "eps")
-            attns = [tr.final_attn_token_to_image]
-            for layer in tr.layers:
-                ok = ok and _has(layer, "self_attn", "cross_attn_token_to_image", "mlp",
-                                 "cross_attn_image_to_token", "norm1", "norm2", "norm3", "norm4",
-                                 "skip_first_layer_pe")
-                attns += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
-            ok = ok and all(
-                _has(a, "q_proj", "k_proj", "v_proj", "out_proj", "num_heads")
-                and all(getattr(a, n).bias is not None for n in ("q_proj", "k_proj", "v_proj",
-                                                                  "out_proj"))
-                for a in attns
-            )
-        except (AttributeError, TypeError):
-            return None
-        return cls(model) if ok else None
-
-    # ------------------------------------------------------------------ image side
+        return cls(model) if _CoreDecoder.supports(model) else None
 
     def prepare(self, features: torch.Tensor, dense_pe: torch.Tensor) -> None:
         """Precompute the prompt-independent terms for ``features`` (1, C, E, E)."""
-        _, c, eh, ew = features.shape
-        src = features + self.no_mask.reshape(1, -1, 1, 1)
-        keys0 = src[0].reshape(c, -1).t().contiguous()  # (N, C)
-        pe = dense_pe[0].reshape(c, -1).t().contiguous()
-        kp0 = keys0 + pe
-        first = self.tr.layers[0]
-        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        self._img = {
-            "keys0": keys0,
-            "pe": pe,
-            "K0": self._heads_shared(t2i.k_proj(kp0), t2i.num_heads),
-            "V0": self._heads_shared(t2i.v_proj(keys0), t2i.num_heads),
-            "Q0": self._heads_shared(i2t.q_proj(kp0), i2t.num_heads),
-            "size": (eh, ew),
-        }
+        self._ctx = self._core.context(features, self.no_mask, dense_pe)
 
     def release(self) -> None:
-        """Drop the per-image tensors."""
-        self._img = None
+        """Drop the per-image tensors and scratch buffers."""
+        self._ctx = None
+        self._core._work.clear()
+        self._work.clear()
 
-    @staticmethod
-    def _heads_shared(x: torch.Tensor, h: int) -> torch.Tensor:
-        n, ci = x.shape
-        return x.view(n, h, ci // h).transpose(0, 1).contiguous()  # (h, N, d)
-
-    # ------------------------------------------------------------------ attention pieces
-
-    @staticmethod
-    def _fold_out(attn, v_tok: torch.Tensor) -> torch.Tensor:
-        """Token values (B, T, h, d) times out_proj -> (B, h*T, C) (bias / h added)."""
-        b, t, h, d = v_tok.shape
-        w_o = attn.out_proj.weight.t().reshape(h, d, -1)
-        vo = torch.einsum("bthd,hdc->bhtc", v_tok, w_o).reshape(b, h * t, -1)
-        return vo + attn.out_proj.bias / h
-
-    @staticmethod
-    def _t2i_shared(attn, q_in, k_heads, v_heads) -> torch.Tensor:
-        """Token-to-image attention on image tokens shared by all prompts."""
-        b, t, _ = q_in.shape
-        h, _, d = k_heads.shape
-        q = attn.q_proj(q_in) * (d**-0.5)
-        q = q.view(b, t, h, d).permute(2, 0, 1, 3).reshape(h, b * t, d)
-        a = torch.bmm(q, k_heads.transpose(1, 2)).softmax(dim=-1)  # (h, B*T, N)
-        o = torch.bmm(a, v_heads).view(h, b, t, d).permute(1, 2, 0, 3).reshape(b, t, h * d)
-        return attn.out_proj(o)
-
-    def _i2t_shared(self, attn, q_heads, k_in, v_in, resid) -> torch.Tensor:
-        """``resid + image-to-token attention`` for shared image queries (before the norm)."""
-        b, t, _ = k_in.shape
-        h, n, d = q_heads.shape
-        k = (attn.k_proj(k_in) * (d**-0.5)).view(b, t, h, d).permute(2, 3, 0, 1)
-        s = _softmax_short_(torch.bmm(q_heads, k.reshape(h, d, b * t)).view(h, n, b, t))
-        a = s.permute(2, 1, 0, 3).reshape(b, n, h * t)
-        vo = self._fold_out(attn, attn.v_proj(v_in).view(b, t, h, d))
-        return torch.baddbmm(resid.expand(b, n, -1), a, vo)
-
-    @staticmethod
-    def _t2i(attn, q_in, kp, keys) -> torch.Tensor:
-        """Token-to-image attention, keys ``kp`` = image tokens + pe, values ``keys``."""
-        b, t, c = q_in.shape
-        h = attn.num_heads
-        ci = attn.q_proj.out_features
-        d = ci // h
-        q = (attn.q_proj(q_in) * (d**-0.5)).view(b, t, h, d)
-        qk = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(h, d, c))
-        a = torch.bmm(qk.reshape(b, h * t, c), kp.transpose(1, 2)).softmax(dim=-1)
-        r = torch.bmm(a, keys).view(b, h, t, c)  # attention-weighted image tokens
-        o = torch.einsum("bhtc,hdc->bthd", r, attn.v_proj.weight.view(h, d, c))
-        o = o + attn.v_proj.bias.view(h, d)
-        return attn.out_proj(o.reshape(b, t, ci))
-
-    @staticmethod
-    def _t2i_pe(attn, q_in, keys, pe) -> torch.Tensor:
-        """Like :meth:`_t2i` with keys ``keys + pe``, without forming that sum: the pe part
-        of the logits, ``(q W_k) pe^T``, is one product for all prompts (cheap for few
-        tokens)."""
-        b, t, c = q_in.shape
-        h = attn.num_heads
-        ci = attn.q_proj.out_features
-        d = ci // h
-        q = (attn.q_proj(q_in) * (d**-0.5)).view(b, t, h, d)
-        qk = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(h, d, c))
-        qk = qk.reshape(b, h * t, c)
-        a = torch.baddbmm(qk @ pe.t(), qk, keys.transpose(1, 2)).softmax(dim=-1)
-        r = torch.bmm(a, keys).view(b, h, t, c)
-        o = torch.einsum("bhtc,hdc->bthd", r, attn.v_proj.weight.view(h, d, c))
-        o = o + attn.v_proj.bias.view(h, d)
-        return attn.out_proj(o.reshape(b, t, ci))
-
-    def _i2t(self, attn, kp, k_in, v_in, keys) -> torch.Tensor:
-        """``keys + image-to-token attention`` with queries ``kp`` (before the norm), in place."""
-        b, t, c = k_in.shape
-        h = attn.num_heads
-        d = attn.q_proj.out_features // h
-        k = (attn.k_proj(k_in) * (d**-0.5)).view(b, t, h, d)
-        m = torch.einsum("bthd,hdc->bcht", k, attn.q_proj.weight.view(h, d, c))
-        bias = torch.einsum("bthd,hd->bht", k, attn.q_proj.bias.view(h, d))
-        s = torch.baddbmm(bias.reshape(b, 1, h * t), kp, m.reshape(b, c, h * t))
-        n = kp.shape[1]
-        a = _softmax_short_(s.view(b, n, h, t)).view(b, n, h * t)
-        vo = self._fold_out(attn, attn.v_proj(v_in).view(b, t, h, d))
-        return keys.baddbmm_(a, vo)  # the caller's keys are not needed any more
-
-    # ------------------------------------------------------------------ decoding
-
-    def run(
-        self, sparse: torch.Tensor, sub_batch: int = 16
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor], int]]:
-        """(B, Np, C) sparse prompt tokens -> IoU predictions (B, num_mask_tokens) and a state.
-
-        Only the IoU token goes through the final token-to-image attention here;
-        the mask tokens follow in :meth:`masks`, for the prompts that need them
-        (each token attends on its own, so this is exact). Prompts go through
-        the transformer ``sub_batch`` at a time to bound memory.
-        """
-        if self._img is None:
-            raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
-        queries, keys, iou_tokens = [], [], []
-        for s in range(0, sparse.shape[0], sub_batch):
-            q, k, qpe = self._transformer(sparse[s : s + sub_batch])
-            iou_tokens.append(self._final(q[:, :1], qpe[:, :1], k))
-            queries.append(q)
-            keys.append(k)
-        iou = self.dec.iou_prediction_head(torch.cat(iou_tokens)[:, 0])
-        return iou, (torch.cat(queries), keys, sub_batch)
-
-    def _final(self, queries: torch.Tensor, qpe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Final token-to-image attention + norm for (b, t, C) tokens against (b, N, C) keys."""
-        tr = self.tr
-        out = self._t2i_pe(tr.final_attn_token_to_image, queries + qpe, keys, self._img["pe"])
-        return tr.norm_final_attn(queries + out)
-
-    def _transformer(self, sparse: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The two-way attention blocks: tokens (b, T, C), image tokens (b, N, C), token pe."""
-        img = self._img
-        dec, tr = self.dec, self.tr
-        b = sparse.shape[0]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens[None].expand(b, -1, -1), sparse], dim=1)
-        queries, qpe, pe = tokens, tokens, img["pe"]
-        keys = None
-        for i, layer in enumerate(tr.layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + qpe
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
-            if i == 0:
-                out = self._t2i_shared(layer.cross_attn_token_to_image, queries + qpe,
-                                       img["K0"], img["V0"])
-                queries = layer.norm2(queries + out)
-                queries = layer.norm3(queries + layer.mlp(queries))
-                keys = layer.norm4(self._i2t_shared(layer.cross_attn_image_to_token, img["Q0"],
-                                                    queries + qpe, queries, img["keys0"]))
-            else:
-                kp = keys + pe
-                out = self._t2i(layer.cross_attn_token_to_image, queries + qpe, kp, keys)
-                queries = layer.norm2(queries + out)
-                queries = layer.norm3(queries + layer.mlp(queries))
-                keys = layer.norm4(self._i2t(layer.cross_attn_image_to_token, kp,
-                                             queries + qpe, queries, keys))
-                del kp
-        return queries, keys, qpe
-
-    def masks(
+    def decode(
         self,
-        state: tuple[torch.Tensor, torch.Tensor],
-        prompt_idx: torch.Tensor,
-        token_idx: torch.Tensor,
-        chunk: int = 8,
-    ) -> torch.Tensor:
-        """Low-res logits (S, 4E, 4E): mask token ``token_idx[s]`` of prompt ``prompt_idx[s]``."""
-        queries, key_parts, sub = state
-        dec = self.dec
-        eh, ew = self._img["size"]
-        up = dec.output_upscaling
-        c1, ln, act1, c2, act2 = up[0], up[1], up[2], up[3], up[4]
-        c = queries.shape[-1]
-        c4, c8 = c1.out_channels, c2.out_channels
-        # ConvTranspose2d(k=2, s=2) = a per-token linear map to 4 sub-pixels (ky, kx, out)
-        w1 = c1.weight.permute(2, 3, 1, 0).reshape(4 * c4, c)
-        b1 = c1.bias.repeat(4)
-        w2 = c2.weight.permute(2, 3, 1, 0).reshape(4 * c8, c4)
-        b2 = c2.bias.repeat(4)
-        uniq, inv = torch.unique(prompt_idx, return_inverse=True)
-        toks = torch.unique(token_idx).tolist()
-        tok_pos = torch.full((dec.num_mask_tokens,), -1, dtype=torch.long)
-        tok_pos[toks] = torch.arange(len(toks))
-        col = tok_pos[token_idx.cpu()].to(token_idx.device)
-        tok_rows = torch.tensor([1 + k for k in toks], device=queries.device)
+        sparse: torch.Tensor,
+        select: Callable[[torch.Tensor], torch.Tensor],
+        sub_batch: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multimask decoding of (B, Np, C) sparse prompt tokens.
+
+        ``select`` maps IoU predictions (b, 3) to a bool (b, 3) of the outputs
+        whose mask logits are wanted. Returns the IoU predictions (B, 3) of the
+        multimask outputs (mask tokens 1-3) and the low-res logits (S, 4E, 4E) of
+        the selected outputs in (prompt, output) order.
+
+        Prompts go through the transformer ``sub_batch`` at a time; the mask
+        logits of a sub-batch are computed while its image tokens are at hand,
+        one prompt at a time.
+        """
+        if self._ctx is None:
+            raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
+        dec, core, grid = self.dec, self._core, self._ctx["grid"]
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        out = queries.new_empty(prompt_idx.numel(), 4 * eh, 4 * ew)
-        for s in range(0, uniq.numel(), chunk):
-            e = min(s + chunk, uniq.numel())
-            keys = torch.stack([key_parts[p // sub][p % sub] for p in uniq[s:e].tolist()])
-            q = queries[uniq[s:e]][:, tok_rows]
-            q = self._final(q, out_tokens[tok_rows][None].expand(e - s, -1, -1), keys)
-            hyper = torch.stack(
-                [dec.output_hypernetworks_mlps[k](q[:, j]) for j, k in enumerate(toks)], dim=2
-            )  # (P, C/8, K)
-            x = F.linear(keys, w1, b1).view(e - s, -1, 4, c4)
-            x = act1(F.layer_norm(x, (c4,), ln.weight, ln.bias, ln.eps))
-            y = act2(F.linear(x, w2, b2)).view(e - s, -1, c8)  # (P, N*16, C/8)
-            m = torch.bmm(y, hyper)  # (P, N*16, K), order (y, x, ky1, kx1, ky2, kx2)
-            rows = torch.nonzero((inv >= s) & (inv < e)).flatten()
-            m = m[inv[rows] - s, :, col[rows]]  # (R, N*16)
-            m = m.view(-1, eh, ew, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
-            out[rows] = m.reshape(-1, 4 * eh, 4 * ew)
-        return out
+        ious, lows = [], []
+        for s in range(0, sparse.shape[0], sub_batch):
+            q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
+            hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
+            iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
+            ious.append(iou)
+            chosen = select(iou)
+            for j in torch.nonzero(chosen.any(dim=1)).flatten().tolist():
+                mask_tokens = [1 + int(k) for k in torch.nonzero(chosen[j]).flatten()]
+                rows = [1 + m for m in mask_tokens]  # positions after the IoU token
+                hs = core.final_attention(q[j : j + 1, rows], out_tokens[rows][None],
+                                          keys[j : j + 1], keys_pe[j : j + 1])
+                hyper = torch.stack(
+                    [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
+                )[None]  # (1, K, C/8)
+                lows.append(upscale_masks(dec.output_upscaling, keys[j : j + 1], hyper, grid,
+                                          self._work)[0])
+        iou = torch.cat(ious)
+        eh, ew = grid
+        low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))
+        return iou, low

@@ -601,7 +601,7 @@ def _scratch(work: dict | None, name: str, shape: tuple[int, ...], like: torch.T
 
 # ---------------------------------------------------------------------------- fast decoding
 
-_UPSCALE_CHUNK = 512  # embedding-grid cells per chunk in _FastDecoder._upscale
+_UPSCALE_CHUNK = 512  # embedding-grid cells per chunk in upscale_masks
 _UPDATE_CHUNK = 1 << 17  # elements per chunk in _image_update
 
 
@@ -696,20 +696,21 @@ class _FastDecoder:
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         return {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
 
-    def __call__(
+    def transformer(
         self,
         ctx: dict,
         sparse: torch.Tensor,
-        multimask: bool,
         image_tokens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode (B, N, C) sparse prompt tokens.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-way transformer on (B, N, C) sparse prompt tokens.
 
         ``image_tokens`` (B, L, C) replaces the cached image side when the dense
         prompt is not the no-mask embedding (mask prompts).
 
-        Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
-        Not thread-safe (scratch tensors are reused); the Predictor serialises calls.
+        Returns the tokens (B, T, C) (output tokens, then the prompt tokens), their
+        positional encoding (B, T, C), and the image tokens ``keys`` (B, L, C)
+        and ``keys + pe`` (B, L, C), both scratch buffers that the next call
+        overwrites. Not thread-safe; the Predictor serialises calls.
         """
         dec = self.dec
         tr = dec.transformer
@@ -742,49 +743,90 @@ class _FastDecoder:
             shape = (a.shape[0], a.shape[2], vo.shape[2])
             out = (self._buffer(f"keys{i % 2}", shape, vo), self._buffer(f"kpe{i % 2}", shape, vo))
             keys, keys_pe = _image_update(i2t, a, vo, keys, layer.norm4, p, out)
+        return queries, qpe, keys, keys_pe
+
+    def __call__(
+        self,
+        ctx: dict,
+        sparse: torch.Tensor,
+        multimask: bool,
+        image_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode (B, N, C) sparse prompt tokens (``image_tokens``: see :meth:`transformer`).
+
+        Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
+        Not thread-safe (scratch tensors are reused); the Predictor serialises calls.
+        """
+        dec = self.dec
+        queries, qpe, keys, keys_pe = self.transformer(ctx, sparse, image_tokens)
         # Only the IoU token and the selected mask tokens are read after the final
         # attention, so only they attend (the prompt tokens' outputs are unused).
         sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
         used = [0] + [1 + i for i in sel]
-        queries, qpe = queries[:, used], qpe[:, used]
-        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
-        hs = tr.norm_final_attn(queries + attn)
-
+        hs = self.final_attention(queries[:, used], qpe[:, used], keys, keys_pe)
         iou = dec.iou_prediction_head(hs[:, 0])[:, sel]
         hyper = torch.stack(
             [dec.output_hypernetworks_mlps[i](hs[:, 1 + k]) for k, i in enumerate(sel)], 1
         )
-        return self._upscale(keys, hyper, ctx["grid"]), iou
+        return upscale_masks(dec.output_upscaling, keys, hyper, ctx["grid"], self._work), iou
 
-    def _upscale(
-        self, keys: torch.Tensor, hyper: torch.Tensor, grid: tuple[int, int]
+    def final_attention(
+        self, queries: torch.Tensor, qpe: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor
     ) -> torch.Tensor:
-        """(B|1, L, C) image tokens, (B, M, C/8) hypernetwork outputs -> (B, M, 4E, 4E)."""
-        up = self.dec.output_upscaling
-        conv1, norm, conv2 = up[0], up[1], up[3]
-        b, m = hyper.shape[:2]
-        n, c = keys.shape[1:]
-        eh, ew = grid
-        c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
-        # out[o, 2i+a, 2j+b] = bias[o] + sum_c x[c, i, j] W[c, o, a, b]: columns ordered (a, b, o)
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
-        bias1, bias2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
-        # masks (B, M, L*16), columns ordered (i, j, a, b, a2, b2) for the output pixel
-        # (4i + 2a + a2, 4j + 2b + b2). Done in chunks of grid cells so the
-        # intermediates stay in cache (markedly faster than whole-tensor ops).
-        masks = self._buffer("upscale", (b, m, n * 16), keys)
-        for i in range(b):
-            for s in range(0, n, _UPSCALE_CHUNK):
-                y = torch.addmm(bias1, keys[i, s : s + _UPSCALE_CHUNK], w1).view(-1, c4)
-                y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
-                y = F.gelu(torch.addmm(bias2, y, w2)).view(-1, c8)
-                torch.mm(hyper[i], y.t(), out=masks[i, :, 16 * s : 16 * (s + _UPSCALE_CHUNK)])
-        result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
-        result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(
-            masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        )
-        return result
+        """Final token -> image attention and norm: (B, T, C) tokens against (B|1, L, C)."""
+        tr = self.dec.transformer
+        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
+        return tr.norm_final_attn(queries + attn)
+
+
+def upscale_masks(
+    upscaling: torch.nn.Sequential,
+    keys: torch.Tensor,
+    hyper: torch.Tensor,
+    grid: tuple[int, int],
+    work: dict | None = None,
+) -> torch.Tensor:
+    """SAM's mask head: image tokens and hypernetwork outputs -> low-res mask logits.
+
+    Arguments:
+      upscaling: the decoder's ``output_upscaling`` (ConvTranspose2d 2x2/2,
+        LayerNorm2d, GELU, ConvTranspose2d 2x2/2, GELU).
+      keys: (B|1, L, C) image tokens after the two-way transformer, L = Eh * Ew
+        in row-major grid order.
+      hyper: (B, M, C/8) hypernetwork outputs of the M mask tokens.
+      grid: (Eh, Ew).
+      work: optional dict of scratch tensors reused between calls.
+
+    Returns (B, M, 4 Eh, 4 Ew) logits, the same as the reference's
+    ``hyper @ upscaling(keys)``. The transposed convolutions run as matrix
+    products on pixel-major tokens, in chunks of grid cells so that the
+    intermediates stay in cache; no large temporary is allocated (fresh
+    multi-MB allocations cost page faults, about 1 us per 4 KiB page).
+    """
+    conv1, norm, conv2 = upscaling[0], upscaling[1], upscaling[3]
+    b, m = hyper.shape[:2]
+    n, c = keys.shape[1:]
+    eh, ew = grid
+    c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
+    # out[o, 2i+a, 2j+b] = bias[o] + sum_c x[c, i, j] W[c, o, a, b]: columns ordered (a, b, o)
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
+    bias1, bias2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+    # masks (B, M, L*16), columns ordered (i, j, a, b, a2, b2) for the output pixel
+    # (4i + 2a + a2, 4j + 2b + b2)
+    masks = _scratch(work, "upscale", (b, m, n * 16), keys)
+    for i in range(b):
+        k = keys[i if keys.shape[0] > 1 else 0]
+        for s in range(0, n, _UPSCALE_CHUNK):
+            y = torch.addmm(bias1, k[s : s + _UPSCALE_CHUNK], w1).view(-1, c4)
+            y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
+            y = F.gelu(torch.addmm(bias2, y, w2)).view(-1, c8)
+            torch.mm(hyper[i], y.t(), out=masks[i, :, 16 * s : 16 * (s + _UPSCALE_CHUNK)])
+    result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
+    result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(
+        masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    )
+    return result
 
 
 #: prompt batches up to this size decode on one thread under a passive OpenMP
