@@ -11,8 +11,12 @@ is skipped:
    projections) are computed once per image, and the cross-attentions are
    evaluated in factored form, so no per-prompt projection of the 64 x 64 image
    tokens is ever materialised (see :class:`_FastDecoder`). Mask logits are
-   only computed for prompts with at least one multimask output whose predicted
-   IoU passes ``pred_iou_thresh``.
+   only computed for the multimask outputs whose predicted IoU passes
+   ``pred_iou_thresh``, right after their prompts' transformer pass, so the
+   per-prompt image tokens are never stored. Large intermediates go into
+   reused buffers or stay cache-sized: fresh multi-MB tensors cost page faults
+   (about 1 us per 4 KiB page), once about half of the mask-generation time
+   (docs/benchmarks.md).
 3. Before upsampling, a cheap upper bound of each mask's stability score is
    taken at low resolution (:func:`_stability_upper_bound`); masks whose bound
    is below ``stability_score_thresh`` cannot pass at full resolution and are
