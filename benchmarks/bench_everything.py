@@ -24,6 +24,7 @@ at mask IoU >= 0.95.
     python benchmarks/bench_everything.py [--model vit_b] [--points-per-side 32]
         [--sets default,lowered,recommended] [--encoder-depth N]   # N: shallower encoder
         [--weights default|PATH]   # trained weights (the embedded model): real masks survive
+        [--ours-only]   # skip the reference; also prints the process's peak RSS
 
 Needs the reference package ``segment-anything`` (a test dependency); the
 torchvision it imports is replaced by the stand-ins in ``tests/stubs``.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -72,7 +74,9 @@ def load_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[4:516, 92:604])
 
 
-def build_models(model: str, encoder_depth: int | None, weights: str | None = None):
+def build_models(model: str, encoder_depth: int | None, weights: str | None = None,
+                 reference: bool = True):
+    """Our model and the reference with the same weights (None with ``reference=False``)."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "stubs")]
     from napari_sam.models.build import MODEL_CONFIGS, build_sam
     from reference_utils import make_reference_sam
@@ -81,6 +85,8 @@ def build_models(model: str, encoder_depth: int | None, weights: str | None = No
         from napari_sam.models.zoo import load_model
 
         ours = load_model(weights, device="cpu")  # "default" or a checkpoint path
+        if not reference:
+            return ours, None
         ref = make_reference_sam(ours.config)
         ref.load_state_dict(ours.state_dict())
         return ours, ref.eval()
@@ -92,6 +98,8 @@ def build_models(model: str, encoder_depth: int | None, weights: str | None = No
         cfg = dataclasses.replace(cfg, encoder=enc)
     torch.manual_seed(0)
     ours = build_sam(cfg).eval()
+    if not reference:
+        return ours, None
     ref = make_reference_sam(cfg)
     ref.load_state_dict(ours.state_dict())
     return ours, ref.eval()
@@ -167,10 +175,13 @@ def main() -> None:
         "with its config (our safetensors); replaces --model's random weights",
     )
     ap.add_argument("--image", default=str(DATA / f"{IMAGE_ID}.png"))
+    ap.add_argument("--ours-only", action="store_true",
+                    help="run only napari-sam's generator and report the process's peak RSS")
     args = ap.parse_args()
 
     image = load_image(Path(args.image))
-    ours_model, ref_model = build_models(args.model, args.encoder_depth, args.weights)
+    ours_model, ref_model = build_models(args.model, args.encoder_depth, args.weights,
+                                         reference=not args.ours_only)
     rows = []
     for name in args.sets.split(","):
         params = dict(params_for(name), points_per_side=args.points_per_side)
@@ -178,6 +189,10 @@ def main() -> None:
             ours, o_emb, o_gen, o_cpu = run_ours(ours_model, image, params)
         print(f"[{name}] ours: embed {o_emb:.1f}s, masks {o_gen:.1f}s (cpu {o_cpu:.1f}s), "
               f"n={len(ours)}", flush=True)
+        if args.ours_only:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"[{name}] ours: peak RSS of the process so far {peak_mb:.0f} MB", flush=True)
+            continue
         ref, r_emb, r_gen, r_cpu = run_reference(ref_model, image, params)
         print(f"[{name}] reference: embed {r_emb:.1f}s, masks {r_gen:.1f}s (cpu {r_cpu:.1f}s), "
               f"n={len(ref)}", flush=True)
@@ -185,6 +200,8 @@ def main() -> None:
                      match_fraction(ref, ours)))
         del ours, ref
 
+    if args.ours_only:
+        return
     depth = "" if args.encoder_depth is None else f", encoder depth {args.encoder_depth}"
     print()
     what = f"{args.model}{depth} (random weights)" if args.weights is None else (
