@@ -354,5 +354,5 @@ def test_default_model_on_the_sample_click_a_nucleus_and_commit(make_napari_view
         assert widget.commit() == n
         assert not widget.points_layer.data.size  # prompts cleared for the next object
         assert (widget.labels_layer.data == n).any()
-    # measured 0.50 with the step-1800 weights (held-out image); a random model gets about 0
+    # measured 0.50 with the phase-2 step-1800 weights (held-out image); a random model gets ~0
     assert np.mean(ious) >= 0.4, ious
