@@ -72,8 +72,9 @@ def test_fast_decoder_matches_mask_decoder(depth):
             offset += len(iou_sub)
             return chosen[offset - len(iou_sub) : offset]
 
-        iou_fast, low_fast = fd.decode(sparse, select, sub_batch=4)
+        iou_fast, chosen_fast, low_fast = fd.decode(sparse, select, sub_batch=4)
         assert offset == 11
+        assert torch.equal(chosen_fast, chosen)
         torch.testing.assert_close(iou_fast, iou, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(low_fast, low[chosen], atol=1e-5, rtol=1e-4)
 

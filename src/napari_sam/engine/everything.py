@@ -306,13 +306,13 @@ class AutomaticMaskGenerator:
 
         if self._decoder is not None:
             sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            iou, low = self._decoder.decode(sparse, select)
+            iou, chosen, low = self._decoder.decode(sparse, select)
         else:
             _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True,
                                                        upscale=False)
-            low = low[select(iou)]
-        cand = torch.nonzero(select(iou).flatten()).flatten()
-        return iou, cand, low
+            chosen = select(iou)
+            low = low[chosen]
+        return iou, torch.nonzero(chosen.flatten()).flatten(), low
 
     def _process_batch(self, pts, model_xy, crop_box, orig_size, thr, dev):
         """Decode one batch of prompts -> filtered masks (crop frame) and their data."""
@@ -610,11 +610,11 @@ class _FastDecoder:
     projections computed once per image, factored cross-attention, chunked
     image updates into reused buffers). Everything-mode then saves more:
 
-    * :meth:`run` sends only the IoU token through the final token-to-image
+    * :meth:`decode` sends only the IoU token through the final token-to-image
       attention (each token attends on its own, so this is exact);
-    * :meth:`masks` computes mask logits on request, for the prompts whose
-      IoU predictions pass the filter, one prompt at a time in cache-sized
-      chunks (:func:`~napari_sam.engine.predictor.upscale_masks`).
+    * it then computes mask logits only for the outputs whose IoU predictions
+      pass the filter, one prompt at a time in cache-sized chunks
+      (:func:`~napari_sam.engine.predictor.upscale_masks`).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -644,13 +644,14 @@ class _FastDecoder:
         sparse: torch.Tensor,
         select: Callable[[torch.Tensor], torch.Tensor],
         sub_batch: int = 16,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Multimask decoding of (B, Np, C) sparse prompt tokens.
 
         ``select`` maps IoU predictions (b, 3) to a bool (b, 3) of the outputs
         whose mask logits are wanted. Returns the IoU predictions (B, 3) of the
-        multimask outputs (mask tokens 1-3) and the low-res logits (S, 4E, 4E) of
-        the selected outputs in (prompt, output) order.
+        multimask outputs (mask tokens 1-3), the selection (B, 3) bool, and the
+        low-res logits (S, 4E, 4E) of the selected outputs in (prompt, output)
+        order.
 
         Prompts go through the transformer ``sub_batch`` at a time; the mask
         logits of a sub-batch are computed while its image tokens are at hand,
@@ -660,13 +661,14 @@ class _FastDecoder:
             raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
         dec, core, grid = self.dec, self._core, self._ctx["grid"]
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        ious, lows = [], []
+        ious, chosens, lows = [], [], []
         for s in range(0, sparse.shape[0], sub_batch):
             q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
             hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
             iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
             ious.append(iou)
             chosen = select(iou)
+            chosens.append(chosen)
             for j in torch.nonzero(chosen.any(dim=1)).flatten().tolist():
                 mask_tokens = [1 + int(k) for k in torch.nonzero(chosen[j]).flatten()]
                 rows = [1 + m for m in mask_tokens]  # positions after the IoU token
@@ -680,4 +682,4 @@ class _FastDecoder:
         iou = torch.cat(ious)
         eh, ew = grid
         low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))
-        return iou, low
+        return iou, torch.cat(chosens), low
