@@ -849,9 +849,10 @@ def _threads_for_clicks(batch: int) -> Iterator[None]:
     moment before sleeping, so splitting even small operations over threads
     pays. With ``OMP_WAIT_POLICY=PASSIVE`` every parallel region wakes sleeping
     threads, which costs more than it gains. Measured on 2 cores (ViT-B click at
-    1200 x 1600 / embedded model at 512 x 512): default policy, 2 threads 22 /
-    4.6 ms vs 1 thread 38 / 6.4 ms; passive policy, 2 threads 45 / 10.9 ms vs
-    1 thread 38 / 6.3 ms. Only the calling thread's pool is affected (OpenMP
+    1200 x 1600 / embedded model at 512 x 512): default policy, 2 threads 21 /
+    4.9 ms vs 1 thread 40 / 6.3 ms (``benchmarks/bench_click.py --threads N``);
+    passive policy, 2 threads 45 / 10.9 ms vs 1 thread 38 / 6.3 ms (a one-off
+    timing, session 3). Only the calling thread's pool is affected (OpenMP
     thread counts are per thread); large prompt batches keep every thread.
     """
     n = torch.get_num_threads()
