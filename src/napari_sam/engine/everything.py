@@ -663,7 +663,8 @@ class _FastDecoder:
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         ious, chosens, lows = [], [], []
         for s in range(0, sparse.shape[0], sub_batch):
-            q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
+            q, qpe, keys, keys_pe, updates = core.transformer(self._ctx, sparse[s : s + sub_batch])
+            factor = core.factor_pays(updates)
             hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
             iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
             ious.append(iou)
@@ -677,8 +678,9 @@ class _FastDecoder:
                 hyper = torch.stack(
                     [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
                 )[None]  # (1, K, C/8)
+                factors = core.conv1_factors(self._ctx, updates, j) if factor else None
                 lows.append(upscale_masks(dec.output_upscaling, keys[j : j + 1], hyper, grid,
-                                          self._work)[0])
+                                          self._work, factors)[0])
         iou = torch.cat(ious)
         eh, ew = grid
         low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))
