@@ -47,16 +47,18 @@ def image():
 # ----------------------------------------------------------------------------- fast decoder
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_fast_decoder_matches_mask_decoder(depth):
+# width 256 (SAM's) takes the factored first convolution of the mask head
+@pytest.mark.parametrize(("depth", "width"), [(1, 64), (2, 64), (2, 256)])
+def test_fast_decoder_matches_mask_decoder(depth, width):
     from reference_utils import build_random_sam, tiny_vit_sam_config
 
-    model = build_random_sam(tiny_vit_sam_config(decoder_depth=depth), seed=3)
+    cfg = tiny_vit_sam_config(decoder_depth=depth, prompt_embed_dim=width)
+    model = build_random_sam(cfg, seed=3)
     fd = _FastDecoder.build(model)
     assert fd is not None
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        feats = torch.randn(1, 64, 8, 8, generator=g)
+        feats = torch.randn(1, width, 8, 8, generator=g)
         pe = model.prompt_encoder.get_dense_pe()
         coords = torch.rand(11, 1, 2, generator=g, dtype=torch.float64) * 128
         labels = torch.ones(11, 1, dtype=torch.int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,6 +171,63 @@ def test_fast_decoder_matches_model_decoder(predictor, kwargs):
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-5 * span)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
         assert (a.masks == b.masks).mean() > 0.999
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(points=[[30, 45]]),
+        dict(points=[[10, 20], [40, 70]], labels=[1, 0], multimask=False),
+        dict(points=[[10, 20], [40, 70]], labels=[1, 0], box=[5, 10, 50, 80]),
+        dict(points=np.array([[[10, 20]], [[40, 70]]])),
+    ],
+)
+def test_factored_mask_head_matches_direct(tiny_sam_config, kwargs):
+    """At SAM's decoder width (256) few-token prompts take the factored first
+    convolution of the mask head; it must agree with the direct one."""
+    import napari_sam.engine.predictor as predictor_module
+    from reference_utils import build_random_sam
+
+    model = build_random_sam(replace(tiny_sam_config, prompt_embed_dim=256), seed=3)
+    p = Predictor(model)
+    p.set_image(_image(60, 90))
+    calls = []
+    direct_pays = predictor_module._FastDecoder.factor_pays
+
+    def spy(self, updates):
+        calls.append(direct_pays(self, updates))
+        return calls[-1]
+
+    predictor_module._FastDecoder.factor_pays = spy
+    try:
+        factored = p.predict(**kwargs)
+        predictor_module._FastDecoder.factor_pays = lambda self, updates: False
+        direct = p.predict(**kwargs)
+    finally:
+        predictor_module._FastDecoder.factor_pays = direct_pays
+    assert calls == [True]
+    span = float(direct.logits.max() - direct.logits.min())
+    np.testing.assert_allclose(factored.logits, direct.logits, rtol=0, atol=1e-5 * span)
+    np.testing.assert_allclose(factored.scores, direct.scores, atol=1e-6)
+    assert (factored.masks == direct.masks).mean() > 0.9999
+
+
+def test_factored_mask_head_is_skipped_for_many_tokens(tiny_sam_config):
+    from reference_utils import build_random_sam
+
+    model = build_random_sam(replace(tiny_sam_config, prompt_embed_dim=256), seed=3)
+    p = Predictor(model)
+    p.set_image(_image(60, 90))
+    p.predict(points=[[10, 10]])  # builds the per-image context
+    fast = p._fast
+    with torch.inference_mode():
+        for n_points, expected in ((1, True), (12, False)):
+            pts = torch.rand(1, n_points, 2) * 100
+            sparse, _ = model.prompt_encoder(
+                points=(pts, torch.ones(1, n_points, dtype=torch.int64)), boxes=None, masks=None
+            )
+            updates = fast.transformer(p._context, sparse)[-1]
+            assert fast.factor_pays(updates) is expected
 
 
 def test_fast_decoder_falls_back_for_unknown_decoders(tiny_sam):

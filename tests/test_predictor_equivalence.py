@@ -36,14 +36,18 @@ def _images() -> dict[str, np.ndarray]:
 IMAGES = _images()
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=[128, 256], ids=["width128", "width256"])
+def pair(request):
+    """Width 256 (SAM's own) engages the factored mask-head convolution for
+    prompts of few tokens; width 128 takes the direct path."""
     pytest.importorskip("segment_anything")
     from segment_anything import SamPredictor
 
     from reference_utils import reference_pair, tiny_vit_sam_config
 
-    cfg = tiny_vit_sam_config(encoder=dict(img_size=256), prompt_embed_dim=128, decoder_mlp_dim=256)
+    cfg = tiny_vit_sam_config(
+        encoder=dict(img_size=256), prompt_embed_dim=request.param, decoder_mlp_dim=256
+    )
     ours, ref = reference_pair(cfg, seed=0)
     return Predictor(ours), SamPredictor(ref)
 
