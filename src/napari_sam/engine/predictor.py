@@ -611,7 +611,7 @@ def _scratch(work: dict | None, name: str, shape: tuple[int, ...], like: torch.T
 
 # ---------------------------------------------------------------------------- fast decoding
 
-_UPSCALE_CHUNK = 512  # embedding-grid cells per chunk in upscale_masks
+_UPSCALE_CHUNK = 1024  # embedding-grid cells per chunk in upscale_masks
 _UPDATE_CHUNK = 1 << 17  # elements per chunk in _image_update
 
 
