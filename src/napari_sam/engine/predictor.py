@@ -633,8 +633,10 @@ class _FastDecoder:
     projections are computed once per image (:meth:`context`). The output
     upscaling (two 2x2 stride-2 transposed convolutions) runs as matrix
     products on pixel-major features, in cache-sized chunks, so no layout
-    copies of the large tensors are needed. Token-side modules (self-attention,
-    MLPs, norms, heads) are the model's own.
+    copies of the large tensors are needed; for prompts of few tokens its first
+    convolution is evaluated in factored form through the blocks' image updates
+    (:meth:`conv1_factors`). Token-side modules (self-attention, MLPs, norms,
+    heads) are the model's own.
     """
 
     def __init__(self, decoder: torch.nn.Module) -> None:
@@ -712,11 +714,18 @@ class _FastDecoder:
         ctx = {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
         if self._factor_conv1:
             # conv1 maps M_i (see _conv1_factors) and the image-only term x M_1
-            w1, _ = _up_conv_matrix(self.dec.output_upscaling[0])
+            layers = self.dec.transformer.layers
+            w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
             maps = [w1]
-            for layer in reversed(self.dec.transformer.layers):
+            for layer in reversed(layers):
                 maps.insert(0, layer.norm4.weight[:, None] * maps[0])
             ctx["conv1_maps"] = maps
+            # per block, the rows of B' for the mean and bias terms (1, 4 C/4) each
+            ctx["conv1_rows"] = [
+                (maps[i].sum(0, keepdim=True),
+                 (layer.norm4.bias @ maps[i + 1] + (bias1 if i == len(layers) - 1 else 0))[None])
+                for i, layer in enumerate(layers)
+            ]
             ctx["conv1_xm"] = x[0] @ maps[0]
         return ctx
 
@@ -800,31 +809,23 @@ class _FastDecoder:
         :func:`upscale_masks`.
         """
         maps = ctx["conv1_maps"]
-        _, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
-        layers = self.dec.transformer.layers
         attn, values, means, rstds = (
             [t[index : index + 1] for t in field] if index is not None else field
             for field in updates
         )
         b, ht, n = attn[0].shape
-        k = len(layers) * (ht + 2)
-        a_aug = self._buffer("conv1_a", (b, k, n), attn[0])
+        depth = len(attn)
+        a_aug = self._buffer("conv1_a", (b, depth * (ht + 2), n), attn[0])
         rows = []
         q = torch.ones_like(means[0])  # prod of 1 / r_j over the blocks before block i
-        for i, layer in enumerate(layers):
+        for i in range(depth):
             off = i * (ht + 2)
             torch.mul(attn[i], q[:, None, :], out=a_aug[:, off : off + ht])
             torch.mul(means[i], -q, out=a_aug[:, off + ht])
             q = q / rstds[i]
             a_aug[:, off + ht + 1] = q
-            bias = layer.norm4.bias @ maps[i + 1]
-            if i == len(layers) - 1:
-                bias = bias + bias1
-            rows += [
-                values[i] @ maps[i],
-                maps[i].sum(0).expand(b, 1, -1),
-                bias.expand(b, 1, -1),
-            ]
+            col_sums, bias = ctx["conv1_rows"][i]
+            rows += [values[i] @ maps[i], col_sums.expand(b, 1, -1), bias.expand(b, 1, -1)]
         return Conv1Factors(ctx["conv1_xm"], a_aug, torch.cat(rows, 1), 1 / q)
 
     def __call__(
