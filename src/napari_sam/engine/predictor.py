@@ -645,7 +645,8 @@ class _FastDecoder:
         # page faults (about 1 us per 4 KiB page), a noticeable part of a click.
         self._work: dict[tuple, torch.Tensor] = {}
         self._factor_conv1 = all(
-            type(layer.norm4) is torch.nn.LayerNorm and layer.norm4.weight is not None
+            type(layer.norm4) is torch.nn.LayerNorm and len(layer.norm4.normalized_shape) == 1
+            and layer.norm4.weight is not None
             and layer.norm4.bias is not None
             for layer in decoder.transformer.layers
         )
@@ -713,7 +714,7 @@ class _FastDecoder:
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         ctx = {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
         if self._factor_conv1:
-            # conv1 maps M_i (see _conv1_factors) and the image-only term x M_1
+            # the maps M_i of conv1_factors and the image-only term x M_1
             layers = self.dec.transformer.layers
             w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
             maps = [w1]
