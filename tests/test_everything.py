@@ -48,7 +48,7 @@ def image():
 
 
 # width 256 (SAM's) takes the factored first convolution of the mask head
-@pytest.mark.parametrize(("depth", "width"), [(1, 64), (2, 64), (2, 256)])
+@pytest.mark.parametrize(("depth", "width"), [(1, 64), (2, 64), (1, 256), (2, 256)])
 def test_fast_decoder_matches_mask_decoder(depth, width):
     from reference_utils import build_random_sam, tiny_vit_sam_config
 

@@ -563,12 +563,15 @@ def _apply_resize(
     """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns; bool
     ``> threshold`` when a threshold is given (then the full-size float logits
     never exist at once). ``work`` (a dict) keeps scratch tensors between calls."""
-    n, low_h, _ = x.shape
+    n = x.shape[0]
     starts_c, w_c, out_w = plan_cols
     starts_r, w_r, out_h = plan_rows
     w_c, w_r = w_c.to(x.device, x.dtype), w_r.to(x.device, x.dtype)
     nbc, bsc, kc = w_c.shape
     nbr, bsr, kr = w_r.shape
+    # only the low-res rows the row pass reads (the rest is padding cropped away)
+    low_h = max(starts_r) + kr
+    x = x[:, :low_h]
     # columns, all blocks at once: (nbc, N*Lh, kc) @ (nbc, kc, bsc)
     idx_c = (torch.tensor(starts_c)[:, None] + torch.arange(kc)).reshape(-1).to(x.device)
     g = x.index_select(2, idx_c).view(n * low_h, nbc, kc).transpose(0, 1)
