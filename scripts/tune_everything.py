@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 
 from napari_sam.engine.predictor import Predictor
 from napari_sam.evaluation import evaluate
 from napari_sam.models.zoo import load_model
+from napari_sam.training.loop import load_ids
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stability", type=float, nargs="+", default=[0.8, 0.85, 0.9])
     args = parser.parse_args(argv)
 
-    with open(args.ids, encoding="utf-8") as f:
-        train = sorted(json.load(f)["train"])
-    ids = sorted(random.Random(args.seed).sample(train, args.n_images))
+    train, _ = load_ids(args.ids)
+    if not train:
+        parser.error(f"{args.ids} has no 'train' list; the thresholds must not be tuned on "
+                     "validation images.")
+    ids = sorted(random.Random(args.seed).sample(sorted(train), args.n_images))
     predictor = Predictor(load_model(args.model, device="cpu"))
     rows = []
     for iou, stability in itertools.product(args.iou, args.stability):

@@ -51,7 +51,7 @@ import torch
 
 from napari_sam.engine import masks as M
 from napari_sam.engine.image import to_rgb_uint8
-from napari_sam.engine.predictor import Predictor, upscale_masks
+from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
 from napari_sam.errors import CancelledError, InvalidInputError
 
@@ -622,7 +622,6 @@ class _FastDecoder:
         self.no_mask = model.prompt_encoder.no_mask_embed.weight
         self._core = _CoreDecoder(self.dec)
         self._ctx: dict | None = None
-        self._work: dict[tuple, torch.Tensor] = {}  # scratch tensors of upscale_masks
 
     @classmethod
     def build(cls, model: Any) -> _FastDecoder | None:
@@ -636,8 +635,7 @@ class _FastDecoder:
     def release(self) -> None:
         """Drop the per-image tensors and scratch buffers."""
         self._ctx = None
-        self._core._work.clear()
-        self._work.clear()
+        self._core.clear_buffers()
 
     def decode(
         self,
@@ -679,8 +677,7 @@ class _FastDecoder:
                     [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
                 )[None]  # (1, K, C/8)
                 factors = core.conv1_factors(self._ctx, updates, j) if factor else None
-                lows.append(upscale_masks(dec.output_upscaling, keys[j : j + 1], hyper, grid,
-                                          self._work, factors)[0])
+                lows.append(core.upscale(keys[j : j + 1], hyper, grid, factors)[0])
         iou = torch.cat(ious)
         eh, ew = grid
         low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))

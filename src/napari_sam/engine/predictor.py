@@ -658,6 +658,20 @@ class _FastDecoder:
         """A reusable scratch tensor (contents undefined)."""
         return _scratch(self._work, name, shape, like)
 
+    def clear_buffers(self) -> None:
+        """Drop the scratch tensors (they are re-created on the next call)."""
+        self._work.clear()
+
+    def upscale(
+        self,
+        keys: torch.Tensor,
+        hyper: torch.Tensor,
+        grid: tuple[int, int],
+        factors: Conv1Factors | None = None,
+    ) -> torch.Tensor:
+        """:func:`upscale_masks` with this decoder's mask head and scratch tensors."""
+        return upscale_masks(self.dec.output_upscaling, keys, hyper, grid, self._work, factors)
+
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         """True if ``model.mask_decoder`` has the standard SAM layout this class relies on."""
@@ -856,9 +870,7 @@ class _FastDecoder:
             [dec.output_hypernetworks_mlps[i](hs[:, 1 + k]) for k, i in enumerate(sel)], 1
         )
         factors = self.conv1_factors(ctx, updates) if self.factor_pays(updates) else None
-        low_res = upscale_masks(dec.output_upscaling, keys, hyper, ctx["grid"], self._work,
-                                factors)
-        return low_res, iou
+        return self.upscale(keys, hyper, ctx["grid"], factors), iou
 
     def factor_pays(self, updates: ImageUpdates | None) -> bool:
         """True if :meth:`conv1_factors` is cheaper than the convolution on the tokens:
@@ -938,7 +950,7 @@ def upscale_masks(
     """
     conv1, norm, conv2 = upscaling[0], upscaling[1], upscaling[3]
     b, m = hyper.shape[:2]
-    n, c = keys.shape[1:]
+    n = keys.shape[1]
     eh, ew = grid
     c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
     w1, bias1 = _up_conv_matrix(conv1)
