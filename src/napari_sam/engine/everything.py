@@ -662,7 +662,7 @@ class _FastDecoder:
         ious, chosens, lows = [], [], []
         for s in range(0, sparse.shape[0], sub_batch):
             q, qpe, keys, keys_pe, updates = core.transformer(self._ctx, sparse[s : s + sub_batch])
-            factor = core.factor_pays(updates)
+            factor = updates is not None and core.factor_pays(sparse.shape[1])
             hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
             iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
             ious.append(iou)

@@ -732,20 +732,29 @@ class _FastDecoder:
         ctx = {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
         if self._factor_conv1:
             # the maps M_i of conv1_factors and the image-only term x M_1
-            layers = self.dec.transformer.layers
             w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
-            maps = [w1]
-            for layer in reversed(layers):
-                maps.insert(0, layer.norm4.weight[:, None] * maps[0])
-            ctx["conv1_maps"] = maps
-            # per block, the rows of B' for the mean and bias terms (1, 4 C/4) each
-            ctx["conv1_rows"] = [
-                (maps[i].sum(0, keepdim=True),
-                 (layer.norm4.bias @ maps[i + 1] + (bias1 if i == len(layers) - 1 else 0))[None])
-                for i, layer in enumerate(layers)
-            ]
+            maps, rows = _map_chain(self.dec.transformer.layers, w1, bias1)
+            ctx["conv1_maps"], ctx["conv1_rows"] = maps, rows
             ctx["conv1_xm"] = x[0] @ maps[0]
         return ctx
+
+    def _factored_map(
+        self, ctx: dict, name: str, linear: torch.nn.Linear, depth: int, heads: int,
+        values: bool,
+    ) -> FactoredMap:
+        """The per-image part of ``keys_depth @ linear.weight.T`` in factored form
+        (see :meth:`conv1_factors`), cached in ``ctx`` under ``name``."""
+        key = ("factored_map", name)
+        if key not in ctx:
+            w = linear.weight.t()
+            maps, rows = _map_chain(self.dec.transformer.layers[:depth], w)
+            n = ctx["x"].shape[1]
+            d = w.shape[1] // heads
+            xm = (ctx["x"][0] @ maps[0]).view(n, heads, d)
+            xm = xm.transpose(0, 1) if values else xm.permute(1, 2, 0)
+            pe = (ctx["p"][0] @ w).view(n, heads, d).permute(1, 2, 0)
+            ctx[key] = FactoredMap(xm.contiguous(), pe.contiguous(), maps, rows)
+        return ctx[key]
 
     def transformer(
         self,
@@ -765,24 +774,15 @@ class _FastDecoder:
         :meth:`conv1_factors`; None with ``image_tokens`` or when the norms are
         not plain LayerNorms). Not thread-safe; the Predictor serialises calls.
         """
-        dec = self.dec
-        tr = dec.transformer
-        b = sparse.shape[0]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        tr = self.dec.transformer
+        queries = qpe = self._initial_tokens(sparse)
         p = ctx["p"]
-        queries, qpe = tokens, tokens
         keys = ctx["x"] if image_tokens is None else image_tokens
         keys_pe = None if image_tokens is None else keys + p  # the cached first block needs none
         updates = ImageUpdates([], [], [], []) if "conv1_maps" in ctx and image_tokens is None \
             else None
         for i, layer in enumerate(tr.layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + qpe
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
+            queries = _token_self_attention(layer, queries, qpe)
             cached = i == 0 and image_tokens is None
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             if cached:
@@ -807,6 +807,12 @@ class _FastDecoder:
             keys, keys_pe = _image_update(a, vo, keys, layer.norm4, p, out, stats)
         return queries, qpe, keys, keys_pe, updates
 
+    def _initial_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) sparse prompt tokens -> (B, T, C): IoU and mask tokens, then the prompts."""
+        dec = self.dec
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
+
     def conv1_factors(
         self, ctx: dict, updates: ImageUpdates, index: int | None = None
     ) -> Conv1Factors:
@@ -826,25 +832,17 @@ class _FastDecoder:
         ``index`` picks one prompt of the batch. Returns the factors for
         :func:`upscale_masks`.
         """
-        maps = ctx["conv1_maps"]
         attn, values, means, rstds = (
             [t[index : index + 1] for t in field] if index is not None else field
             for field in updates
         )
         b, ht, n = attn[0].shape
-        depth = len(attn)
-        a_aug = self._buffer("conv1_a", (b, depth * (ht + 2), n), attn[0])
-        rows = []
-        q = torch.ones_like(means[0])  # prod of 1 / r_j over the blocks before block i
-        for i in range(depth):
-            off = i * (ht + 2)
-            torch.mul(attn[i], q[:, None, :], out=a_aug[:, off : off + ht])
-            torch.mul(means[i], -q, out=a_aug[:, off + ht])
-            q = q / rstds[i]
-            a_aug[:, off + ht + 1] = q
-            col_sums, bias = ctx["conv1_rows"][i]
-            rows += [values[i] @ maps[i], col_sums.expand(b, 1, -1), bias.expand(b, 1, -1)]
-        return Conv1Factors(ctx["conv1_xm"], a_aug, torch.cat(rows, 1), 1 / q)
+        a_aug = self._buffer("conv1_a", (b, len(attn) * (ht + 2), n), attn[0])
+        q = torch.ones_like(means[0])
+        for i, terms in enumerate(zip(attn, means, rstds, strict=True)):
+            q = _fill_factor_rows(a_aug, q, i, *terms)
+        b_aug = _factor_rows(values, ctx["conv1_maps"], ctx["conv1_rows"])
+        return Conv1Factors(ctx["conv1_xm"], a_aug, b_aug, 1 / q)
 
     def __call__(
         self,
@@ -858,27 +856,127 @@ class _FastDecoder:
         Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
         Not thread-safe (scratch tensors are reused); the Predictor serialises calls.
         """
-        dec = self.dec
-        queries, qpe, keys, keys_pe, updates = self.transformer(ctx, sparse, image_tokens)
-        # Only the IoU token and the selected mask tokens are read after the final
-        # attention, so only they attend (the prompt tokens' outputs are unused).
-        sel = list(range(1, dec.num_mask_tokens)) if multimask else [0]
-        used = [0] + [1 + i for i in sel]
+        if image_tokens is None and self.factor_pays(sparse.shape[1]):
+            return self.decode_factored(ctx, sparse, multimask)
+        queries, qpe, keys, keys_pe, _ = self.transformer(ctx, sparse, image_tokens)
+        sel, used = self._selected_tokens(multimask)
         hs = self.final_attention(queries[:, used], qpe[:, used], keys, keys_pe)
+        return self._heads(hs, sel, keys, ctx["grid"], None)
+
+    def decode_factored(
+        self, ctx: dict, sparse: torch.Tensor, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__` for prompts of few tokens, with the image tokens in factored form.
+
+        After the first block the image tokens are ``keys_i = R_i (x M + A'_i B'_i)``
+        for any linear map (:meth:`conv1_factors`), so every later product of
+        per-click token matrices with the L image tokens goes through the per-image
+        ``x M`` (one head's width) and the K_i x L matrix A'_i instead of the C-wide
+        tokens: the second block's two attentions, the final attention and the
+        first convolution of the mask head. Only the intermediate blocks' image
+        tokens are formed (each block's LayerNorm needs its input's statistics);
+        the last block's only for its statistics. Needs plain LayerNorms and no
+        mask prompt; worth it while K_D = D (H T + 2) is well below C
+        (:meth:`factor_pays`).
+        """
+        tr = self.dec.transformer
+        layers = tr.layers
+        queries = qpe = self._initial_tokens(sparse)
+        keys = ctx["x"]
+        updates = ImageUpdates([], [], [], [])
+        a_aug = scale = q = None
+        for i, layer in enumerate(layers):
+            queries = _token_self_attention(layer, queries, qpe)
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            k_i = i * (a_aug.shape[1] // len(layers)) if i else 0
+            if i == 0:
+                attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
+            else:
+                attn = self._t2i_factored(ctx, f"block{i}", t2i, queries + qpe, i, updates,
+                                          a_aug[:, :k_i], scale)
+            queries = layer.norm2(queries + attn)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            if i == 0:
+                a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
+            else:
+                fq = self._factored_map(ctx, f"block{i}.i2t.q", i2t.q_proj, i, i2t.num_heads,
+                                        values=False)
+                a, vo = _i2t_factored(i2t, queries + qpe, queries, fq,
+                                      _factor_rows(updates.values, fq.maps, fq.rows),
+                                      a_aug[:, :k_i], scale)
+            vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
+            b, ht, n = a.shape
+            if i == 0:
+                a_aug = self._buffer("conv1_a", (b, len(layers) * (ht + 2), n), a)
+                q = torch.ones((b, n), dtype=a.dtype, device=a.device)
+            stats = (self._buffer(f"mean{i}", (b, n), vo), self._buffer(f"rstd{i}", (b, n), vo))
+            for field, value in zip(updates, (a, vo, *stats), strict=True):
+                field.append(value)
+            last = i == len(layers) - 1
+            # the last block's tokens are only needed for their statistics
+            out = (None if last else self._buffer(f"keys{i % 2}", (b, n, vo.shape[2]), vo), None)
+            keys = _image_update(a, vo, keys, layer.norm4, None, out, stats)[0]
+            q = _fill_factor_rows(a_aug, q, i, a, *stats)
+            scale = 1 / q
+        sel, used = self._selected_tokens(multimask)
+        final = tr.final_attn_token_to_image
+        attn = self._t2i_factored(ctx, "final", final, queries[:, used] + qpe[:, used],
+                                  len(layers), updates, a_aug, scale)
+        hs = tr.norm_final_attn(queries[:, used] + attn)
+        factors = Conv1Factors(ctx["conv1_xm"], a_aug,
+                               _factor_rows(updates.values, ctx["conv1_maps"], ctx["conv1_rows"]),
+                               scale)
+        return self._heads(hs, sel, ctx["x"], ctx["grid"], factors)
+
+    def _t2i_factored(
+        self, ctx: dict, name: str, attn, q_in: torch.Tensor, depth: int,
+        updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """Token -> image attention against the image tokens after ``depth`` blocks in
+        factored form (a_aug (B, K, L), scale (B, L)). q_in (B, T, C) -> (B, T, C)."""
+        b, t, _ = q_in.shape
+        h = attn.num_heads
+        d = attn.q_proj.out_features // h
+        fk = self._factored_map(ctx, f"{name}.t2i.k", attn.k_proj, depth, h, values=False)
+        fv = self._factored_map(ctx, f"{name}.t2i.v", attn.v_proj, depth, h, values=True)
+        qh = attn.q_proj(q_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
+        logits = _factored_logits(qh, fk, _factor_rows(updates.values, fk.maps, fk.rows),
+                                  a_aug, scale)  # the key bias is a per-row constant
+        a = torch.softmax(logits, dim=-1)
+        out = _factored_values(a, fv, _factor_rows(updates.values, fv.maps, fv.rows),
+                               a_aug, scale)
+        out = out + attn.v_proj.bias.view(h, 1, d)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def _selected_tokens(self, multimask: bool) -> tuple[list[int], list[int]]:
+        """Mask tokens read for the output, and the output tokens that attend in the
+        final attention (the IoU token and those mask tokens; the prompt tokens'
+        outputs are unused)."""
+        sel = list(range(1, self.dec.num_mask_tokens)) if multimask else [0]
+        return sel, [0] + [1 + i for i in sel]
+
+    def _heads(
+        self, hs: torch.Tensor, sel: list[int], keys: torch.Tensor, grid: tuple[int, int],
+        factors: Conv1Factors | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """IoU head and mask head on the final output tokens hs (B, 1 + len(sel), C)."""
+        dec = self.dec
         iou = dec.iou_prediction_head(hs[:, 0])[:, sel]
         hyper = torch.stack(
             [dec.output_hypernetworks_mlps[i](hs[:, 1 + k]) for k, i in enumerate(sel)], 1
         )
-        factors = self.conv1_factors(ctx, updates) if self.factor_pays(updates) else None
-        return self.upscale(keys, hyper, ctx["grid"], factors), iou
+        return self.upscale(keys, hyper, grid, factors), iou
 
-    def factor_pays(self, updates: ImageUpdates | None) -> bool:
-        """True if :meth:`conv1_factors` is cheaper than the convolution on the tokens:
-        its inner size K = D (H T + 2) well below C (few prompt tokens)."""
-        if updates is None:
+    def factor_pays(self, n_prompt_tokens: int) -> bool:
+        """True if image tokens in factored form (:meth:`conv1_factors`,
+        :meth:`decode_factored`) are cheaper than the tokens themselves: the inner
+        size K = D (H T + 2) well below C (few prompt tokens). Needs plain LayerNorms."""
+        if not self._factor_conv1:
             return False
-        k = len(updates.attn) * (updates.attn[0].shape[1] + 2)
-        return k <= 0.6 * updates.values[0].shape[-1]
+        tr = self.dec.transformer
+        t = 1 + self.dec.num_mask_tokens + n_prompt_tokens
+        k = len(tr.layers) * (tr.layers[0].cross_attn_image_to_token.num_heads * t + 2)
+        return k <= 0.6 * tr.layers[0].norm4.normalized_shape[0]
 
     def final_attention(
         self, queries: torch.Tensor, qpe: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor
@@ -887,6 +985,18 @@ class _FastDecoder:
         tr = self.dec.transformer
         attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
         return tr.norm_final_attn(queries + attn)
+
+
+class FactoredMap(NamedTuple):
+    """Per-image part of ``keys_i @ W`` in factored form (:meth:`_FastDecoder.conv1_factors`)
+    for an attention projection W of H heads of width d: xm = x M_1 per head, (H, d, L)
+    for keys and queries or (H, L, d) for values; pe = P W per head (H, d, L); the maps
+    M_1 ... M_i, W and per block the rows of B' for the mean and bias terms."""
+
+    xm: torch.Tensor
+    pe: torch.Tensor
+    maps: list[torch.Tensor]
+    rows: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class ImageUpdates(NamedTuple):
@@ -1058,8 +1168,8 @@ def _image_update(
     vo: torch.Tensor,
     keys: torch.Tensor,
     norm: torch.nn.Module,
-    pe: torch.Tensor,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pe: torch.Tensor | None,
+    out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish an image -> token attention block: ``keys' = norm(keys + a^T vo)``.
@@ -1068,7 +1178,8 @@ def _image_update(
     out_proj's bias / H: each head's attention sums to 1 over the tokens, so
     a^T (vo + bias / H) = a^T vo + bias), keys (B|1, L, C), pe (1, L, C).
     Returns keys' and keys' + pe, both (B, L, C), written to ``out`` if given
-    (must not alias ``keys``). With ``stats`` (two (B, L) tensors; ``norm``
+    (must not alias ``keys``; an entry None skips that output, as does pe None
+    for the second). With ``stats`` (two (B, L) tensors; ``norm``
     must then be a LayerNorm), the norm's per-token mean and reciprocal std
     are written there. Runs in chunks of rows so the intermediates stay in cache.
     """
@@ -1076,6 +1187,8 @@ def _image_update(
     c = vo.shape[-1]
     a_t = a.transpose(1, 2)
     new, new_pe = out if out is not None else (keys.new_empty((b, n, c)), keys.new_empty((b, n, c)))
+    if pe is None:
+        new_pe = None
     step = max(16, _UPDATE_CHUNK // (b * c))
     for s in range(0, n, step):
         z = torch.baddbmm(keys[:, s : s + step], a_t[:, s : s + step], vo)
@@ -1085,8 +1198,10 @@ def _image_update(
             z, mean, rstd = torch.native_layer_norm(z, (c,), norm.weight, norm.bias, norm.eps)
             stats[0][:, s : s + step] = mean[..., 0]
             stats[1][:, s : s + step] = rstd[..., 0]
-        new[:, s : s + step] = z
-        torch.add(z, pe[:, s : s + step], out=new_pe[:, s : s + step])
+        if new is not None:
+            new[:, s : s + step] = z
+        if new_pe is not None:
+            torch.add(z, pe[:, s : s + step], out=new_pe[:, s : s + step])
     return new, new_pe
 
 
@@ -1116,5 +1231,112 @@ def _i2t_cached(attn, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -
     k = attn.k_proj(k_in).view(b * t, h, d).transpose(0, 1)  # (H, B*T, d)
     logits = torch.matmul(k, q).view(h, b, t, n)
     a = torch.softmax(logits, dim=2).transpose(0, 1).reshape(b, h * t, n)
+    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
+    return a, _projected_values(attn, v)
+
+
+def _token_self_attention(layer, queries: torch.Tensor, qpe: torch.Tensor) -> torch.Tensor:
+    """A two-way block's token self-attention and first norm on (B, T, C) tokens."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + qpe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    return layer.norm1(queries)
+
+
+def _map_chain(
+    layers, w: torch.Tensor, last_bias: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """For ``keys_D @ w`` after the blocks ``layers`` (D of them), the maps
+    ``M_i = diag(g_i) ... diag(g_D) w`` (i = 1..D, then w itself) and per block the
+    rows of B' for its mean term (column sums of M_i) and its norm bias
+    (``b_i M_{i+1}``, plus ``last_bias`` for the last block), each (1, w.shape[1])."""
+    maps = [w]
+    for layer in reversed(layers):
+        maps.insert(0, layer.norm4.weight[:, None] * maps[0])
+    rows = []
+    for i, layer in enumerate(layers):
+        bias = layer.norm4.bias @ maps[i + 1]
+        if last_bias is not None and i == len(layers) - 1:
+            bias = bias + last_bias
+        rows.append((maps[i].sum(0, keepdim=True), bias[None]))
+    return maps, rows
+
+
+def _factor_rows(
+    values: list[torch.Tensor],
+    maps: list[torch.Tensor],
+    rows: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """B' (B, K, n) of a factored map (see :func:`_map_chain`): per block, its
+    projected values (B, H T, C) through M_i, then its mean and bias rows."""
+    b = values[0].shape[0]
+    out = []
+    for v, m, (col_sums, bias) in zip(values, maps, rows, strict=False):
+        out += [v @ m, col_sums.expand(b, 1, -1), bias.expand(b, 1, -1)]
+    return torch.cat(out, 1)
+
+
+def _fill_factor_rows(
+    a_aug: torch.Tensor, q: torch.Tensor, i: int, attn: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> torch.Tensor:
+    """Write block i's rows of A' (B, K, L): its attention (B, H T, L) and mean
+    (B, L) scaled by q (the product of 1 / rstd over the earlier blocks), and
+    q / rstd for its bias term. Returns q / rstd."""
+    ht = attn.shape[1]
+    off = i * (ht + 2)
+    torch.mul(attn, q[:, None, :], out=a_aug[:, off : off + ht])
+    torch.mul(mean, -q, out=a_aug[:, off + ht])
+    q = q / rstd
+    a_aug[:, off + ht + 1] = q
+    return q
+
+
+def _factored_logits(
+    qh: torch.Tensor, fm: FactoredMap, b_aug: torch.Tensor, a_aug: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """qh (B, H, T, d) against the image tokens' projection ``keys W + P W`` given in
+    factored form (xm (H, d, L), b_aug (B, K, H d), a_aug (B, K, L), scale (B, L)).
+    Returns (B, H T, L) logits, without W's bias."""
+    b, h, t, d = qh.shape
+    k, n = a_aug.shape[1:]
+    logits = torch.matmul(qh, fm.xm).view(b, h * t, n)
+    qb = torch.matmul(qh, b_aug.view(b, k, h, d).permute(0, 2, 3, 1)).view(b, h * t, k)
+    logits.baddbmm_(qb, a_aug).mul_(scale[:, None, :])
+    return logits.view(b, h, t, n).add_(torch.matmul(qh, fm.pe)).view(b, h * t, n)
+
+
+def _factored_values(
+    a: torch.Tensor, fm: FactoredMap, b_aug: torch.Tensor, a_aug: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Attention a (B, H T, L) times the image tokens' value projection ``keys W``
+    given in factored form (xm (H, L, d)). Returns (B, H, T, d), without W's bias."""
+    b, ht, n = a.shape
+    h, _, d = fm.xm.shape
+    k = a_aug.shape[1]
+    a = a * scale[:, None, :]
+    out = torch.matmul(a.view(b, h, ht // h, n), fm.xm)
+    g = torch.bmm(a, a_aug.transpose(1, 2)).view(b, h, ht // h, k)
+    return out.add_(torch.matmul(g, b_aug.view(b, k, h, d).transpose(1, 2)))
+
+
+def _i2t_factored(
+    attn, k_in: torch.Tensor, v_in: torch.Tensor, fq: FactoredMap, b_aug: torch.Tensor,
+    a_aug: torch.Tensor, scale: torch.Tensor,
+) -> tuple:
+    """:func:`_i2t` with the image queries' projection in factored form
+    (:func:`_factored_logits`); k_in, v_in (B, T, C) tokens."""
+    b, t, _ = k_in.shape
+    h = attn.num_heads
+    d = attn.q_proj.out_features // h
+    n = a_aug.shape[2]
+    k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
+    logits = _factored_logits(k, fq, b_aug, a_aug, scale)
+    logits += torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
+    a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
     v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
     return a, _projected_values(attn, v)
