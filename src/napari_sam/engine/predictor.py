@@ -638,8 +638,9 @@ class _FastDecoder:
     products on pixel-major features, in cache-sized chunks, so no layout
     copies of the large tensors are needed; for prompts of few tokens its first
     convolution is evaluated in factored form through the blocks' image updates
-    (:meth:`conv1_factors`). Token-side modules (self-attention, MLPs, norms,
-    heads) are the model's own.
+    (:meth:`conv1_factors`). For such prompts every block after the first works
+    on the image tokens in that factored form too (:meth:`decode_factored`).
+    Token-side modules (self-attention, MLPs, norms, heads) are the model's own.
     """
 
     def __init__(self, decoder: torch.nn.Module) -> None:
@@ -752,8 +753,10 @@ class _FastDecoder:
             d = w.shape[1] // heads
             xm = (ctx["x"][0] @ maps[0]).view(n, heads, d)
             xm = xm.transpose(0, 1) if values else xm.permute(1, 2, 0)
-            pe = (ctx["p"][0] @ w).view(n, heads, d).permute(1, 2, 0)
-            ctx[key] = FactoredMap(xm.contiguous(), pe.contiguous(), maps, rows)
+            pe = None  # values carry no positional encoding
+            if not values:
+                pe = (ctx["p"][0] @ w).view(n, heads, d).permute(1, 2, 0).contiguous()
+            ctx[key] = FactoredMap(xm.contiguous(), pe, maps, rows)
         return ctx[key]
 
     def transformer(
@@ -907,7 +910,7 @@ class _FastDecoder:
             vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
             b, ht, n = a.shape
             if i == 0:
-                a_aug = self._buffer("conv1_a", (b, len(layers) * (ht + 2), n), a)
+                a_aug = self._buffer("factors_a", (b, len(layers) * (ht + 2), n), a)
                 q = torch.ones((b, n), dtype=a.dtype, device=a.device)
             stats = (self._buffer(f"mean{i}", (b, n), vo), self._buffer(f"rstd{i}", (b, n), vo))
             for field, value in zip(updates, (a, vo, *stats), strict=True):
@@ -990,11 +993,12 @@ class _FastDecoder:
 class FactoredMap(NamedTuple):
     """Per-image part of ``keys_i @ W`` in factored form (:meth:`_FastDecoder.conv1_factors`)
     for an attention projection W of H heads of width d: xm = x M_1 per head, (H, d, L)
-    for keys and queries or (H, L, d) for values; pe = P W per head (H, d, L); the maps
-    M_1 ... M_i, W and per block the rows of B' for the mean and bias terms."""
+    for keys and queries or (H, L, d) for values; pe = P W per head (H, d, L), None
+    for values; the maps M_1 ... M_i, W and per block the rows of B' for the mean and
+    bias terms."""
 
     xm: torch.Tensor
-    pe: torch.Tensor
+    pe: torch.Tensor | None
     maps: list[torch.Tensor]
     rows: list[tuple[torch.Tensor, torch.Tensor]]
 
