@@ -5,7 +5,9 @@
 1. Thresholding the full-size masks: numpy's ``np.greater`` vs ``torch.gt``, both
    writing bands of 32 rows into a (3, 1216, 1600) bool array, as the
    postprocessing does.
-2. The factored first convolution of the mask head vs the direct one: the
+2. Factored decoding (the image tokens after the first block kept as a per-image
+   part plus a low-rank per-click part: second block, final attention, first
+   convolution of the mask head) vs the direct decoder on the image tokens: the
    largest logit difference relative to the logit range (ViT-B decoder,
    random weights, random embedding, one point).
 3. bfloat16 for the second convolution (not used): logit difference, mask IoU
@@ -92,7 +94,7 @@ def decoder_variants() -> None:
     span = float(ref.logits.max() - ref.logits.min())
     with mock.patch.object(P._FastDecoder, "factor_pays", lambda self, updates: False):
         direct = click()
-    print(f"factored vs direct first convolution: max |logit diff| / range "
+    print(f"factored vs direct decoding: max |logit diff| / range "
           f"{np.abs(ref.logits - direct.logits).max() / span:.1e}")
 
     with mock.patch.object(P, "upscale_masks", _upscale_bf16):
