@@ -888,10 +888,10 @@ class _FastDecoder:
         keys = ctx["x"]
         updates = ImageUpdates([], [], [], [])
         a_aug = scale = q = None
+        k_i = 0  # rows of A' filled so far: H T + 2 per block
         for i, layer in enumerate(layers):
             queries = _token_self_attention(layer, queries, qpe)
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            k_i = i * (a_aug.shape[1] // len(layers)) if i else 0
             if i == 0:
                 attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
             else:
@@ -921,6 +921,7 @@ class _FastDecoder:
             keys = _image_update(a, vo, keys, layer.norm4, None, out, stats)[0]
             q = _fill_factor_rows(a_aug, q, i, a, *stats)
             scale = 1 / q
+            k_i += ht + 2
         sel, used = self._selected_tokens(multimask)
         final = tr.final_attn_token_to_image
         attn = self._t2i_factored(ctx, "final", final, queries[:, used] + qpe[:, used],
