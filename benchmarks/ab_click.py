@@ -1,11 +1,12 @@
 """Paired A/B of click latency: the working tree's predictor vs a git revision's.
 
-    python benchmarks/ab_click.py REV [--repeats 80] [--real-embedding]
+    python benchmarks/ab_click.py REV [--repeats 80] [--real-embedding] [--boxes B]
 
 Loads ``src/napari_sam/engine/predictor.py`` as of ``REV`` (``git show``) next to
 the installed one, gives both the same ViT-B random weights and the same
 embedding (random, or with ``--real-embedding`` computed from the benchmark image),
-and times one-point multimask clicks at 1200 x 1600, the two versions alternating
+and times one-point multimask clicks at 1200 x 1600 (with ``--boxes B``: one call
+with B random 150-pixel boxes, single-mask output), the two versions alternating
 (order swapped every round) in one process. On this noisy VM that is the way to see
 changes of a few percent: both versions share the process, its memory layout and
 the machine's load. Also reports how far their outputs differ.
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("rev")
     parser.add_argument("--repeats", type=int, default=80)
     parser.add_argument("--real-embedding", action="store_true")
+    parser.add_argument("--boxes", type=int, default=0, help="B boxes in one call instead")
     args = parser.parse_args(argv)
 
     import napari_sam.engine.predictor as current
@@ -70,11 +72,15 @@ def main(argv: list[str] | None = None) -> None:
         pred = module.Predictor(model)
         pred.set_embedding(features, shape, pred.transform.input_size(shape))
         preds[name] = pred
-    point, label = np.array([[480.0, 880.0]]), np.array([1])
+    prompt = {"points": np.array([[480.0, 880.0]]), "labels": np.array([1])}
+    if args.boxes:
+        rng = np.random.default_rng(0)
+        corner = rng.uniform((0, 0), (shape[0] - 150, shape[1] - 150), (args.boxes, 2))
+        prompt = {"box": np.concatenate([corner, corner + 150], 1), "multimask": False}
     for _ in range(5):
         for pred in preds.values():
-            pred.predict(points=point, labels=label)
-    a, b = (pred.predict(points=point, labels=label) for pred in preds.values())
+            pred.predict(**prompt)
+    a, b = (pred.predict(**prompt) for pred in preds.values())
     span = float(a.logits.max() - a.logits.min())
     print(f"max |logit diff| / range {np.abs(a.logits - b.logits).max() / span:.1e}; "
           f"mask pixels equal {(a.masks == b.masks).mean():.7f}")
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(args.repeats):
         for name in list(preds) if i % 2 else list(preds)[::-1]:
             t0 = time.perf_counter()
-            preds[name].predict(points=point, labels=label)
+            preds[name].predict(**prompt)
             times[name].append(time.perf_counter() - t0)
     for name, values in times.items():
         print(f"{name}: median {statistics.median(values) * 1e3:.2f} ms, "

@@ -1308,10 +1308,14 @@ def _factored_logits(
     Returns (B, H T, L) logits, without W's bias."""
     b, h, t, d = qh.shape
     k, n = a_aug.shape[1:]
-    logits = torch.matmul(qh, fm.xm).view(b, h * t, n)
+    logits = qh.new_empty((b, h, t, n))
+    for i in range(b):  # per prompt: a batched matmul would copy the shared xm B times
+        torch.bmm(qh[i], fm.xm, out=logits[i])
     qb = torch.matmul(qh, b_aug.view(b, k, h, d).permute(0, 2, 3, 1)).view(b, h * t, k)
-    logits.baddbmm_(qb, a_aug).mul_(scale[:, None, :])
-    return logits.view(b, h, t, n).add_(torch.matmul(qh, fm.pe)).view(b, h * t, n)
+    logits.view(b, h * t, n).baddbmm_(qb, a_aug).mul_(scale[:, None, :])
+    for i in range(b):
+        logits[i].baddbmm_(qh[i], fm.pe)
+    return logits.view(b, h * t, n)
 
 
 def _factored_values(
@@ -1324,7 +1328,9 @@ def _factored_values(
     h, _, d = fm.xm.shape
     k = a_aug.shape[1]
     a = a * scale[:, None, :]
-    out = torch.matmul(a.view(b, h, ht // h, n), fm.xm)
+    out = a.new_empty((b, h, ht // h, d))
+    for i in range(b):  # per prompt, as in _factored_logits
+        torch.bmm(a[i].view(h, ht // h, n), fm.xm, out=out[i])
     g = torch.bmm(a, a_aug.transpose(1, 2)).view(b, h, ht // h, k)
     return out.add_(torch.matmul(g, b_aug.view(b, k, h, d).transpose(1, 2)))
 
