@@ -660,10 +660,14 @@ class _FastDecoder:
         dec, core, grid = self.dec, self._core, self._ctx["grid"]
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         ious, chosens, lows = [], [], []
+        factored = core.factor_pays(sparse.shape[1])
         for s in range(0, sparse.shape[0], sub_batch):
-            q, qpe, keys, keys_pe, updates = core.transformer(self._ctx, sparse[s : s + sub_batch])
-            factor = updates is not None and core.factor_pays(sparse.shape[1])
-            hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
+            if factored:  # the image tokens stay in factored form (see the core decoder)
+                state = core.transformer_factored(self._ctx, sparse[s : s + sub_batch])
+                hs = core.final_attention_factored(self._ctx, state, [0])
+            else:
+                q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
+                hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
             iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
             ious.append(iou)
             chosen = select(iou)
@@ -671,13 +675,18 @@ class _FastDecoder:
             for j in torch.nonzero(chosen.any(dim=1)).flatten().tolist():
                 mask_tokens = [1 + int(k) for k in torch.nonzero(chosen[j]).flatten()]
                 rows = [1 + m for m in mask_tokens]  # positions after the IoU token
-                hs = core.final_attention(q[j : j + 1, rows], out_tokens[rows][None],
-                                          keys[j : j + 1], keys_pe[j : j + 1])
+                if factored:
+                    hs = core.final_attention_factored(self._ctx, state, rows, j)
+                    factors = core.conv1_factors(self._ctx, state, j)
+                    tokens = self._ctx["x"]  # not read with factors
+                else:
+                    hs = core.final_attention(q[j : j + 1, rows], out_tokens[rows][None],
+                                              keys[j : j + 1], keys_pe[j : j + 1])
+                    factors, tokens = None, keys[j : j + 1]
                 hyper = torch.stack(
                     [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
                 )[None]  # (1, K, C/8)
-                factors = core.conv1_factors(self._ctx, updates, j) if factor else None
-                lows.append(core.upscale(keys[j : j + 1], hyper, grid, factors)[0])
+                lows.append(core.upscale(tokens, hyper, grid, factors)[0])
         iou = torch.cat(ious)
         eh, ew = grid
         low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))

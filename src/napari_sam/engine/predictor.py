@@ -764,8 +764,8 @@ class _FastDecoder:
         ctx: dict,
         sparse: torch.Tensor,
         image_tokens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ImageUpdates | None]:
-        """The two-way transformer on (B, N, C) sparse prompt tokens.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-way transformer on (B, N, C) sparse prompt tokens, image tokens formed.
 
         ``image_tokens`` (B, L, C) replaces the cached image side when the dense
         prompt is not the no-mask embedding (mask prompts).
@@ -773,17 +773,14 @@ class _FastDecoder:
         Returns the tokens (B, T, C) (output tokens, then the prompt tokens), their
         positional encoding (B, T, C), the image tokens ``keys`` (B, L, C)
         and ``keys + pe`` (B, L, C), both scratch buffers that the next call
-        overwrites, and the blocks' image updates (:class:`ImageUpdates`, for
-        :meth:`conv1_factors`; None with ``image_tokens`` or when the norms are
-        not plain LayerNorms). Not thread-safe; the Predictor serialises calls.
+        overwrites. Not thread-safe; the Predictor serialises calls. For prompts of
+        few tokens :meth:`transformer_factored` is cheaper.
         """
         tr = self.dec.transformer
         queries = qpe = self._initial_tokens(sparse)
         p = ctx["p"]
         keys = ctx["x"] if image_tokens is None else image_tokens
         keys_pe = None if image_tokens is None else keys + p  # the cached first block needs none
-        updates = ImageUpdates([], [], [], []) if "conv1_maps" in ctx and image_tokens is None \
-            else None
         for i, layer in enumerate(tr.layers):
             queries = _token_self_attention(layer, queries, qpe)
             cached = i == 0 and image_tokens is None
@@ -801,51 +798,14 @@ class _FastDecoder:
             vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
             shape = (a.shape[0], a.shape[2], vo.shape[2])
             out = (self._buffer(f"keys{i % 2}", shape, vo), self._buffer(f"kpe{i % 2}", shape, vo))
-            stats = None
-            if updates is not None:
-                stats = (self._buffer(f"mean{i}", shape[:2], vo),
-                         self._buffer(f"rstd{i}", shape[:2], vo))
-                for field, value in zip(updates, (a, vo, *stats), strict=True):
-                    field.append(value)
-            keys, keys_pe = _image_update(a, vo, keys, layer.norm4, p, out, stats)
-        return queries, qpe, keys, keys_pe, updates
+            keys, keys_pe = _image_update(a, vo, keys, layer.norm4, p, out)
+        return queries, qpe, keys, keys_pe
 
     def _initial_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """(B, N, C) sparse prompt tokens -> (B, T, C): IoU and mask tokens, then the prompts."""
         dec = self.dec
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
-
-    def conv1_factors(
-        self, ctx: dict, updates: ImageUpdates, index: int | None = None
-    ) -> Conv1Factors:
-        """The mask head's first convolution on the final image tokens, in factored form.
-
-        The final image tokens are ``keys_D`` with ``keys_i = LN_i(keys_{i-1} +
-        A_i^T V_i)`` (``keys_0`` = x, the cached image tokens): per token, a
-        LayerNorm is ``r (z - mu) g + b`` with scalars ``mu``, ``r``. Unrolled,
-
-            keys_D W + bias = R (x M_1 + A' B'),
-
-        with ``M_i = diag(g_i) ... diag(g_D) W``, ``R`` the product of the ``r_i``,
-        and A' (L, K) / B' (K, 4 C/4) stacking per block the attention ``A_i^T``,
-        the mean and bias terms (K = D (H T + 2)). ``x M_1`` is per image
-        (:meth:`context`), so a click costs L K 4 C/4 multiply-adds instead of
-        L C 4 C/4: K = 116 instead of 256 for ViT SAM with one point.
-        ``index`` picks one prompt of the batch. Returns the factors for
-        :func:`upscale_masks`.
-        """
-        attn, values, means, rstds = (
-            [t[index : index + 1] for t in field] if index is not None else field
-            for field in updates
-        )
-        b, ht, n = attn[0].shape
-        a_aug = self._buffer("conv1_a", (b, len(attn) * (ht + 2), n), attn[0])
-        q = torch.ones_like(means[0])
-        for i, terms in enumerate(zip(attn, means, rstds, strict=True)):
-            q = _fill_factor_rows(a_aug, q, i, *terms)
-        b_aug = _factor_rows(values, ctx["conv1_maps"], ctx["conv1_rows"])
-        return Conv1Factors(ctx["conv1_xm"], a_aug, b_aug, 1 / q)
 
     def __call__(
         self,
@@ -861,7 +821,7 @@ class _FastDecoder:
         """
         if image_tokens is None and self.factor_pays(sparse.shape[1]):
             return self.decode_factored(ctx, sparse, multimask)
-        queries, qpe, keys, keys_pe, _ = self.transformer(ctx, sparse, image_tokens)
+        queries, qpe, keys, keys_pe = self.transformer(ctx, sparse, image_tokens)
         sel, used = self._selected_tokens(multimask)
         hs = self.final_attention(queries[:, used], qpe[:, used], keys, keys_pe)
         return self._heads(hs, sel, keys, ctx["grid"], None)
@@ -869,21 +829,30 @@ class _FastDecoder:
     def decode_factored(
         self, ctx: dict, sparse: torch.Tensor, multimask: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`__call__` for prompts of few tokens, with the image tokens in factored form.
+        """:meth:`__call__` for prompts of few tokens, with the image tokens in factored form
+        (:meth:`transformer_factored`); the final attention and the mask head's first
+        convolution use that form too."""
+        state = self.transformer_factored(ctx, sparse)
+        sel, used = self._selected_tokens(multimask)
+        hs = self.final_attention_factored(ctx, state, used)
+        return self._heads(hs, sel, ctx["x"], ctx["grid"], self.conv1_factors(ctx, state))
+
+    def transformer_factored(self, ctx: dict, sparse: torch.Tensor) -> FactoredState:
+        """The two-way transformer on (B, N, C) sparse prompt tokens, with the image
+        tokens after the first block in factored form.
 
         After the first block the image tokens are ``keys_i = R_i (x M + A'_i B'_i)``
         for any linear map (:meth:`conv1_factors`), so every later product of
         per-click token matrices with the L image tokens goes through the per-image
         ``x M`` (one head's width) and the K_i x L matrix A'_i instead of the C-wide
-        tokens: the second block's two attentions, the final attention and the
-        first convolution of the mask head. Only the intermediate blocks' image
-        tokens are formed (each block's LayerNorm needs its input's statistics);
-        the last block's only for its statistics. Needs plain LayerNorms and no
-        mask prompt; worth it while K_D = D (H T + 2) is well below C
-        (:meth:`factor_pays`).
+        tokens: the later blocks' attentions, and after the transformer the final
+        attention and the first convolution of the mask head. Only the intermediate
+        blocks' image tokens are formed (each block's LayerNorm needs its input's
+        statistics); the last block's only for its statistics. Needs plain
+        LayerNorms and no mask prompt; worth it while K_D = D (H T + 2) is well
+        below C (:meth:`factor_pays`). Not thread-safe (scratch buffers).
         """
-        tr = self.dec.transformer
-        layers = tr.layers
+        layers = self.dec.transformer.layers
         queries = qpe = self._initial_tokens(sparse)
         keys = ctx["x"]
         updates = ImageUpdates([], [], [], [])
@@ -922,15 +891,45 @@ class _FastDecoder:
             q = _fill_factor_rows(a_aug, q, i, a, *stats)
             scale = 1 / q
             k_i += ht + 2
-        sel, used = self._selected_tokens(multimask)
-        final = tr.final_attn_token_to_image
-        attn = self._t2i_factored(ctx, "final", final, queries[:, used] + qpe[:, used],
-                                  len(layers), updates, a_aug, scale)
-        hs = tr.norm_final_attn(queries[:, used] + attn)
-        factors = Conv1Factors(ctx["conv1_xm"], a_aug,
-                               _factor_rows(updates.values, ctx["conv1_maps"], ctx["conv1_rows"]),
-                               scale)
-        return self._heads(hs, sel, ctx["x"], ctx["grid"], factors)
+        return FactoredState(queries, qpe, updates, a_aug, scale)
+
+    def final_attention_factored(
+        self, ctx: dict, state: FactoredState, tokens: list[int], index: int | None = None
+    ) -> torch.Tensor:
+        """Final token -> image attention and norm of the output tokens ``tokens``
+        (positions in the token sequence) against the factored image tokens; ``index``
+        picks one prompt of the batch. Returns (B or 1, len(tokens), C)."""
+        state = state.select(index)
+        tr = self.dec.transformer
+        queries = state.queries[:, tokens]
+        attn = self._t2i_factored(ctx, "final", tr.final_attn_token_to_image,
+                                  queries + state.qpe[:, tokens], len(tr.layers),
+                                  state.updates, state.a_aug, state.scale)
+        return tr.norm_final_attn(queries + attn)
+
+    def conv1_factors(
+        self, ctx: dict, state: FactoredState, index: int | None = None
+    ) -> Conv1Factors:
+        """The mask head's first convolution on the final image tokens, in factored form.
+
+        The final image tokens are ``keys_D`` with ``keys_i = LN_i(keys_{i-1} +
+        A_i^T V_i)`` (``keys_0`` = x, the cached image tokens): per token, a
+        LayerNorm is ``r (z - mu) g + b`` with scalars ``mu``, ``r``. Unrolled,
+
+            keys_D W + bias = R (x M_1 + A' B'),
+
+        with ``M_i = diag(g_i) ... diag(g_D) W``, ``R`` the product of the ``r_i``,
+        and A' (L, K) / B' (K, 4 C/4) stacking per block the attention ``A_i^T``,
+        the mean and bias terms (K = D (H T + 2)). ``x M_1`` is per image
+        (:meth:`context`), so a click costs L K 4 C/4 multiply-adds instead of
+        L C 4 C/4: K = 116 instead of 256 for ViT SAM with one point.
+        ``state`` is a :meth:`transformer_factored` result (A' and R are
+        at hand); ``index`` picks one prompt of the batch. Returns the factors
+        for :func:`upscale_masks`.
+        """
+        state = state.select(index)
+        rows = _factor_rows(state.updates.values, ctx["conv1_maps"], ctx["conv1_rows"])
+        return Conv1Factors(ctx["conv1_xm"], state.a_aug, rows, state.scale)
 
     def _t2i_factored(
         self, ctx: dict, name: str, attn, q_in: torch.Tensor, depth: int,
@@ -989,6 +988,30 @@ class _FastDecoder:
         tr = self.dec.transformer
         attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
         return tr.norm_final_attn(queries + attn)
+
+
+class FactoredState(NamedTuple):
+    """Output of :meth:`_FastDecoder.transformer_factored`: the tokens (B, T, C) and their
+    positional encoding, the blocks' image updates, and the final image tokens in
+    factored form, A' (B, K, L) and the scale R (B, L). A' is a scratch buffer that the
+    next call overwrites."""
+
+    queries: torch.Tensor
+    qpe: torch.Tensor
+    updates: ImageUpdates
+    a_aug: torch.Tensor
+    scale: torch.Tensor
+
+    def select(self, index: int | None) -> FactoredState:
+        """The state of prompt ``index`` alone (batch of 1); all of it for None."""
+        if index is None:
+            return self
+        one = slice(index, index + 1)
+        return FactoredState(
+            self.queries[one], self.qpe[one],
+            ImageUpdates(*([t[one] for t in field] for field in self.updates)),
+            self.a_aug[one], self.scale[one],
+        )
 
 
 class FactoredMap(NamedTuple):
