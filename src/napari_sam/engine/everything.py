@@ -608,7 +608,9 @@ class _FastDecoder:
     two-way transformer is the interactive predictor's
     (:class:`napari_sam.engine.predictor._FastDecoder`: first-block image
     projections computed once per image, factored cross-attention, chunked
-    image updates into reused buffers). Everything-mode then saves more:
+    image updates into reused buffers, and for SAM's 256-wide decoder the image
+    tokens after the first block kept in factored form). Everything-mode then
+    saves more:
 
     * :meth:`decode` sends only the IoU token through the final token-to-image
       attention (each token attends on its own, so this is exact);
