@@ -648,7 +648,8 @@ class _FastDecoder:
         # Scratch tensors reused between calls: fresh multi-MB allocations cost
         # page faults (about 1 us per 4 KiB page), a noticeable part of a click.
         self._work: dict[tuple, torch.Tensor] = {}
-        self._factor_conv1 = all(
+        # the image updates' norms are plain affine LayerNorms: factored forms apply
+        self._plain_layer_norms = all(
             type(layer.norm4) is torch.nn.LayerNorm and len(layer.norm4.normalized_shape) == 1
             and layer.norm4.weight is not None
             and layer.norm4.bias is not None
@@ -731,7 +732,7 @@ class _FastDecoder:
         q = (q * q.shape[1] ** -0.5).contiguous()
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         ctx = {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
-        if self._factor_conv1:
+        if self._plain_layer_norms:
             # the maps M_i of conv1_factors and the image-only term x M_1
             w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
             maps, rows = _map_chain(self.dec.transformer.layers, w1, bias1)
@@ -974,7 +975,7 @@ class _FastDecoder:
         """True if image tokens in factored form (:meth:`conv1_factors`,
         :meth:`decode_factored`) are cheaper than the tokens themselves: the inner
         size K = D (H T + 2) well below C (few prompt tokens). Needs plain LayerNorms."""
-        if not self._factor_conv1:
+        if not self._plain_layer_norms:
             return False
         tr = self.dec.transformer
         t = 1 + self.dec.num_mask_tokens + n_prompt_tokens
