@@ -731,14 +731,7 @@ class _FastDecoder:
         q = i2t.q_proj(xp)[0].view(n, i2t.num_heads, -1).permute(1, 2, 0)
         q = (q * q.shape[1] ** -0.5).contiguous()
         grid = (int(features.shape[-2]), int(features.shape[-1]))
-        ctx = {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
-        if self._plain_layer_norms:
-            # the maps M_i of conv1_factors and the image-only term x M_1
-            w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
-            maps, rows = _map_chain(self.dec.transformer.layers, w1, bias1)
-            ctx["conv1_maps"], ctx["conv1_rows"] = maps, rows
-            ctx["conv1_xm"] = x[0] @ maps[0]
-        return ctx
+        return {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
 
     def _factored_map(
         self, ctx: dict, name: str, linear: torch.nn.Linear, depth: int, heads: int,
@@ -872,11 +865,8 @@ class _FastDecoder:
             if i == 0:
                 a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
             else:
-                fq = self._factored_map(ctx, f"block{i}.i2t.q", i2t.q_proj, i, i2t.num_heads,
-                                        values=False)
-                a, vo = _i2t_factored(i2t, queries + qpe, queries, fq,
-                                      _factor_rows(updates.values, fq.maps, fq.rows),
-                                      a_aug[:, :k_i], scale)
+                a, vo = self._i2t_factored(ctx, f"block{i}", i2t, queries + qpe, queries, i,
+                                           updates, a_aug[:, :k_i], scale)
             vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
             b, ht, n = a.shape
             if i == 0:
@@ -922,15 +912,20 @@ class _FastDecoder:
         with ``M_i = diag(g_i) ... diag(g_D) W``, ``R`` the product of the ``r_i``,
         and A' (L, K) / B' (K, 4 C/4) stacking per block the attention ``A_i^T``,
         the mean and bias terms (K = D (H T + 2)). ``x M_1`` is per image
-        (:meth:`context`), so a click costs L K 4 C/4 multiply-adds instead of
+        (cached in ``ctx`` on first use), so a click costs L K 4 C/4 multiply-adds instead of
         L C 4 C/4: K = 116 instead of 256 for ViT SAM with one point.
         ``state`` is a :meth:`transformer_factored` result (A' and R are
         at hand); ``index`` picks one prompt of the batch. Returns the factors
         for :func:`upscale_masks`.
         """
         state = state.select(index)
-        rows = _factor_rows(state.updates.values, ctx["conv1_maps"], ctx["conv1_rows"])
-        return Conv1Factors(ctx["conv1_xm"], state.a_aug, rows, state.scale)
+        if "conv1" not in ctx:  # per image: the maps M_i and the image-only term x M_1
+            w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
+            maps, rows = _map_chain(self.dec.transformer.layers, w1, bias1)
+            ctx["conv1"] = (ctx["x"][0] @ maps[0], maps, rows)
+        xm, maps, rows = ctx["conv1"]
+        b_aug = _factor_rows(state.updates.values, maps, rows)
+        return Conv1Factors(xm, state.a_aug, b_aug, state.scale)
 
     def _t2i_factored(
         self, ctx: dict, name: str, attn, q_in: torch.Tensor, depth: int,
@@ -951,6 +946,26 @@ class _FastDecoder:
                                a_aug, scale)
         out = out + attn.v_proj.bias.view(h, 1, d)
         return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def _i2t_factored(
+        self, ctx: dict, name: str, attn, k_in: torch.Tensor, v_in: torch.Tensor, depth: int,
+        updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
+    ) -> tuple:
+        """:func:`_i2t` against the image tokens after ``depth`` blocks in factored form
+        (a_aug (B, K, L), scale (B, L)): the image queries' projection goes through
+        :func:`_factored_logits`. k_in, v_in (B, T, C) tokens."""
+        b, t, _ = k_in.shape
+        h = attn.num_heads
+        d = attn.q_proj.out_features // h
+        n = a_aug.shape[2]
+        fq = self._factored_map(ctx, f"{name}.i2t.q", attn.q_proj, depth, h, values=False)
+        k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
+        logits = _factored_logits(k, fq, _factor_rows(updates.values, fq.maps, fq.rows),
+                                  a_aug, scale)
+        logits += torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
+        a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
+        v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
+        return a, _projected_values(attn, v)
 
     def _selected_tokens(self, multimask: bool) -> tuple[list[int], list[int]]:
         """Mask tokens read for the output, and the output tokens that attend in the
@@ -1357,21 +1372,3 @@ def _factored_values(
         torch.bmm(a[i].view(h, ht // h, n), fm.xm, out=out[i])
     g = torch.bmm(a, a_aug.transpose(1, 2)).view(b, h, ht // h, k)
     return out.add_(torch.matmul(g, b_aug.view(b, k, h, d).transpose(1, 2)))
-
-
-def _i2t_factored(
-    attn, k_in: torch.Tensor, v_in: torch.Tensor, fq: FactoredMap, b_aug: torch.Tensor,
-    a_aug: torch.Tensor, scale: torch.Tensor,
-) -> tuple:
-    """:func:`_i2t` with the image queries' projection in factored form
-    (:func:`_factored_logits`); k_in, v_in (B, T, C) tokens."""
-    b, t, _ = k_in.shape
-    h = attn.num_heads
-    d = attn.q_proj.out_features // h
-    n = a_aug.shape[2]
-    k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
-    logits = _factored_logits(k, fq, b_aug, a_aug, scale)
-    logits += torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
-    a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
-    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-    return a, _projected_values(attn, v)
