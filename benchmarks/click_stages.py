@@ -61,16 +61,29 @@ def main(argv: list[str] | None = None) -> None:
         ("_t2i_cached", "block 1 attentions (cached image side)"),
         ("_i2t_cached", "block 1 attentions (cached image side)"),
         ("_image_update", "image updates (add, LayerNorm; 2 blocks)"),
-        ("_i2t_factored", "factored attentions (block 2, final)"),
         ("upscale_masks", "mask head (2 transposed convolutions)"),
         ("_postprocess", "full-resolution masks"),
     ]:
         _timed(P, name, label, acc)
-    _timed(P._FastDecoder, "_t2i_factored", "factored attentions (block 2, final)", acc)
+    for name in ("_t2i_factored", "_i2t_factored"):
+        _timed(P._FastDecoder, name, "factored attentions (block 2, final)", acc)
     _timed(P._FastDecoder, "decode_factored", "decode (all of the decoder)", acc)
     _timed(P.Predictor, "predict", "predict (the whole click)", acc)
 
     point, label = np.array([[480.0, 880.0]]), np.array([1])
+    t0 = time.perf_counter()
+    pred.predict(points=point, labels=label)  # builds the per-image context
+    first = time.perf_counter() - t0
+    per_image = sum(
+        t.numel() * t.element_size()
+        for value in pred._context.values()
+        for t in (value if isinstance(value, tuple) else (value,))
+        if isinstance(t, torch.Tensor)
+    )
+    n_params = sum(p.numel() for p in dec.parameters())
+    print(f"first click after set_embedding: {first * 1e3:.1f} ms; per-image context "
+          f"{per_image / 2**20:.1f} MB; decoder {n_params / 1e6:.2f} M parameters "
+          f"({n_params * 4 / 2**20:.1f} MB)")
     for _ in range(5):
         pred.predict(points=point, labels=label)
     acc.clear()
