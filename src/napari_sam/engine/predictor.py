@@ -36,6 +36,7 @@ from napari_sam.engine.cache import CacheEntry, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.transforms import ImageTransform
 from napari_sam.errors import InvalidInputError
+from napari_sam.models import kernels
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -838,7 +839,7 @@ class _FastDecoder:
         After the first block the image tokens are ``keys_i = R_i (x M + A'_i B'_i)``
         for any linear map (:meth:`conv1_factors`), so every later product of
         per-click token matrices with the L image tokens goes through the per-image
-        ``x M`` (one head's width) and the K_i x L matrix A'_i instead of the C-wide
+        ``x M`` (one head's width) and the L x K_i matrix A'_i instead of the C-wide
         tokens: the later blocks' attentions, and after the transformer the final
         attention and the first convolution of the mask head. Only the intermediate
         blocks' image tokens are formed (each block's LayerNorm needs its input's
@@ -859,18 +860,18 @@ class _FastDecoder:
                 attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
             else:
                 attn = self._t2i_factored(ctx, f"block{i}", t2i, queries + qpe, i, updates,
-                                          a_aug[:, :k_i], scale)
+                                          a_aug[..., :k_i], scale)
             queries = layer.norm2(queries + attn)
             queries = layer.norm3(queries + layer.mlp(queries))
             if i == 0:
                 a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
             else:
                 a, vo = self._i2t_factored(ctx, f"block{i}", i2t, queries + qpe, queries, i,
-                                           updates, a_aug[:, :k_i], scale)
+                                           updates, a_aug[..., :k_i], scale)
             vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
             b, ht, n = a.shape
             if i == 0:
-                a_aug = self._buffer("factors_a", (b, len(layers) * (ht + 2), n), a)
+                a_aug = self._buffer("factors_a", (b, n, len(layers) * (ht + 2)), a)
                 q = torch.ones((b, n), dtype=a.dtype, device=a.device)
             stats = (self._buffer(f"mean{i}", (b, n), vo), self._buffer(f"rstd{i}", (b, n), vo))
             for field, value in zip(updates, (a, vo, *stats), strict=True):
@@ -932,7 +933,7 @@ class _FastDecoder:
         updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
     ) -> torch.Tensor:
         """Token -> image attention against the image tokens after ``depth`` blocks in
-        factored form (a_aug (B, K, L), scale (B, L)). q_in (B, T, C) -> (B, T, C)."""
+        factored form (a_aug (B, L, K), scale (B, L)). q_in (B, T, C) -> (B, T, C)."""
         b, t, _ = q_in.shape
         h = attn.num_heads
         d = attn.q_proj.out_features // h
@@ -952,12 +953,12 @@ class _FastDecoder:
         updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
     ) -> tuple:
         """:func:`_i2t` against the image tokens after ``depth`` blocks in factored form
-        (a_aug (B, K, L), scale (B, L)): the image queries' projection goes through
+        (a_aug (B, L, K), scale (B, L)): the image queries' projection goes through
         :func:`_factored_logits`. k_in, v_in (B, T, C) tokens."""
         b, t, _ = k_in.shape
         h = attn.num_heads
         d = attn.q_proj.out_features // h
-        n = a_aug.shape[2]
+        n = a_aug.shape[1]
         fq = self._factored_map(ctx, f"{name}.i2t.q", attn.q_proj, depth, h, values=False)
         k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
         logits = _factored_logits(k, fq, _factor_rows(updates.values, fq.maps, fq.rows),
@@ -1009,7 +1010,7 @@ class _FastDecoder:
 class FactoredState(NamedTuple):
     """Output of :meth:`_FastDecoder.transformer_factored`: the tokens (B, T, C) and their
     positional encoding, the blocks' image updates, and the final image tokens in
-    factored form, A' (B, K, L) and the scale R (B, L). A' is a scratch buffer that the
+    factored form, A' (B, L, K) and the scale R (B, L). A' is a scratch buffer that the
     next call overwrites."""
 
     queries: torch.Tensor
@@ -1057,7 +1058,7 @@ class ImageUpdates(NamedTuple):
 
 class Conv1Factors(NamedTuple):
     """The mask head's first transposed convolution as ``scale * (xm + a^T b)``
-    (:meth:`_FastDecoder.conv1_factors`): xm (L, 4 C4) per image, a (B, K, L),
+    (:meth:`_FastDecoder.conv1_factors`): xm (L, 4 C4) per image, a (B, L, K),
     b (B, K, 4 C4), scale (B, L); columns ordered as in :func:`_up_conv_matrix`."""
 
     xm: torch.Tensor
@@ -1109,25 +1110,26 @@ def upscale_masks(
     c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
     w1, bias1 = _up_conv_matrix(conv1)
     w2, bias2 = _up_conv_matrix(conv2)
-    # masks (B, M, L*16), columns ordered (i, j, a, b, a2, b2) for the output pixel
+    w1t, w2t = w1.t(), w2.t()
+    # masks (B, L*16, M), rows ordered (i, j, a, b, a2, b2) for the output pixel
     # (4i + 2a + a2, 4j + 2b + b2)
-    masks = _scratch(work, "upscale", (b, m, n * 16), keys)
+    masks = _scratch(work, "upscale", (b, n * 16, m), keys)
     for i in range(b):
         k = keys[i if keys.shape[0] > 1 else 0]
         for s in range(0, n, _UPSCALE_CHUNK):
             e = s + _UPSCALE_CHUNK
             if conv1_factors is None:
-                y = torch.addmm(bias1, k[s:e], w1).view(-1, c4)
+                y = kernels.linear(k[s:e], w1t, bias1).view(-1, c4)
             else:
                 xm, a, fb, scale = conv1_factors
-                y = torch.addmm(xm[s:e], a[i, :, s:e].t(), fb[i])
+                y = kernels.linear(a[i, s:e], fb[i].t()).add_(xm[s:e])
                 y = y.mul_(scale[i, s:e, None]).view(-1, c4)
             y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
-            y = F.gelu(torch.addmm(bias2, y, w2)).view(-1, c8)
-            torch.mm(hyper[i], y.t(), out=masks[i, :, 16 * s : 16 * (s + _UPSCALE_CHUNK)])
+            y = kernels.linear(y, w2t, bias2, gelu=True).view(-1, c8)
+            masks[i, 16 * s : 16 * e] = kernels.linear(y, hyper[i])
     result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
     result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(
-        masks.view(b, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        masks.view(b, eh, ew, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     )
     return result
 
@@ -1326,15 +1328,15 @@ def _fill_factor_rows(
     a_aug: torch.Tensor, q: torch.Tensor, i: int, attn: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> torch.Tensor:
-    """Write block i's rows of A' (B, K, L): its attention (B, H T, L) and mean
+    """Write block i's columns of A' (B, L, K): its attention (B, H T, L) and mean
     (B, L) scaled by q (the product of 1 / rstd over the earlier blocks), and
     q / rstd for its bias term. Returns q / rstd."""
     ht = attn.shape[1]
     off = i * (ht + 2)
-    torch.mul(attn, q[:, None, :], out=a_aug[:, off : off + ht])
-    torch.mul(mean, -q, out=a_aug[:, off + ht])
+    torch.mul(attn, q[:, None, :], out=a_aug[..., off : off + ht].transpose(1, 2))
+    torch.mul(mean, -q, out=a_aug[..., off + ht])
     q = q / rstd
-    a_aug[:, off + ht + 1] = q
+    a_aug[..., off + ht + 1] = q
     return q
 
 
@@ -1343,15 +1345,15 @@ def _factored_logits(
     scale: torch.Tensor,
 ) -> torch.Tensor:
     """qh (B, H, T, d) against the image tokens' projection ``keys W + P W`` given in
-    factored form (xm (H, d, L), b_aug (B, K, H d), a_aug (B, K, L), scale (B, L)).
+    factored form (xm (H, d, L), b_aug (B, K, H d), a_aug (B, L, K), scale (B, L)).
     Returns (B, H T, L) logits, without W's bias."""
     b, h, t, d = qh.shape
-    k, n = a_aug.shape[1:]
+    n, k = a_aug.shape[1:]
     logits = qh.new_empty((b, h, t, n))
     for i in range(b):  # per prompt: a batched matmul would copy the shared xm B times
         torch.bmm(qh[i], fm.xm, out=logits[i])
     qb = torch.matmul(qh, b_aug.view(b, k, h, d).permute(0, 2, 3, 1)).view(b, h * t, k)
-    logits.view(b, h * t, n).baddbmm_(qb, a_aug).mul_(scale[:, None, :])
+    logits.view(b, h * t, n).baddbmm_(qb, a_aug.transpose(1, 2)).mul_(scale[:, None, :])
     for i in range(b):
         logits[i].baddbmm_(qh[i], fm.pe)
     return logits.view(b, h * t, n)
@@ -1365,10 +1367,10 @@ def _factored_values(
     given in factored form (xm (H, L, d)). Returns (B, H, T, d), without W's bias."""
     b, ht, n = a.shape
     h, _, d = fm.xm.shape
-    k = a_aug.shape[1]
+    k = a_aug.shape[2]
     a = a * scale[:, None, :]
     out = a.new_empty((b, h, ht // h, d))
     for i in range(b):  # per prompt, as in _factored_logits
         torch.bmm(a[i].view(h, ht // h, n), fm.xm, out=out[i])
-    g = torch.bmm(a, a_aug.transpose(1, 2)).view(b, h, ht // h, k)
+    g = torch.bmm(a, a_aug).view(b, h, ht // h, k)
     return out.add_(torch.matmul(g, b_aug.view(b, k, h, d).transpose(1, 2)))
