@@ -1075,6 +1075,24 @@ def _up_conv_matrix(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Tensor, torch
     return conv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out), conv.bias.repeat(4)
 
 
+def _up_conv_weight(
+    conv: torch.nn.ConvTranspose2d, work: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_up_conv_matrix` as a (4 C', C) linear weight and its bias, kept in ``work``
+    while the convolution's parameters are unchanged (same storage, no in-place edit)."""
+    params = (conv.weight, conv.bias)
+    key = ("up_conv", id(conv))
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    hit = None if work is None else work.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    w, bias = _up_conv_matrix(conv)
+    value = (w.t().contiguous(), bias)
+    if work is not None:
+        work[key] = (stamp, value)
+    return value
+
+
 def upscale_masks(
     upscaling: torch.nn.Sequential,
     keys: torch.Tensor,
@@ -1108,9 +1126,7 @@ def upscale_masks(
     n = keys.shape[1]
     eh, ew = grid
     c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
-    w1, bias1 = _up_conv_matrix(conv1)
-    w2, bias2 = _up_conv_matrix(conv2)
-    w1t, w2t = w1.t(), w2.t()
+    (w1t, bias1), (w2t, bias2) = (_up_conv_weight(conv, work) for conv in (conv1, conv2))
     # masks (B, L*16, M), rows ordered (i, j, a, b, a2, b2) for the output pixel
     # (4i + 2a + a2, 4j + 2b + b2)
     masks = _scratch(work, "upscale", (b, n * 16, m), keys)
