@@ -29,19 +29,40 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _module_at(rev: str):
-    src = subprocess.run(
-        ["git", "show", f"{rev}:src/napari_sam/engine/predictor.py"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "predictor_at_rev.py"
-    path.write_text(src)
-    name = "napari_sam.engine._predictor_at_rev"
+def _load_at(rev: str, relpath: str, name: str):
+    """The module at ``src/napari_sam/<relpath>`` as of ``rev``, loaded as ``name``
+    (None if it did not exist then)."""
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:src/napari_sam/{relpath}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    if shown.returncode:
+        return None
+    path = Path(tempfile.mkdtemp()) / Path(relpath).name
+    path.write_text(shown.stdout)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _module_at(rev: str):
+    """``engine/predictor.py`` as of ``rev``, importing ``models/kernels.py`` as of ``rev``
+    too (the one module it imports whose interface changes with it)."""
+    import napari_sam.models as models
+
+    current = sys.modules.get("napari_sam.models.kernels")
+    old_kernels = _load_at(rev, "models/kernels.py", "napari_sam.models._kernels_at_rev")
+    try:
+        if old_kernels is not None:
+            sys.modules["napari_sam.models.kernels"] = old_kernels
+            models.kernels = old_kernels
+        return _load_at(rev, "engine/predictor.py", "napari_sam.engine._predictor_at_rev")
+    finally:
+        if current is not None:
+            sys.modules["napari_sam.models.kernels"] = current
+            models.kernels = current
 
 
 def main(argv: list[str] | None = None) -> None:

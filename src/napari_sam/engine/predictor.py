@@ -1141,7 +1141,7 @@ def upscale_masks(
                 y = kernels.linear(a[i, s:e], fb[i].t()).add_(xm[s:e])
                 y = y.mul_(scale[i, s:e, None]).view(-1, c4)
             y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
-            y = kernels.linear(y, w2t, bias2, gelu=True).view(-1, c8)
+            y = kernels.linear(y, w2t, bias2, "gelu").view(-1, c8)
             masks[i, 16 * s : 16 * e] = kernels.linear(y, hyper[i])
     result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
     result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(

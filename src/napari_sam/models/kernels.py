@@ -6,7 +6,7 @@ oneDNN (also inside every x86 PyTorch wheel) picks its kernels from the CPU's
 own feature flags. On the 2-core AMD EPYC (Zen 5) this project is measured on,
 a float32 GEMM through oneDNN runs at about twice MKL's rate (``python
 benchmarks/bench_kernels.py``). :func:`linear` routes inference-time products
-there, with an exact (erf) GELU fused in where asked, and falls back to
+there, with a ReLU or exact (erf) GELU fused in where asked, and falls back to
 ``F.linear`` wherever oneDNN is not usable: no oneDNN in the build, tensors not
 float32 on the CPU, autograd recording, or ``NAPARI_SAM_ONEDNN=0`` in the
 environment. Results are float32 products either way; only the summation
@@ -37,9 +37,10 @@ def onednn_available() -> bool:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 7), (3, 7), (3,)))
         with torch.inference_mode():
-            got = op(x, w, b, "gelu", [], "none")
-            want = F.gelu(F.linear(x, w, b))
-        return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+            y = F.linear(x, w, b)
+            pairs = [(op(x, w, b, "none", [], ""), y), (op(x, w, b, "gelu", [], "none"), F.gelu(y)),
+                     (op(x, w, b, "relu", [], ""), F.relu(y))]
+        return all(torch.allclose(got, want, rtol=1e-5, atol=1e-5) for got, want in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -51,13 +52,17 @@ def _onednn_applies(*tensors: torch.Tensor) -> bool:
     return ok and onednn_available()
 
 
+#: activations :func:`linear` can apply, by name (oneDNN post-op name and algorithm)
+ACTIVATIONS = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    gelu: bool = False,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``, then the exact GELU if ``gelu``.
+    """``x @ weight.T + bias``, then ``activation`` ("gelu": exact erf GELU, "relu", or None).
 
     Arguments:
       x: (..., K).
@@ -70,14 +75,18 @@ def linear(
 
     Returns (..., N), a new tensor.
     """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or None, "
+                         f"got {activation!r}.")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if x.numel() and _onednn_applies(*tensors):
         x, weight = x.contiguous(), weight.contiguous()
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        attr, algorithm = ACTIVATIONS[activation] if activation else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
+    if activation == "gelu":
+        return F.gelu(y)
+    return F.relu(y) if activation == "relu" else y
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
