@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor.
@@ -35,4 +37,11 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        act = self.act
+        name = "relu" if type(act) is nn.ReLU else None
+        if type(act) is nn.GELU and act.approximate == "none":
+            name = "gelu"
+        if name is None:
+            return self.lin2(act(self.lin1(x)))
+        hidden = kernels.linear(x, self.lin1.weight, self.lin1.bias, name)
+        return kernels.linear(hidden, self.lin2.weight, self.lin2.bias)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .common import LayerNorm2d, MLPBlock
 
 # Upper bound (bytes) for the additive attention bias materialised at once. Global
@@ -137,9 +138,9 @@ class Attention(nn.Module):
         attends to the whole grid.
         """
         b, h, w, c = x.shape
-        qkv = self.qkv(x)  # (B, h, w, 3C)
+        qkv = kernels.linear(x, self.qkv.weight, self.qkv.bias)  # (B, h, w, 3C)
         if window_size <= 0:
-            return self.proj(self._attend(qkv).reshape(b, h, w, c))
+            return self._project(self._attend(qkv).reshape(b, h, w, c))
         # The projection of a zero padding token is the qkv bias: pad after the
         # projection so the padded tokens cost no matmul.
         pad_h, pad_w = -h % window_size, -w % window_size
@@ -152,7 +153,10 @@ class Attention(nn.Module):
         windows, padded_hw = window_partition(qkv, window_size)
         out = self._attend(windows).reshape(-1, window_size, window_size, c)
         # crop before the output projection (per token) to skip the padding
-        return self.proj(window_unpartition(out, window_size, padded_hw, (h, w)))
+        return self._project(window_unpartition(out, window_size, padded_hw, (h, w)))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.proj.weight, self.proj.bias)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, h, w, 3C) projected tokens -> (B, h * w, heads, hd) attention output."""
