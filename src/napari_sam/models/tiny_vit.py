@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .common import LayerNorm2d
 
 
@@ -129,7 +130,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        hidden = kernels.linear(self.norm(x), self.fc1.weight, self.fc1.bias, "gelu")
+        return kernels.linear(hidden, self.fc2.weight, self.fc2.bias)
 
 
 class Attention(nn.Module):
@@ -157,11 +159,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens of B windows (N = window**2) -> (B, N, C)."""
         b, n, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim)
+        qkv = kernels.linear(self.norm(x), self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(b, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, heads, N, hd)
         bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return kernels.linear(out, self.proj.weight, self.proj.bias)
 
 
 class TinyViTBlock(nn.Module):
