@@ -173,6 +173,22 @@ def test_fast_decoder_matches_model_decoder(predictor, kwargs):
         assert (a.masks == b.masks).mean() > 0.999
 
 
+def test_mask_head_follows_in_place_weight_updates(predictor):
+    """The mask head's convolution weights are kept between clicks; an in-place update
+    of the parameters (an optimiser step, load_state_dict) is picked up."""
+    before = predictor.predict(points=[[30, 45]])
+    conv = predictor.model.mask_decoder.output_upscaling[3]
+    with torch.no_grad():
+        conv.weight.mul_(-1.5)
+        conv.bias.add_(0.25)
+    after = predictor.predict(points=[[30, 45]])
+    predictor.use_fast_decoder = False
+    direct = predictor.predict(points=[[30, 45]])
+    assert np.abs(after.logits - before.logits).max() > 1e-3
+    span = float(direct.logits.max() - direct.logits.min())
+    np.testing.assert_allclose(after.logits, direct.logits, atol=1e-5 * span)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
