@@ -1,6 +1,6 @@
 """Where a click's time goes: wall time per stage of our ViT-B click (docs/benchmarks.md).
 
-    python benchmarks/click_stages.py [--repeats 40]
+    python benchmarks/click_stages.py [--repeats 40] [--evict MB]
 
 ViT-B decoder with random weights, a random (1, 256, 64, 64) embedding, a
 1200 x 1600 image, one point, multimask, full-resolution masks. The stages are
@@ -38,7 +38,11 @@ def _timed(owner, name: str, label: str, acc: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--evict", type=int, default=0, metavar="MB",
+                        help="write MB megabytes between clicks (other work evicting the "
+                             "caches, as the reference's clicks do in bench_click.py)")
     args = parser.parse_args(argv)
+    other_work = torch.empty(args.evict * 2**18)
 
     torch.manual_seed(0)
     model = build_sam(MODEL_CONFIGS["vit_b"]).eval()
@@ -88,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         pred.predict(points=point, labels=label)
     acc.clear()
     for _ in range(args.repeats):
+        other_work.fill_(1.0)
         pred.predict(points=point, labels=label)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"mean per click over {args.repeats} clicks")
+          f"mean per click over {args.repeats} clicks"
+          + (f", {args.evict} MB written between clicks" if args.evict else ""))
     print("| stage | ms per click | calls per click |")
     print("|---|---|---|")
     for name, times in acc.items():

@@ -118,12 +118,15 @@ class Predictor:
         return next(self.model.parameters()).device
 
     def reset_image(self) -> None:
-        """Forget the current image and its embedding."""
+        """Forget the current image, its embedding and everything derived from the
+        weights for it (call after editing the weights; clear ``cache`` too)."""
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self.is_image_set = False
         self._context = None
+        if getattr(self, "_fast", None) is not None:
+            self._fast.clear_buffers()
 
     def set_image(
         self,
