@@ -1,6 +1,6 @@
 """Paired A/B of click latency: the working tree's predictor vs a git revision's.
 
-    python benchmarks/ab_click.py REV [--repeats 80] [--real-embedding] [--boxes B]
+    python benchmarks/ab_click.py REV [--repeats 80] [--real-embedding] [--boxes B] [--evict MB]
 
 Loads ``src/napari_sam/engine/predictor.py`` as of ``REV`` (``git show``) next to
 the installed one, gives both the same ViT-B random weights and the same
@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=80)
     parser.add_argument("--real-embedding", action="store_true")
     parser.add_argument("--boxes", type=int, default=0, help="B boxes in one call instead")
+    parser.add_argument("--evict", type=int, default=0, metavar="MB",
+                        help="write MB megabytes before each timed call (other work evicting "
+                             "the caches, as the reference's clicks do in bench_click.py)")
     args = parser.parse_args(argv)
+    other_work = torch.empty(args.evict * 2**18)
 
     import napari_sam.engine.predictor as current
     from napari_sam.models.build import MODEL_CONFIGS, build_sam
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in preds}
     for i in range(args.repeats):
         for name in list(preds) if i % 2 else list(preds)[::-1]:
+            other_work.fill_(1.0)
             t0 = time.perf_counter()
             preds[name].predict(**prompt)
             times[name].append(time.perf_counter() - t0)
