@@ -1120,7 +1120,8 @@ def upscale_masks(
 
     Returns (B, M, 4 Eh, 4 Ew) logits, the same as the reference's
     ``hyper @ upscaling(keys)``. The transposed convolutions run as matrix
-    products on pixel-major tokens, in chunks of grid cells so that the
+    products on pixel-major tokens (:func:`napari_sam.models.kernels.linear`, the
+    second with its GELU fused), in chunks of grid cells so that the
     intermediates stay in cache; no large temporary is allocated (fresh
     multi-MB allocations cost page faults, about 1 us per 4 KiB page).
     """
