@@ -88,7 +88,3 @@ def linear(
         return F.gelu(y)
     return F.relu(y) if activation == "relu" else y
 
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for a (M, K) and b (K, N), through :func:`linear`."""
-    return linear(a, b.t())
