@@ -87,4 +87,3 @@ def linear(
     if activation == "gelu":
         return F.gelu(y)
     return F.relu(y) if activation == "relu" else y
-
