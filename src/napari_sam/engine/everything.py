@@ -53,6 +53,7 @@ from napari_sam.engine import masks as M
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
+from napari_sam.engine.threads import compute_threads
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "records_to_labels"]
@@ -271,8 +272,9 @@ class AutomaticMaskGenerator:
             for s in range(0, len(pts), self.points_per_batch):
                 _check_cancel(state["cancel"])
                 sl = slice(s, s + self.points_per_batch)
-                chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box,
-                                                  rgb.shape[:2], thr, dev))
+                with compute_threads():  # chosen per batch: follows the machine's load
+                    chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box,
+                                                      rgb.shape[:2], thr, dev))
                 state["done"] += 1
                 if state["progress"] is not None:
                     state["progress"](state["done"], state["total"])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from napari_sam.engine.cache import CacheEntry, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.transforms import ImageTransform
 from napari_sam.errors import InvalidInputError
 from napari_sam.models import kernels
@@ -166,7 +167,7 @@ class Predictor:
         model's device (C = 256, E = 64 for the official models).
         """
         resized = self.transform.resize_image(rgb)  # (h, w, 3) uint8
-        with torch.inference_mode():
+        with torch.inference_mode(), compute_threads():
             x = torch.from_numpy(resized).to(self.device)
             x = x.permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h, w), 0..255
             return self.model.image_encoder(self.model.preprocess(x))
@@ -304,7 +305,7 @@ class Predictor:
             (int(t.shape[0]) for t in (coords_xy, boxes_xy, mask_input) if t is not None), 1
         )
         # one prediction at a time: the decoder and postprocessing reuse scratch tensors
-        with self._lock, torch.inference_mode(), _threads_for_clicks(batch):
+        with self._lock, torch.inference_mode(), compute_threads(), _threads_for_clicks(batch):
             points = (coords_xy, labels) if coords_xy is not None else None
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes_xy, masks=mask_input)
             if self._fast is not None:
