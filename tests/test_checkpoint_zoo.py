@@ -7,8 +7,13 @@ import io
 import json
 import os
 import pickle
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -60,7 +65,22 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            if srv.short_by:  # a response that ends before its Content-Length
+                self.wfile.write(body[: len(body) - srv.short_by])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            if srv.gate_after is not None and len(srv.requests) == 1:
+                # the first response pauses part-way until the test opens the gate
+                self.wfile.write(body[: srv.gate_after])
+                self.wfile.flush()
+                srv.paused.set()
+                srv.gate.wait(120)
+                body = body[srv.gate_after :]
+            self.wfile.write(body)
+        except OSError:  # the client went away (a killed download)
+            pass
 
     def log_message(self, *args) -> None:
         pass
@@ -70,10 +90,13 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.files, srv.requests, srv.honour_range = {}, [], True
+    srv.short_by, srv.gate_after = 0, None
+    srv.gate, srv.paused = threading.Event(), threading.Event()
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv
+    srv.gate.set()
     srv.shutdown()
     srv.server_close()
 
@@ -118,7 +141,8 @@ def test_download_verifies_hash_and_is_cached(server, cache, monkeypatch, tiny_c
     path = zoo.download_checkpoint("tiny", progress=False)
     assert path == cache / "tiny.pth"
     assert path.read_bytes() == tiny_ckpt_bytes
-    assert sorted(p.name for p in cache.iterdir()) == ["tiny.pth"]  # no .part left
+    # no .part or .lock left; the stamp records the verified file
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
     assert zoo.download_checkpoint("tiny") == path
     assert len(server.requests) == 1  # second call used the cache
 
@@ -203,6 +227,249 @@ def test_load_model_downloads_zoo_model(server, cache, monkeypatch, tiny_ckpt_by
     expected = torch.load(io.BytesIO(tiny_ckpt_bytes), weights_only=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, expected[k])
+
+
+# ---------------------------------------------------------------------------------------
+# downloads by several processes, cache verification, interrupted responses
+
+# what a user's second napari window or CLI run does: download a zoo model into the cache
+_DOWNLOAD_SCRIPT = """
+import sys
+from napari_sam.models import zoo
+zoo.ZOO["tiny"] = zoo.ModelInfo("tiny", "", sys.argv[1], sys.argv[2], "tiny.pth", 0.1, "test")
+print(zoo.download_checkpoint("tiny", cache_dir=sys.argv[3], progress=True))
+"""
+
+
+def _src_env() -> dict[str, str]:
+    """Environment for a child Python that imports this checkout's napari_sam."""
+    import napari_sam
+
+    src = str(Path(napari_sam.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _start_download(url: str, hash_: str, folder: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _DOWNLOAD_SCRIPT, url, hash_, str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_src_env(),
+    )
+
+
+class _StderrWatcher:
+    """Collects a child's stderr in a thread, so the test can wait for a line."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.text = ""
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self.text += line
+
+    def join(self) -> str:
+        self._thread.join(30)
+        return self.text
+
+
+def _wait_for(condition, timeout: float = 180.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    """2.5 MB of random bytes: the first 1 MB reaches the .part file before the pause."""
+    return os.urandom(5 * 2**19)
+
+
+def test_two_processes_downloading_the_same_model_take_turns(server, tmp_path, payload):
+    # D2: the second process used to append into the first one's .part, leaving a
+    # wrong-hash file in the cache that later calls accepted
+    server.files["/tiny.pth"] = payload
+    server.gate_after = 3 * 2**19  # the first response pauses after 1.5 MB
+    url, hash_, folder = server.url + "/tiny.pth", _sha(payload), tmp_path / "cache"
+    first = _start_download(url, hash_, folder)
+    try:
+        assert server.paused.wait(180), "the first download never started"
+        second = _start_download(url, hash_, folder)
+        watcher = _StderrWatcher(second)
+        try:
+            _wait_for(lambda: "Another process is downloading" in watcher.text
+                      or len(server.requests) > 1)
+            server.gate.set()
+            out1, err1 = first.communicate(timeout=180)
+            out2, _ = second.communicate(timeout=180)
+        finally:
+            second.kill()
+    finally:
+        server.gate.set()
+        first.kill()
+    err2 = watcher.join()
+    dest = folder / "tiny.pth"
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    assert out1.strip() == out2.strip() == str(dest)
+    assert "Another process is downloading tiny.pth" in err2 and "waiting" in err2
+    assert len(server.requests) == 1  # the second process used the first one's file
+    assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    assert sorted(p.name for p in folder.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
+
+
+def test_a_killed_download_is_resumed_by_the_waiting_process(server, tmp_path, payload):
+    server.files["/tiny.pth"] = payload
+    server.gate_after = 3 * 2**19
+    url, hash_, folder = server.url + "/tiny.pth", _sha(payload), tmp_path / "cache"
+    first = _start_download(url, hash_, folder)
+    try:
+        assert server.paused.wait(180), "the first download never started"
+        part = folder / "tiny.pth.part"
+        assert _wait_for(lambda: part.is_file() and part.stat().st_size >= 2**20, 60)
+        second = _start_download(url, hash_, folder)
+        watcher = _StderrWatcher(second)
+        try:
+            assert _wait_for(lambda: "Another process is downloading" in watcher.text)
+            first.kill()  # a crash: the lock goes with the process
+            first.wait(60)
+            out2, _ = second.communicate(timeout=180)
+        finally:
+            second.kill()
+    finally:
+        server.gate.set()
+        first.kill()
+    err2 = watcher.join()
+    assert second.returncode == 0, err2
+    dest = folder / "tiny.pth"
+    assert out2.strip() == str(dest)
+    assert dest.read_bytes() == payload
+    have = len(payload) - len(payload[2**20:])  # what the killed process had written
+    assert server.requests[1] == ("/tiny.pth", f"bytes={have}-")  # resumed, not restarted
+    assert sorted(p.name for p in folder.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
+
+
+def test_a_corrupt_cached_file_is_detected_and_kept(server, cache, monkeypatch, payload):
+    # D14: a damaged file in the cache (here: bytes appended, as the download race did)
+    # used to be returned as valid
+    server.files["/tiny.pth"] = payload
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(payload))
+    dest = zoo.download_checkpoint("tiny", progress=False)
+    with open(dest, "ab") as f:
+        f.write(b"appended by another process")
+    with pytest.raises(DownloadError) as exc:
+        zoo.download_checkpoint("tiny", progress=False)
+    msg = str(exc.value)
+    assert str(dest) in msg and "Delete it" in msg and "\n" not in msg
+    with pytest.raises(DownloadError, match="not the published tiny"):
+        zoo.load_model("tiny", device="cpu")
+    assert dest.stat().st_size == len(payload) + 27  # left for the user to delete
+    # the same size but other bytes (a modification time that changed) is found too
+    dest.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    with pytest.raises(DownloadError, match="not the published"):
+        zoo.download_checkpoint("tiny", progress=False)
+    # once deleted, the next call downloads a fresh copy
+    dest.unlink()
+    assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == payload
+
+
+def test_a_cached_file_is_hashed_once(server, cache, monkeypatch, payload):
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(payload))
+    cache.mkdir()
+    (cache / "tiny.pth").write_bytes(payload)  # put there by hand: no stamp yet
+    hashed = []
+    real_digest = zoo._file_digest
+    monkeypatch.setattr(zoo, "_file_digest", lambda *a: hashed.append(a) or real_digest(*a))
+    for _ in range(3):
+        assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
+    assert len(hashed) == 1 and server.requests == []
+    stamp = json.loads((cache / "tiny.pth.verified").read_text())
+    assert stamp["size"] == len(payload) and stamp["hash"] == _sha(payload)
+    zoo._verified_here.clear()  # another process: it reads the stamp
+    assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
+    assert len(hashed) == 1
+
+
+def test_a_response_that_ends_early_is_an_interrupted_download(server, cache, monkeypatch,
+                                                               payload):
+    # D14: a body shorter than its Content-Length was taken for a complete (wrong-hash)
+    # file and the partial data thrown away
+    server.files["/tiny.pth"] = payload
+    server.short_by = 2**20
+    _register(monkeypatch, server.url + "/tiny.pth", _sha(payload))
+    with pytest.raises(DownloadError, match="interrupted") as exc:
+        zoo.download_checkpoint("tiny", progress=False)
+    assert "resume" in str(exc.value) and "hash" not in str(exc.value)
+    part = cache / "tiny.pth.part"
+    assert part.read_bytes() == payload[: len(payload) - 2**20]  # kept for the next try
+    server.short_by = 0
+    assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == payload
+    assert server.requests[1] == ("/tiny.pth", f"bytes={len(payload) - 2**20}-")
+
+
+_READ_ONLY_SCRIPT = """
+import encodings.idna, fcntl, os, sys  # imported before the user change (the install is private)
+from napari_sam.errors import DownloadError
+from napari_sam.models import zoo
+if os.geteuid() == 0:  # root writes anywhere: continue as an ordinary user
+    os.setgid(65534)
+    os.setuid(65534)
+zoo.ZOO["tiny"] = zoo.ModelInfo("tiny", "", sys.argv[1], "sha256:" + "0" * 64, "tiny.pth", 0.1, "")
+try:
+    zoo.load_model("tiny", device="cpu")
+except DownloadError as exc:
+    print(exc)
+"""
+
+
+def test_a_read_only_cache_folder_is_reported_as_such(server, tmp_path):
+    # CLEAR*: a cache folder the user cannot write was reported as a network problem
+    server.files["/tiny.pth"] = b"weights"
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        folder = base / "cache"
+        folder.mkdir(mode=0o555)
+        folder.chmod(0o555)
+        env = _src_env() | {"NAPARI_SAM_CACHE": str(folder)}
+        res = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_SCRIPT, server.url + "/tiny.pth"],
+            capture_output=True, text=True, env=env, timeout=180,
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    msg = res.stdout.strip()
+    assert res.returncode == 0, res.stderr
+    assert msg.startswith(f"The cache folder {folder} is not writable"), msg
+    assert "NAPARI_SAM_CACHE" in msg and "network" not in msg and "\n" not in msg
+    assert server.requests == []
+
+
+def test_unusable_cache_variable_names_the_variable(monkeypatch, tiny_ckpt_bytes):
+    # D9: NAPARI_SAM_CACHE='~nouser/x' raised RuntimeError: Could not determine home directory
+    monkeypatch.setenv("NAPARI_SAM_CACHE", "~no_such_user_napari_sam/x")
+    _register(monkeypatch, "http://127.0.0.1:9/tiny.pth", _sha(tiny_ckpt_bytes))
+    for call in (zoo.cache_dir, lambda: zoo.load_model("tiny", device="cpu"),
+                 lambda: zoo.download_checkpoint("tiny", progress=False)):
+        with pytest.raises(InvalidInputError, match="NAPARI_SAM_CACHE='~no_such_user_napari_sam"):
+            call()
+    with pytest.raises(InvalidInputError, match="cache_dir"):
+        zoo.download_checkpoint("tiny", cache_dir="~no_such_user_napari_sam/y", progress=False)
+
+
+def test_load_model_rejects_values_that_are_not_names_or_paths():
+    # D9: load_model(123) raised TypeError from pathlib
+    for bad in (123, 4.5, ["vit_b"], b"vit_b"):
+        with pytest.raises(InvalidInputError, match="model name") as exc:
+            zoo.load_model(bad)
+        assert "vit_b" in str(exc.value)
+    with pytest.raises(ModelNotFoundError, match="neither a model name"):
+        zoo.load_model("~no_such_user_napari_sam/model.pth")
 
 
 # ---------------------------------------------------------------------------------------
