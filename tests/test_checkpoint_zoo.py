@@ -682,3 +682,140 @@ def test_bad_config_metadata(tmp_path):
 
 def test_checkpoint_module_exports():
     assert checkpoint.CONFIG_METADATA_KEY == "napari_sam_config"
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints whose tensors do not fit what they declare; unsafe and damaged weights
+
+_BIG_CONFIG_SCRIPT = """
+import resource, sys
+limit = 2 * 2**30  # the review saw ~5 GB before failing (38 GB were asked for)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import napari_sam
+from napari_sam.errors import CheckpointError
+for path in sys.argv[1:]:
+    try:
+        napari_sam.load_model(path, device="cpu")
+    except CheckpointError as exc:
+        print("CheckpointError:", exc)
+print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_tiny_file_declaring_a_huge_architecture_is_refused_without_allocating(tmp_path):
+    # D4: a 540-byte safetensors whose metadata declares a huge ViT made load_model allocate
+    # gigabytes, then fail with a raw RuntimeError
+    from safetensors.torch import save_file
+
+    from napari_sam.models.build import MODEL_CONFIGS
+
+    cfg = MODEL_CONFIGS["vit_h"].to_dict()
+    cfg["encoder"].update(embed_dim=4096, num_heads=16, depth=48, global_attn_indexes=[47])
+    big = tmp_path / "big.safetensors"
+    save_file({"x": torch.zeros(1)}, str(big),
+              metadata={CONFIG_METADATA_KEY: json.dumps(cfg), "format": "pt"})
+    assert big.stat().st_size == 540
+    # the right layers, but declared 64 times wider than its tensors
+    small_cfg = tiny_vit_sam_config()
+    wide = small_cfg.to_dict()
+    wide["encoder"].update(embed_dim=4096, num_heads=16)
+    sd = {k: v.contiguous() for k, v in build_random_sam(small_cfg).state_dict().items()}
+    wide_path = tmp_path / "wide.safetensors"
+    save_file(sd, str(wide_path), metadata={CONFIG_METADATA_KEY: json.dumps(wide)})
+    res = subprocess.run([sys.executable, "-c", _BIG_CONFIG_SCRIPT, str(big), str(wide_path)],
+                         capture_output=True, text=True, env=_src_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3, res.stdout
+    assert lines[0].startswith(f"CheckpointError: checkpoint {big} does not fit the "
+                               "architecture stored in its metadata")
+    assert "declares 48 image encoder blocks, the file holds tensors for 0" in lines[0]
+    assert lines[1].startswith(f"CheckpointError: checkpoint {wide_path} does not fit")
+    assert "image_encoder.pos_embed: checkpoint (1, 8, 8, 64) vs model (1, 8, 8, 4096)" in lines[1]
+    assert int(lines[2].split()[1]) < 1_500_000  # peak RSS under 1.5 GB
+
+
+def test_a_mis_shaped_tensor_is_named_with_both_shapes(tmp_path):
+    # CLEAR*: one mis-shaped relative-position table of the default model was reported as
+    # "blocks use several window sizes [15, 16]"
+    from napari_sam.models.zoo import embedded_weights_path
+
+    sd, _ = load_state_dict(embedded_weights_path())
+    key = "image_encoder.blocks.1.attn.rel_pos_h"
+    assert sd[key].shape == (15, 32)
+    sd[key] = torch.zeros(16, 32)
+    path = tmp_path / "wrongshape.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as exc:
+        zoo.load_model(str(path), device="cpu")
+    msg = str(exc.value)
+    assert f"{key}: checkpoint (16, 32) vs model (15, 32)" in msg
+    assert "window sizes" not in msg
+
+
+def test_a_tensor_of_unexpected_rank_is_a_checkpoint_error(tmp_path):
+    sd = dict(build_random_sam(tiny_vit_sam_config()).state_dict())
+    sd["image_encoder.pos_embed"] = torch.zeros(8, 8, 64)
+    torch.save(sd, tmp_path / "rank.pth")
+    with pytest.raises(CheckpointError, match=r"image_encoder.pos_embed' has shape \(8, 8, 64\)"):
+        zoo.load_model(str(tmp_path / "rank.pth"), device="cpu")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, bad):
+    # D10: a checkpoint with NaN weights loaded; every prediction had NaN scores and no mask
+    sam = build_random_sam(tiny_vit_sam_config(), seed=4)
+    with torch.no_grad():
+        sam.mask_decoder.iou_token.weight[0, 3] = bad
+    path = save_model(sam, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite") as exc:
+        zoo.load_model(str(path), device="cpu")
+    assert "mask_decoder.iou_token.weight" in str(exc.value)
+
+
+def test_a_pickle_calling_a_torch_function_is_unsafe_not_corrupt(tmp_path):
+    # CLEAR*: a pickle calling torch.hub.load_state_dict_from_url was refused as "truncated
+    # or corrupt (an interrupted download?)": a torch.* global is not safe for being torch's
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"fetched")
+    marker = tmp_path / "fetched.bin"
+
+    class Fetch:
+        def __reduce__(self):
+            return (torch.hub.download_url_to_file, (src.as_uri(), str(marker), None, False))
+
+    path = tmp_path / "evil4_torchprefix.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "evil": Fetch()}, path)
+    with pytest.raises(CheckpointError) as exc:
+        zoo.load_model(str(path), device="cpu")
+    msg = str(exc.value)
+    assert "unsafe" in msg and "torch.hub.download_url_to_file" in msg
+    assert "corrupt" not in msg and "weights_only=False" not in msg
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload really runs when unpickled unsafely
+    assert marker.read_bytes() == b"fetched"
+
+
+def test_error_messages_are_one_bounded_line(tmp_path):
+    # a 43,219-character error line: long key lists are summarised
+    sd = dict(build_random_sam(tiny_vit_sam_config()).state_dict())
+    for i in range(5000):
+        sd[f"extra.module_with_a_rather_long_name_{i}.weight"] = torch.zeros(1)
+    for key in list(sd):
+        if key.startswith("image_encoder.blocks.") and ".norm" in key:
+            sd[key] = torch.zeros(3)
+    torch.save(sd, tmp_path / "many.pth")
+    with pytest.raises(CheckpointError) as exc:
+        zoo.load_model(str(tmp_path / "many.pth"), device="cpu")
+    msg = str(exc.value)
+    assert "\n" not in msg and len(msg) < 2000, len(msg)
+    assert "unexpected keys" in msg and "(+4995 more)" in msg and "shape mismatches" in msg
+    # a stored config with thousands of unknown fields
+    from safetensors.torch import save_file
+
+    cfg = tiny_vit_sam_config().to_dict() | {f"bogus_field_{i}": i for i in range(5000)}
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "cfg.safetensors"),
+              metadata={CONFIG_METADATA_KEY: json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match="invalid model configuration") as exc:
+        zoo.load_model(str(tmp_path / "cfg.safetensors"), device="cpu")
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 500
