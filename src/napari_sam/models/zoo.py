@@ -640,6 +640,7 @@ def load_model(
     dev = resolve_device(device)
     key = DEFAULT_MODEL if name_or_path is None else name_or_path
     config = None
+    trusted = False  # the package's own file and hash-verified downloads are known to be good
     if isinstance(key, str) and key in ZOO:
         info = ZOO[key]
         if key == DEFAULT_MODEL:
@@ -649,6 +650,7 @@ def load_model(
         else:
             path = download_checkpoint(key)
             config = MODEL_CONFIGS.get(info.config_name)
+        trusted = True
     else:
         try:
             path = Path(key).expanduser()
@@ -660,5 +662,5 @@ def load_model(
                 f"{_short(repr(shown), 300)} is neither a model name nor an existing checkpoint "
                 f"file; valid names: {', '.join(list_models())}"
             )
-    model = model_from_checkpoint(path, config=config)
+    model = model_from_checkpoint(path, config=config, trusted=trusted)
     return model.to(dev).eval()
