@@ -139,13 +139,23 @@ def test_models_path_and_unknown_name(capsys, tmp_path):
     assert "vit_zz" in err and "vit_b" in err and "vit_t" in err
 
 
-def test_models_download_prints_path_of_cached_file(capsys, tmp_path):
+def test_models_download_prints_path_of_cached_file(capsys, tmp_path, monkeypatch):
     # already cached: no network needed
-    from napari_sam.models.zoo import model_info
+    import dataclasses
+    import hashlib
 
-    (tmp_path / model_info("vit_t").filename).write_bytes(b"x")
+    from napari_sam.models import zoo
+
+    (tmp_path / zoo.model_info("vit_t").filename).write_bytes(b"x")
+    # a cached file is hash-checked before use: make b"x" the published file
+    info = dataclasses.replace(zoo.ZOO["vit_t"], hash="sha256:" + hashlib.sha256(b"x").hexdigest())
+    monkeypatch.setitem(zoo.ZOO, "vit_t", info)
     assert main(["-q", "models", "download", "vit_t", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "mobile_sam.pt")
+    # a damaged cached file is reported, not returned
+    (tmp_path / "mobile_sam.pt").write_bytes(b"xy")
+    assert main(["-q", "models", "download", "vit_t", "--cache-dir", str(tmp_path)]) == 1
+    assert "is not the published vit_t checkpoint" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- segment
