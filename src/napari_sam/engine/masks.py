@@ -530,10 +530,12 @@ def _record_rle(record: dict[str, Any], image_shape: tuple[int, int] | None) -> 
                 f"A record's mask has shape {seg.shape} but the image is {tuple(image_shape)} "
                 "and the record has no 'bbox_rc' to place it."
             )
-        full = np.zeros(image_shape, dtype=bool)
         r0, c0, r1, c1 = (int(v) for v in box)
-        full[r0:r1, c0:c1] = seg
-        seg = full
+        if seg.shape != (r1 - r0, c1 - c0):
+            raise InvalidInputError(
+                f"A cropped mask of shape {seg.shape} does not fit its bbox_rc {list(box)}."
+            )
+        return cropped_mask_to_rle(seg, (r0, c0), image_shape)
     return mask_to_rle(seg)
 
 
