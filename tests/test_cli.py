@@ -87,7 +87,6 @@ def test_usage_errors_return_2(tmp_path, capsys):
 
 def test_generator_option_defaults_match_the_generator():
     from napari_sam.engine.everything import AutomaticMaskGenerator
-
     from napari_sam.engine.everything_settings import SAM_THRESHOLDS
 
     params = inspect.signature(AutomaticMaskGenerator).parameters
