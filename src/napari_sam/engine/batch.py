@@ -390,10 +390,11 @@ def _overlay_target(
     target = overlay_path(output, stack=stack)
     if not target.exists():
         return target, None
-    if overwrite and written_by_napari_sam(target):
+    ours = written_by_napari_sam(target)
+    if overwrite and ours:
         return target, None
-    why = ("it was not written by napari-sam, so it is never replaced" if overwrite
-           else "pass --overwrite to replace it")
+    why = ("pass --overwrite to replace it" if ours
+           else "it was not written by napari-sam, so it is never replaced")
     return None, (f"{target} exists and was kept; no overlay for {input_path.name} ({why}).")
 
 
@@ -501,7 +502,10 @@ def _labels_from_output(output: Path, image: LoadedImage) -> np.ndarray:
         for ann in doc["annotations"]:  # in painting order
             mask = rle_to_mask(ann["segmentation"])
             if mask.shape != image.plane_shape:
-                break
+                raise InvalidInputError(
+                    f"{output} holds masks of shape {mask.shape} but {image.path.name} is "
+                    f"{image.plane_shape}; pass --overwrite to segment it again."
+                )
             labels[planes[int(ann["image_id"])]][mask] = int(ann.get("label", ann["id"]))
     if labels.shape != shape:
         raise InvalidInputError(
