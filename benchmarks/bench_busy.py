@@ -10,8 +10,8 @@ plain behaviour with N threads; ``auto``, the default, see ``napari_sam.engine.t
 
 The load is a separate process spinning on one core (``--load-nice`` runs it at a lower
 priority instead, to show that niced work is not counted). Each figure is the median of
-``--repeats`` runs; the ratio column is the fixed policy's time over ``auto``'s, so above 1
-means ``auto`` is faster.
+``--repeats`` runs (``--clicks`` for clicks), the two policies alternating; the ratio column is
+the fixed policy's time over ``auto``'s, so above 1 means ``auto`` is faster.
 
     python benchmarks/bench_busy.py [--model default|vit_b|vit_t] [--shape 520 696]
         [--points-per-side 16] [--clicks 20] [--repeats 3] [--fixed 2] [--load-nice 0]
@@ -55,16 +55,23 @@ def _image(shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(np.tile(sample, reps)[: shape[0], : shape[1]])
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _alternating(fn, policies: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """Median time of ``fn`` under each thread policy, the policies alternating (and their
+    order swapped every round) so that the machine's phases affect them alike."""
+    times: dict[str, list[float]] = {p: [] for p in policies}
+    for r in range(repeats):
+        for policy in policies if r % 2 == 0 else policies[::-1]:
+            os.environ[threads.ENV_VAR] = policy
+            t = time.perf_counter()
+            fn()
+            times[policy].append(time.perf_counter() - t)
+    os.environ.pop(threads.ENV_VAR, None)
+    return {p: statistics.median(v) for p, v in times.items()}
 
 
-def measure(model, image: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+def measure(model, image: np.ndarray, args: argparse.Namespace,
+            policies: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{measure: {policy: seconds}}."""
     predictor = Predictor(model)
     predictor.set_image(image)
     rgb = np.repeat(image[..., None], 3, axis=2)
@@ -72,18 +79,21 @@ def measure(model, image: np.ndarray, args: argparse.Namespace) -> dict[str, flo
     label = np.array([1])
     predictor.predict(points=point, labels=label)  # builds the per-image context
     out = {
-        "embedding_s": _median_time(lambda: predictor.compute_embedding(rgb), args.repeats),
-        "click_ms": 1e3 * _median_time(
-            lambda: predictor.predict(points=point, labels=label), args.clicks
-        ),
+        "embedding (s)": _alternating(lambda: predictor.compute_embedding(rgb), policies,
+                                      args.repeats),
+        "click (ms)": {
+            p: 1e3 * t for p, t in _alternating(
+                lambda: predictor.predict(points=point, labels=label), policies, args.clicks
+            ).items()
+        },
     }
     if not args.skip_everything:
         generator = AutomaticMaskGenerator(
             model, points_per_side=args.points_per_side, pred_iou_thresh=0.6,
             stability_score_thresh=0.85,
         )
-        out["everything_s"] = _median_time(
-            lambda: generator.generate(image, use_cache=False), args.repeats
+        out["everything (s)"] = _alternating(
+            lambda: generator.generate(image, use_cache=False), policies, args.repeats
         )
     return out
 
@@ -110,7 +120,9 @@ def main() -> None:
     print(f"# model {args.model}, image {image.shape}, points per side {args.points_per_side}, "
           f"fixed policy = {args.fixed} threads, load nice {args.load_nice}")
     threads.warm_up()
-    measure(model, image, argparse.Namespace(**{**vars(args), "repeats": 1, "clicks": 3}))
+    policies = (str(args.fixed), "auto")
+    warm = argparse.Namespace(**{**vars(args), "repeats": 1, "clicks": 2})
+    measure(model, image, warm, policies)
 
     rows = []
     for state in ("quiet", "busy"):
@@ -122,23 +134,17 @@ def main() -> None:
             load = subprocess.Popen(cmd)
             time.sleep(1.0)  # let the sampler see it
         try:
-            results = {}
-            for policy in (str(args.fixed), "auto"):
-                os.environ[threads.ENV_VAR] = policy
-                results[policy] = measure(model, image, args)
-                results[policy]["threads"] = threads.choose_threads()
+            chosen = threads.choose_threads()
+            results = measure(model, image, args, policies)
         finally:
-            os.environ.pop(threads.ENV_VAR, None)
             if load is not None:
                 load.kill()
                 load.wait()
                 time.sleep(1.0)
-        for key in results["auto"]:
-            if key == "threads":
-                continue
-            fixed, auto = results[str(args.fixed)][key], results["auto"][key]
+        print(f"# {state}: auto chose {chosen} thread(s)")
+        for key, by_policy in results.items():
+            fixed, auto = by_policy[policies[0]], by_policy["auto"]
             rows.append((state, key, fixed, auto, fixed / auto))
-        print(f"# {state}: auto chose {results['auto']['threads']} thread(s)")
 
     print(f"\n| machine | measure | fixed {args.fixed} threads | auto | fixed / auto |")
     print("|---|---|---|---|---|")

@@ -44,6 +44,18 @@ def image():
     return img + rng.integers(0, 30, img.shape, dtype=np.uint8)
 
 
+def blobs(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """Bright disks (radius 5..14) on a noisy dark background, uint8."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.uint8)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for _ in range(n):
+        cy, cx = rng.integers(15, shape[0] - 15), rng.integers(15, shape[1] - 15)
+        r = rng.integers(5, 15)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 200
+    return img + rng.integers(0, 30, shape, dtype=np.uint8)
+
+
 # ----------------------------------------------------------------------------- fast decoder
 
 
@@ -285,3 +297,390 @@ def test_records_to_labels_order_and_formats():
     with pytest.raises(InvalidInputError):
         records_to_labels([{"segmentation": crop, "bbox_rc": [9, 9, 11, 12], "area": 6}],
                           (10, 12))
+
+
+# ----------------------------------------------------------------------------- parameters
+# issue 13, reliability review D5 and table 1c: every bad value raises InvalidInputError with
+# a one-line message naming the parameter, when the generator is built (before any work)
+
+BAD_PARAMETERS = [
+    ({"points_per_side": 2.7}, "points_per_side"),  # 1c #5: was truncated to 2
+    ({"points_per_side": "abc"}, "points_per_side"),  # 1c #6: raw ValueError from int()
+    ({"points_per_side": 100000}, "points_per_side"),  # 1c #9: MemoryError, 74.5 GiB
+    ({"points_per_side": True}, "points_per_side"),
+    ({"points_per_batch": 2.5}, "points_per_batch"),
+    ({"pred_iou_thresh": 1.5}, "pred_iou_thresh"),  # 1c #12: 0 masks, no warning
+    ({"pred_iou_thresh": -1}, "pred_iou_thresh"),  # 1c #13
+    ({"pred_iou_thresh": float("nan")}, "pred_iou_thresh"),  # 1c #14
+    ({"stability_score_thresh": 2}, "stability_score_thresh"),  # 1c #15
+    ({"stability_score_thresh": float("nan")}, "stability_score_thresh"),  # 1c #17: filter off
+    ({"stability_score_offset": -1}, "stability_score_offset"),  # 1c #18
+    ({"stability_score_offset": float("inf")}, "stability_score_offset"),
+    ({"box_nms_thresh": 5}, "box_nms_thresh"),  # 1c #21
+    ({"box_nms_thresh": -1}, "box_nms_thresh"),  # 1c #22: kept 1 mask
+    ({"crop_nms_thresh": float("nan")}, "crop_nms_thresh"),
+    ({"crop_n_layers": 3, "crop_n_points_downscale_factor": 0},
+     "crop_n_points_downscale_factor"),  # 1c #25: ZeroDivisionError
+    ({"crop_n_layers": 1, "crop_n_points_downscale_factor": 0.5},
+     "crop_n_points_downscale_factor"),
+    ({"crop_n_layers": 1, "crop_overlap_ratio": 5}, "crop_overlap_ratio"),  # 1c #27
+    ({"crop_n_layers": 1, "crop_overlap_ratio": -1}, "crop_overlap_ratio"),  # 1c #28
+    ({"crop_n_layers": 2, "crop_overlap_ratio": -0.9}, "crop_overlap_ratio"),  # 1c #29
+    ({"crop_n_layers": 1, "crop_overlap_ratio": 1.0}, "crop_overlap_ratio"),
+    ({"crop_n_layers": 8}, "crop_n_layers"),  # 1c #30: 87,381 crops accepted
+    ({"crop_n_layers": -1}, "crop_n_layers"),
+    ({"min_mask_region_area": -5}, "min_mask_region_area"),  # 1c #31
+    ({"points_per_side": None, "point_grids": [np.array([[1.5, 0.5], [0.2, -0.1]])]},
+     "point_grids"),  # 1c #36: prompts outside the image
+    ({"points_per_side": None, "point_grids": [np.array([[np.nan, 0.5]])]},
+     "point_grids"),  # 1c #37: NaN prompts, records carried point_coords [[nan, 32.0]]
+    ({"points_per_side": None, "point_grids": [np.zeros((70_000, 2))]}, "point_grids"),
+    ({"points_per_side": 256, "crop_n_layers": 4}, "points_per_side"),  # 22 M prompts
+    ({"output_mode": "coco_rle"}, "output_mode"),
+    ({"auto_tile": "no"}, "auto_tile"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD_PARAMETERS)
+def test_bad_parameters_raise_when_built(sam, kwargs, name):
+    with pytest.raises(InvalidInputError) as info:
+        AutomaticMaskGenerator(sam, **kwargs)
+    message = str(info.value)
+    assert name in message and "\n" not in message and len(message) < 300
+
+
+def test_review_reproductions_with_the_default_model():
+    """D5's snippet: each call failed after the whole computation, or ran silently."""
+    from napari_sam import load_model
+
+    model = load_model()
+    for kwargs in (
+        dict(points_per_side=8, crop_n_layers=1, crop_overlap_ratio=5),
+        dict(points_per_side=4, crop_n_layers=1, crop_n_points_downscale_factor=0),
+        dict(points_per_side=8, pred_iou_thresh=0.6, stability_score_thresh=float("nan")),
+    ):
+        with pytest.raises(InvalidInputError):
+            AutomaticMaskGenerator(model, **kwargs)  # no generate(): raised when built
+
+
+def test_edge_values_are_accepted_and_coerced(sam, image):
+    gen = AutomaticMaskGenerator(sam, points_per_side=4.0, points_per_batch=np.int64(8),
+                                 pred_iou_thresh=0, stability_score_thresh=1,
+                                 stability_score_offset=0, box_nms_thresh=1, crop_n_layers=1,
+                                 crop_overlap_ratio=0, crop_nms_thresh=0)
+    assert type(gen.point_grids[0]) is np.ndarray and len(gen.point_grids[0]) == 16
+    assert type(gen.points_per_batch) is int and gen.points_per_batch == 8
+    assert isinstance(gen.generate(image), list)
+
+
+def test_settings_dataclass_describes_the_ranges():
+    import dataclasses
+
+    from napari_sam.engine.everything_settings import EverythingSettings
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(EverythingSettings)}
+    assert (meta["pred_iou_thresh"]["min"], meta["pred_iou_thresh"]["max"]) == (0.0, 1.0)
+    assert meta["crop_overlap_ratio"]["max_open"] is True
+    assert meta["points_per_side"]["kind"] is int and meta["points_per_side"]["max"] == 256
+    assert all(m["help"] for m in meta.values())
+
+    st = EverythingSettings(points_per_side=16, box_nms_thresh=0.5)
+    assert st.pred_iou_thresh is None  # resolved per model
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.points_per_side = 3
+    with pytest.raises(InvalidInputError, match="--box-nms-thresh must be a number in"):
+        EverythingSettings.from_kwargs({"box_nms_thresh": 7},
+                                       labels={"box_nms_thresh": "--box-nms-thresh"})
+    with pytest.raises(InvalidInputError, match="points_per_sid"):
+        EverythingSettings.from_kwargs({"points_per_sid": 7})
+
+
+def test_settings_round_trip_into_the_generator(sam, image):
+    from napari_sam.engine.everything_settings import EverythingSettings
+
+    st = EverythingSettings(points_per_side=5, **LOW)
+    a = AutomaticMaskGenerator(sam, **st.kwargs()).generate(image)
+    b = AutomaticMaskGenerator(sam, points_per_side=5, **LOW).generate(image)
+    assert len(a) == len(b) > 0
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def test_thresholds_follow_the_model(sam):
+    """Not given: the model's recommended values (default model) or SAM's (other models)."""
+    from napari_sam import load_model
+    from napari_sam.engine.everything_settings import recommended_settings
+    from napari_sam.models.zoo import recommended_everything_settings
+
+    default = load_model()
+    gen = AutomaticMaskGenerator(default)
+    rec = recommended_everything_settings("default")
+    assert (gen.pred_iou_thresh, gen.stability_score_thresh) == (
+        rec["pred_iou_thresh"], rec["stability_score_thresh"]) == (0.6, 0.85)
+    assert AutomaticMaskGenerator(Predictor(default)).pred_iou_thresh == 0.6
+    assert recommended_settings(default) == rec
+    given = AutomaticMaskGenerator(default, pred_iou_thresh=0.7)
+    assert (given.pred_iou_thresh, given.stability_score_thresh) == (0.7, 0.85)
+
+    other = AutomaticMaskGenerator(sam)  # any other architecture: SAM's thresholds
+    assert (other.pred_iou_thresh, other.stability_score_thresh) == (0.88, 0.95)
+    assert recommended_settings(sam) == {}
+
+
+def _matched(labels: np.ndarray, truth: np.ndarray, min_iou: float = 0.5) -> int:
+    """Ground-truth objects that some label matches with IoU > min_iou."""
+    n = 0
+    for t in np.unique(truth)[1:]:
+        obj = truth == t
+        ids, inter = np.unique(labels[obj], return_counts=True)
+        best = 0.0
+        for i, k in zip(ids, inter, strict=True):
+            if i:
+                best = max(best, k / (obj.sum() + (labels == i).sum() - k))
+        n += best > min_iou
+    return n
+
+
+def test_readme_example_finds_the_nuclei():
+    """usability review 5: the README example returned 0 records with the default model."""
+    from napari_sam import load_model
+    from napari_sam.sample_data import nuclei, nuclei_labels
+
+    image = nuclei()[0][0]
+    truth = nuclei_labels()
+    model = load_model()
+    records = AutomaticMaskGenerator(model, points_per_side=32).generate(image)  # as README
+    assert 60 <= len(records) <= 200  # 107 nuclei
+    labels = records_to_labels(records, image.shape)
+    assert _matched(labels, truth) >= 50
+
+
+# ----------------------------------------------------------------------------- empty masks
+
+
+def test_no_empty_masks_or_nan_scores():
+    """1c #38: a 1x1 image with both thresholds 0 gave 48 records of area 0, stability NaN."""
+    from napari_sam import load_model
+
+    model = load_model()
+    gen = AutomaticMaskGenerator(model, points_per_side=8, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.0)
+    crops = AutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0.0,
+                                   stability_score_thresh=0.0, crop_n_layers=2)
+    rng = np.random.default_rng(0)
+    for img in (np.full((1, 1), 7, np.uint8), rng.random((1, 1)), rng.random((2, 3)),
+                rng.random((3, 500))):
+        for g in (gen, crops):
+            for r in g.generate(img):
+                assert r["area"] > 0 and r["segmentation"].any()
+                assert np.isfinite(r["stability_score"]) and np.isfinite(r["predicted_iou"])
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_candidates_are_kept_cropped_to_their_box(sam):
+    """D6: every kept candidate was a full-size mask; now each is cut to its bounding box,
+    so what is held scales with the objects, not with the image."""
+    img = blobs((300, 400), 30, seed=1)
+    gen = AutomaticMaskGenerator(sam, points_per_side=8, auto_tile=False, **LOW)
+    rgb = np.repeat(img[..., None], 3, axis=2)
+    data = gen._generate_masks(rgb, None, None, use_cache=False)
+    assert len(data["masks"]) >= 3
+    held = 0
+    for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data["masks"], data["boxes"].tolist(),
+                                                  strict=True):
+        assert (r0, c0) == (y0, x0)
+        assert tuple(mask.shape) == (y1 - y0 + 1, x1 - x0 + 1)  # exactly the box
+        assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
+        held += mask.numel()
+    assert held < len(data["masks"]) * img.size
+
+
+def test_upsampling_stays_within_its_memory_budget(sam, monkeypatch):
+    """D6: float logits were upsampled 16 at a time whatever the image size (1 GB at
+    4000 x 4000); now the batch shrinks so that it stays within UPSCALE_BUDGET_BYTES."""
+    from napari_sam.engine import everything as E
+
+    img = blobs((200, 260), 20, seed=2)
+    budget = 3 * 4 * img.size  # three float32 masks of this image
+    monkeypatch.setattr(E, "UPSCALE_BUDGET_BYTES", budget)
+    pred = Predictor(sam)
+    sizes = []
+    original = pred.upscale_logits
+
+    def spy(low):
+        sizes.append(low.shape[0])
+        return original(low)
+
+    monkeypatch.setattr(pred, "upscale_logits", spy)
+    gen = AutomaticMaskGenerator(pred, points_per_side=6, **LOW)
+    assert len(gen.generate(img)) > 0
+    assert sizes and max(sizes) <= 3
+
+
+def test_output_modes_hold_the_same_masks(sam, image):
+    binary = AutomaticMaskGenerator(sam, points_per_side=6, **LOW).generate(image)
+    cropped = AutomaticMaskGenerator(sam, points_per_side=6, output_mode="cropped_mask",
+                                     **LOW).generate(image)
+    rle = AutomaticMaskGenerator(sam, points_per_side=6, output_mode="uncompressed_rle",
+                                 **LOW).generate(image)
+    assert len(binary) == len(cropped) == len(rle) >= 3
+    for b, c, r in zip(binary, cropped, rle, strict=True):
+        r0, c0, r1, c1 = c["bbox_rc"]
+        assert c["segmentation"].shape == (r1 - r0, c1 - c0)
+        full = np.zeros(image.shape, bool)
+        full[r0:r1, c0:c1] = c["segmentation"]
+        np.testing.assert_array_equal(full, b["segmentation"])
+        assert r["segmentation"] == M.mask_to_rle(b["segmentation"])
+        assert b["bbox"] == c["bbox"] and b["area"] == c["area"]
+    np.testing.assert_array_equal(records_to_labels(cropped, image.shape),
+                                  records_to_labels(binary, image.shape))
+    gen = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
+    np.testing.assert_array_equal(gen.generate_labels(image),
+                                  records_to_labels(binary, image.shape))
+
+
+def test_min_mask_region_area_on_cropped_masks_matches_full_frame(sam, image):
+    """The clean-up works on cropped masks and gives SAM's full-frame result."""
+    gen = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
+    raw = gen.generate(image)
+    cleaned = AutomaticMaskGenerator(sam, points_per_side=6, min_mask_region_area=30,
+                                     **LOW).generate(image)
+    assert cleaned
+    raw_by_point = {tuple(r["point_coords"][0]): r for r in raw}
+    for r in cleaned:
+        m = r["segmentation"]
+        assert M.remove_small_regions(m, 30, "islands")[1] is False
+        assert M.remove_small_regions(m, 30, "holes")[1] is False
+        src = raw_by_point[tuple(r["point_coords"][0])]["segmentation"]
+        want, _ = M.remove_small_regions(M.remove_small_regions(src, 30, "holes")[0], 30,
+                                         "islands")
+        np.testing.assert_array_equal(m, want)
+
+
+# ----------------------------------------------------------------------------- large images
+
+
+def test_large_images_are_tiled_on_their_own(sam):
+    """D6: a large image was seen at the model's input size, silently. The tiny model's input
+    is 128 px: images longer than 384 px are tiled in 256 px tiles (overlap 32)."""
+    from napari_sam.engine.tiles import tile_boxes
+
+    gen = AutomaticMaskGenerator(sam, points_per_side=4, points_per_batch=8, **LOW)
+    assert gen.tile_size_for((384, 300)) is None
+    assert gen.tile_size_for((385, 300)) == 256
+    img = blobs((300, 600), 60, seed=3)
+    calls = []
+    records = gen.generate(img, progress=lambda d, t: calls.append((d, t)))
+    n_tiles = len(tile_boxes(img.shape, 256, 32))
+    assert n_tiles == 6
+    assert calls[-1] == (2 * n_tiles, 2 * n_tiles)  # 16 prompts in 2 batches per tile
+    assert [d for d, _ in calls] == list(range(1, 2 * n_tiles + 1))
+    assert records and all("tile_box" in r for r in records)
+    assert all(r["segmentation"].shape == img.shape for r in records)  # binary_mask: full
+    labels = gen.generate_labels(img)
+    np.testing.assert_array_equal(labels, records_to_labels(records, img.shape))
+
+    untiled = AutomaticMaskGenerator(sam, points_per_side=4, auto_tile=False, **LOW)
+    assert untiled.tile_size_for(img.shape) is None
+    with pytest.warns(UserWarning, match="tile_size=256"):
+        untiled.generate(img)
+
+
+def test_large_image_with_small_objects_yields_objects():
+    """D6: at 4000 x 4000 the default model found nothing (it sees 256 px). A 520 x 1392
+    mosaic of the sample nuclei: 0 found untiled at SAM's thresholds; tiled, most."""
+    from napari_sam import load_model
+    from napari_sam.sample_data import nuclei, nuclei_labels
+
+    image, truth = nuclei()[0][0], nuclei_labels().astype(np.int32)
+    big = np.concatenate([image, image], axis=1)
+    second = np.where(truth > 0, truth + truth.max(), 0)
+    big_truth = np.concatenate([truth, second], axis=1)
+    model = load_model()
+    gen = AutomaticMaskGenerator(model, points_per_side=16)
+    assert gen.tile_size_for(big.shape) == 512
+    labels = gen.generate_labels(big)
+    found = _matched(labels, big_truth)
+    assert found >= 0.4 * big_truth.max()
+    with pytest.warns(UserWarning, match="tile_size=512"):
+        untiled = AutomaticMaskGenerator(model, points_per_side=16, auto_tile=False)
+        seen = _matched(untiled.generate_labels(big), big_truth)
+    assert seen < found / 3
+
+
+# ----------------------------------------------------------------------------- CLI and cache
+
+
+def _write_png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--pred-iou-thresh", "7"),  # 3 #30: rc 0, empty label image
+    ("--stability-score-thresh", "nan"),  # 3 #31: filter silently off
+    ("--crop-n-points-downscale-factor", "0"),  # 3 #32: ZeroDivisionError per image
+    ("--crop-overlap-ratio", "5"),  # 3 #33: ValueError after 4x the work
+    ("--points-per-side", "100000"),
+])
+def test_cli_bad_everything_options_are_usage_errors(tmp_path, monkeypatch, capsys, option,
+                                                     value):
+    from napari_sam.cli import main
+    from napari_sam.models import zoo
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded for a usage error")
+
+    monkeypatch.setattr(zoo, "load_model", no_model)
+    _write_png(tmp_path / "a.png", np.zeros((32, 32), np.uint8))
+    extra = ["--crop-n-layers", "1"] if "crop" in option else []
+    rc = main(["everything", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
+               option, value, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert option in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_usage_error_exit_code_in_a_real_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _write_png(tmp_path / "a.png", np.zeros((32, 32), np.uint8))
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_sam.cli", "everything", str(tmp_path / "a.png"),
+         "--out", str(tmp_path / "out"), "--stability-score-thresh", "nan"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--stability-score-thresh" in proc.stderr
+
+
+def test_batch_generator_cache_is_bounded(sam, monkeypatch):
+    """D13: one generator per parameter set was cached forever (300 sets: +194 MB)."""
+    from napari_sam.engine import batch
+
+    monkeypatch.setattr(batch, "_GENERATORS", {})
+    monkeypatch.setitem(batch._MODELS, ("tiny-test-model", None), sam)
+    first = batch.get_generator("tiny-test-model", None, {"points_per_side": 2})
+    for n in range(3, 40):
+        batch.get_generator("tiny-test-model", None, {"points_per_side": n})
+        assert len(batch._GENERATORS) <= batch.GENERATOR_CACHE_SIZE
+    assert len(batch._GENERATORS) == batch.GENERATOR_CACHE_SIZE
+    last = batch.get_generator("tiny-test-model", None, {"points_per_side": 39})
+    assert batch.get_generator("tiny-test-model", None, {"points_per_side": 39}) is last
+    assert batch.get_generator("tiny-test-model", None, {"points_per_side": 2}) is not first
+    # the least recently used goes first: 39, used again now, survives 7 new sets
+    assert batch.get_generator("tiny-test-model", None, {"points_per_side": 39}) is last
+    for n in range(40, 47):
+        batch.get_generator("tiny-test-model", None, {"points_per_side": n})
+    assert batch.get_generator("tiny-test-model", None, {"points_per_side": 39}) is last
+    assert last.output_mode == "cropped_mask"

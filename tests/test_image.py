@@ -181,6 +181,26 @@ def test_degenerate_contrast_limits_are_a_step():
     np.testing.assert_array_equal(to_rgb_uint8(img, contrast_limits=(2, 2))[..., 0], [[0, 0, 255]])
 
 
+@pytest.mark.filterwarnings("error")  # numpy's overflow RuntimeWarnings were the only sign
+def test_float64_range_at_the_ends_of_float64_is_not_all_zeros():
+    # D10 / 1a row 18: a float64 image spanning -1e308..1e308 overflowed hi - lo and became
+    # all zeros
+    img = np.array([[-1e308, 0.0], [1e308, 5e307]])
+    np.testing.assert_array_equal(to_rgb_uint8(img)[..., 0], [[0, 128], [255, 191]])
+    big = np.finfo(np.float64).max
+    out = to_rgb_uint8(img, contrast_limits=(-big, big))[..., 0]
+    np.testing.assert_array_equal(out, [[57, 128], [198, 163]])
+    np.testing.assert_array_equal(
+        to_rgb_uint8(img, contrast_limits=(0.0, 1e308))[..., 0], [[0, 0], [255, 128]]
+    )
+    # a range so narrow that 255 / (hi - lo) overflows
+    tiny = np.array([[0.0, 5e-324], [1.0, -1.0]])
+    np.testing.assert_array_equal(to_rgb_uint8(tiny)[..., 0], [[128, 128], [255, 0]])
+    np.testing.assert_array_equal(
+        to_rgb_uint8(tiny, contrast_limits=(0.0, 5e-324))[..., 0], [[0, 255], [255, 0]]
+    )
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_inf_raise_with_advice(bad):
     img = np.ones((4, 4), np.float32)

@@ -324,3 +324,98 @@ def test_coco_export():
     assert anns[2]["score"] == pytest.approx(0.7)
     with pytest.raises(InvalidInputError):
         M.coco_annotations([{"segmentation": crop}], image_shape=(6, 8))
+
+
+# ----------------------------------------------------------------------------- cropped masks
+# issue 13 (D6): everything-mode keeps masks cropped to their boxes; these helpers must give
+# exactly the full-frame results
+
+
+def _random_blob_mask(rng, shape):
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    return noise > np.quantile(noise, rng.uniform(0.4, 0.8))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions_cropped_equals_full_frame(seed, mode):
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(8, 40)), int(rng.integers(8, 40))
+    # boxes anywhere: touching borders, spanning an axis, almost the whole image
+    h, w = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
+    r0, c0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    crop = _random_blob_mask(rng, (h, w))
+    full = np.zeros((H, W), bool)
+    full[r0 : r0 + h, c0 : c0 + w] = crop
+    for thresh in (3, 12, 40, 200):
+        want, want_changed = M.remove_small_regions(full, thresh, mode)
+        got, (gr, gc), changed = M.remove_small_regions_cropped(crop, (r0, c0), (H, W), thresh,
+                                                               mode)
+        placed = np.zeros((H, W), bool)
+        placed[gr : gr + got.shape[0], gc : gc + got.shape[1]] = got
+        np.testing.assert_array_equal(placed, want)
+        assert changed == want_changed
+
+
+def test_remove_small_regions_cropped_outside_parts():
+    # a box spanning the full width: the strips above and below are separate parts
+    H, W = 20, 10
+    crop = np.ones((10, 10), bool)
+    crop[0, 3] = False  # background touching the top side: it continues in the top strip
+    crop[5, 5] = False  # an enclosed hole of 1 pixel
+    full = np.zeros((H, W), bool)
+    full[2:12] = crop
+    for thresh in (2, 19, 21, 100):  # top strip: 20 px (+1), bottom strip 80 px
+        want, _ = M.remove_small_regions(full, thresh, "holes")
+        got, (r, c), _ = M.remove_small_regions_cropped(crop, (2, 0), (H, W), thresh, "holes")
+        placed = np.zeros((H, W), bool)
+        placed[r : r + got.shape[0], c : c + got.shape[1]] = got
+        np.testing.assert_array_equal(placed, want)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_cropped_mask_to_rle_equals_full_rle(seed):
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+    h, w = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
+    r0, c0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    crop = rng.random((h, w)) > rng.uniform(0.1, 0.9)
+    full = np.zeros((H, W), bool)
+    full[r0 : r0 + h, c0 : c0 + w] = crop
+    assert M.cropped_mask_to_rle(crop, (r0, c0), (H, W)) == M.mask_to_rle(full)
+
+
+def test_cropped_mask_to_rle_corner_cases():
+    for full in (np.ones((4, 5), bool), np.zeros((4, 5), bool), np.eye(4, 5, dtype=bool)):
+        assert M.cropped_mask_to_rle(full, (0, 0), (4, 5)) == M.mask_to_rle(full)
+    # runs that continue from the bottom of one column to the top of the next
+    full = np.zeros((3, 4), bool)
+    full[2, 0] = full[0, 1] = full[1, 1] = full[2, 1] = full[0, 2] = True
+    assert M.cropped_mask_to_rle(full[:, :3], (0, 0), (3, 4)) == M.mask_to_rle(full)
+    with pytest.raises(InvalidInputError):
+        M.cropped_mask_to_rle(np.ones((3, 3), bool), (2, 2), (4, 4))
+
+
+def test_crop_boxes_of_tiny_images_are_never_empty():
+    """A 1 x 1 image with crop layers made empty crops (raw TypeError from a memoryview)."""
+    for shape in [(1, 1), (2, 3), (3, 500), (1, 40)]:
+        for ratio in (0.0, 512 / 1500, 0.99):
+            boxes, layers = M.generate_crop_boxes(shape, 3, ratio)
+            assert boxes[0] == [0, 0, shape[1], shape[0]] and layers[0] == 0
+            for x0, y0, x1, y1 in boxes:
+                assert 0 <= x0 < x1 <= shape[1] and 0 <= y0 < y1 <= shape[0]
+
+
+def test_coco_annotations_of_cropped_records_equal_full_ones():
+    full = np.zeros((12, 15), bool)
+    full[3:7, 4:9] = True
+    full[5, 6] = False
+    cropped = {"segmentation": full[3:7, 4:9], "bbox_rc": [3, 4, 7, 9], "area": int(full.sum())}
+    whole = {"segmentation": full, "area": int(full.sum())}
+    a = M.coco_annotations([cropped], image_shape=(12, 15))[0]
+    b = M.coco_annotations([whole], image_shape=(12, 15))[0]
+    assert a == b
+    with pytest.raises(InvalidInputError):
+        M.coco_annotations([dict(cropped, bbox_rc=[3, 4, 8, 9])], image_shape=(12, 15))

@@ -495,6 +495,61 @@ def test_bad_prompts_raise(predictor, kwargs, match):
         predictor.predict(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # D9 / 1b row 15: numpy's ValueError "setting an array element with a sequence"
+        (dict(points=[[1, 2], [3]]), "points is ragged"),
+        (dict(points=[[[1, 2]], [[3, 4], [5, 6]]]), "points is ragged"),
+        (dict(points=[[1, 2]], labels=[[1], []]), "labels is ragged"),
+        (dict(box=[[1, 2, 3, 4], [1, 2]]), "box is ragged"),
+        # D10 / 1b row 61: the imaginary part was dropped with a ComplexWarning
+        (dict(points=[[10 + 5j, 20]]), "points must be real numbers"),
+        (dict(points=np.array([[10, 20]], np.complex128)), "points must be real numbers"),
+        (dict(box=np.array([1, 2, 30, 40], np.complex64)), "box must be real numbers"),
+        (dict(points=[[1, 2]], labels=np.array([1 + 0j])), "labels must be real numbers"),
+        # 1b row 53: a batch of zero point prompts beside a box gave the box's result
+        (dict(points=np.zeros((0, 1, 2)), box=[10, 10, 50, 80]), "batch of 0 prompts"),
+        (dict(points=np.zeros((0, 1, 2))), "batch of 0 prompts"),
+        # a box touching the image only along its top edge covers no pixel
+        (dict(box=[-10, 10, 0, 50]), "does not overlap"),
+    ],
+)
+def test_malformed_prompts_raise_typed_one_line_errors(predictor, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match) as err:
+        predictor.predict(**kwargs)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_long_bad_prompts_are_quoted_briefly(predictor):
+    with pytest.raises(InvalidInputError, match="points is ragged") as err:
+        predictor.predict(points=[[1, 2]] * 5000 + [[3]])
+    assert len(str(err.value)) < 300
+    with pytest.raises(InvalidInputError, match="numeric") as err:
+        predictor.predict(points=[["a", "b"]] * 5000)
+    assert len(str(err.value)) < 300
+
+
+def test_a_box_beyond_the_image_is_clipped_to_it():
+    # D10 / 1b row 38: a box enclosing the whole image gave 3 empty masks
+    from napari_sam import load_model
+    from napari_sam.sample_data import nuclei
+
+    image = nuclei()[0][0]
+    H, W = image.shape[:2]
+    p = Predictor(load_model(device="cpu"))
+    p.set_image(image)
+    whole = p.predict(box=[0, 0, H, W])
+    assert whole.masks.any(axis=(1, 2)).all()
+    for box in ([-1e6, -1e6, 1e6, 1e6], [-5, -5, H + 5, W + 5], [1e308, 1e308, -1e308, -1e308]):
+        pred = p.predict(box=box)
+        np.testing.assert_array_equal(pred.masks, whole.masks)
+        np.testing.assert_array_equal(pred.scores, whole.scores)
+    # a box partly outside is cut at the image border
+    part = p.predict(box=[[-40, 100, 60, 200], [0, 100, 60, 200]], multimask=False)
+    np.testing.assert_array_equal(part.masks[0], part.masks[1])
+
+
 @pytest.mark.parametrize("point", [[60, 10], [10, 90], [-1, 10], [10, -0.5], [60.0, 90.0]])
 def test_point_outside_image_names_point_and_shape(predictor, point):
     with pytest.raises(InvalidInputError, match=r"outside the image of shape \(60, 90\)") as err:

@@ -177,3 +177,95 @@ def test_with_real_generator_bounded_cache():
         r0, c0, r1, c1 = rec["bbox_rc"]
         assert 0 <= r0 < r1 <= 150 and 0 <= c0 < c1 <= 170
         assert rec["segmentation"].shape == (r1 - r0, c1 - c0)
+
+
+# ----------------------------------------------------------------------------- issue 13
+# reliability review, table 1d: parameters checked before any tile is read
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"tile_size": 1, "overlap": 0}, "tile_size"),  # 1d #4: 361,920 tiles planned
+    ({"tile_size": 15, "overlap": 0}, "tile_size"),
+    ({"tile_size": 2.5, "overlap": 0}, "tile_size"),
+    ({"tile_size": 300, "overlap": 100, "contain_thresh": 5}, "contain_thresh"),  # 1d #10
+    ({"tile_size": 300, "overlap": 100, "merge_iou": -1}, "merge_iou"),  # 1d #10
+    ({"tile_size": 300, "overlap": 100, "dup_iou": float("nan")}, "dup_iou"),
+    ({"tile_size": 300, "overlap": 100, "edge_margin": -1}, "edge_margin"),
+    ({"tile_size": 300, "overlap": 300}, "overlap"),
+])
+def test_bad_tiling_parameters_raise_before_any_tile(kwargs, name):
+    img, _ = disks_image((200, 300))
+    gen = ComponentsGenerator()
+    with pytest.raises(InvalidInputError) as info:
+        generate_tiled(gen, img, **kwargs)
+    assert name in str(info.value) and "\n" not in str(info.value)
+    assert gen.calls == []
+    assert len(tile_boxes((200, 300), 16, 0)) == 13 * 19  # the smallest tile is allowed
+
+
+def test_nan_in_the_image_is_reported_as_nan():
+    """1d #8: the message blamed contrast_limits '(nan, nan)', which the user did not pass."""
+    img = np.random.default_rng(0).random((520, 696))
+    img[3, 4] = img[100, 200] = np.nan
+    img[7, 7] = np.inf
+    gen = ComponentsGenerator()
+    with pytest.raises(InvalidInputError) as info:
+        generate_tiled(gen, img, tile_size=300, overlap=100)
+    message = str(info.value)
+    assert "2 NaN and 1 infinite" in message and "contrast_limits" not in message
+    assert gen.calls == []
+
+
+def test_a_stack_is_reported_with_its_own_shape():
+    """1d #9: the message showed a tile's shape (2, 300, 696), not the input's."""
+    stack = np.zeros((2, 520, 696), np.uint16)
+    gen = ComponentsGenerator()
+    with pytest.raises(InvalidInputError, match=r"\(2, 520, 696\)") as info:
+        generate_tiled(gen, stack, tile_size=300, overlap=100)
+    assert "image[z]" in str(info.value)
+    assert gen.calls == []
+    with pytest.raises(InvalidInputError, match="contrast_limits"):  # checked before tile 1
+        generate_tiled(gen, stack[0], tile_size=300, overlap=100, contrast_limits=(5, 1))
+    assert gen.calls == []
+
+
+def test_crop_box_is_carried_into_image_coordinates():
+    img, _ = disks_image((200, 300), seed=4)
+
+    class WithCropBox(ComponentsGenerator):
+        def generate(self, tile):
+            out = super().generate(tile)
+            for rec in out:
+                rec["crop_box"] = [0, 0, tile.shape[1], tile.shape[0]]
+            return out
+
+    records = generate_tiled(WithCropBox(), img, tile_size=128, overlap=40)
+    boxes = {tuple(b) for b in tile_boxes(img.shape, 128, 40)}
+    for rec in records:
+        x, y, w, h = rec["crop_box"]
+        assert (y, x, y + h, x + w) in boxes
+        assert rec["crop_box"] == [rec["tile_box"][1], rec["tile_box"][0],
+                                   rec["tile_box"][3] - rec["tile_box"][1],
+                                   rec["tile_box"][2] - rec["tile_box"][0]]
+
+
+def test_real_generator_hands_over_cropped_masks(monkeypatch):
+    """Each tile's masks stay cropped: no full-tile mask is built on the way."""
+    from napari_sam.engine import everything as E
+    from reference_utils import build_random_sam, tiny_vit_sam_config
+
+    sam = build_random_sam(tiny_vit_sam_config(), seed=0)
+    gen = E.AutomaticMaskGenerator(sam, points_per_side=3, pred_iou_thresh=0.0,
+                                   stability_score_thresh=0.0, box_nms_thresh=1.0)
+
+    def no_full_masks(*_a, **_k):
+        raise AssertionError("full-size records were built for a tile")
+
+    monkeypatch.setattr(E, "_finish_records", no_full_masks)
+    img, _ = disks_image((150, 170), seed=1)
+    records = generate_tiled(gen, img, tile_size=100, overlap=30)
+    assert records
+    for rec in records:
+        r0, c0, r1, c1 = rec["bbox_rc"]
+        assert rec["segmentation"].shape == (r1 - r0, c1 - c0)
+        assert len(rec["crop_box"]) == 4

@@ -67,11 +67,37 @@ GENERATOR_OPTIONS: tuple[tuple[str, str, type, Any, str], ...] = (
 
 
 def add_generator_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add :data:`GENERATOR_OPTIONS` to ``parser`` as a group (default None: not given)."""
+    """Add :data:`GENERATOR_OPTIONS` to ``parser`` as a group (default None: not given).
+
+    The help of each option shows its valid range, from
+    :class:`~napari_sam.engine.everything_settings.EverythingSettings`.
+    """
+    from dataclasses import fields
+
+    from napari_sam.engine.everything_settings import SAM_THRESHOLDS, EverythingSettings
+
+    ranges = {f.name: f.metadata for f in fields(EverythingSettings)}
     g = parser.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
-    for option, _key, typ, default, text in GENERATOR_OPTIONS:
+    for option, key, typ, default, text in GENERATOR_OPTIONS:
+        meta = ranges.get(key, {})
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and hi is not None:
+            bracket = ")" if meta.get("max_open") else "]"
+            valid = f"{lo:g}..{hi:g}" if typ is int else f"[{lo:g}, {hi:g}{bracket}"
+        elif lo is not None:
+            valid = f">= {lo:g}"
+        else:
+            valid = None
+        shown = (f"the value the model recommends, printed when the run starts, else "
+                 f"{SAM_THRESHOLDS[key]:g}" if key in SAM_THRESHOLDS else f"{default:g}")
+        extra = f"{valid}; default: {shown}" if valid else f"default: {shown}"
         g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
-                       help=f"{text} (default: {default:g})")
+                       help=f"{text} ({extra})")
+    g.add_argument("--no-auto-tile", dest="auto_tile", action="store_const", const=False,
+                   default=None,
+                   help="do not tile images larger than 3x the model's input size on their "
+                        "own (they are then seen at the model's resolution and small objects "
+                        "are lost; a warning names the tile size to use)")
     return g
 
 
@@ -80,15 +106,28 @@ def generator_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 
     The options given, then, for the others, the settings that ``args.model``
     recommends (:func:`~napari_sam.models.zoo.recommended_everything_settings`).
+    The result is validated here, before any model is loaded
+    (:class:`~napari_sam.engine.everything_settings.EverythingSettings`); an
+    out-of-range option is a usage error (exit 2) naming the option.
     Returns the keywords and the recommended settings.
     """
+    from napari_sam.engine.everything_settings import EverythingSettings
+    from napari_sam.errors import InvalidInputError
     from napari_sam.models.zoo import recommended_everything_settings
 
     kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
               if getattr(args, key, None) is not None}
+    if getattr(args, "auto_tile", None) is not None:
+        kwargs["auto_tile"] = bool(args.auto_tile)
     recommended = recommended_everything_settings(args.model)
     for key, value in recommended.items():
         kwargs.setdefault(key, value)
+    labels = {key: option for option, key, *_ in GENERATOR_OPTIONS}
+    labels["auto_tile"] = "--no-auto-tile"
+    try:
+        EverythingSettings.from_kwargs(kwargs, labels=labels)
+    except InvalidInputError as err:
+        raise _UsageError(str(err)) from None
     return kwargs, recommended
 
 

@@ -224,7 +224,10 @@ def overlay_path(output: str | os.PathLike, stack: bool = False) -> Path:
 # ---------------------------------------------------------------------- per-image work
 
 _MODELS: dict[tuple[str | None, str | None], Any] = {}
-_GENERATORS: dict[tuple, Any] = {}
+#: at most this many generators are kept (least recently used dropped first): a
+#: long-lived worker that sees many parameter sets must not grow without bound
+GENERATOR_CACHE_SIZE = 8
+_GENERATORS: dict[tuple, Any] = {}  # insertion order = use order (an LRU)
 _MODELS_LOCK = threading.Lock()
 
 
@@ -251,22 +254,30 @@ def get_generator(
     """An ``AutomaticMaskGenerator`` for this process and thread (cached).
 
     Generators hold per-image state, so each thread gets its own; all share the
-    process's model from :func:`get_model`.
+    process's model from :func:`get_model`. The cache keeps the
+    :data:`GENERATOR_CACHE_SIZE` most recently used generators. Unless
+    ``generator_kwargs`` say otherwise, the generators give cropped masks
+    (``output_mode="cropped_mask"``): the batch only paints them.
     """
     from napari_sam.engine.everything import AutomaticMaskGenerator
 
+    kwargs = {"output_mode": "cropped_mask", **dict(generator_kwargs)}
     key = (
         None if model_spec is None else str(model_spec),
         device,
-        tuple(sorted((k, repr(v)) for k, v in generator_kwargs.items())),
+        tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
         threading.get_ident(),
     )
     with _MODELS_LOCK:
-        gen = _GENERATORS.get(key)
+        gen = _GENERATORS.pop(key, None)
+        if gen is not None:
+            _GENERATORS[key] = gen  # most recently used last
     if gen is None:
-        gen = AutomaticMaskGenerator(get_model(model_spec, device), **dict(generator_kwargs))
+        gen = AutomaticMaskGenerator(get_model(model_spec, device), **kwargs)
         with _MODELS_LOCK:
             _GENERATORS[key] = gen
+            while len(_GENERATORS) > GENERATOR_CACHE_SIZE:
+                del _GENERATORS[next(iter(_GENERATORS))]
     return gen
 
 

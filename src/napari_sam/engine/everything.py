@@ -25,11 +25,35 @@ is skipped:
 4. Masks touching a crop edge are dropped, duplicates removed by box NMS (per
    crop, then across crops), small holes and islands optionally cleaned.
 
+Memory scales with the objects, not with the image: every kept candidate is
+cut to its bounding box as soon as it is thresholded (empty masks are
+dropped), full-resolution logits are upsampled a few masks at a time within a
+fixed budget (:data:`UPSCALE_BUDGET_BYTES`), and the hole / island clean-up
+works on the cropped masks. Full-size masks exist only in the final records,
+and only with ``output_mode="binary_mask"`` (``"cropped_mask"`` and
+:meth:`AutomaticMaskGenerator.generate_labels` never build them).
+
+Large images: the model sees the image resized to its input size (256 px
+for the default model, 1024 for SAM), so small objects in a large image
+vanish. Unless ``auto_tile=False``, images whose longest side is more than
+3 x the input size are segmented in overlapping tiles of 2 x the input size
+(:func:`~napari_sam.engine.everything_settings.auto_tile_size`,
+:func:`~napari_sam.engine.tiles.generate_tiled`); with ``auto_tile=False`` a
+warning names the tile size to use.
+
+Thresholds: ``pred_iou_thresh`` and ``stability_score_thresh`` left at None
+take the values the model recommends
+(:func:`~napari_sam.engine.everything_settings.recommended_settings`: 0.6 /
+0.85 for the embedded default model and models fine-tuned from it) and
+otherwise SAM's 0.88 / 0.95. Every parameter is checked when the generator is
+built (:class:`~napari_sam.engine.everything_settings.EverythingSettings`).
+
 Records (one dict per mask, ordered like the reference's):
 
-* ``segmentation``: (H, W) bool mask, or an uncompressed COCO RLE dict when
-  ``output_mode="uncompressed_rle"``.
-* ``area``: number of mask pixels.
+* ``segmentation``: (H, W) bool mask; an uncompressed COCO RLE dict when
+  ``output_mode="uncompressed_rle"``; the mask cut to ``bbox_rc``
+  ((row1 - row0, col1 - col0) bool) when ``output_mode="cropped_mask"``.
+* ``area``: number of mask pixels (never 0).
 * ``bbox``: ``[x, y, w, h]`` exactly as SAM reports it: ``x, y`` the first
   column and row of the mask, ``w, h`` = last column - first column and
   last row - first row (one less than the pixel extent).
@@ -38,11 +62,15 @@ Records (one dict per mask, ordered like the reference's):
 * ``predicted_iou``, ``stability_score``: the model's quality estimates.
 * ``point_coords``: ``[[x, y]]`` image pixel coordinates of the prompt.
 * ``crop_box``: ``[x, y, w, h]`` of the crop the mask came from.
+* tiled images only: ``tile_box`` ``[row0, col0, row1, col1]`` of the tile
+  and ``n_pieces``, the tiles merged into the mask
+  (:mod:`napari_sam.engine.tiles`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,15 +78,19 @@ import numpy as np
 import torch
 
 from napari_sam.engine import masks as M
+from napari_sam.engine.everything_settings import EverythingSettings, auto_tile_size
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
 from napari_sam.engine.threads import compute_threads
 from napari_sam.errors import CancelledError, InvalidInputError
 
-__all__ = ["AutomaticMaskGenerator", "records_to_labels"]
+__all__ = ["AutomaticMaskGenerator", "EverythingSettings", "records_to_labels"]
 
-_OUTPUT_MODES = ("binary_mask", "uncompressed_rle")
+_ORDERS = ("area_desc", "area_asc", "input")
+#: full-resolution float logits upsampled at once stay within this many bytes
+UPSCALE_BUDGET_BYTES = 64 << 20
+_MAX_UPSCALE_CHUNK = 16
 # Margin (in logit units) by which the low-resolution stability bound is widened,
 # far above float32 rounding of the bilinear upsampling.
 _BOUND_EPS = 1e-3
@@ -67,26 +99,34 @@ _BOUND_EPS = 1e-3
 class AutomaticMaskGenerator:
     """Segment everything in an image with a grid of point prompts.
 
-    Arguments (same as the official generator):
+    Arguments (the official generator's, plus ``auto_tile``):
       model_or_predictor: a SAM model (``napari_sam.models.Sam`` or anything with
         its interface) or a :class:`~napari_sam.engine.predictor.Predictor`.
-      points_per_side: points along each side of the image; None to use
+      points_per_side: points along each side of the image (1..256); None to use
         ``point_grids`` instead.
-      points_per_batch: prompts decoded together (memory grows linearly).
-      pred_iou_thresh: keep masks whose predicted IoU is > this.
-      stability_score_thresh: keep masks whose stability score is >= this.
-      stability_score_offset: logit offset used by the stability score.
-      box_nms_thresh: box IoU above which duplicates within a crop are dropped.
-      crop_n_layers: extra crop layers; layer i has ``2**i x 2**i`` crops.
-      crop_nms_thresh: box IoU above which duplicates between crops are dropped.
+      points_per_batch: prompts decoded together (1..4096; memory grows linearly).
+      pred_iou_thresh: keep masks whose predicted IoU is > this ([0, 1]; None:
+        the model's recommended value, else SAM's 0.88).
+      stability_score_thresh: keep masks whose stability score is >= this
+        ([0, 1]; None: the model's recommended value, else SAM's 0.95).
+      stability_score_offset: logit offset used by the stability score (>= 0).
+      box_nms_thresh: box IoU above which duplicates within a crop are dropped ([0, 1]).
+      crop_n_layers: extra crop layers (0..4); layer i has ``2**i x 2**i`` crops.
+      crop_nms_thresh: box IoU above which duplicates between crops are dropped ([0, 1]).
       crop_overlap_ratio: overlap of first-layer crops, as a fraction of the
-        image's short side.
-      crop_n_points_downscale_factor: points per side shrink by this factor per layer.
+        image's short side ([0, 1)).
+      crop_n_points_downscale_factor: points per side shrink by this factor per
+        layer (a whole number >= 1).
       point_grids: explicit grids, one per crop layer, of normalised ``(x, y)``
         points in [0, 1] (SAM's convention, x = column).
       min_mask_region_area: when > 0, fill holes and drop islands smaller than
         this many pixels, then run NMS again.
-      output_mode: ``"binary_mask"`` or ``"uncompressed_rle"``.
+      output_mode: ``"binary_mask"``, ``"uncompressed_rle"`` or ``"cropped_mask"``.
+      auto_tile: tile images too large for the model's input (module docstring).
+
+    Raises:
+      InvalidInputError: a parameter is out of range (see
+        :class:`~napari_sam.engine.everything_settings.EverythingSettings`).
     """
 
     def __init__(
@@ -94,8 +134,8 @@ class AutomaticMaskGenerator:
         model_or_predictor: Any,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
+        pred_iou_thresh: float | None = None,
+        stability_score_thresh: float | None = None,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
         crop_n_layers: int = 0,
@@ -105,56 +145,49 @@ class AutomaticMaskGenerator:
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        auto_tile: bool = True,
     ) -> None:
-        if (points_per_side is None) == (point_grids is None):
-            raise InvalidInputError(
-                "Give exactly one of points_per_side (e.g. 32) and point_grids; got "
-                f"points_per_side={points_per_side!r} and "
-                f"point_grids={'None' if point_grids is None else 'a list'}."
-            )
-        if output_mode not in _OUTPUT_MODES:
-            raise InvalidInputError(
-                f"output_mode must be one of {_OUTPUT_MODES}, got {output_mode!r} (for COCO's "
-                "compressed RLE, encode the uncompressed RLEs with pycocotools)."
-            )
-        if int(points_per_batch) < 1:
-            raise InvalidInputError(f"points_per_batch must be >= 1, got {points_per_batch!r}.")
-        if int(crop_n_layers) < 0:
-            raise InvalidInputError(f"crop_n_layers must be >= 0, got {crop_n_layers!r}.")
-        if points_per_side is not None:
-            grids = M.build_all_layer_point_grids(
-                int(points_per_side), int(crop_n_layers), crop_n_points_downscale_factor
-            )
-        else:
-            grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
-            if len(grids) < int(crop_n_layers) + 1:
-                raise InvalidInputError(
-                    f"point_grids has {len(grids)} grids but crop_n_layers={crop_n_layers} "
-                    f"needs {int(crop_n_layers) + 1} (one per layer, the full image first)."
-                )
-            for g in grids:
-                if g.ndim != 2 or g.shape[1] != 2 or g.shape[0] == 0:
-                    raise InvalidInputError(
-                        "Each point grid must be an (N, 2) array of (x, y) in [0, 1]; got "
-                        f"{g.shape}."
-                    )
-        self.point_grids = grids
-
+        settings = EverythingSettings(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+            auto_tile=auto_tile,
+        )
         if isinstance(model_or_predictor, Predictor):
             self.predictor = model_or_predictor
         else:
             self.predictor = Predictor(model_or_predictor)
-        self.points_per_batch = int(points_per_batch)
-        self.pred_iou_thresh = float(pred_iou_thresh)
-        self.stability_score_thresh = float(stability_score_thresh)
-        self.stability_score_offset = float(stability_score_offset)
-        self.box_nms_thresh = float(box_nms_thresh)
-        self.crop_n_layers = int(crop_n_layers)
-        self.crop_nms_thresh = float(crop_nms_thresh)
-        self.crop_overlap_ratio = float(crop_overlap_ratio)
-        self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
-        self.min_mask_region_area = int(min_mask_region_area)
-        self.output_mode = output_mode
+        #: the validated settings, thresholds resolved for this model
+        self.settings = settings.resolved(self.predictor.model)
+        st = self.settings
+        if st.point_grids is not None:
+            self.point_grids = list(st.point_grids)
+        else:
+            self.point_grids = M.build_all_layer_point_grids(
+                st.points_per_side, st.crop_n_layers, st.crop_n_points_downscale_factor
+            )
+        self.points_per_batch = st.points_per_batch
+        self.pred_iou_thresh = float(st.pred_iou_thresh)
+        self.stability_score_thresh = float(st.stability_score_thresh)
+        self.stability_score_offset = st.stability_score_offset
+        self.box_nms_thresh = st.box_nms_thresh
+        self.crop_n_layers = st.crop_n_layers
+        self.crop_nms_thresh = st.crop_nms_thresh
+        self.crop_overlap_ratio = st.crop_overlap_ratio
+        self.crop_n_points_downscale_factor = st.crop_n_points_downscale_factor
+        self.min_mask_region_area = st.min_mask_region_area
+        self.output_mode = st.output_mode
+        self.auto_tile = st.auto_tile
         self._decoder = _FastDecoder.build(self.predictor.model)
 
     @property
@@ -178,23 +211,20 @@ class AutomaticMaskGenerator:
           image: any 2D image layer data (see
             :func:`~napari_sam.engine.image.to_rgb_uint8`).
           contrast_limits, channel_axis: passed to ``to_rgb_uint8``.
-          progress: called as ``progress(done, total)`` after each batch of prompts.
+          progress: called as ``progress(done, total)`` after each batch of
+            prompts (over all tiles when the image is tiled).
           cancel: called before each embedding and each batch; when it returns
             True, :class:`~napari_sam.errors.CancelledError` is raised.
           use_cache: take embeddings from (and put them into) the predictor's
             embedding cache; False keeps no embedding alive after the call.
+            (Tiles never use the cache.)
 
         Returns:
-          a list of records (see the module docstring).
+          a list of records (see the module docstring), in ``output_mode``.
         """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        data = self._generate_masks(rgb, progress, cancel, use_cache)
-        if self.min_mask_region_area > 0:
-            data = self._postprocess_small_regions(
-                data, rgb.shape[:2], self.min_mask_region_area,
-                max(self.box_nms_thresh, self.crop_nms_thresh),
-            )
-        return self._records(data, rgb.shape[:2])
+        records = self._cropped_records(rgb, progress, cancel, use_cache)
+        return _finish_records(records, rgb.shape[:2], self.output_mode)
 
     def generate_labels(
         self,
@@ -207,13 +237,59 @@ class AutomaticMaskGenerator:
     ) -> np.ndarray:
         """(H, W) uint32 instance labels of everything in ``image``.
 
-        See :func:`records_to_labels` for the painting order and ids.
+        See :func:`records_to_labels` for the painting order and ids. No
+        full-size mask is built, whatever ``output_mode`` says.
         """
+        if order not in _ORDERS:  # before the work, not after
+            raise InvalidInputError(
+                f"order must be 'area_desc', 'area_asc' or 'input', got {order!r}."
+            )
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = self.generate(rgb, progress=progress, cancel=cancel)
+        records = self._cropped_records(rgb, progress, cancel, use_cache=True)
         return records_to_labels(records, rgb.shape[:2], order=order)
 
+    def tile_size_for(self, shape: tuple[int, int]) -> int | None:
+        """The tile size this generator uses on its own for an (H, W) image (None: no tiles).
+
+        See :func:`~napari_sam.engine.everything_settings.auto_tile_size`;
+        always None with ``auto_tile=False``.
+        """
+        if not self.auto_tile:
+            return None
+        return auto_tile_size(shape, self.predictor.transform.target_length)
+
     # ------------------------------------------------------------------ generation
+
+    def _cropped_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+        """Records with cropped masks (``bbox_rc``) of an (H, W, 3) uint8 image, tiled if needed."""
+        shape = rgb.shape[:2]
+        img_size = self.predictor.transform.target_length
+        tile = self.tile_size_for(shape)
+        if tile is None:
+            if auto_tile_size(shape, img_size) is not None:
+                suggested = auto_tile_size(shape, img_size)
+                warnings.warn(
+                    f"The model sees this {shape[0]} x {shape[1]} image at {img_size} px, so "
+                    f"small objects are lost; keep auto_tile=True or tile it "
+                    f"(generate_tiled(..., tile_size={suggested}), CLI --tile-size {suggested}).",
+                    UserWarning, stacklevel=3,
+                )
+            return self._plain_records(rgb, progress, cancel, use_cache)
+        from napari_sam.engine.tiles import generate_tiled, tile_boxes
+
+        overlap = tile // 8
+        runner = _TileRunner(self, len(tile_boxes(shape, tile, overlap)), progress, cancel)
+        return generate_tiled(runner, rgb, tile_size=tile, overlap=overlap, cancel=cancel)
+
+    def _plain_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+        """Records with cropped masks of an (H, W, 3) uint8 image, in one piece."""
+        data = self._generate_masks(rgb, progress, cancel, use_cache)
+        if self.min_mask_region_area > 0:
+            data = self._postprocess_small_regions(
+                data, rgb.shape[:2], self.min_mask_region_area,
+                max(self.box_nms_thresh, self.crop_nms_thresh),
+            )
+        return self._records(data)
 
     def _generate_masks(self, rgb, progress, cancel, use_cache) -> dict[str, Any]:
         H, W = rgb.shape[:2]
@@ -288,7 +364,7 @@ class AutomaticMaskGenerator:
         data["points"] = M.uncrop_points(data["points"], crop_box)
         n = len(data["iou"])
         data["crop_boxes"] = torch.tensor([list(crop_box)] * n, dtype=torch.int64).reshape(n, 4)
-        data["masks"] = [(m, (y0, x0)) for m in data["masks"]]
+        data["masks"] = [(m, (r + y0, c + x0)) for m, (r, c) in data["masks"]]  # image frame
         return data
 
     def _decode(self, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
@@ -337,32 +413,45 @@ class AutomaticMaskGenerator:
             if cand.numel() == 0:
                 return empty
 
-        keep_masks, keep_stab, keep_sel = [], [], []
-        for s in range(0, cand.numel(), 16):
-            logits = p.upscale_logits(low[s : s + 16, None])[:, 0]  # (s, h_c, w_c)
+        # full-resolution logits a few masks at a time; each kept mask is cut to its box
+        h_c, w_c = p.original_size
+        chunk = max(1, min(_MAX_UPSCALE_CHUNK, UPSCALE_BUDGET_BYTES // (4 * h_c * w_c)))
+        kept_masks: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        kept_stab, kept_sel, kept_boxes = [], [], []
+        for s in range(0, cand.numel(), chunk):
+            logits = p.upscale_logits(low[s : s + chunk, None])[:, 0]  # (s, h_c, w_c)
             stab = M.stability_score(logits, thr, self.stability_score_offset)
-            ok = (stab >= self.stability_score_thresh) if self.stability_score_thresh > 0 else (
-                torch.ones_like(stab, dtype=torch.bool))
-            if ok.any():
-                keep_masks.append(logits[ok] > thr)
-                keep_stab.append(stab[ok])
-                keep_sel.append(torch.arange(s, s + logits.shape[0], device=ok.device)[ok])
+            masks = logits > thr
             del logits
-        if not keep_sel:
+            # empty masks never pass (their stability is 0 / 0, even with threshold 0)
+            ok = masks.flatten(1).any(dim=1)
+            if self.stability_score_thresh > 0:
+                ok &= stab >= self.stability_score_thresh
+            if not ok.any():
+                continue
+            idx = torch.nonzero(ok).flatten()
+            boxes = M.mask_to_box_xyxy(masks[idx])  # inclusive, crop frame
+            for i, (bx0, by0, bx1, by1) in zip(idx.tolist(), boxes.tolist(), strict=True):
+                kept_masks.append((masks[i, by0 : by1 + 1, bx0 : bx1 + 1].clone(), (by0, bx0)))
+            kept_stab.append(stab[idx])
+            kept_sel.append(idx + s)
+            kept_boxes.append(boxes)
+            del masks
+        if not kept_sel:
             return empty
-        sel = torch.cat(keep_sel)
-        masks = torch.cat(keep_masks)
-        stab = torch.cat(keep_stab)
+        sel = torch.cat(kept_sel)
+        stab = torch.cat(kept_stab)
+        boxes = torch.cat(kept_boxes)
         cand, b_idx = cand[sel], b_idx[sel]
-        boxes = M.mask_to_box_xyxy(masks)
         H, W = orig_size
         near = M.is_box_near_crop_edge(boxes, crop_box, [0, 0, W, H])
         if near.any():
-            ok = ~near
-            masks, stab, cand, b_idx, boxes = masks[ok], stab[ok], cand[ok], b_idx[ok], boxes[ok]
+            ok = torch.nonzero(~near).flatten()
+            kept_masks = [kept_masks[i] for i in ok.tolist()]
+            stab, cand, b_idx, boxes = stab[ok], cand[ok], b_idx[ok], boxes[ok]
         points = torch.as_tensor(pts, dtype=torch.float64)[b_idx.cpu()]
         return {
-            "masks": list(masks),
+            "masks": kept_masks,
             "iou": flat_iou[cand].float(),
             "stability": stab.float(),
             "points": points,
@@ -373,22 +462,28 @@ class AutomaticMaskGenerator:
 
     @staticmethod
     def _postprocess_small_regions(data, shape, min_area: int, nms_thresh: float):
-        """Fill small holes, drop small islands, then NMS preferring unchanged masks."""
+        """Fill small holes, drop small islands, then NMS preferring unchanged masks.
+
+        Works on the cropped masks (:func:`~napari_sam.engine.masks.remove_small_regions_cropped`
+        gives the full-frame result without building the full frame).
+        """
         if len(data["iou"]) == 0:
             return data
-        H, W = shape
-        changed: dict[int, np.ndarray] = {}
+        changed: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         scores, boxes = [], []
-        for i, (mask, (r0, c0)) in enumerate(data["masks"]):
-            # in the full frame: a background region is only a hole if it is small there
-            full = np.zeros((H, W), dtype=bool)
-            h, w = mask.shape
-            full[r0 : r0 + h, c0 : c0 + w] = mask.cpu().numpy()
-            full, changed_h = M.remove_small_regions(full, min_area, "holes")
-            full, changed_i = M.remove_small_regions(full, min_area, "islands")
+        for i, (mask, origin) in enumerate(data["masks"]):
+            m = mask.cpu().numpy()
+            m, origin_h, changed_h = M.remove_small_regions_cropped(m, origin, shape, min_area,
+                                                                    "holes")
+            m, origin_i, changed_i = M.remove_small_regions_cropped(m, origin_h, shape, min_area,
+                                                                    "islands")
             if changed_h or changed_i:
-                changed[i] = full
-                boxes.append(M.mask_to_box_xyxy(torch.from_numpy(full)))
+                r, c = origin_i
+                h, w = m.shape
+                changed[i] = (torch.from_numpy(m), origin_i)
+                # SAM's box of the new mask ([0, 0, 0, 0] if it became empty)
+                boxes.append(torch.tensor([c, r, c + w - 1, r + h - 1] if m.size else [0, 0, 0, 0],
+                                          dtype=data["boxes"].dtype))
             else:
                 boxes.append(data["boxes"][i])
             scores.append(0.0 if (changed_h or changed_i) else 1.0)
@@ -396,28 +491,25 @@ class AutomaticMaskGenerator:
         keep = M.nms(boxes_t.float(), torch.tensor(scores), nms_thresh)
         for i in keep.tolist():
             if i in changed:
-                data["masks"][i] = (torch.from_numpy(changed[i]), (0, 0))
+                data["masks"][i] = changed[i]
                 data["boxes"][i] = boxes_t[i]
+        keep = torch.tensor([i for i in keep.tolist() if data["masks"][i][0].numel() > 0],
+                            dtype=torch.int64)
         return _filter(data, keep)
 
-    def _records(self, data, shape) -> list[dict[str, Any]]:
-        H, W = shape
+    def _records(self, data) -> list[dict[str, Any]]:
+        """Records with cropped masks: ``segmentation`` (h, w) bool inside ``bbox_rc``."""
         out = []
         for i in range(len(data["iou"])):
             mask, (r0, c0) = data["masks"][i]
-            m = mask.cpu().numpy()
-            full = np.zeros((H, W), dtype=bool)
-            full[r0 : r0 + m.shape[0], c0 : c0 + m.shape[1]] = m
-            box = data["boxes"][i].tolist()
-            area = int(m.sum())
-            seg = M.mask_to_rle(full) if self.output_mode == "uncompressed_rle" else full
-            nonempty = 1 if area else 0
+            m = np.ascontiguousarray(mask.cpu().numpy())
+            h, w = m.shape
             out.append(
                 {
-                    "segmentation": seg,
-                    "area": area,
-                    "bbox": M.box_xyxy_to_xywh(box),
-                    "bbox_rc": [box[1], box[0], box[3] + nonempty, box[2] + nonempty],
+                    "segmentation": m,
+                    "area": int(m.sum()),
+                    "bbox": [c0, r0, w - 1, h - 1],
+                    "bbox_rc": [r0, c0, r0 + h, c0 + w],
                     "predicted_iou": float(data["iou"][i]),
                     "point_coords": [data["points"][i].tolist()],
                     "stability_score": float(data["stability"][i]),
@@ -425,6 +517,46 @@ class AutomaticMaskGenerator:
                 }
             )
         return out
+
+
+class _TileRunner:
+    """What :func:`~napari_sam.engine.tiles.generate_tiled` runs on each tile of an
+    automatically tiled image: cropped records, progress counted in batches over all tiles."""
+
+    def __init__(self, generator: AutomaticMaskGenerator, n_tiles: int,
+                 progress: Callable[[int, int], Any] | None,
+                 cancel: Callable[[], bool] | None) -> None:
+        self.generator, self.n_tiles = generator, n_tiles
+        self.progress, self.cancel = progress, cancel
+        self.done_tiles = 0
+
+    def generate(self, tile: np.ndarray) -> list[dict[str, Any]]:
+        k, n = self.done_tiles, self.n_tiles
+        sub = None
+        if self.progress is not None:
+            def sub(done: int, total: int) -> None:
+                self.progress(k * total + done, n * total)
+        records = self.generator._plain_records(tile, sub, self.cancel, use_cache=False)
+        self.done_tiles += 1
+        return records
+
+
+def _finish_records(
+    records: list[dict[str, Any]], shape: tuple[int, int], output_mode: str
+) -> list[dict[str, Any]]:
+    """Records with cropped masks -> the ``segmentation`` format of ``output_mode``."""
+    if output_mode == "cropped_mask":
+        return records
+    H, W = shape
+    for rec in records:
+        r0, c0, r1, c1 = rec["bbox_rc"]
+        if output_mode == "uncompressed_rle":
+            rec["segmentation"] = M.cropped_mask_to_rle(rec["segmentation"], (r0, c0), (H, W))
+        else:
+            full = np.zeros((H, W), dtype=bool)
+            full[r0:r1, c0:c1] = rec["segmentation"]
+            rec["segmentation"] = full
+    return records
 
 
 def records_to_labels(
@@ -444,7 +576,7 @@ def records_to_labels(
     bool mask placed by its ``bbox_rc`` (as :mod:`napari_sam.engine.tiles` returns).
     """
     H, W = (int(s) for s in shape)
-    if order not in ("area_desc", "area_asc", "input"):
+    if order not in _ORDERS:
         raise InvalidInputError(
             f"order must be 'area_desc', 'area_asc' or 'input', got {order!r}."
         )

@@ -20,13 +20,17 @@ Rules, in order:
   rounded to nearest and clipped. Without contrast limits, ``lo, hi`` are the
   minimum and maximum of the data (over all channels, so colour balance is
   kept). When ``hi == lo`` the map is a step: values ``> lo`` become 255, the
-  rest 0, so a constant image becomes all zeros.
+  rest 0, so a constant image becomes all zeros. The map is computed without
+  overflow for any finite range, including ranges as wide as float64 allows
+  (e.g. ``-1e308..1e308``).
 * **Errors** (:class:`~napari_sam.errors.InvalidInputError`): empty arrays,
   wrong number of dimensions, NaN or inf values, complex, object and string
   dtypes, and invalid contrast limits.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -160,9 +164,34 @@ def _rescale(arr: np.ndarray, lims: tuple[float, float] | None) -> np.ndarray:
     ftype = np.float32 if arr.dtype in _FLOAT32_SAFE else np.float64
     if hi == lo:  # degenerate range: a step at lo (constant image -> zeros)
         return np.where(arr > lo, np.uint8(255), np.uint8(0))
+    span = hi - lo
+    if not (math.isfinite(span) and math.isfinite(255.0 / span)):
+        return _rescale_extreme(arr, lo, hi)
     out = arr.astype(ftype)
     out -= ftype(lo)
-    out *= ftype(255.0 / (hi - lo))
+    out *= ftype(255.0 / span)
+    np.clip(out, 0.0, 255.0, out=out)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
+
+
+def _rescale_extreme(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The map of :func:`_rescale` for ranges at the ends of float64.
+
+    A range wider than the largest float64 (e.g. -1e308..1e308) overflows ``hi - lo``:
+    halve every value first (exact in binary floating point). A range so narrow that
+    ``255 / (hi - lo)`` overflows: divide by the range instead of multiplying by its
+    inverse. Values beyond the range may still overflow to +-inf, which the clip maps to
+    0 or 255 like any other value outside the limits.
+    """
+    out = arr.astype(np.float64)
+    with np.errstate(over="ignore"):
+        if not math.isfinite(hi - lo):
+            out *= 0.5
+            lo, hi = lo * 0.5, hi * 0.5
+        out -= lo
+        out /= hi - lo
+        out *= 255.0
     np.clip(out, 0.0, 255.0, out=out)
     np.rint(out, out=out)
     return out.astype(np.uint8)

@@ -38,6 +38,7 @@ __all__ = [
     "build_point_grid",
     "coco_annotations",
     "coco_json",
+    "cropped_mask_to_rle",
     "generate_crop_boxes",
     "is_box_near_crop_edge",
     "mask_iou",
@@ -47,6 +48,7 @@ __all__ = [
     "masks_to_rle",
     "nms",
     "remove_small_regions",
+    "remove_small_regions_cropped",
     "rle_to_mask",
     "stability_score",
     "uncrop_boxes_xyxy",
@@ -96,7 +98,8 @@ def generate_crop_boxes(
     Layer 0 is the whole image; layer i >= 1 tiles it with ``2**i`` x ``2**i``
     overlapping crops. Neighbouring crops of layer i overlap by
     ``int(overlap_ratio * min(H, W) * 2 / 2**i)`` pixels; crops are ordered with
-    y varying fastest (x0-major), as in SAM's generator.
+    y varying fastest (x0-major), as in SAM's generator. Crops that would be
+    empty (images a few pixels wide) are left out.
     """
     im_h, im_w = int(im_size[0]), int(im_size[1])
     short_side = min(im_h, im_w)
@@ -110,8 +113,10 @@ def generate_crop_boxes(
         xs = [int((crop_w - overlap) * k) for k in range(n)]
         ys = [int((crop_h - overlap) * k) for k in range(n)]
         for x0, y0 in product(xs, ys):
-            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
-            layers.append(i + 1)
+            x1, y1 = min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)
+            if x1 > x0 and y1 > y0:  # tiny images: rounding can push a crop off the image
+                boxes.append([x0, y0, x1, y1])
+                layers.append(i + 1)
     return boxes, layers
 
 
@@ -343,6 +348,87 @@ def remove_small_regions(
     return keep[labels], True
 
 
+def remove_small_regions_cropped(
+    mask: np.ndarray,
+    origin: tuple[int, int],
+    image_shape: tuple[int, int],
+    area_thresh: float,
+    mode: str,
+) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """:func:`remove_small_regions` for a mask cropped out of an (H, W) image.
+
+    ``mask`` (h, w) bool lies at rows ``origin[0]:origin[0] + h`` and columns
+    ``origin[1]:origin[1] + w`` of the image; every pixel outside it is
+    background. The result equals ``remove_small_regions`` on the full-size
+    mask, but memory and time scale with the crop: a background region
+    touching a crop side that is not the image border continues outside the
+    crop, where it is as large as the outside part it reaches. (When some
+    part of the outside is itself smaller than ``area_thresh``, which needs a
+    crop almost as large as the image, the full frame is used.)
+
+    Returns the new mask cropped to its bounding box (``(0, 0)`` shape when it
+    became empty), its origin, and whether anything changed.
+    """
+    from scipy import ndimage
+
+    if mode not in ("holes", "islands"):
+        raise InvalidInputError(f"mode must be 'holes' or 'islands', got {mode!r}.")
+    mask = np.asarray(mask, dtype=bool)
+    r0, c0 = int(origin[0]), int(origin[1])
+    h, w = mask.shape
+    H, W = int(image_shape[0]), int(image_shape[1])
+    if mode == "islands":  # islands lie inside the crop: nothing outside matters
+        new, changed = remove_small_regions(mask, area_thresh, mode)
+        return (*_crop_to_box(new, r0, c0), changed) if changed else (mask, (r0, c0), False)
+
+    r1, c1 = r0 + h, c0 + w
+    if _smallest_outside_part(r0, c0, r1, c1, H, W) < area_thresh:
+        full = np.zeros((H, W), dtype=bool)
+        full[r0:r1, c0:c1] = mask
+        new, changed = remove_small_regions(full, area_thresh, mode)
+        return (*_crop_to_box(new, 0, 0), changed) if changed else (mask, (r0, c0), False)
+    labels, n = ndimage.label(~mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return mask, (r0, c0), False
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    outside = np.zeros(n + 1, dtype=bool)  # touches a side that continues outside the crop
+    for touches, side in ((r0 > 0, labels[0]), (r1 < H, labels[-1]),
+                          (c0 > 0, labels[:, 0]), (c1 < W, labels[:, -1])):
+        if touches:
+            outside[side] = True
+    small = (sizes < area_thresh) & ~outside
+    small[0] = False
+    if not small.any():
+        return mask, (r0, c0), False
+    return mask | small[labels], (r0, c0), True
+
+
+def _smallest_outside_part(r0: int, c0: int, r1: int, c1: int, H: int, W: int) -> float:
+    """Pixels of the smallest connected part of an (H, W) image outside rows
+    r0:r1, cols c0:c1 (inf when nothing lies outside)."""
+    full_w, full_h = c0 == 0 and c1 == W, r0 == 0 and r1 == H
+    if full_w and full_h:
+        return math.inf
+    if full_w:
+        parts = [r0 * W, (H - r1) * W]
+    elif full_h:
+        parts = [c0 * H, (W - c1) * H]
+    else:  # the frame around a rectangle that spans neither axis is connected
+        parts = [H * W - (r1 - r0) * (c1 - c0)]
+    parts = [p for p in parts if p > 0]
+    return min(parts) if parts else math.inf
+
+
+def _crop_to_box(mask: np.ndarray, r0: int, c0: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``mask`` (placed at r0, c0) cut to its bounding box, and the box's origin."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros((0, 0), dtype=bool), (r0, c0)
+    cols = np.flatnonzero(mask.any(axis=0))
+    out = np.ascontiguousarray(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return out, (r0 + int(rows[0]), c0 + int(cols[0]))
+
+
 # --------------------------------------------------------------------------- RLE
 
 
@@ -361,6 +447,42 @@ def mask_to_rle(mask: np.ndarray | torch.Tensor) -> dict[str, Any]:
     elif not flat.size:
         counts = [0]
     return {"size": [int(h), int(w)], "counts": [int(c) for c in counts]}
+
+
+def cropped_mask_to_rle(
+    mask: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]
+) -> dict[str, Any]:
+    """Uncompressed COCO RLE of an (H, W) image holding only ``mask`` (h, w) bool at ``origin``.
+
+    Equals ``mask_to_rle`` of the full-size mask, in time and memory of the crop.
+    """
+    m = np.asarray(mask, dtype=bool)
+    r0, c0 = int(origin[0]), int(origin[1])
+    H, W = int(shape[0]), int(shape[1])
+    h, w = m.shape
+    if r0 < 0 or c0 < 0 or r0 + h > H or c0 + w > W:
+        raise InvalidInputError(
+            f"A mask of shape {m.shape} at {(r0, c0)} does not fit an image of shape {(H, W)}."
+        )
+    # run boundaries column by column: starts and ends of foreground runs, flat (col-major)
+    padded = np.zeros((h + 2, w), dtype=np.int8)
+    padded[1:-1] = m
+    edges = np.diff(padded, axis=0)  # +1 at a run start, -1 after its end (row index)
+    cols_s, rows_s = np.nonzero(edges.T == 1)
+    cols_e, rows_e = np.nonzero(edges.T == -1)
+    starts = (cols_s + c0) * H + rows_s + r0
+    ends = (cols_e + c0) * H + rows_e + r0
+    # a run ending at the bottom of a column continues at the top of the next one
+    joined = ends[:-1] == starts[1:]
+    if joined.any():
+        starts = np.concatenate([starts[:1], starts[1:][~joined]])
+        ends = np.concatenate([ends[:-1][~joined], ends[-1:]])
+    bounds = np.empty(2 * starts.size + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, H * W
+    bounds[1:-1:2], bounds[2:-1:2] = starts, ends
+    if ends.size and ends[-1] == H * W:  # the mask reaches the last pixel: no final 0 run
+        bounds = bounds[:-1]
+    return {"size": [H, W], "counts": np.diff(bounds).tolist()}
 
 
 def masks_to_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
@@ -408,10 +530,12 @@ def _record_rle(record: dict[str, Any], image_shape: tuple[int, int] | None) -> 
                 f"A record's mask has shape {seg.shape} but the image is {tuple(image_shape)} "
                 "and the record has no 'bbox_rc' to place it."
             )
-        full = np.zeros(image_shape, dtype=bool)
         r0, c0, r1, c1 = (int(v) for v in box)
-        full[r0:r1, c0:c1] = seg
-        seg = full
+        if seg.shape != (r1 - r0, c1 - c0):
+            raise InvalidInputError(
+                f"A cropped mask of shape {seg.shape} does not fit its bbox_rc {list(box)}."
+            )
+        return cropped_mask_to_rle(seg, (r0, c0), image_shape)
     return mask_to_rle(seg)
 
 

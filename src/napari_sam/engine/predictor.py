@@ -7,7 +7,11 @@ prompts into masks. It speaks the engine's coordinate convention:
   ``0 <= col < W`` (a point outside raises; round or clip napari click
   coordinates first), with labels 1 (foreground) or 0 (background);
 * boxes are ``(row0, col0, row1, col1)`` in image-data pixels; corners given in
-  the wrong order are sorted, a box of zero height or width raises;
+  the wrong order are sorted, a box of zero height or width raises, and a box
+  reaching beyond the image is clipped to it (rows ``0..H``, columns ``0..W``:
+  SAM draws no mask where the model sees no image, so a box far larger than the
+  image would otherwise give empty masks); a box that does not overlap the
+  image raises;
 * ``mask_input`` is a previous prediction's low-resolution logits.
 
 Everything in SAM's model frame ((x, y) in the resized input, batched torch
@@ -368,12 +372,21 @@ class Predictor:
         return int(size[0]), int(size[1])
 
     def _check_points(self, points, labels):
-        """-> ((N, 2) | (B, N, 2) rc points, (N,) | (B, N) labels, batched) or None."""
-        if points is None or np.size(points) == 0:
-            if labels is not None and np.size(labels) > 0:
+        """-> ((N, 2) | (B, N, 2) rc points, (N,) | (B, N) labels, batched) or None.
+
+        No points (None, ``[]``, shape (0, 2), or (B, 0, 2) next to a batched box)
+        means no point prompt; a batch of zero prompts, shape (0, N, 2), raises.
+        """
+        pts = None if points is None else _as_float_array(points, "points")
+        if pts is not None and pts.ndim == 3 and pts.shape[0] == 0:
+            raise InvalidInputError(
+                f"points holds a batch of 0 prompts (shape {pts.shape}); pass at least one "
+                "prompt of shape (N, 2), or points=None."
+            )
+        if pts is None or pts.size == 0:
+            if labels is not None and _as_float_array(labels, "labels").size > 0:
                 raise InvalidInputError("labels were given without points.")
             return None
-        pts = _as_float_array(points, "points")
         if not ((pts.ndim == 2 and pts.shape[1] == 2) or (pts.ndim == 3 and pts.shape[2] == 2)):
             raise InvalidInputError(
                 f"points must have shape (N, 2) as (row, col), or (B, N, 2) for a batch; "
@@ -408,10 +421,15 @@ class Predictor:
         return pts, lab, pts.ndim == 3
 
     def _check_boxes(self, box):
-        """-> ((4,) | (B, 4) float64 box with sorted corners, batched) or None."""
-        if box is None or np.size(box) == 0:
+        """-> ((4,) | (B, 4) float64 box, corners sorted and clipped to the image, batched) or None.
+
+        An empty box array (``[]``, shape (0, 4)) means no box.
+        """
+        if box is None:
             return None
         b = _as_float_array(box, "box")
+        if b.size == 0:
+            return None
         if b.shape[-1:] != (4,) or b.ndim not in (1, 2):
             raise InvalidInputError(
                 f"box must have shape (4,) as (row0, col0, row1, col1), or (B, 4); got {b.shape}."
@@ -430,11 +448,13 @@ class Predictor:
                     f"Box {i} {tuple(given.tolist())} has zero height or width; draw a box with "
                     "row1 != row0 and col1 != col0."
                 )
-            if br1 < 0 or bc1 < 0 or br0 >= H or bc0 >= W:
+            if br1 <= 0 or bc1 <= 0 or br0 >= H or bc0 >= W:
                 raise InvalidInputError(
                     f"Box {i} {tuple(given.tolist())} (row0, col0, row1, col1) does not overlap "
                     f"the image of shape ({H}, {W})."
                 )
+        # the image spans rows 0..H and columns 0..W (pixel i covers [i, i + 1))
+        np.clip(rc, 0.0, np.array([H, W, H, W], dtype=np.float64), out=rc)
         return rc, rc.ndim == 2
 
     def _check_mask_input(self, mask_input):
@@ -455,12 +475,41 @@ class Predictor:
         return m, m.ndim == 4
 
 
+_SHAPE_HINTS = {
+    "points": "each point is (row, col), and every prompt of a batch has the same number of "
+    "points",
+    "labels": "give one label per point, the same number for every prompt of a batch",
+    "box": "each box is (row0, col0, row1, col1)",
+    "mask_input": "pass low-res logits of one shape, e.g. pred.logits[i][None]",
+}
+
+
 def _as_float_array(value, name: str) -> np.ndarray:
+    """``value`` as a float64 array; InvalidInputError for ragged, complex or non-numeric data."""
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        arr = np.asarray(value)
     except (TypeError, ValueError) as err:
-        raise InvalidInputError(f"{name} must be a numeric array, got {value!r}.") from err
-    return arr
+        if "inhomogeneous" in str(err):  # nested sequences of different lengths
+            raise InvalidInputError(
+                f"{name} is ragged (nested sequences of different lengths): "
+                f"{_SHAPE_HINTS.get(name, 'pass a regular array')}; got {_brief(value)}."
+            ) from err
+        raise InvalidInputError(f"{name} must be a numeric array, got {_brief(value)}.") from err
+    if arr.dtype.kind == "c":
+        raise InvalidInputError(
+            f"{name} must be real numbers, got complex values {_brief(value)}; pass "
+            f"np.real({name}) if the imaginary parts are 0."
+        )
+    try:
+        return arr.astype(np.float64)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"{name} must be a numeric array, got {_brief(value)}.") from err
+
+
+def _brief(value, limit: int = 80) -> str:
+    """A one-line repr of ``value`` of at most ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _batch(t: torch.Tensor, batched: bool, n_batch: int) -> torch.Tensor:

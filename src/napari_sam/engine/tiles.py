@@ -27,8 +27,15 @@ hold *cropped* masks so memory scales with the objects, not with the image:
 * ``point_coords``: ``[[x, y]]`` image pixel coordinates of the prompt, when given.
 * ``tile_box``: ``[row0, col0, row1, col1]`` of the tile the mask came from
   (of its best piece for merged masks); ``n_pieces``: tiles merged into it.
+* ``crop_box``: ``[x, y, w, h]`` in the image of the crop inside the tile,
+  when the generator gives one.
 
 Paint them with :func:`napari_sam.engine.everything.records_to_labels`.
+
+Parameters are checked before any tile is read
+(:class:`~napari_sam.engine.everything_settings.TilingSettings`): ``tile_size``
+at least 16 px, ``0 <= overlap < tile_size``, ``edge_margin >= 0`` and the
+three fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -40,10 +47,11 @@ from typing import Any
 import numpy as np
 
 from napari_sam.engine.everything import AutomaticMaskGenerator, record_mask
+from napari_sam.engine.everything_settings import MIN_TILE_SIZE, TilingSettings
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.errors import CancelledError, InvalidInputError
 
-__all__ = ["generate_tiled", "tile_boxes"]
+__all__ = ["MIN_TILE_SIZE", "generate_tiled", "tile_boxes"]
 
 
 def _starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -61,12 +69,10 @@ def tile_boxes(
     Along each axis, the fewest tiles of ``tile_size`` pixels (or the whole axis
     when it is shorter) whose neighbours overlap by at least ``overlap``
     pixels, spread evenly so the first starts at 0 and the last ends at the border.
+    ``tile_size`` is at least 16 (``MIN_TILE_SIZE``).
     """
-    tile_size, overlap = int(tile_size), int(overlap)
-    if tile_size <= 0 or overlap < 0 or overlap >= tile_size:
-        raise InvalidInputError(
-            f"Need tile_size > overlap >= 0, got tile_size={tile_size}, overlap={overlap}."
-        )
+    settings = TilingSettings(tile_size=tile_size, overlap=overlap)
+    tile_size, overlap = settings.tile_size, settings.overlap
     H, W = int(shape[0]), int(shape[1])
     if H <= 0 or W <= 0:
         raise InvalidInputError(f"Image shape must be positive, got {(H, W)}.")
@@ -78,13 +84,14 @@ class _Piece:
     """One mask in image coordinates (cropped to its box)."""
 
     __slots__ = ("mask", "box", "tile", "cut", "area", "score", "stability", "point", "alive",
-                 "n_pieces", "tile_box")
+                 "n_pieces", "tile_box", "crop_box")
 
-    def __init__(self, mask, box, tile, cut, score, stability, point, tile_box):
+    def __init__(self, mask, box, tile, cut, score, stability, point, tile_box, crop_box=None):
         self.mask, self.box, self.tile, self.cut = mask, box, tile, cut
         self.area = int(mask.sum())
         self.score, self.stability, self.point = score, stability, point
         self.alive, self.n_pieces, self.tile_box = True, 1, tile_box
+        self.crop_box = crop_box
 
 
 def _intersection(a: _Piece, b: _Piece, region=None) -> tuple[int, int, int]:
@@ -138,7 +145,7 @@ def _merge(group: list[_Piece]) -> _Piece:
         mask[p.box[0] - r0 : p.box[2] - r0, p.box[1] - c0 : p.box[3] - c0] |= p.mask
     best = max(group, key=lambda p: (p.score, p.area))
     merged = _Piece(mask, (r0, c0, r1, c1), best.tile, False, best.score, best.stability,
-                    best.point, best.tile_box)
+                    best.point, best.tile_box, best.crop_box)
     merged.n_pieces = sum(p.n_pieces for p in group)
     return merged
 
@@ -164,11 +171,14 @@ def generate_tiled(
         or any object whose ``generate(tile)`` takes an (h, w, 3) uint8 tile and
         returns records with ``segmentation`` (full-tile bool mask, RLE, or a
         cropped mask with ``bbox_rc``) and optionally ``predicted_iou``,
-        ``stability_score``, ``point_coords``.
+        ``stability_score``, ``point_coords``, ``crop_box``. An
+        ``AutomaticMaskGenerator`` segments each tile in one piece (it does not
+        tile the tiles) and hands over cropped masks.
       image: (H, W) or (H, W, C) image data (numpy, memmap or dask; tiles are
         read one at a time), or channels on ``channel_axis``.
-      tile_size, overlap: see :func:`tile_boxes`. The overlap should exceed the
-        size of typical objects, so each is whole in some tile.
+      tile_size, overlap: see :func:`tile_boxes` (``tile_size >= 16``). The
+        overlap should exceed the size of typical objects, so each is whole in
+        some tile.
       contrast_limits: intensity range mapped to 0..255 for every tile; when
         None, the image's global min / max (uint8 data is used as is), so all
         tiles share one mapping.
@@ -180,22 +190,59 @@ def generate_tiled(
 
     Returns:
       records in full-image coordinates with cropped masks (module docstring).
+
+    Raises:
+      InvalidInputError: bad parameters, or an image that is not 2D / RGB(A) /
+        channels on ``channel_axis``, or holds NaN or infinite values (checked
+        before the first tile).
     """
+    settings = TilingSettings(tile_size=tile_size, overlap=overlap, edge_margin=edge_margin,
+                              contain_thresh=contain_thresh, merge_iou=merge_iou,
+                              dup_iou=dup_iou)
     data = image
+    if not hasattr(data, "ndim") or not hasattr(data, "shape"):
+        data = np.asarray(data)
     if channel_axis is not None:
-        if not -data.ndim <= int(channel_axis) < data.ndim:
+        if data.ndim != 3 or not -data.ndim <= int(channel_axis) < data.ndim:
             raise InvalidInputError(
-                f"channel_axis={channel_axis} is out of range for an image of shape {data.shape}."
+                f"channel_axis={channel_axis} needs a 3D image with that axis, got shape "
+                f"{tuple(data.shape)}."
             )
         data = np.moveaxis(data, int(channel_axis), -1)
+    elif data.ndim == 3 and data.shape[-1] not in (1, 3, 4):
+        raise InvalidInputError(
+            f"generate_tiled got a 3D array of shape {tuple(data.shape)}, which is neither "
+            "RGB(A) (H, W, 3|4) nor grayscale. If it is a stack (Z, Y, X), pass one 2D slice, "
+            "e.g. image[z]; if one axis holds channels, pass channel_axis=<that axis>."
+        )
     if data.ndim not in (2, 3):
         raise InvalidInputError(
-            f"generate_tiled needs a 2D image (H, W) or (H, W, C), got shape {data.shape}."
+            f"generate_tiled needs a 2D image (H, W) or (H, W, C), got shape "
+            f"{tuple(data.shape)}; pass one 2D slice of a stack, e.g. image[t, z]."
         )
     H, W = int(data.shape[0]), int(data.shape[1])
-    if contrast_limits is None and np.dtype(data.dtype) != np.uint8:
+    if np.dtype(data.dtype).kind not in "biuf":
+        to_rgb_uint8(np.asarray(data[:1, :1]))  # raises the dtype's message
+    if np.dtype(data.dtype).kind == "f":  # NaN / inf, reported for the whole image
+        lo, hi = float(np.min(data)), float(np.max(data))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            n_nan = int(np.isnan(data).sum())
+            n_inf = int(np.isinf(data).sum())
+            raise InvalidInputError(
+                f"The image contains {n_nan} NaN and {n_inf} infinite values; replace them "
+                "first, e.g. np.nan_to_num(image, nan=0.0, posinf=..., neginf=...)."
+            )
+        if contrast_limits is None:
+            contrast_limits = (lo, hi)
+    elif contrast_limits is None and np.dtype(data.dtype) != np.uint8:
         contrast_limits = (float(np.min(data)), float(np.max(data)))
-    tiles = tile_boxes((H, W), tile_size, overlap)
+    # dtype, channels and contrast limits: checked on one pixel before any work
+    to_rgb_uint8(np.asarray(data[:1, :1]), contrast_limits=contrast_limits,
+                 channel_axis=-1 if channel_axis is not None else None)
+    edge_margin = settings.edge_margin
+    contain_thresh, merge_iou, dup_iou = (settings.contain_thresh, settings.merge_iou,
+                                          settings.dup_iou)
+    tiles = tile_boxes((H, W), settings.tile_size, settings.overlap)
 
     pieces: list[_Piece] = []
     for t, (tr0, tc0, tr1, tc1) in enumerate(tiles):
@@ -205,7 +252,7 @@ def generate_tiled(
         rgb = to_rgb_uint8(tile, contrast_limits=contrast_limits,
                            channel_axis=-1 if channel_axis is not None else None)
         if isinstance(generator, AutomaticMaskGenerator):
-            records = generator.generate(rgb, cancel=cancel, use_cache=False)
+            records = generator._plain_records(rgb, None, cancel, use_cache=False)
         else:
             records = generator.generate(rgb)
         th, tw = tr1 - tr0, tc1 - tc0
@@ -227,6 +274,10 @@ def generate_tiled(
             point = rec.get("point_coords")
             if point is not None:
                 point = [[float(point[0][0]) + tc0, float(point[0][1]) + tr0]]
+            crop_box = rec.get("crop_box")
+            if crop_box is not None:
+                x, y, w, h = (int(v) for v in crop_box)
+                crop_box = [x + tc0, y + tr0, w, h]
             pieces.append(
                 _Piece(
                     crop,
@@ -237,6 +288,7 @@ def generate_tiled(
                     rec.get("stability_score"),
                     point,
                     [tr0, tc0, tr1, tc1],
+                    crop_box,
                 )
             )
         del records
@@ -318,4 +370,6 @@ def _to_record(p: _Piece) -> dict[str, Any]:
         rec["stability_score"] = float(p.stability)
     if p.point is not None:
         rec["point_coords"] = p.point
+    if p.crop_box is not None:
+        rec["crop_box"] = p.crop_box
     return rec

@@ -8,6 +8,7 @@ official one in ``MODEL_CONFIGS``) into a randomly initialised :class:`Sam`.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -296,28 +297,35 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+def _shape(sd: Mapping[str, Any], key: str, ndim: int | None = None) -> tuple[int, ...]:
+    """Shape of tensor ``key``; CheckpointError if it is missing or has not ``ndim`` axes."""
     if key not in sd:
         raise CheckpointError(
             f"cannot infer the model configuration: key {key!r} is missing; this does not "
             "look like a SAM / MobileSAM checkpoint"
         )
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if ndim is not None and len(shape) != ndim:
+        raise CheckpointError(
+            f"cannot infer the model configuration: tensor {key!r} has shape {shape}, "
+            f"expected {ndim} axes; the file is damaged or not a SAM / MobileSAM checkpoint"
+        )
+    return shape
 
 
 def _infer_vit(sd: Mapping[str, Any]) -> ViTEncoderConfig:
     p = "image_encoder."
-    _, g, g2, dim = _shape(sd, p + "pos_embed")
-    patch = _shape(sd, p + "patch_embed.proj.weight")[-1]
+    _, g, g2, dim = _shape(sd, p + "pos_embed", 4)
+    patch = _shape(sd, p + "patch_embed.proj.weight", 4)[-1]
     depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
-    head_dim = _shape(sd, p + "blocks.0.attn.rel_pos_h")[1]
-    mlp_dim = _shape(sd, p + "blocks.0.mlp.lin1.weight")[0]
-    lengths = [_shape(sd, f"{p}blocks.{i}.attn.rel_pos_h")[0] for i in range(depth)]
+    head_dim = _shape(sd, p + "blocks.0.attn.rel_pos_h", 2)[1]
+    mlp_dim = _shape(sd, p + "blocks.0.mlp.lin1.weight", 2)[0]
+    lengths = [_shape(sd, f"{p}blocks.{i}.attn.rel_pos_h", 2)[0] for i in range(depth)]
     global_idx = tuple(i for i, n in enumerate(lengths) if n == 2 * g - 1)
-    windowed = {n for n in lengths if n != 2 * g - 1}
-    if len(windowed) > 1:
-        raise CheckpointError(f"blocks use several window sizes {sorted(windowed)}; unsupported")
-    window = (windowed.pop() + 1) // 2 if windowed else 0
+    # all windowed blocks share one window size; take the commonest length, so that a
+    # mis-shaped tensor is reported by name (with both shapes) when the weights are checked
+    windowed = Counter(n for n in lengths if n != 2 * g - 1)
+    window = (windowed.most_common(1)[0][0] + 1) // 2 if windowed else 0
     return ViTEncoderConfig(
         img_size=g * patch,
         patch_size=patch,
@@ -332,13 +340,13 @@ def _infer_vit(sd: Mapping[str, Any]) -> ViTEncoderConfig:
 
 def _infer_tiny_vit(sd: Mapping[str, Any]) -> TinyViTEncoderConfig:
     p = "image_encoder."
-    dims = [_shape(sd, p + "patch_embed.seq.2.c.weight")[0]]
+    dims = [_shape(sd, p + "patch_embed.seq.2.c.weight", 4)[0]]
     for i in range(3):
-        dims.append(_shape(sd, f"{p}layers.{i}.downsample.conv1.c.weight")[0])
+        dims.append(_shape(sd, f"{p}layers.{i}.downsample.conv1.c.weight", 4)[0])
     depths = [_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\..*") for i in range(4)]
     heads, windows = [1], [1]
     for i in range(1, 4):
-        nh, n_off = _shape(sd, f"{p}layers.{i}.blocks.0.attn.attention_biases")
+        nh, n_off = _shape(sd, f"{p}layers.{i}.blocks.0.attn.attention_biases", 2)
         heads.append(nh)
         windows.append(round(n_off**0.5))
     heads[0], windows[0] = 1, 7  # stage 0 is convolutional; placeholders
@@ -366,8 +374,20 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
     mask decoder's number of attention heads (assumed 8, or the largest divisor
     of the attention width below 8) and TinyViT's input size (assumed 1024, the
     TinyViT weights do not depend on it). Raises CheckpointError if the state dict
-    is not a SAM one.
+    is not a SAM one or its shapes make no valid architecture.
     """
+    try:
+        return _infer_config(state_dict)
+    except InvalidInputError as exc:
+        raise CheckpointError(f"inferred an invalid model configuration: {exc}") from None
+    except (ValueError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(
+            f"cannot infer the model configuration: unexpected tensor shapes ({exc}); the file "
+            "is damaged or not a SAM / MobileSAM checkpoint"
+        ) from None
+
+
+def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
     if "image_encoder.pos_embed" in state_dict:
         encoder: EncoderConfig = _infer_vit(state_dict)
     elif "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
@@ -379,22 +399,19 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
             "not look like a SAM checkpoint"
         )
     d = "mask_decoder."
-    dim = _shape(state_dict, "prompt_encoder.no_mask_embed.weight")[1]
+    dim = _shape(state_dict, "prompt_encoder.no_mask_embed.weight", 2)[1]
     width = dim // 2
     heads = next(h for h in range(8, 0, -1) if width % h == 0)
     d_layers = r"mask_decoder\.transformer\.layers\."
     d_iou = r"mask_decoder\.iou_prediction_head\.layers\."
-    try:
-        return SamConfig(
-            encoder=encoder,
-            prompt_embed_dim=dim,
-            decoder_depth=_count(state_dict, d_layers + r"(\d+)\.norm1\.weight"),
-            decoder_mlp_dim=_shape(state_dict, d + "transformer.layers.0.mlp.lin1.weight")[0],
-            decoder_num_heads=heads,
-            iou_head_depth=_count(state_dict, d_iou + r"(\d+)\.weight"),
-            iou_head_hidden_dim=_shape(state_dict, d + "iou_prediction_head.layers.0.weight")[0],
-            num_multimask_outputs=_shape(state_dict, d + "mask_tokens.weight")[0] - 1,
-            mask_in_chans=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight")[0],
-        )
-    except InvalidInputError as exc:
-        raise CheckpointError(f"inferred an invalid model configuration: {exc}") from exc
+    return SamConfig(
+        encoder=encoder,
+        prompt_embed_dim=dim,
+        decoder_depth=_count(state_dict, d_layers + r"(\d+)\.norm1\.weight"),
+        decoder_mlp_dim=_shape(state_dict, d + "transformer.layers.0.mlp.lin1.weight", 2)[0],
+        decoder_num_heads=heads,
+        iou_head_depth=_count(state_dict, d_iou + r"(\d+)\.weight"),
+        iou_head_hidden_dim=_shape(state_dict, d + "iou_prediction_head.layers.0.weight", 2)[0],
+        num_multimask_outputs=_shape(state_dict, d + "mask_tokens.weight", 2)[0] - 1,
+        mask_in_chans=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight", 4)[0],
+    )
