@@ -143,11 +143,19 @@ def test_models_path_and_unknown_name(capsys, tmp_path):
     assert "vit_zz" in err and "vit_b" in err and "vit_t" in err
 
 
-def test_models_download_prints_path_of_cached_file(capsys, tmp_path):
-    # already cached: no network needed
-    from napari_sam.models.zoo import model_info
+def test_models_download_prints_path_of_cached_file(capsys, tmp_path, monkeypatch):
+    # already cached: no network needed. Cached files are hash-checked, so the zoo entry is
+    # pointed at this small file's hash.
+    import dataclasses
+    import hashlib
 
-    (tmp_path / model_info("vit_t").filename).write_bytes(b"x")
+    from napari_sam.models import zoo
+
+    (tmp_path / zoo.model_info("vit_t").filename).write_bytes(b"x")
+    assert main(["-q", "models", "download", "vit_t", "--cache-dir", str(tmp_path)]) == 1
+    assert "is not the published vit_t checkpoint" in capsys.readouterr().err
+    digest = "sha256:" + hashlib.sha256(b"x").hexdigest()
+    monkeypatch.setitem(zoo.ZOO, "vit_t", dataclasses.replace(zoo.ZOO["vit_t"], hash=digest))
     assert main(["-q", "models", "download", "vit_t", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "mobile_sam.pt")
 
@@ -703,12 +711,16 @@ def test_train_and_evaluate_help_documents_every_option_with_its_default(command
     import argparse
     import importlib
 
+    from napari_sam.cli import GENERATOR_OPTIONS
+
     module = importlib.import_module({"train": "napari_sam.training.loop",
                                       "evaluate": "napari_sam.evaluation.evaluate"}[command])
     parser = argparse.ArgumentParser()
     getattr(module, f"add_{command}_arguments")(parser)
+    # everything-mode options come from add_generator_options (shared with `everything`)
+    shared = {option for option, *_ in GENERATOR_OPTIONS} | {"--no-auto-tile"}
     for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest == "help" or action.option_strings[0] in shared:
             continue
         assert action.help, action.option_strings
         assert "default" in action.help, action.option_strings
@@ -731,8 +743,8 @@ def test_usage_errors_exit_2_and_help_points_to_what_exists():
     assert "object,row,col,label,row0,col0,row1,col1" in res.stdout  # the formats themselves
     res = _cli("everything", "--help")
     help_text = " ".join(res.stdout.split())
-    assert "(default: 0.88; 0.6 with the default model)" in help_text
-    assert "(default: 0.95; 0.85 with the default model)" in help_text
+    assert "else 0.88; the default model recommends 0.6)" in help_text
+    assert "else 0.95; the default model recommends 0.85)" in help_text
 
 
 def test_planar_rgb_tiff_is_read_as_colour_with_a_notice(tiny_model_path, tmp_path):

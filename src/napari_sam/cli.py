@@ -247,7 +247,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
             _RECOMMENDED = recommended_everything_settings(None)
         if action.dest in _RECOMMENDED:
-            text = f"{text[:-1]}; {_RECOMMENDED[action.dest]:g} with the default model)"
+            text = f"{text[:-1]}; the default model recommends {_RECOMMENDED[action.dest]:g})"
         return text
 
 

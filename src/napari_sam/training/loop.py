@@ -347,13 +347,15 @@ def _load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
 
 def _load_state(path: Path) -> dict[str, Any]:
     """Load a ``last_state.pt`` safely (tensors and plain containers only) and check its keys."""
+    from napari_sam.models.checkpoint import load_torch_file
+
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:  # a refused pickle (code or foreign objects), or a damaged file
+        state = load_torch_file(path)  # weights_only, with napari-sam's messages
+    except CheckpointError as err:  # a refused pickle (nothing ran), or a damaged file
         raise CheckpointError(
-            f"Cannot resume from {path}: it is not an optimizer state written by napari-sam "
-            "train (damaged, or it holds objects other than tensors, which are never loaded); "
-            "pass --overwrite to start over there, or choose another output folder."
+            f"Cannot resume: {path} is not an optimizer state written by napari-sam train "
+            f"({_short(str(err), 300)}); pass --overwrite to start over there, or choose "
+            "another output folder."
         ) from None
     if not (isinstance(state, dict) and _is_int(state.get("step"))
             and isinstance(state.get("optimizer"), dict)):
