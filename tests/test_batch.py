@@ -334,7 +334,7 @@ def test_batch_writes_reports_and_skips_bad_files(fake_gen, folder, tmp_path):
     assert [p.name for p, _ in report.failed] == ["corrupt.png"]
     assert "corrupt.png: cannot read image" in report.failed[0][1]
     assert [p.name for p, _ in report.ignored] == ["readme.txt"]
-    assert report.summary() == "3 done, 0 skipped, 1 failed (1 non-image files ignored)"
+    assert report.summary() == "3 done, 0 skipped, 1 failed (1 non-image file ignored)"
     assert not report.ok
     assert [(n, t, s) for n, t, _, s in seen] == [
         (1, 4, "failed"), (2, 4, "done"), (3, 4, "done"), (4, 4, "done")
@@ -363,10 +363,17 @@ def test_batch_resume_skips_finished_and_overwrite_redoes(fake_gen, folder, tmp_
     assert len(redo.done) == 3 and redo.skipped == []
     assert fake_gen.calls == calls + 3
 
-    # asking for overlays re-runs inputs that have labels but no overlay yet
+    # asking for overlays draws them from the existing labels: no new segmentation, and
+    # the label images are not touched
+    labels_before = {p.name: p.read_bytes() for p in out.iterdir()}
     with_overlay = batch.run_batch([d], out, "fake", {}, overlay=True)
-    assert len(with_overlay.done) == 3
-    assert "img0_overlay.png" in _listing(out)
+    assert with_overlay.done == [] and len(with_overlay.skipped) == 3
+    assert [p.name for p in with_overlay.overlays] == ["img0.png", "img1.png", "img2.png"]
+    assert fake_gen.calls == calls + 3
+    assert {name: (out / name).read_bytes() for name in labels_before} == labels_before
+    img0 = np.asarray(Image.open(d / "img0.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "img0_overlay.png")),
+                                  io.overlay_image(img0, io.read_labels(out / "img0_labels.tif")))
 
 
 def test_batch_interrupted_keeps_finished_outputs(monkeypatch, folder, tmp_path):
@@ -464,7 +471,8 @@ def test_batch_name_clash_and_outputs_beside_inputs(fake_gen, tmp_path):
     report = batch.run_batch([tmp_path / "a.png", tmp_path / "a_labels.tif"], tmp_path, "fake",
                              {})
     assert [p.name for p in report.skipped] == ["a.png"]
-    assert [p.name for p, _ in report.ignored] == ["a_labels.tif"]
+    assert report.ignored == []
+    assert [p.name for p, _ in report.not_inputs] == ["a_labels.tif"]
 
 
 def test_batch_missing_inputs_and_bad_model(tmp_path):
@@ -572,3 +580,92 @@ def test_batch_tiled_matches_generate_tiled(tiny_model_path, tmp_path):
     with pytest.raises(InvalidInputError, match="tile_overlap"):
         batch.run_batch([tmp_path / "big.png"], tmp_path / "o2", tiny_model_path, GEN_KW,
                         tile_size=64, tile_overlap=64)
+
+
+# ---------------------------------------------------------------------- issue 13: existing files
+
+
+def test_atomic_write_without_replace_keeps_the_existing_file(tmp_path):
+    target = tmp_path / "labels.tif"
+    target.write_bytes(b"the user's file")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        io.write_labels(target, np.ones((4, 4), np.uint32), replace=False)
+    # created by someone else while we were writing: still not replaced
+    with pytest.raises(FileExistsError), io.atomic_path(tmp_path / "late.json",
+                                                        replace=False) as tmp:
+        tmp.write_text("ours")
+        (tmp_path / "late.json").write_text("theirs")
+    assert target.read_bytes() == b"the user's file"
+    assert (tmp_path / "late.json").read_text() == "theirs"
+    assert _listing(tmp_path) == ["labels.tif", "late.json"]  # no temporary file left
+    io.write_labels(tmp_path / "new.png", np.ones((4, 4), np.uint32), replace=False)
+    assert io.read_labels(tmp_path / "new.png").sum() == 16
+
+
+def test_written_by_napari_sam_tells_our_files_from_the_users(fake_gen, tmp_path):
+    lab = np.zeros((8, 8), np.uint32)
+    lab[2:5, 2:5] = 1
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    ours = [io.write_labels(tmp_path / "a.tif", lab), io.write_labels(tmp_path / "a.png", lab),
+            io.write_overlay(tmp_path / "o.png", rgb, lab),
+            io.write_overlay(tmp_path / "o.tif", rgb[None], lab[None])]
+    _write_png(tmp_path / "img.png")
+    batch.run_batch([tmp_path / "img.png"], tmp_path / "coco", "fake", {}, fmt="coco")
+    ours.append(tmp_path / "coco" / "img_coco.json")
+    tifffile.imwrite(tmp_path / "user.tif", lab)
+    Image.fromarray(lab.astype(np.uint16)).save(tmp_path / "user.png")
+    (tmp_path / "user.json").write_text('{"info": {"description": "mine"}}')
+    for path in ours:
+        assert io.written_by_napari_sam(path), path
+    for name in ("user.tif", "user.png", "user.json", "img.png", "missing.tif"):
+        assert not io.written_by_napari_sam(tmp_path / name), name
+
+
+def test_read_planar_rgb_tiff_says_so_and_can_read_planes(tmp_path):
+    planes = np.stack([_blobs(30, 40, s)[..., 0] for s in range(3)])
+    tifffile.imwrite(tmp_path / "planar.tif", planes, photometric="rgb", planarconfig="separate")
+    img = io.read_image(tmp_path / "planar.tif")
+    assert img.rgb and img.plane_shape == (30, 40) and not img.is_stack
+    assert "3 planes are stored as planar RGB" in img.notice
+    as_planes = io.read_image(tmp_path / "planar.tif", channels_as_planes=True)
+    assert not as_planes.rgb and as_planes.stack_shape == (3,) and as_planes.notice is None
+    np.testing.assert_array_equal(as_planes.data, planes)
+    # interleaved RGB (as cameras write it) is colour without a notice
+    tifffile.imwrite(tmp_path / "rgb.tif", _blobs(30, 40))
+    assert io.read_image(tmp_path / "rgb.tif").notice is None
+    assert io.read_image(tmp_path / "rgb.tif", channels_as_planes=True).stack_shape == (3,)
+
+
+def test_batch_never_replaces_files_it_did_not_write(fake_gen, tmp_path):
+    """The training layout x.png + x_labels.tif, with --overlay and even --overwrite."""
+    images = {name: _write_png(tmp_path / f"{name}.png", seed) for seed, name in
+              enumerate(("x", "y"))}
+    tifffile.imwrite(tmp_path / "x_labels.tif", np.ones((64, 64), np.uint32))  # ground truth
+    gt = (tmp_path / "x_labels.tif").read_bytes()
+    heard = []
+    for overwrite in (False, True):
+        report = batch.run_batch([tmp_path], tmp_path, "fake", {}, overlay=True,
+                                 overwrite=overwrite, notify=lambda p, t: heard.append((p, t)))
+        assert (tmp_path / "x_labels.tif").read_bytes() == gt
+        assert [p.name for p in report.skipped] == ["x.png"]
+        assert "x_labels.tif" in [p.name for p, _ in report.not_inputs]
+        assert report.notes and heard[-len(report.notes):] == report.notes
+    assert "never replaced, even with --overwrite" in report.notes[0][1]
+    assert not (tmp_path / "x_overlay.png").exists()
+    # y is ours: redone with --overwrite, its overlay replaced
+    assert [p.name for p in report.done] == ["y.png"]
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "y_labels.tif"),
+                                  expected_labels(images["y"]))
+
+
+def test_batch_overlay_from_an_existing_coco_output(fake_gen, folder, tmp_path):
+    d, images = folder
+    out = tmp_path / "out"
+    batch.run_batch([d / "img1.png"], out, "fake", {}, fmt="coco")
+    coco = (out / "img1_coco.json").read_bytes()
+    calls = fake_gen.calls
+    report = batch.run_batch([d / "img1.png"], out, "fake", {}, fmt="coco", overlay=True)
+    assert [p.name for p in report.overlays] == ["img1.png"] and fake_gen.calls == calls
+    assert (out / "img1_coco.json").read_bytes() == coco
+    want = io.overlay_image(images["img1.png"], expected_labels(images["img1.png"]))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "img1_overlay.png")), want)

@@ -370,3 +370,446 @@ def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, caps
     assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out), "--overwrite",
                  "--points-per-side", "8", "--pred-iou-thresh", "0.99"]) == 0
     assert read(out).max() == 0
+
+
+# ---------------------------------------------------------------------- issue 13: as a user runs it
+# The real console script in a subprocess (exit codes, signals), real files in tmp_path.
+
+_SRC = str(Path(__import__("napari_sam").__file__).resolve().parents[1])
+
+
+def _cli_cmd() -> list[str]:
+    script = _console_script()
+    return [script] if script else [sys.executable, "-m", "napari_sam.cli"]
+
+
+def _cli_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": _SRC, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``napari-sam ARGS`` as a user types it (this checkout's package)."""
+    return subprocess.run([*_cli_cmd(), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=_cli_env())
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _user_labels(path: Path, size: int = 64) -> None:
+    """Ground truth as a user saves it (tifffile, no napari-sam tag)."""
+    import tifffile
+
+    lab = np.zeros((size, size), np.uint32)
+    lab[10:30, 10:30], lab[40:60, 35:60] = 1, 2
+    tifffile.imwrite(path, lab)
+
+
+def test_everything_overlay_keeps_ground_truth_labels(tiny_model_path, tmp_path):
+    """Review D1 / row 11: x.png + x_labels.tif (the training layout), --out into that folder."""
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    _image(gt / "x.png")
+    _user_labels(gt / "x_labels.tif")
+    before = _digest(gt / "x_labels.tif")
+    model = ["-m", tiny_model_path, *GEN_ARGS]
+    for extra in (["--overlay"], [], ["--overlay", "--overwrite"]):
+        res = _cli("everything", gt, "-o", gt, *model, *extra)
+        assert res.returncode == 0, res.stderr
+        assert _digest(gt / "x_labels.tif") == before, extra
+        assert "x_labels.tif exists and was not written by napari-sam: kept" in res.stderr
+        assert "0 done, 1 skipped, 0 failed (1 output not taken as input)" in res.stderr
+        assert sorted(p.name for p in gt.iterdir()) == ["x.png", "x_labels.tif"]
+    assert "never replaced, even with --overwrite" in res.stderr
+
+
+def test_everything_overlay_keeps_an_input_named_like_an_overlay(tiny_model_path, tmp_path):
+    """Review D1 / row 12: a user image cell_overlay.png beside cell.png."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    _image(ds / "cell.png", seed=1)
+    _image(ds / "cell_overlay.png", seed=2)
+    (ds / "notes.txt").write_text("x")
+    before = _digest(ds / "cell_overlay.png")
+    res = _cli("everything", ds, "--out", ds, "--overlay", "-m", tiny_model_path, *GEN_ARGS)
+    assert res.returncode == 0, res.stderr
+    assert _digest(ds / "cell_overlay.png") == before
+    assert res.stdout.split() == [str(ds / "cell_labels.tif")]
+    assert f"not an input: {ds / 'cell_overlay.png'}: named like an output of cell" in res.stderr
+    assert ("cell_overlay.png exists and was kept; no overlay for cell.png (it was not "
+            "written by napari-sam, so it is never replaced)") in res.stderr
+    # the summary tells the two kinds of left-out files apart
+    assert ("1 done, 0 skipped, 0 failed (1 non-image file ignored; 1 output not taken as "
+            "input)") in res.stderr
+    assert sorted(p.name for p in ds.iterdir()) == [
+        "cell.png", "cell_labels.tif", "cell_overlay.png", "notes.txt"]
+
+
+def test_everything_earlier_outputs_are_not_new_inputs(tiny_model_path, tmp_path):
+    """Review row 13: run 1 with --format png, run 2 with tif into the same folder."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for name in ("cell", "cell2"):
+        _image(ds / f"{name}.png", seed=len(name))
+    model = ["-m", tiny_model_path, *GEN_ARGS]
+    first = _cli("everything", ds, "-o", ds, "--overlay", "--format", "png", *model)
+    assert first.returncode == 0, first.stderr
+    pngs = {p.name: _digest(p) for p in ds.iterdir()}
+    second = _cli("everything", ds, "-o", ds, "--overlay", *model)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in ds.iterdir()) == sorted(
+        [*pngs, "cell_labels.tif", "cell2_labels.tif"])
+    assert {name: _digest(ds / name) for name in pngs} == pngs  # nothing replaced
+    # the progress total is the same on every line
+    totals = {line.split("]")[0].split("/")[1] for line in second.stderr.splitlines()
+              if line.startswith("[")}
+    assert totals == {"2"}, second.stderr
+    assert "4 outputs not taken as inputs" in second.stderr and "non-image" not in second.stderr
+
+
+def test_everything_progress_total_is_fixed_and_missing_overlays_are_drawn(
+        tiny_model_path, tmp_path):
+    """Review D12 progress text; and an earlier run's labels get overlays without re-running."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i in range(2):
+        _image(inp / f"im{i}.png", seed=i)
+    model = ["-m", tiny_model_path, *GEN_ARGS]
+    assert _cli("everything", inp / "im0.png", "-o", out, *model).returncode == 0
+    labels = _digest(out / "im0_labels.tif")
+    # an output of this batch named on the command line, sorted after a skipped input
+    res = _cli("everything", inp / "im0.png", inp / "im1.png", out / "im0_labels.tif", "-o", out,
+               "--overlay", *model)
+    assert res.returncode == 0, res.stderr
+    progress = [line for line in res.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == ["[1/2", "[2/2"], res.stderr
+    assert "overlay drawn from the existing output" in progress[0]
+    assert _digest(out / "im0_labels.tif") == labels
+    assert sorted(p.name for p in out.iterdir()) == [
+        "im0_labels.tif", "im0_overlay.png", "im1_labels.tif", "im1_overlay.png"]
+    assert "non-image" not in res.stderr and "1 output not taken as input" in res.stderr
+
+
+def test_segment_overlay_and_input_are_never_replaced(tiny_model_path, tmp_path):
+    """Review D3 / rows 14, 17: an existing <out stem>_overlay.png, and --out naming the input."""
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    _image(seg / "a.png")
+    _image(seg / "res_overlay.png", seed=5)
+    (seg / "p.csv").write_text("row,col\n20,22\n")
+    before = _digest(seg / "res_overlay.png")
+    common = ["--prompts", seg / "p.csv", "-m", tiny_model_path, "--device", "cpu"]
+    res = _cli("segment", seg / "a.png", "-o", seg / "res.tif", "--overlay", *common)
+    assert res.returncode == 1
+    assert "res_overlay.png exists; pass --overwrite" in res.stderr
+    assert not (seg / "res.tif").exists()
+    # with --overwrite: still kept, it is not a file napari-sam wrote
+    assert main(["segment", str(seg / "a.png"), "--out", str(seg / "res.tif"), "--overlay",
+                 "--overwrite", *map(str, common)]) == 1
+    assert _digest(seg / "res_overlay.png") == before
+    # our own overlay is replaced with --overwrite
+    (seg / "res_overlay.png").unlink()
+    args = ["segment", str(seg / "a.png"), "--out", str(seg / "res.tif"), "--overlay",
+            *map(str, common)]
+    assert main(args) == 0 and main([*args, "--overwrite"]) == 0
+    # --out naming the input image: refused, even with --overwrite
+    image = _digest(seg / "a.png")
+    res = _cli("segment", seg / "a.png", "-o", seg / "a.png", "--overwrite", *common)
+    assert res.returncode == 1 and "is the input image" in res.stderr
+    assert _digest(seg / "a.png") == image
+
+
+def _eval_dataset(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    img = np.full((64, 64, 3), 20, np.uint8)
+    lab = np.zeros((64, 64), np.uint16)
+    img[10:30, 10:30], lab[10:30, 10:30] = 200, 1
+    img[40:55, 35:60], lab[40:55, 35:60] = 150, 2
+    for name in ("a0", "a1"):
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        Image.fromarray(lab).save(root / "labels" / f"{name}.png")
+    return root
+
+
+def test_evaluate_output_ids_and_empty_runs(tiny_model_path, tmp_path, capsys):
+    """Review rows 56-60 and D9/D10/D11: -o, --ids files, nothing to evaluate, --device."""
+    ds = _eval_dataset(tmp_path / "ds")
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"mine": 1}')
+    base = ["evaluate", ds, "-m", tiny_model_path, "--device", "cpu", "--no-everything",
+            "--n-clicks", "1"]
+    res = _cli(*base, "-o", precious)
+    assert res.returncode == 1 and "precious.json exists; pass --overwrite" in res.stderr
+    assert precious.read_text() == '{"mine": 1}'
+    res = _cli(*base, "--out", precious, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(precious.read_text())["n_images"] == 2
+    # ids files: wrong type, broken JSON, nothing listed
+    for text, expected in (('{"val": 5}', '"val" must be a list of image ids'),
+                           ("{not json", "invalid JSON"),
+                           ("[]", "lists no (validation) ids")):
+        (tmp_path / "ids.json").write_text(text)
+        code = main([*map(str, base), "--ids", str(tmp_path / "ids.json")])
+        err = capsys.readouterr().err
+        assert code == 1 and expected in err and err.count("\n") == 1, (text, err)
+    res = _cli(*base, "--max-images", "0")
+    assert res.returncode == 2 and "--max-images: expected an integer >= 1" in res.stderr
+
+
+
+def _train_dataset(root: Path) -> Path:
+    """Four 64 x 64 images with bright disks and their labels (images/ + labels/)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(4):
+        lab = np.zeros((64, 64), np.uint16)
+        for k, (r, c) in enumerate(((16 + 4 * i, 20), (44, 40 - 3 * i)), start=1):
+            lab[(yy - r) ** 2 + (xx - c) ** 2 < 64] = k
+        Image.fromarray(np.where(lab > 0, 200, 30).astype(np.uint8)).save(
+            root / "images" / f"im{i}.png")
+        Image.fromarray(lab).save(root / "labels" / f"im{i}.png")
+    return root
+
+
+_FAST_TRAIN = ["--batch-size", "1", "--instances-per-image", "1", "--rounds", "1",
+               "--warmup-steps", "0", "--num-threads", "1", "--no-augment"]
+
+
+def test_train_bad_values_are_usage_errors_and_write_nothing(tmp_path, capsys):
+    """Review D7 / rows 49-51: --steps -5 wrote an untrained model with exit code 0."""
+    ds = _train_dataset(tmp_path / "ds")
+    run = tmp_path / "run"
+    res = _cli("train", ds, "-o", run, "--steps", "-5")
+    assert res.returncode == 2, res.stderr
+    assert "napari-sam train: error: --steps must be an integer >= 1, got -5" in res.stderr
+    assert not run.exists()
+    for option, value, text in (("--batch-size", "0", "--batch-size must be an integer >= 1"),
+                                ("--lr", "nan", "--lr must be a finite number > 0"),
+                                ("--box-prob", "2", "--box-prob must be a finite number >= 0 "
+                                                    "and <= 1"),
+                                ("--checkpoint-every", "0", "--checkpoint-every must be"),
+                                ("--device", "cuda", "training runs on the CPU"),
+                                ("--model", "configs/default_model.json", "pass it as --arch")):
+        assert main(["train", str(ds), "-o", str(run), option, value]) == 2, option
+        err = capsys.readouterr().err
+        assert text in err and "Traceback" not in err, (option, err)
+    assert main(["train", str(ds), "-o", str(run), "--model", "default", "--arch", "vit_t"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_train_refuses_a_run_folder_of_other_weights(tiny_sam, tiny_sam_config, tmp_path,
+                                                     capsys):
+    """Review D7 / rows 52-53: a new --model into an existing run was ignored, config.json
+    rewritten; another architecture gave a 43,219-character error line."""
+    from napari_sam.models.build import build_sam
+    from napari_sam.models.checkpoint import save_model
+
+    ds = _train_dataset(tmp_path / "ds")
+    first = save_model(tiny_sam, tmp_path / "first.safetensors")
+    other = save_model(build_sam(tiny_sam_config), tmp_path / "other.safetensors")
+    run = tmp_path / "run"
+    res = _cli("train", ds, "-o", run, "-m", first, "--steps", "1", *_FAST_TRAIN)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(run / "last.safetensors")
+    config, weights = (run / "config.json").read_text(), _digest(run / "last.safetensors")
+
+    res = _cli("train", ds, "-o", run, "-m", other, "--steps", "2", *_FAST_TRAIN)
+    assert res.returncode == 1
+    assert "holds a run with other settings (init: " in res.stderr
+    assert "pass --overwrite to start over there" in res.stderr
+    assert (run / "config.json").read_text() == config
+    assert _digest(run / "last.safetensors") == weights
+    # another architecture (from scratch): refused the same way, in one short line
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(tiny_sam_config.to_dict()))
+    assert main(["train", str(ds), "-o", str(run), "--arch", str(arch), "--steps", "2",
+                 *_FAST_TRAIN]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "\n" not in err and len(err) < 600
+    assert (run / "config.json").read_text() == config
+    # the same settings with more steps resume the run
+    assert main(["train", str(ds), "-o", str(run), "-m", str(first), "--steps", "2",
+                 *_FAST_TRAIN]) == 0
+    assert "resuming from step 1" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    # --overwrite starts over from the new weights, and config.json says so
+    assert main(["train", str(ds), "-o", str(run), "-m", str(other), "--steps", "1",
+                 "--overwrite", *_FAST_TRAIN]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["init"] == str(other) and saved["steps"] == 1
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_train_resume_problems_are_short_and_ours(tiny_sam, tiny_sam_config, tmp_path, capsys):
+    """Review rows 53 (error line of 43,219 characters) and D11 (a crafted last_state.pt)."""
+    import argparse
+    import shutil as sh
+
+    import torch
+
+    from napari_sam.models.build import build_sam
+    from napari_sam.models.checkpoint import save_model
+
+    ds = _train_dataset(tmp_path / "ds")
+    first = save_model(tiny_sam, tmp_path / "first.safetensors")
+    big = save_model(build_sam(type(tiny_sam_config).from_dict(
+        {**tiny_sam_config.to_dict(), "decoder_mlp_dim": 256})), tmp_path / "big.safetensors")
+    run = tmp_path / "run"
+
+    def train_args(steps: int) -> list[str]:
+        return ["train", str(ds), "-o", str(run), "-m", str(first), "--steps", str(steps),
+                *_FAST_TRAIN]
+
+    assert main(train_args(1)) == 0
+    args = train_args(2)
+    capsys.readouterr()
+    # weights of another architecture in the run folder (copied in by hand)
+    good = (run / "last.safetensors").read_bytes()
+    sh.copy(big, run / "last.safetensors")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "do not fit the model of this run" in err and "of another shape" in err
+    assert "\n" not in err and len(err) < 600, len(err)
+    (run / "last.safetensors").write_bytes(good)
+    # a last_state.pt holding something other than tensors is refused, with our advice
+    torch.save({"step": 1, "optimizer": {}, "x": argparse.Namespace(a=1)}, run / "last_state.pt")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is not an optimizer state written by napari-sam train" in err
+    assert "weights_only" not in err and "\n" not in err
+
+
+def test_options_mean_the_same_in_every_command(capsys):
+    """Review D12 / usability 'CLI option consistency': -o/--out, -m/--model, --device."""
+    import argparse
+
+    from napari_sam.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("segment", "everything"):
+        options = {o for a in sub.choices[command]._actions for o in a.option_strings}
+        assert {"-o", "--out", "-m", "--model", "--device", "--overwrite"} <= options, command
+    for command, extra in (("train", "--arch"), ("evaluate", "--ids")):
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        for option in ("-o DIR, --out DIR" if command == "train" else "-o FILE, --out FILE",
+                       "-m NAME|PATH, --model NAME|PATH", "--device DEVICE", "--overwrite",
+                       extra):
+            assert option in text, (command, option)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_help_documents_every_option_with_its_default(command):
+    """Review D12: train --help listed most options without help or default."""
+    import argparse
+    import importlib
+
+    from napari_sam.cli import GENERATOR_OPTIONS
+
+    module = importlib.import_module({"train": "napari_sam.training.loop",
+                                      "evaluate": "napari_sam.evaluation.evaluate"}[command])
+    parser = argparse.ArgumentParser()
+    getattr(module, f"add_{command}_arguments")(parser)
+    # everything-mode options come from add_generator_options (shared with `everything`)
+    shared = {option for option, *_ in GENERATOR_OPTIONS} | {"--no-auto-tile"}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or action.option_strings[0] in shared:
+            continue
+        assert action.help, action.option_strings
+        assert "default" in action.help, action.option_strings
+    res = _cli(command, "--help")
+    assert res.returncode == 0
+    assert ("--steps N             training steps" in res.stdout) == (command == "train")
+
+
+def test_usage_errors_exit_2_and_help_points_to_what_exists():
+    """Review rows 34-35 (exit 1 for option values) and usability 9 (docs/cli.md not shipped)."""
+    for args, text in ((["--tile-size", "10"], "--tile-size: expected at least 16 pixels"),
+                       (["--tile-size", "64", "--tile-overlap", "64"],
+                        "--tile-overlap (64) must be smaller than --tile-size (64)"),
+                       (["--tile-overlap", "-1"], "--tile-overlap: expected an integer >= 0")):
+        res = _cli("everything", "a.png", "-o", "out", *args)
+        assert res.returncode == 2 and text in res.stderr, (args, res.stderr)
+    res = _cli("segment", "--help")
+    assert res.returncode == 0
+    assert "docs/cli.md in the napari-sam source repository" in res.stdout
+    assert "object,row,col,label,row0,col0,row1,col1" in res.stdout  # the formats themselves
+    res = _cli("everything", "--help")
+    help_text = " ".join(res.stdout.split())
+    assert "else 0.88; the default model recommends 0.6)" in help_text
+    assert "else 0.95; the default model recommends 0.85)" in help_text
+
+
+def test_planar_rgb_tiff_is_read_as_colour_with_a_notice(tiny_model_path, tmp_path):
+    """Review note / usability 11: a (3, H, W) uint8 stack saved by tifffile is planar RGB."""
+    import warnings
+
+    import tifffile
+
+    planes = np.stack([_image(tmp_path / f"p{i}.png", seed=i)[..., 0] for i in range(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(tmp_path / "stack.tif", planes)  # tifffile stores it as planar RGB
+    model = ["-m", tiny_model_path, *GEN_ARGS]
+    res = _cli("everything", tmp_path / "stack.tif", "-o", tmp_path / "rgb", *model)
+    assert res.returncode == 0, res.stderr
+    assert ("napari-sam: note: stack.tif: its 3 planes are stored as planar RGB (the TIFF's "
+            "photometric tag), so they are segmented as one colour image; if they are a stack "
+            "(z, time or channels), pass --channels-as-planes.") in res.stderr
+    assert read_labels(tmp_path / "rgb" / "stack_labels.tif").shape == (64, 64)
+    res = _cli("everything", tmp_path / "stack.tif", "-o", tmp_path / "planes",
+               "--channels-as-planes", *model)
+    assert res.returncode == 0 and "note:" not in res.stderr, res.stderr
+    assert read_labels(tmp_path / "planes" / "stack_labels.tif").shape == (3, 64, 64)
+
+
+def test_sigterm_ends_a_batch_like_ctrl_c(tiny_model_path, tmp_path):
+    """Review D12 / row 45: SIGTERM gave rc -15 and no message."""
+    import os
+    import signal
+    import time
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    n = 40
+    for i in range(n):
+        _image(inp / f"im{i:03d}.png", seed=i)
+    cmd = [*_cli_cmd(), "everything", str(inp), "-o", str(out), "--overlay", "-m",
+           str(tiny_model_path), *GEN_ARGS, "--points-per-side", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_cli_env())
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.is_dir() and any(out.glob("*_labels.tif"))):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no output appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "napari-sam: terminated (SIGTERM); finished outputs are kept")
+    names = sorted(p.name for p in out.iterdir())
+    assert not [name for name in names if name.endswith(".tmp")], names
+    finished = [name for name in names if name.endswith("_labels.tif")]
+    assert 1 <= len(finished) < n
+    for name in finished:  # complete files, the ones reported on stdout
+        assert read_labels(out / name).shape == (64, 64)
+    # paths on stdout are files that exist (the last one may be written but not yet printed)
+    assert len(finished) - 1 <= len(stdout.split()) <= len(finished)
+    # the same command resumes
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_cli_env())
+    assert res.returncode == 0, res.stderr
+    assert len(list(out.glob("*_labels.tif"))) == n and len(list(out.glob("*_overlay.png"))) == n

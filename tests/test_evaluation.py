@@ -269,3 +269,47 @@ def test_box_prompt_of_one_pixel_thin_object(tiny_sam):
     res = evaluate_image_interactive(Predictor(tiny_sam), image, lab, n_clicks=0, min_area=5)
     assert res["ids"].tolist() == [1, 2]
     assert np.isfinite(res["box_iou"]).all()
+
+
+# ------------------------------------------------------------------------ issue 13: bad input
+
+
+def _tiny_dataset(root):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lab = _labels()
+    Image.fromarray(np.where(lab > 0, 200, 20).astype(np.uint8)).save(root / "images" / "a0.png")
+    Image.fromarray(lab.astype(np.uint16)).save(root / "labels" / "a0.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ids": []}, "lists no"),
+        ({"ids": "EMPTY"}, "lists no"),
+        ({"ids": "BADTYPE"}, '"val" must be a list of image ids'),
+        ({"ids": "BROKEN"}, "invalid JSON"),
+        ({"max_images": 0}, "max_images must be an integer >= 1"),
+        ({"n_clicks": -3}, "n_clicks must be an integer >= 0"),
+    ],
+)
+def test_evaluate_refuses_runs_that_would_give_nan(tmp_path, tiny_sam, kwargs, match):
+    """Review D10: an empty ids list or --max-images 0 gave NaN metrics and exit code 0."""
+    root = _tiny_dataset(tmp_path / "data")
+    files = {"EMPTY": "[]", "BADTYPE": '{"val": 5}', "BROKEN": "{not json"}
+    if isinstance(kwargs.get("ids"), str):
+        (tmp_path / "ids.json").write_text(files[kwargs["ids"]])
+        kwargs = {"ids": tmp_path / "ids.json"}
+    with pytest.raises(InvalidInputError, match=match):
+        evaluate(tiny_sam, root, everything=False, **kwargs)
+
+
+def test_write_results_without_replace_keeps_a_file(tmp_path):
+    (tmp_path / "r.json").write_text("precious")
+    with pytest.raises(FileExistsError):
+        write_results({"n_images": 1}, tmp_path / "r.json", replace=False)
+    assert (tmp_path / "r.json").read_text() == "precious"
+    write_results({"n_images": 1}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"n_images": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

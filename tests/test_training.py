@@ -16,7 +16,13 @@ from PIL import Image
 from napari_sam.errors import InvalidInputError
 from napari_sam.training.augment import AugmentConfig, augment_geometry, augment_intensity
 from napari_sam.training.datasets import InstanceDataset, find_pairs, split_ids
-from napari_sam.training.loop import TrainConfig, learning_rate, load_ids, train
+from napari_sam.training.loop import (
+    TrainConfig,
+    config_from_args,
+    learning_rate,
+    load_ids,
+    train,
+)
 from napari_sam.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, soft_targets
 from napari_sam.training.prompts import (
     boxes_from_masks,
@@ -417,8 +423,8 @@ def test_focal_ramp_and_cli_arguments():
     add_train_arguments(parser)
     args = parser.parse_args(["d", "--steps", "5", "--freeze-encoder", "--lr", "1e-4"])
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(vars(args)) <= names
-    built = TrainConfig(**vars(args))
+    assert set(vars(args)) - names == {"device", "overwrite"}  # not training settings
+    built = config_from_args(args)
     assert (built.data, built.steps, built.freeze_encoder, built.lr) == ("d", 5, True, 1e-4)
 
 
@@ -464,7 +470,7 @@ def test_loss_window_schedule_and_cli():
         ["d", "--loss-window", "3", "--loss-window-steps", "7", "--scale-range", "1", "3",
          "--cache-images"]
     )
-    built = TrainConfig(**vars(args))
+    built = config_from_args(args)
     assert (built.loss_window, built.loss_window_steps) == (3.0, 7)
     assert tuple(built.scale_range) == (1.0, 3.0) and built.cache_images
 
@@ -491,3 +497,42 @@ def test_fine_tune_a_checkpoint_with_frozen_encoder(tmp_path, tiny_sam_config):
     assert enc and dec
     assert all(torch.equal(before[k], after[k]) for k in enc)  # frozen
     assert any(not torch.equal(before[k], after[k]) for k in dec)  # fine-tuned
+
+
+# ------------------------------------------------------------------- issue 13: bad settings
+
+
+def test_config_problems_and_train_refuses_before_writing(tmp_path):
+    from napari_sam.training.loop import config_problems
+
+    assert config_problems(TrainConfig(data="d")) == []
+    bad = TrainConfig(data="d", steps=-5, batch_size=0, lr=float("nan"), box_prob=1.5,
+                      rounds=2, mask_only_rounds=2, seed=-1, scale_range=(2.0, 1.0))
+    names = [name for name, _ in config_problems(bad)]
+    assert names == ["steps", "batch_size", "seed", "lr", "box_prob", "mask_only_rounds",
+                     "scale_range"]
+    with pytest.raises(InvalidInputError, match=r"TrainConfig.steps must be an integer >= 1, "
+                                                r"got -5 \(and 1 more\)"):
+        train(TrainConfig(data=str(tmp_path), output_dir=str(tmp_path / "run"), steps=-5,
+                          lr=float("nan")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("a.json", '{"val": 5}', '"val" must be a list of image ids'),
+        ("a.json", "{not json", "invalid JSON"),
+        ("a.txt", "[broken", "invalid JSON"),
+        ("a.json", '{"val": ["x"], "tran": ["y"]}', "unknown key"),
+        ("a.json", "[[1, 2]]", "must be a list of image ids"),
+        ("a.json", '"x"', "expected a list of ids"),
+    ],
+)
+def test_load_ids_rejects_malformed_files(tmp_path, name, text, match):
+    """Review D9/D11: {"val": 5} raised TypeError; broken JSON was read as a text list."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InvalidInputError, match=match):
+        load_ids(tmp_path / name)
+    (tmp_path / "ok.json").write_text('[1, "b"]')
+    assert load_ids(tmp_path / "ok.json") == (None, ["1", "b"])

@@ -8,17 +8,23 @@
     napari-sam train ...
     napari-sam evaluate ...
 
-Conventions: results (written paths, tables) go to stdout; progress, warnings
-and errors go to stderr. Exit codes: 0 success, 1 runtime error (bad input
-file, unknown model, some images failed), 2 usage error (bad options),
-130 interrupted. Errors print one line without a traceback unless ``--debug``.
-See docs/cli.md for examples and file formats.
+Conventions: results (written paths, tables) go to stdout; progress, notes,
+warnings and errors go to stderr. Exit codes: 0 success, 1 runtime error (bad
+input file, unknown model, some images failed, an output exists), 2 usage
+error (bad options or option values), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM); both interruptions keep finished outputs and leave no
+temporary file. Errors print one line without a traceback unless ``--debug``.
+Every command that runs a model takes ``-m/--model`` and ``--device``; every
+command that writes files takes ``-o/--out`` and never replaces an existing
+file without ``--overwrite``. See docs/cli.md (in the source repository) for
+examples and file formats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -144,9 +150,33 @@ class _Console:
     def warn(self, text: str) -> None:
         print(f"{PROG}: warning: {text}", file=self.err, flush=True)
 
+    def note(self, text: str) -> None:
+        """A remark on how input was read or which file was kept (shown even with -q)."""
+        print(f"{PROG}: note: {text}", file=self.err, flush=True)
+
 
 class _UsageError(Exception):
     """Options that argparse accepted but that do not make sense together (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so that it unwinds like Ctrl-C.
+
+    A KeyboardInterrupt subclass: every ``except Exception`` lets it through
+    and every clean-up that runs for Ctrl-C (temporary files removed, Dask
+    clusters closed) runs for it too.
+    """
+
+
+#: exit codes of an interrupted run (128 + signal number, as shells report them)
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # a second SIGTERM during the clean-up ends the process the default way
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
 
 
 # ---------------------------------------------------------------------- parser
@@ -172,11 +202,73 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="NAME|PATH", default=None,
+    parser.add_argument("-m", "--model", metavar="NAME|PATH", default=None,
                         help="model name from 'napari-sam models list' or a checkpoint file "
                              "(.safetensors/.pth); default: the embedded default model")
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="torch device, e.g. cpu, cuda, cuda:1, mps (default: best available)")
+
+
+def _tile_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"expected at least 16 pixels, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+_RECOMMENDED: dict[str, float] | None = None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds the default model's own everything-mode settings to their options' help.
+
+    ``everything --help`` shows SAM's defaults (0.88, 0.95); the embedded default
+    model runs with other thresholds unless the option is given. Computed only
+    when help is printed (it imports the model zoo).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        global _RECOMMENDED
+        if not text or not action.option_strings or not text.endswith(")"):
+            return text
+        if _RECOMMENDED is None:
+            from napari_sam.models.zoo import recommended_everything_settings
+
+            _RECOMMENDED = recommended_everything_settings(None)
+        if action.dest in _RECOMMENDED:
+            text = f"{text[:-1]}; the default model recommends {_RECOMMENDED[action.dest]:g})"
+        return text
+
+
+class _SegmentHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of the prompt-format examples in the epilog."""
+
+
+_PROMPT_FORMATS = """\
+prompt files (coordinates are image pixels: row = vertical, col = horizontal, 0 at the
+top left; objects are numbered in file order):
+  CSV   a header naming some of object,row,col,label,row0,col0,row1,col1; each row holds a
+        point (row,col; label 1 = foreground, the default, 0 = background) and/or a box
+        (row0,col0,row1,col1); rows with the same object form one object:
+            object,row,col,label,row0,col0,row1,col1
+            nucleus,120,85,1,,,,
+            nucleus,150,60,0,,,,
+            cell,,,,40,30,210,190
+  JSON  a list of objects, each with any of points, labels, box, name:
+            [{"points": [[120, 85], [150, 60]], "labels": [1, 0]},
+             {"box": [40, 30, 210, 190]}]
+More examples: docs/cli.md in the napari-sam source repository."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "images from prompt files, run everything-mode over many images (locally "
                     "or on a Dask cluster), train and evaluate.",
         epilog="Run 'napari-sam COMMAND --help' for a command's options. Exit codes: 0 ok, "
-               "1 runtime error, 2 usage error.",
+               "1 runtime error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated "
+               "(SIGTERM). Nothing is replaced without --overwrite.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common_options(parser, suppress=False)
@@ -225,17 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     # segment --------------------------------------------------------------
     p = sub.add_parser(
         "segment", help="segment one image from point/box prompts in a file",
-        description="Segment objects in one 2D image from prompts (points and/or a box per "
-                    "object) read from a CSV or JSON file. Object k of the file (in file order) "
-                    "gets label k in the output; where objects overlap, the earlier one keeps "
-                    "the pixels. See docs/cli.md for the prompt formats.",
+        formatter_class=_SegmentHelpFormatter, epilog=_PROMPT_FORMATS,
+        description="Segment objects in one 2D image from prompts (points and/or a box per\n"
+                    "object) read from a CSV or JSON file. Object k of the file (in file order)\n"
+                    "gets label k in the output; where objects overlap, the earlier one keeps\n"
+                    "the pixels. Existing files are not replaced without --overwrite.",
     )
     _common_options(p, suppress=True)
     p.add_argument("image", type=Path, help="image file (.png, .tif, .jpg, ...)")
     p.add_argument("--prompts", type=Path, required=True, metavar="FILE",
                    help="prompt file: .csv (object,row,col,label and/or object,row0,col0,row1,"
-                        "col1) or .json")
-    p.add_argument("--out", type=Path, required=True, metavar="LABELS",
+                        "col1) or .json (formats below)")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="LABELS",
                    help="output label image (.tif: uint32, .png: 16-bit)")
     _model_options(p)
     p.add_argument("--multimask-select", choices=("best", "single"), default="best",
@@ -243,38 +337,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "highest predicted IoU; single: predict one mask (default: best)")
     p.add_argument("--overlay", action="store_true",
                    help="also write <out stem>_overlay.png (image with object outlines)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (and an overlay that napari-sam wrote; "
+                        "never the input image)")
     p.set_defaults(func=_cmd_segment)
 
     # everything -----------------------------------------------------------
     p = sub.add_parser(
         "everything", help="segment everything in many images (one label image each)",
+        formatter_class=_HelpFormatter,
         description="Automatic ('everything') segmentation of images, stacks, folders or glob "
                     "patterns. Writes <stem>_labels.tif (or .png / _coco.json) per input; inputs "
-                    "whose output exists are skipped (resume), unless --overwrite. Files that "
-                    "cannot be read are reported and skipped; the exit code is 1 if any failed.",
+                    "whose output exists are skipped (resume), unless --overwrite. A file that "
+                    "napari-sam did not write is never replaced. Files named like another "
+                    "input's outputs (x_labels.tif, x_overlay.png beside x.png) are not taken as "
+                    "inputs. Files that cannot be read are reported and skipped; the exit code "
+                    "is 1 if any failed. The default model runs with its own thresholds "
+                    "(shown in the options' help) unless you give them.",
+        epilog="Resume, overwrite rules, formats and Dask: docs/cli.md in the napari-sam source "
+               "repository.",
     )
     _common_options(p, suppress=True)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file, TIFF stack, folder (non-recursive) or quoted glob pattern")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR|FILE",
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="DIR|FILE",
                    help="output folder (created), or an output file for a single input")
     p.add_argument("--format", dest="fmt", choices=("tif", "png", "coco"), default=None,
                    help="tif: uint32 label image (stacks ok); png: 16-bit label image (2D); "
                         "coco: COCO JSON with RLE masks (default: tif, or from --out's suffix)")
     _model_options(p)
     g = add_generator_options(p)
-    g.add_argument("--tile-size", type=_positive_int, default=None, metavar="PX",
+    g.add_argument("--tile-size", type=_tile_size, default=None, metavar="PX",
                    help="split images larger than PX pixels into overlapping tiles "
                         "(default: no tiling)")
-    g.add_argument("--tile-overlap", type=int, default=128, metavar="PX",
-                   help="overlap between tiles in pixels (default: 128)")
+    g.add_argument("--tile-overlap", type=_non_negative_int, default=128, metavar="PX",
+                   help="overlap between tiles in pixels, less than --tile-size (default: 128)")
     o = p.add_argument_group("outputs and execution")
     o.add_argument("--overlay", action="store_true",
                    help="also write <stem>_overlay.png (image with coloured object outlines; "
                         ".tif for stacks)")
     o.add_argument("--overwrite", action="store_true",
-                   help="redo inputs whose outputs already exist")
+                   help="redo inputs whose outputs exist, replacing the outputs napari-sam "
+                        "wrote (other files of the same name are never replaced)")
+    o.add_argument("--channels-as-planes", action="store_true",
+                   help="read colour samples as stack planes: for a (3, H, W) stack that was "
+                        "saved as planar RGB (napari-sam says so when it reads one as colour)")
     o.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run on a Dask cluster, e.g. tcp://10.0.0.5:8786 (needs dask.distributed;"
                         " inputs, outputs and model files must be visible to the workers)")
@@ -287,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_everything)
 
     # train / evaluate: options parsed by the training/evaluation modules ---------
-    for name, text in (("train", "fine-tune a model (options: napari-sam train --help)"),
+    for name, text in (("train", "fine-tune or train a model (options: napari-sam train --help)"),
                        ("evaluate", "evaluate a model (options: napari-sam evaluate --help)")):
         p = sub.add_parser(name, help=text, add_help=False,
                            description=f"{text}; all options are forwarded.")
@@ -299,7 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (the console script exits with it)."""
+    """Run the command line; returns the exit code (the console script exits with it).
+
+    SIGTERM is handled like Ctrl-C while a command runs (in the main thread):
+    finished outputs are kept, temporary files removed, and the exit code is
+    143 (130 for Ctrl-C).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -310,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exit_)
     args.extra = extra
     console = _Console(quiet=bool(getattr(args, "quiet", False)))
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return int(args.func(args, console) or 0)
     except SystemExit as exit_:  # a forwarded parser (train/evaluate) exited
@@ -317,9 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); finished outputs are kept", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (finished outputs are kept)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         debug = bool(getattr(args, "debug", False))  # train/evaluate may set it late
         if debug:
@@ -328,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, (NapariSamError, OSError)) and not debug:
             print(f"{PROG}: (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_code(exit_: SystemExit) -> int:
@@ -449,6 +572,13 @@ def _load_model(spec: str | None, device: str | None, console: _Console):
 # ---------------------------------------------------------------------- segment
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def _cmd_segment(args: argparse.Namespace, console: _Console) -> int:
     import numpy as np
 
@@ -460,19 +590,40 @@ def _cmd_segment(args: argparse.Namespace, console: _Console) -> int:
         read_prompts,
         write_labels,
         write_overlay,
+        written_by_napari_sam,
     )
     from napari_sam.errors import InvalidInputError
 
     out: Path = args.out
     if out.suffix.lower() not in LABEL_EXTENSIONS:
         raise _UsageError(f"--out must end in .tif, .tiff or .png, got {out.name!r}")
-    if out.exists() and not args.overwrite:
-        raise InvalidInputError(f"{out} exists; pass --overwrite to replace it.")
+    overlay = out.with_name(f"{out.stem}_overlay.png") if args.overlay else None
+    for path, what in ((out, "--out"), (overlay, "the overlay")):
+        if path is None:
+            continue
+        if _same_file(path, args.image):
+            raise InvalidInputError(
+                f"{what} ({path}) is the input image; choose another --out."
+            )
+        if path.exists() and not args.overwrite:
+            raise InvalidInputError(f"{path} exists; pass --overwrite to replace it.")
+    if overlay is not None and overlay.exists() and not written_by_napari_sam(overlay):
+        # its name is derived from --out, not chosen: only a file we wrote is replaced
+        raise InvalidInputError(
+            f"{overlay} exists and was not written by napari-sam, so it is never replaced; "
+            "choose another --out."
+        )
     image = read_image(args.image)
     if image.is_stack:
         raise InvalidInputError(
             f"{args.image} is a stack of shape {image.data.shape}; 'segment' takes one 2D image "
             "(save the slice you want as its own file)."
+        )
+    if image.notice:
+        console.note(
+            f"{args.image.name}: its {image.data.shape[-1]} planes are stored as planar RGB "
+            "(the TIFF's photometric tag), so they are segmented as one colour image; if they "
+            "are a stack, save the plane you want as its own 2D file."
         )
     objects = read_prompts(args.prompts)
     check_prompts(objects, image.plane_shape)
@@ -505,12 +656,12 @@ def _cmd_segment(args: argparse.Namespace, console: _Console) -> int:
         labels[free] = number
         console.info(f"[{number}/{len(objects)}] {obj.describe(number)}: {int(free.sum())} px, "
                      f"score {float(np.max(pred.scores)):.3f}")
-    if args.overlay:
-        overlay = out.with_name(f"{out.stem}_overlay.png")
-        write_overlay(overlay, rgb, labels)
-        console.info(f"overlay: {overlay}")
-    write_labels(out, labels)
+    # replace=False guards against a file created meanwhile (e.g. by a parallel run)
+    write_labels(out, labels, replace=args.overwrite)
     console.result(str(out))
+    if overlay is not None:
+        write_overlay(overlay, rgb, labels, replace=args.overwrite)
+        console.info(f"overlay: {overlay}")
     return 0
 
 
@@ -534,8 +685,9 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
     if args.scheduler and args.workers:
         raise _UsageError("--workers starts a local cluster; it cannot be combined with "
                           "--scheduler (start workers with 'dask worker' instead)")
-    if args.tile_overlap < 0:
-        raise _UsageError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
+    if args.tile_size is not None and args.tile_overlap >= args.tile_size:
+        raise _UsageError(f"--tile-overlap ({args.tile_overlap}) must be smaller than "
+                          f"--tile-size ({args.tile_size})")
     kwargs, recommended = generator_kwargs(args)
     if recommended:
         shown = ", ".join(f"{k}={v:g}" for k, v in recommended.items())
@@ -543,7 +695,8 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
                      "(options given on the command line win)")
 
     def progress(n: int, total: int, path: Path, status: str) -> None:
-        console.info(f"[{n}/{total}] {status}: {path}")
+        text = "overlay drawn from the existing output" if status == "overlay" else status
+        console.info(f"[{n}/{total}] {text}: {path}")
         if status == "done":  # results as they come, so a long run can be followed
             console.result(str(out_file if out_file is not None else output_path(path, out, fmt)))
 
@@ -554,11 +707,15 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
             scheduler=args.scheduler, n_workers=args.workers, progress=progress,
             device=args.device, overlay=args.overlay, tile_size=args.tile_size,
             tile_overlap=args.tile_overlap, torch_threads=args.torch_threads, out_file=out_file,
+            channels_as_planes=args.channels_as_planes,
+            notify=lambda _path, text: console.note(text),
         )
     except ModelNotFoundError as err:
         raise _with_valid_names(err) from err
     for path, reason in report.ignored:
         console.info(f"ignored: {path}: {reason}")
+    for path, reason in report.not_inputs:
+        console.info(f"not an input: {path}: {reason}")
     for _path, message in report.failed:
         print(f"{PROG}: failed: {message}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
@@ -568,45 +725,80 @@ def _cmd_everything(args: argparse.Namespace, console: _Console) -> int:
 # ---------------------------------------------------------------------- train / evaluate
 
 
-def _forward(name: str, module_names: Sequence[str], add: str, run: str,
-             args: argparse.Namespace) -> int:
-    """Parse ``args.extra`` with another module's ``add_*_arguments`` and run it."""
+_FORWARDED = {
+    "train": dict(
+        modules=("napari_sam.training.loop", "napari_sam.training"),
+        add="add_train_arguments", check="check_train_arguments", run="run_train",
+        description="Fine-tune a model on a folder of images and label images (or train one "
+                    "from scratch with --arch). Checkpoints, config.json and log.jsonl go to "
+                    "--out; rerunning the same command resumes there. A run folder holding "
+                    "another run is refused unless --overwrite (which starts over).",
+    ),
+    "evaluate": dict(
+        modules=("napari_sam.evaluation", "napari_sam.evaluation.cli",
+                 "napari_sam.evaluation.evaluate"),
+        add="add_evaluate_arguments", check="", run="run_evaluate",
+        description="Evaluate a model on a folder of images and label images: point and box "
+                    "prompts (mIoU after each simulated click) and everything-mode (AP), as a "
+                    "table on stdout and optionally a JSON file.",
+    ),
+}
+
+
+def _forward(name: str, args: argparse.Namespace) -> int:
+    """Parse ``args.extra`` with another module's ``add_*_arguments`` and run it.
+
+    The module may define a ``check_*_arguments(args)`` that raises
+    :class:`~napari_sam.errors.InvalidInputError` for option values that do not
+    make sense; that is a usage error (exit code 2).
+    """
     import importlib
 
+    spec = _FORWARDED[name]
     module = None
-    for module_name in module_names:
+    for module_name in spec["modules"]:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name and module_name.startswith(err.name):
                 continue
             raise
-        if hasattr(module, add) and hasattr(module, run):
+        if hasattr(module, spec["add"]) and hasattr(module, spec["run"]):
             break
         module = None
     if module is None:
         raise NapariSamError(f"'{name}' is not available in this installation.")
-    parser = argparse.ArgumentParser(prog=f"{PROG} {name}")
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {name}", description=spec["description"], formatter_class=_HelpFormatter,
+        epilog="Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted, 143 "
+               "terminated. More: docs/cli.md and docs/training.md in the napari-sam source "
+               "repository.",
+    )
     _common_options(parser, suppress=True)
-    getattr(module, add)(parser)
+    getattr(module, spec["add"])(parser)
     sub_args = parser.parse_args(args.extra)
     for key in ("quiet", "debug"):  # given before or after the command
         value = bool(getattr(sub_args, key, False) or getattr(args, key, False))
         setattr(sub_args, key, value)
         setattr(args, key, value)
-    run_fn: Callable[[argparse.Namespace], int] = getattr(module, run)
+    check = getattr(module, spec["check"], None) if spec["check"] else None
+    if check is not None:
+        from napari_sam.errors import InvalidInputError
+
+        try:
+            check(sub_args)
+        except InvalidInputError as err:
+            parser.error(str(err))
+    run_fn: Callable[[argparse.Namespace], int] = getattr(module, spec["run"])
     return int(run_fn(sub_args) or 0)
 
 
 def _cmd_train(args: argparse.Namespace, console: _Console) -> int:
-    return _forward("train", ("napari_sam.training.loop", "napari_sam.training"),
-                    "add_train_arguments", "run_train", args)
+    return _forward("train", args)
 
 
 def _cmd_evaluate(args: argparse.Namespace, console: _Console) -> int:
-    return _forward("evaluate", ("napari_sam.evaluation", "napari_sam.evaluation.cli",
-                                 "napari_sam.evaluation.evaluate"),
-                    "add_evaluate_arguments", "run_evaluate", args)
+    return _forward("evaluate", args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,9 +5,21 @@ optional overlay. The unit of work is one image (a stack counts as one image:
 its planes are segmented one after the other by the same worker).
 
 Resume: every output is written atomically (temporary file in the output
-folder, then :func:`os.replace`), so an output either exists complete or not
-at all. A rerun skips inputs whose outputs exist (unless ``overwrite``), which
-makes an interrupted batch resumable by running the same command again.
+folder, then renamed), so an output either exists complete or not at all. A
+rerun skips inputs whose outputs exist (unless ``overwrite``), which makes an
+interrupted batch resumable by running the same command again.
+
+Existing files: the output names are chosen here (``<stem>_labels.tif``,
+``<stem>_overlay.png``, ...), so a file of that name may be the user's own
+(the ground truth ``x_labels.tif`` beside ``x.png`` of a training folder).
+Nothing is replaced without ``overwrite``, and a file that napari-sam did not
+write (:func:`~napari_sam.engine.io.written_by_napari_sam`) is never
+replaced, even with ``overwrite``: the input is skipped (or its overlay left
+out) with a note. An input whose label image exists (written by napari-sam)
+but whose overlay is missing gets the overlay drawn from the existing label
+image, without running the model again. Files named like the outputs of
+another input (``x_labels.tif``, ``x_overlay.png`` beside an input ``x.png``)
+and outputs of this batch are not taken as inputs.
 
 Where the work runs:
 
@@ -37,7 +49,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,9 +57,11 @@ from napari_sam.engine.io import (
     IMAGE_EXTENSIONS,
     LoadedImage,
     read_image,
+    read_labels,
     write_json,
     write_labels,
     write_overlay,
+    written_by_napari_sam,
 )
 from napari_sam.errors import (
     CancelledError,
@@ -60,12 +74,14 @@ from napari_sam.errors import (
 __all__ = [
     "FORMATS",
     "BatchReport",
+    "ImageResult",
     "InputScan",
     "discover_inputs",
     "everything_labels",
     "get_generator",
     "get_model",
     "output_path",
+    "overlay_from_output",
     "overlay_path",
     "process_image",
     "run_batch",
@@ -79,6 +95,10 @@ FORMATS = ("tif", "png", "coco")
 _MODEL_ERRORS = (ModelNotFoundError, CheckpointError, DownloadError)
 
 ProgressCallback = Callable[[int, int, Path, str], None]
+NoteCallback = Callable[[Path, str], None]
+
+#: stem endings of the files written beside an input's outputs
+_OUTPUT_TAILS = ("_labels", "_overlay")
 
 
 # ---------------------------------------------------------------------- inputs / outputs
@@ -358,6 +378,45 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class ImageResult(NamedTuple):
+    """What one input's task reports back (small: it travels from Dask workers).
+
+    Attributes:
+      status: ``"done"``, ``"overlay"`` (overlay drawn from an existing
+        output), ``"skipped"`` or ``"failed"``.
+      message: the main output path (done, overlay), or why it failed.
+      notes: one-line remarks for the user (how a file was read, a file that
+        was not replaced, ...).
+    """
+
+    status: str
+    message: str
+    notes: tuple[str, ...] = ()
+
+
+def _overlay_target(
+    output: Path, stack: bool, overwrite: bool, input_path: Path
+) -> tuple[Path | None, str | None]:
+    """Where to write the overlay, or ``(None, note)`` if an existing file must be kept."""
+    target = overlay_path(output, stack=stack)
+    if not target.exists():
+        return target, None
+    ours = written_by_napari_sam(target)
+    if overwrite and ours:
+        return target, None
+    why = ("pass --overwrite to replace it" if ours
+           else "it was not written by napari-sam, so it is never replaced")
+    return None, (f"{target} exists and was kept; no overlay for {input_path.name} ({why}).")
+
+
+def _rgb_planes(image: LoadedImage) -> np.ndarray:
+    """``(*stack, H, W, 3)`` uint8 of every plane (for overlays)."""
+    rgb = np.empty(image.stack_shape + image.plane_shape + (3,), dtype=np.uint8)
+    for index, plane in image.planes():
+        rgb[index] = image.plane_rgb(plane)
+    return rgb
+
+
 def process_image(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -367,16 +426,25 @@ def process_image(
     *,
     device: str | None = None,
     overlay: bool = False,
+    overwrite: bool = False,
+    channels_as_planes: bool = False,
     tile_size: int | None = None,
     tile_overlap: int = 128,
     torch_threads: int | None = None,
     cancel: Callable[[], bool] | None = None,
-) -> tuple[str, str]:
+) -> ImageResult:
     """Segment one input file and write its outputs (the task run by workers).
 
+    The main output is written first (its existence marks the input as
+    finished), then the overlay. Without ``overwrite`` an existing file is
+    never replaced (the write fails instead, also against a concurrent
+    writer); an existing overlay is kept with a note unless ``overwrite`` is
+    set and napari-sam wrote it.
+
     Returns:
-      ``("done", output_path)`` or ``("failed", message)`` for problems with
-      this image (unreadable, wrong shape, unwritable output, ...).
+      ``ImageResult("done", output_path, notes)`` or
+      ``ImageResult("failed", message, notes)`` for problems with this image
+      (unreadable, wrong shape, unwritable output, ...).
 
     Raises:
       ModelNotFoundError, CheckpointError, DownloadError: the model cannot be
@@ -391,34 +459,108 @@ def process_image(
     input_path, output = Path(input_path), Path(output)
     fmt = _check_format(fmt)
     get_model(model_spec, device)  # model errors propagate on purpose
+    notes: list[str] = []
     try:
-        image = read_image(input_path)
+        image = read_image(input_path, channels_as_planes=channels_as_planes)
+        if image.notice:
+            notes.append(image.notice)
         if fmt == "png" and image.is_stack:
             raise InvalidInputError(
                 f"{input_path.name} is a stack of shape {image.data.shape}; a PNG holds one 2D "
                 "label image. Use --format tif for stacks."
             )
+        overlay_file = None
+        if overlay:
+            overlay_file, note = _overlay_target(output, image.is_stack, overwrite, input_path)
+            if note:
+                notes.append(note)
         generator = get_generator(model_spec, device, dict(generator_kwargs or {}))
         labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel)
-        if overlay:
-            rgb = np.empty(labels.shape + (3,), dtype=np.uint8)
-            for index, plane in image.planes():
-                rgb[index] = image.plane_rgb(plane)
-            write_overlay(overlay_path(output, stack=image.is_stack), rgb, labels)
-        # the main output last: its existence marks the input as finished
+        # the main output first: its existence marks the input as finished, and a rerun
+        # with --overlay draws a missing overlay from it
         if fmt == "coco":
-            write_json(output, _coco_document(image, records))
+            write_json(output, _coco_document(image, records), replace=overwrite)
         else:
-            write_labels(output, labels)
+            write_labels(output, labels, replace=overwrite)
+        if overlay_file is not None:
+            write_overlay(overlay_file, _rgb_planes(image), labels, replace=overwrite)
     except (CancelledError, *_MODEL_ERRORS):
         raise
     except MemoryError:
-        return "failed", f"{input_path}: out of memory (try --tile-size or a smaller model)"
+        return ImageResult(
+            "failed", f"{input_path}: out of memory (try --tile-size or a smaller model)",
+            tuple(notes))
     except (InvalidInputError, OSError) as err:
-        return "failed", _message(input_path, err)
+        return ImageResult("failed", _message(input_path, err), tuple(notes))
     except Exception as err:  # keep the batch going; say what broke
-        return "failed", f"{input_path}: {type(err).__name__}: {err}"
-    return "done", str(output)
+        return ImageResult("failed", f"{input_path}: {type(err).__name__}: {err}", tuple(notes))
+    return ImageResult("done", str(output), tuple(notes))
+
+
+def _labels_from_output(output: Path, image: LoadedImage) -> np.ndarray:
+    """The ``(*stack, H, W)`` label image stored in an existing output (labels or COCO)."""
+    shape = image.stack_shape + image.plane_shape
+    if output.suffix.lower() != ".json":
+        labels = np.asarray(read_labels(output))
+    else:
+        import json
+
+        from napari_sam.engine.masks import rle_to_mask
+
+        doc = json.loads(output.read_text(encoding="utf-8"))
+        labels = np.zeros(shape, dtype=np.uint32)
+        planes = {int(entry["id"]): tuple(entry.get("plane", ())) for entry in doc["images"]}
+        for ann in doc["annotations"]:  # in painting order
+            mask = rle_to_mask(ann["segmentation"])
+            if mask.shape != image.plane_shape:
+                raise InvalidInputError(
+                    f"{output} holds masks of shape {mask.shape} but {image.path.name} is "
+                    f"{image.plane_shape}; pass --overwrite to segment it again."
+                )
+            labels[planes[int(ann["image_id"])]][mask] = int(ann.get("label", ann["id"]))
+    if labels.shape != shape:
+        raise InvalidInputError(
+            f"{output} holds labels of shape {labels.shape} but {image.path.name} is "
+            f"{shape}; pass --overwrite to segment it again."
+        )
+    return labels
+
+
+def overlay_from_output(
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    channels_as_planes: bool = False,
+) -> ImageResult:
+    """Draw the missing overlay of an input from its existing main output.
+
+    Used when a batch is rerun with ``overlay=True`` over outputs written
+    without overlays: the labels are read back instead of segmenting again.
+    Never replaces a file.
+
+    Returns:
+      ``ImageResult("overlay", output, notes)`` or ``ImageResult("failed", message)``.
+    """
+    input_path, output = Path(input_path), Path(output)
+    notes: list[str] = []
+    try:
+        image = read_image(input_path, channels_as_planes=channels_as_planes)
+        if image.notice:
+            notes.append(image.notice)
+        labels = _labels_from_output(output, image)
+        target, note = _overlay_target(output, image.is_stack, False, input_path)
+        if target is None:
+            return ImageResult("skipped", str(output), (*notes, note or ""))
+        write_overlay(target, _rgb_planes(image), labels, replace=False)
+    except (InvalidInputError, OSError) as err:
+        return ImageResult("failed", _message(input_path, err), tuple(notes))
+    except Exception as err:  # a damaged output file: say what broke, go on
+        return ImageResult(
+            "failed", f"{input_path}: cannot draw the overlay from {output.name} "
+            f"({type(err).__name__}: {err}); pass --overwrite to segment it again", tuple(notes))
+    notes.append(f"{input_path.name}: overlay {target.name} drawn from the existing "
+                 f"{output.name} (not segmented again).")
+    return ImageResult("overlay", str(output), tuple(notes))
 
 
 def _message(path: Path, err: Exception) -> str:
@@ -435,10 +577,18 @@ class BatchReport:
 
     Attributes:
       done: inputs segmented in this run.
-      skipped: inputs whose outputs already existed.
+      skipped: inputs not segmented because their outputs already existed
+        (including those whose missing overlay was drawn from the existing
+        output, also listed in ``overlays``).
       failed: ``(input, message)`` for inputs that could not be processed
         (including command-line arguments that named no file).
       ignored: ``(path, reason)`` for non-image files found in folders.
+      not_inputs: ``(path, reason)`` for image files taken for outputs (of
+        this batch, or named like the outputs of another input) and not
+        segmented.
+      overlays: inputs whose overlay was drawn from an existing output.
+      notes: ``(input, text)`` one-line remarks (a file read as RGB, an
+        existing file kept, ...).
       outputs: input -> main output path, for every planned input.
     """
 
@@ -446,6 +596,9 @@ class BatchReport:
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     ignored: list[tuple[Path, str]] = field(default_factory=list)
+    not_inputs: list[tuple[Path, str]] = field(default_factory=list)
+    overlays: list[Path] = field(default_factory=list)
+    notes: list[tuple[Path, str]] = field(default_factory=list)
     outputs: dict[Path, Path] = field(default_factory=dict)
 
     @property
@@ -454,18 +607,35 @@ class BatchReport:
         return not self.failed
 
     def summary(self) -> str:
-        """One line, e.g. ``"3 done, 1 skipped, 0 failed"``."""
+        """One line, e.g. ``"3 done, 1 skipped, 0 failed"`` (plus what was left out)."""
         text = f"{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        extra = []
+        if self.overlays:
+            extra.append(f"{_count(len(self.overlays), 'overlay')} drawn from existing outputs")
         if self.ignored:
-            text += f" ({len(self.ignored)} non-image files ignored)"
-        return text
+            extra.append(f"{_count(len(self.ignored), 'non-image file')} ignored")
+        if self.not_inputs:
+            extra.append(f"{_count(len(self.not_inputs), 'output')} not taken as input"
+                         f"{'s' if len(self.not_inputs) > 1 else ''}")
+        return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def _finished(out: Path, overlay: bool) -> bool:
-    """An input is finished when its main output (and overlay, if asked for) exist."""
-    if not out.exists():
-        return False
-    return not overlay or overlay_path(out).exists() or overlay_path(out, stack=True).exists()
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _overlay_exists(out: Path) -> bool:
+    return overlay_path(out).exists() or overlay_path(out, stack=True).exists()
+
+
+def _derived_from(path: Path, stems: set[tuple[Path, str]]) -> str | None:
+    """The stem of the input ``path`` is named after (``x`` for ``x_labels.tif``), or None."""
+    for tail in _OUTPUT_TAILS:
+        if path.stem.endswith(tail) and len(path.stem) > len(tail):
+            owner = path.stem[: -len(tail)]
+            if (path.parent, owner) in stems:
+                return owner
+    return None
 
 
 def _resolve_model_spec(model_spec: str | os.PathLike | None) -> str | None:
@@ -515,6 +685,8 @@ def run_batch(
     torch_threads: int | None = None,
     out_file: str | os.PathLike | None = None,
     cancel: Callable[[], bool] | None = None,
+    channels_as_planes: bool = False,
+    notify: NoteCallback | None = None,
 ) -> BatchReport:
     """Run everything-mode on every input and write one output per input.
 
@@ -524,20 +696,28 @@ def run_batch(
       model_spec: zoo name, checkpoint path, or None for the default model.
       generator_kwargs: ``AutomaticMaskGenerator`` keyword arguments.
       fmt: ``"tif"``, ``"png"`` (2D only) or ``"coco"``.
-      overwrite: redo inputs whose outputs exist (default: skip them).
+      overwrite: redo inputs whose outputs exist, replacing outputs that
+        napari-sam wrote (default: skip them). Files it did not write are
+        never replaced (see the module docstring).
       scheduler: address of a Dask scheduler (``"tcp://host:port"``); None
         runs locally (see the module docstring).
       n_workers: local worker processes (ignored with ``scheduler``).
       progress: called as ``progress(n_finished, n_total, input, status)``
-        after each input, status one of ``done``/``skipped``/``failed``.
+        after each input, status one of ``done``/``overlay``/``skipped``/
+        ``failed``. ``n_total`` is fixed before the first call.
       device: torch device for the model (None: the zoo's default).
       overlay: also write ``<stem>_overlay.png`` beside each output.
       tile_size, tile_overlap: tile planes larger than ``tile_size``.
       torch_threads: torch intra-op threads per worker process.
       out_file: exact output path for a single input (instead of
-        ``out_dir``/name).
+        ``out_dir``/name). Named by the caller, so ``overwrite`` replaces
+        it whoever wrote it.
       cancel: polled between images; True stops the batch (finished outputs
         stay) and raises :class:`CancelledError`.
+      channels_as_planes: read colour samples as stack planes (see
+        :func:`~napari_sam.engine.io.read_image`).
+      notify: called as ``notify(input, text)`` for every note, as it comes
+        (notes are also collected in ``report.notes``).
 
     Returns:
       A :class:`BatchReport`; ``report.failed`` lists per-image failures.
@@ -564,26 +744,81 @@ def run_batch(
     report = BatchReport()
     scan = scan_inputs(inputs)
     report.ignored.extend(scan.ignored)
-    report.failed.extend((Path(arg), msg) for arg, msg in scan.missing)
     if out_file is not None and len(scan.paths) != 1:
         raise InvalidInputError(
             f"An output file ({out_file}) takes exactly one input, got {len(scan.paths)}; "
             "pass an output folder instead."
         )
 
-    # plan: input -> output; drop inputs that are outputs of this batch
+    def add_note(path: Path, text: str) -> None:
+        report.notes.append((path, text))
+        if notify is not None:
+            notify(path, text)
+
+    # plan: input -> output. Files named like another input's outputs, and outputs of
+    # this batch, are not inputs.
     out_dir = Path(out_dir).expanduser().resolve()
+    stems = {(p.parent, p.stem) for p in scan.paths}
     planned: dict[Path, Path] = {}
     for path in scan.paths:
-        if out_file is not None:
+        owner_stem = _derived_from(path, stems)
+        if owner_stem is not None:
+            report.not_inputs.append(
+                (path, f"named like an output of {owner_stem} (segment it in a run of its own "
+                       "to treat it as an image)"))
+        elif out_file is not None:
             planned[path] = Path(out_file).expanduser().resolve()
         else:
             planned[path] = output_path(path, out_dir, fmt)
     output_set = set(planned.values())
+    if overlay:
+        output_set |= {overlay_path(o, stack=s) for o in planned.values() for s in (False, True)}
+    events: list[tuple[Path, str]] = [(Path(arg), "failed") for arg, _ in scan.missing]
+    report.failed.extend((Path(arg), msg) for arg, msg in scan.missing)
     owner: dict[Path, Path] = {}
     todo: list[tuple[Path, Path]] = []
-    n_total = len(planned) + len(report.failed)
-    n_finished = len(report.failed)
+    overlay_todo: list[tuple[Path, Path]] = []
+    for path, out in planned.items():
+        if out == path or (overlay and path in (overlay_path(out), overlay_path(out, True))):
+            what = "output" if out == path else "overlay"
+            report.failed.append((path, f"{path}: the {what} would overwrite the input"))
+            events.append((path, "failed"))
+            continue
+        if path in output_set:
+            report.not_inputs.append((path, "is an output of this batch"))
+            continue
+        report.outputs[path] = out
+        if out in owner:
+            report.failed.append(
+                (path, f"{path}: output {out.name} clashes with {owner[out].name}; rename one")
+            )
+            events.append((path, "failed"))
+            continue
+        owner[out] = path
+        if not out.exists():
+            todo.append((path, out))
+            continue
+        tagged = written_by_napari_sam(out)
+        replaceable = tagged or out_file is not None  # a file the user named may be replaced
+        if overwrite and replaceable:
+            todo.append((path, out))
+            continue
+        if not replaceable:
+            why = ("it is never replaced, even with --overwrite" if overwrite
+                   else "choose another --out folder")
+            add_note(path, f"{out} exists and was not written by napari-sam: kept, "
+                           f"{path.name} not segmented ({why}).")
+        elif overlay and not _overlay_exists(out):
+            if tagged:
+                overlay_todo.append((path, out))
+                continue
+            add_note(path, f"{out} exists but was not written by napari-sam: no overlay drawn "
+                           "from it (pass --overwrite to segment the input again).")
+        report.skipped.append(path)
+        events.append((path, "skipped"))
+
+    n_total = len(events) + len(overlay_todo) + len(todo)
+    n_finished = 0
 
     def note(path: Path, status: str) -> None:
         nonlocal n_finished
@@ -591,28 +826,29 @@ def run_batch(
         if progress is not None:
             progress(n_finished, n_total, path, status)
 
-    for path, out in planned.items():
-        if out == path:
-            report.failed.append((path, f"{path}: the output would overwrite the input"))
-            note(path, "failed")
-            continue
-        if path in output_set:
-            report.ignored.append((path, "is an output of this batch"))
-            n_total -= 1
-            continue
-        report.outputs[path] = out
-        if out in owner:
-            report.failed.append(
-                (path, f"{path}: output {out.name} clashes with {owner[out].name}; rename one")
-            )
-            note(path, "failed")
-            continue
-        owner[out] = path
-        if _finished(out, overlay) and not overwrite:
+    for path, status in events:
+        note(path, status)
+
+    def record(path: Path, result: tuple) -> None:
+        result = ImageResult(*result)
+        for text in result.notes:
+            if text:
+                add_note(path, text)
+        if result.status == "done":
+            report.done.append(path)
+        elif result.status == "overlay":
             report.skipped.append(path)
-            note(path, "skipped")
+            report.overlays.append(path)
+        elif result.status == "skipped":
+            report.skipped.append(path)
         else:
-            todo.append((path, out))
+            report.failed.append((path, result.message))
+        note(path, result.status)
+
+    for path, out in overlay_todo:  # cheap, no model: always here
+        if cancel is not None and cancel():
+            raise CancelledError("The batch was cancelled; finished outputs are kept.")
+        record(path, overlay_from_output(path, out, channels_as_planes=channels_as_planes))
 
     if not todo:
         return report
@@ -620,17 +856,11 @@ def run_batch(
     task_kwargs = dict(
         device=device,
         overlay=overlay,
+        overwrite=overwrite,
+        channels_as_planes=channels_as_planes,
         tile_size=None if tile_size is None else int(tile_size),
         tile_overlap=int(tile_overlap),
     )
-
-    def record(path: Path, result: tuple[str, str]) -> None:
-        status, message = result
-        if status == "done":
-            report.done.append(path)
-        else:
-            report.failed.append((path, message))
-        note(path, status)
 
     if scheduler is None and (n_workers is None or int(n_workers) == 1):
         get_model(spec, device)  # model errors before any image
@@ -657,7 +887,7 @@ def _run_dask(
     scheduler: str | None,
     n_workers: int | None,
     torch_threads: int | None,
-    record: Callable[[Path, tuple[str, str]], None],
+    record: Callable[[Path, tuple], None],
     cancel: Callable[[], bool] | None,
 ) -> None:
     """Submit one task per image to a Dask cluster and collect statuses."""
@@ -706,7 +936,7 @@ def _run_dask(
                 except _MODEL_ERRORS:
                     raise
                 except Exception as err:  # a worker died or the task could not run
-                    result = ("failed", f"{path}: {type(err).__name__}: {err}")
+                    result = ImageResult("failed", f"{path}: {type(err).__name__}: {err}")
                 record(path, result)
                 if cancel is not None and cancel():
                     raise CancelledError("The batch was cancelled; finished outputs are kept.")

@@ -12,13 +12,22 @@ Image files:
   axis and each ``(H, W)`` plane (with its colour samples, if the file says it
   has any) is segmented on its own. Colour is decided by the file's own
   photometric tag (tifffile's ``S`` axis), never guessed from the shape.
+  A file whose 3 or 4 samples are stored as separate planes (planar RGB,
+  e.g. what ``tifffile.imwrite`` makes of a ``(3, H, W)`` uint8 array) is
+  read as colour, and :attr:`LoadedImage.notice` says so; with
+  ``channels_as_planes=True`` colour samples become stack planes instead.
 
 Label images are written as ``uint32`` TIFF (zlib-compressed; stacks keep
 their leading axes) or 16-bit PNG (2D only, ids up to 65535).
 
 Every write goes to a hidden temporary file in the destination folder and is
-then moved into place with :func:`os.replace`, so a reader (or a resumed batch)
-never sees a half-written file: a file either exists complete or not at all.
+then moved into place, so a reader (or a resumed batch) never sees a
+half-written file: a file either exists complete or not at all. With
+``replace=False`` an existing file is never replaced, even by a concurrent
+writer (the file is published with a hard link, which fails if the name
+exists). Files written here carry a "napari-sam" software tag
+(:func:`written_by_napari_sam`), so a later run can tell its own outputs from
+user files of the same name.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
     "write_json",
     "write_labels",
     "write_overlay",
+    "written_by_napari_sam",
 ]
 
 #: file name suffixes (lower case) recognised as images
@@ -59,6 +69,8 @@ IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 #: suffixes a label image can be written as
 LABEL_EXTENSIONS = (".tif", ".tiff", ".png")
 _TIFF = (".tif", ".tiff")
+#: software tag of every file written here (TIFF Software tag, PNG "Software" text chunk)
+WRITER = "napari-sam"
 
 # file mode for new files (mkstemp creates 0600; published files follow umask)
 _UMASK = os.umask(0)
@@ -73,11 +85,14 @@ class LoadedImage:
       data: the array as stored: ``(*stack, H, W)`` or ``(*stack, H, W, C)``.
       rgb: True when the last axis holds colour samples (``C`` in 1..4).
       path: the file it was read from.
+      notice: a one-line remark on how the file was interpreted, for the
+        user (e.g. planar RGB read as colour), or None.
     """
 
     data: np.ndarray
     rgb: bool
     path: Path
+    notice: str | None = None
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
@@ -125,8 +140,14 @@ class LoadedImage:
         return to_rgb_uint8(plane, contrast_limits=self.contrast_limits())
 
 
-def read_image(path: str | os.PathLike) -> LoadedImage:
+def read_image(path: str | os.PathLike, channels_as_planes: bool = False) -> LoadedImage:
     """Read an image file (see the module docstring for formats and stacks).
+
+    Arguments:
+      path: the file.
+      channels_as_planes: read colour samples (RGB/RGBA, of any format) as
+        planes of a stack instead: ``(H, W, C)`` becomes ``(C, H, W)`` and a
+        planar TIFF ``(*stack, C, H, W)`` keeps its shape.
 
     Raises:
       InvalidInputError: the file does not exist, has an unknown suffix, cannot
@@ -141,18 +162,32 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
             f"expected one of {', '.join(IMAGE_EXTENSIONS)}."
         )
+    planar = False
     try:
-        data, rgb = _read_tiff(path) if suffix in _TIFF else _read_pillow(path)
+        if suffix in _TIFF:
+            data, rgb, planar = _read_tiff(path)
+        else:
+            data, rgb = _read_pillow(path)
     except InvalidInputError:
         raise
     except Exception as err:  # decoders raise many types for corrupt files
         raise InvalidInputError(
             f"{path}: cannot read image ({type(err).__name__}: {err})."
         ) from err
+    notice = None
+    if rgb and channels_as_planes:
+        data, rgb = np.moveaxis(data, -1, -3), False
+    elif rgb and planar:
+        n = data.shape[-1]
+        notice = (
+            f"{path.name}: its {n} planes are stored as planar {'RGBA' if n == 4 else 'RGB'} "
+            "(the TIFF's photometric tag), so they are segmented as one colour image; if they "
+            "are a stack (z, time or channels), pass --channels-as-planes."
+        )
     spatial = data.ndim - (1 if rgb else 0)
     if spatial < 2 or data.size == 0:
         raise InvalidInputError(f"{path}: not a 2D image or stack (shape {data.shape}).")
-    return LoadedImage(data=data, rgb=rgb, path=path)
+    return LoadedImage(data=data, rgb=rgb, path=path, notice=notice)
 
 
 def _read_pillow(path: Path) -> tuple[np.ndarray, bool]:
@@ -172,7 +207,8 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, bool]:
     return data, data.ndim == 3
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
+def _read_tiff(path: Path) -> tuple[np.ndarray, bool, bool]:
+    """``(data, rgb, planar)``: planar when colour samples were stored as separate planes."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -182,7 +218,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
         data = series.asarray()
         axes = series.axes
     if len(axes) != data.ndim:  # squeezed differently; fall back to the shape
-        return data, False
+        return data, False, False
     if "S" in axes:
         s = axes.index("S")
         if data.shape[s] > 4:
@@ -190,11 +226,12 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
                 f"{path}: {data.shape[s]} samples per pixel; only 1-4 (gray, RGB, RGBA) are "
                 "supported."
             )
+        planar = s != data.ndim - 1
         data = np.moveaxis(data, s, -1)
         if data.shape[-1] == 1:
-            return data[..., 0], False
-        return data, True
-    return data, False
+            return data[..., 0], False, False
+        return data, True, planar
+    return data, False, False
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:
@@ -211,40 +248,111 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Context manager yielding a temporary path that replaces ``path`` on success.
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Context manager yielding a temporary path that becomes ``path`` on success.
 
-    The temporary file is created in ``path``'s folder (so :func:`os.replace`
-    is atomic on the same file system), named ``.<name>.<random>.tmp``. If the
+    The temporary file is created in ``path``'s folder (so the final rename is
+    atomic on the same file system), named ``.<name>.<random>.tmp``. If the
     block raises (or is interrupted), the temporary file is deleted and
     ``path`` is left untouched. Parent folders are created.
+
+    With ``replace=False`` an existing ``path`` is never replaced: the file is
+    published with :func:`os.link`, which fails if the name exists (also when
+    another process created it meanwhile), and :class:`FileExistsError` is
+    raised. On file systems without hard links the check is a plain existence
+    test just before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and path.exists():
+        raise _exists_error(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         with suppress(OSError):
             tmp.unlink()
         raise
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
+def _exists_error(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} exists and was not replaced (pass --overwrite to replace it).")
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    """Move ``tmp`` to ``path``; without ``replace``, fail if ``path`` exists."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError:  # no hard links on this file system (FAT, some network shares)
+        if path.exists():
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def written_by_napari_sam(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a label image, overlay or COCO JSON written by napari-sam.
+
+    Looks for the software tag that :func:`write_labels`, :func:`write_overlay`
+    and :func:`write_json` (for COCO documents) put in their files. False for
+    missing or unreadable files and for files written by other programs (or
+    by napari-sam versions before the tag existed).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                software = tif.pages[0].software if len(tif.pages) else ""
+            return str(software or "").startswith(WRITER)
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return str(im.info.get("Software", "")).startswith(WRITER)
+        if suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                head = f.read(200)
+            return head.startswith('{"info": {"description": "' + WRITER)
+    except Exception:  # unreadable or not what its suffix says: not ours
+        return False
+    return False
+
+
+def _png_info() -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", WRITER)
+    return info
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray, replace: bool = True) -> Path:
     """Write an integer label image atomically; returns ``path``.
 
     Arguments:
       path: ``.tif``/``.tiff`` (uint32, any number of leading stack axes,
         zlib-compressed) or ``.png`` (16-bit grayscale, 2D only).
       labels: ``(*stack, H, W)`` non-negative integer array; 0 is background.
+      replace: replace an existing file; False raises FileExistsError instead
+        (see :func:`atomic_path`).
 
     Raises:
       InvalidInputError: unsupported suffix, non-integer or negative labels,
         a stack or ids above 65535 for PNG.
+      FileExistsError: ``path`` exists and ``replace`` is False.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -259,8 +367,9 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
         import tifffile
 
         data = labels.astype(np.uint32, copy=False)
-        with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, data, compression="zlib", photometric="minisblack")
+        with atomic_path(path, replace) as tmp:
+            tifffile.imwrite(tmp, data, compression="zlib", photometric="minisblack",
+                             software=WRITER)
         return path
     if suffix == ".png":
         if labels.ndim != 2:
@@ -275,18 +384,18 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
         from PIL import Image
 
         data = np.ascontiguousarray(labels, dtype=np.uint16)
-        with atomic_path(path) as tmp:
-            Image.fromarray(data).save(tmp, format="PNG")
+        with atomic_path(path, replace) as tmp:
+            Image.fromarray(data).save(tmp, format="PNG", pnginfo=_png_info())
         return path
     raise InvalidInputError(
         f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .tif or .png."
     )
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically; returns ``path``."""
+def write_json(path: str | os.PathLike, obj: Any, replace: bool = True) -> Path:
+    """Write ``obj`` as JSON atomically; returns ``path`` (``replace``: see :func:`atomic_path`)."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path, replace) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
     return path
 
@@ -358,11 +467,14 @@ def overlay_image(image_rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_overlay(path: str | os.PathLike, image_rgb: np.ndarray, labels: np.ndarray) -> Path:
+def write_overlay(
+    path: str | os.PathLike, image_rgb: np.ndarray, labels: np.ndarray, replace: bool = True
+) -> Path:
     """Write :func:`overlay_image` atomically.
 
     ``.png`` takes one ``(H, W, 3)`` image with ``(H, W)`` labels; ``.tif``
     also takes stacks ``(*stack, H, W, 3)`` with ``(*stack, H, W)`` labels.
+    ``replace``: see :func:`atomic_path`.
     """
     path = Path(path)
     image_rgb = np.asarray(image_rgb)
@@ -377,14 +489,14 @@ def write_overlay(path: str | os.PathLike, image_rgb: np.ndarray, labels: np.nda
     if suffix == ".png" and drawn.ndim == 3:
         from PIL import Image
 
-        with atomic_path(path) as tmp:
-            Image.fromarray(drawn).save(tmp, format="PNG")
+        with atomic_path(path, replace) as tmp:
+            Image.fromarray(drawn).save(tmp, format="PNG", pnginfo=_png_info())
         return path
     if suffix in _TIFF:
         import tifffile
 
-        with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, drawn, photometric="rgb", compression="zlib")
+        with atomic_path(path, replace) as tmp:
+            tifffile.imwrite(tmp, drawn, photometric="rgb", compression="zlib", software=WRITER)
         return path
     raise InvalidInputError(f"{path}: write overlays as .png (2D) or .tif (2D or stacks).")
 

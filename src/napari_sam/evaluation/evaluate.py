@@ -55,11 +55,23 @@ def _nanmean(x: np.ndarray, axis: int | None = None) -> Any:
 
 
 def _resolve_ids(ids: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
-    if ids is None or (isinstance(ids, Sequence) and not isinstance(ids, str)):
-        return list(ids) if ids is not None else None
-    from napari_sam.training.loop import load_ids
+    """The image ids to evaluate (None: all); an ids file gives its validation ids."""
+    if ids is None:
+        return None
+    if isinstance(ids, Sequence) and not isinstance(ids, str):
+        resolved = [str(i) for i in ids]
+        source = "ids"
+    else:
+        from napari_sam.training.loop import load_ids
 
-    return load_ids(ids)[1]
+        resolved = load_ids(ids)[1]
+        source = f"the ids file {ids}"
+    if not resolved:
+        raise InvalidInputError(
+            f"{source} lists no (validation) ids; nothing to evaluate. List the image ids, or "
+            "leave the ids out to evaluate every image."
+        )
+    return resolved
 
 
 def evaluate(
@@ -74,6 +86,7 @@ def evaluate(
     min_area: int = 10,
     everything_kwargs: dict[str, Any] | None = None,
     cancel: Callable[[], bool] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the dataset in ``root`` (layouts: :mod:`napari_sam.training.datasets`).
 
@@ -92,20 +105,32 @@ def evaluate(
       everything_kwargs: options of
         :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`.
       cancel: polled before each image; True raises CancelledError.
+      device: torch device for a model given by name or path (None: the
+        zoo's default).
 
     Returns:
       the results dict described in the module doc.
+
+    Raises:
+      InvalidInputError: no images to evaluate (an empty ids list,
+        ``max_images`` < 1), negative ``n_clicks`` or ``min_area``, a bad ids
+        file or dataset.
     """
     import torch
 
     from napari_sam.engine.predictor import Predictor
     from napari_sam.training.datasets import InstanceDataset
 
+    for name, value, low in (("n_clicks", n_clicks, 0), ("min_area", min_area, 0),
+                             ("max_images", 1 if max_images is None else max_images, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}.")
+    ids = _resolve_ids(ids)
     model_name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
         from napari_sam.models.zoo import load_model
 
-        model = load_model(str(model))
+        model = load_model(str(model), device=device)
     if hasattr(model, "set_image"):
         predictor = model
     elif isinstance(model, torch.nn.Module):
@@ -115,8 +140,10 @@ def evaluate(
         raise InvalidInputError(
             f"model must be a Sam module, a Predictor or a model name/path, got {type(model)}."
         )
-    data = InstanceDataset(root, ids=_resolve_ids(ids))
+    data = InstanceDataset(root, ids=ids)
     n = len(data) if max_images is None else min(len(data), int(max_images))
+    if n == 0:
+        raise InvalidInputError(f"{root}: no images to evaluate.")
     generator = None
     if everything:
         from napari_sam.engine.everything import AutomaticMaskGenerator
@@ -201,10 +228,14 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def write_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``results`` as JSON (NaN becomes null), atomically."""
+def write_results(results: dict[str, Any], path: str | os.PathLike, replace: bool = True) -> Path:
+    """Write ``results`` as JSON (NaN becomes null), atomically.
+
+    ``replace=False`` never replaces an existing file (FileExistsError).
+    """
+    from napari_sam.engine.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not np.isfinite(x):
@@ -217,28 +248,57 @@ def write_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
             return clean(x.item())
         return x
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(results), indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(clean(results), indent=1)
+    with atomic_path(path, replace=replace) as tmp:
+        tmp.write_text(text)
     return path
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+def _count_arg(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``evaluate`` subcommand's options to ``parser``."""
-    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.tif + x_labels.tif)")
+    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.png + x_labels.tif)")
     parser.add_argument(
-        "-m", "--model", default="default", help="zoo name or checkpoint path (default: embedded)"
+        "-m", "--model", default="default", metavar="NAME|PATH",
+        help="model name from 'napari-sam models list' or a checkpoint file "
+             "(default: %(default)s, the embedded model)",
     )
-    parser.add_argument("--ids", default=None, help="ids file (JSON list / {'val': [...]} / text)")
-    parser.add_argument("--n-clicks", type=int, default=3, help="correction clicks (default 3)")
-    parser.add_argument("--no-everything", dest="everything", action="store_false")
-    parser.add_argument("--no-box", dest="box", action="store_false")
-    parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--min-area", type=int, default=10)
-    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device, e.g. cpu, cuda, cuda:1, mps (default: best available)")
+    parser.add_argument("--ids", default=None, metavar="FILE",
+                        help='ids file: a JSON list of ids, {"val": [...]} (its val ids are '
+                             "evaluated) or a text file with one id a line (default: every image)")
+    parser.add_argument("--n-clicks", type=_count_arg(0), default=3, metavar="N",
+                        help="correction clicks after the first point (default: %(default)s)")
+    parser.add_argument("--no-everything", dest="everything", action="store_false",
+                        help="skip everything-mode AP (slow: a grid of prompts per image) "
+                             "(default: run it)")
+    parser.add_argument("--no-box", dest="box", action="store_false",
+                        help="skip the tight-box prompt (default: run it)")
+    parser.add_argument("--max-images", type=_count_arg(1), default=None, metavar="N",
+                        help="evaluate the first N images only (default: all)")
+    parser.add_argument("--min-area", type=_count_arg(0), default=10, metavar="PX",
+                        help="objects smaller than this many pixels are not prompted "
+                             "(default: %(default)s)")
+    parser.add_argument("-o", "--out", "--output", dest="output", default=None, metavar="FILE",
+                        help="also write the results as JSON to FILE (default: table only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (default: refuse)")
     from napari_sam.cli import add_generator_options  # lazy: the CLI imports this module
 
     add_generator_options(parser)
@@ -248,6 +308,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
     from napari_sam.cli import generator_kwargs
 
+    output = Path(args.output) if args.output else None
+    overwrite = bool(getattr(args, "overwrite", False))
+    if output is not None and output.exists() and not overwrite:  # before hours of work
+        raise InvalidInputError(f"{output} exists; pass --overwrite to replace it.")
     kwargs, _ = generator_kwargs(args)  # the model's recommended settings, as `everything` does
 
     def progress(done: int, total: int) -> None:
@@ -264,9 +328,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         box=args.box,
         min_area=args.min_area,
         everything_kwargs=kwargs,
+        device=getattr(args, "device", None),
     )
     print(file=sys.stderr)
     print(format_results(results))
-    if args.output:
-        write_results(results, args.output)
+    if output is not None:
+        write_results(results, output, replace=overwrite)
     return 0

@@ -19,8 +19,14 @@ One step:
 Checkpoints go to ``output_dir``: ``last.safetensors`` (model, with its config
 and the step in the metadata), ``last_state.pt`` (optimizer state and step;
 load with ``weights_only=True``), ``best.safetensors`` (best validation IoU),
-``config.json`` and ``log.jsonl`` (one JSON object per logged step). A run
-resumes from ``last.*`` when they exist.
+``config.json`` and ``log.jsonl`` (one JSON object per logged step).
+
+Resume: a run resumes from ``last.*`` when the folder holds a run with the
+same settings (``config.json``; only :data:`RESUMABLE_CHANGES` such as
+``steps`` may differ). A folder holding a run with other settings (another
+``init`` or architecture, ...), or files that are not a run's, is refused
+unless ``overwrite=True``, which deletes the run's files and starts over;
+``config.json`` therefore always describes the weights in the folder.
 """
 
 from __future__ import annotations
@@ -56,13 +62,18 @@ from .prompts import (
 )
 
 __all__ = [
+    "RESUMABLE_CHANGES",
     "TrainConfig",
     "add_train_arguments",
     "build_model",
+    "check_train_arguments",
+    "config_from_args",
+    "config_problems",
     "load_ids",
     "run_rounds",
     "run_train",
     "train",
+    "validate_config",
 ]
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -153,6 +164,91 @@ class TrainConfig:
         return d
 
 
+#: integer settings and their smallest valid value
+_MIN_INT = {
+    "steps": 1, "batch_size": 1, "instances_per_image": 1, "rounds": 1, "mask_only_rounds": 0,
+    "warmup_steps": 0, "seed": 0, "checkpoint_every": 1, "log_every": 1, "val_every": 0,
+    "val_images": 1, "min_area": 0, "focal_ramp_steps": 0, "decoder_chunk": 1,
+    "loss_window_steps": 0,
+}
+#: float settings: (lowest, highest, lowest excluded); None = unbounded
+_FLOAT_RANGE: dict[str, tuple[float | None, float | None, bool]] = {
+    "lr": (0.0, None, True), "weight_decay": (0.0, None, False), "box_prob": (0.0, 1.0, False),
+    "grad_clip": (0.0, None, False), "min_lr_ratio": (0.0, 1.0, False),
+    "full_view_prob": (0.0, 1.0, False), "focal_weight": (0.0, None, False),
+    "dice_weight": (0.0, None, False), "iou_weight": (0.0, None, False),
+    "focal_alpha": (None, 1.0, False), "focal_gamma": (0.0, None, False),
+    "loss_window": (0.0, None, False), "loss_window_end": (0.0, None, False),
+}
+_CHOICES = {"schedule": ("cosine", "step", "constant"),
+            "point_mode": ("uniform", "center", "interior")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool) and math.isfinite(float(value))
+
+
+def config_problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """Settings of ``config`` that cannot train: ``[(field, what is wrong), ...]``.
+
+    Empty when every value is usable. Checked before anything is built or
+    written, so that a bad value never produces a checkpoint.
+    """
+    out: list[tuple[str, str]] = []
+    if not config.data:
+        out.append(("data", "is required (the dataset folder)"))
+    for name, low in _MIN_INT.items():
+        value = getattr(config, name, low)
+        if not _is_int(value) or value < low:
+            out.append((name, f"must be an integer >= {low}, got {value!r}"))
+    for name, (low, high, open_low) in _FLOAT_RANGE.items():
+        value = getattr(config, name, 0.0)
+        ok = _is_number(value)
+        if ok and low is not None:
+            ok = value > low if open_low else value >= low
+        if ok and high is not None:
+            ok = value <= high
+        if not ok:
+            lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
+            hi = "" if high is None else f"<= {high:g}"
+            bounds = " and ".join(b for b in (lo, hi) if b)
+            out.append((name, f"must be a finite number {bounds}, got {value!r}"))
+    if _is_int(config.rounds) and _is_int(config.mask_only_rounds) and (
+        config.mask_only_rounds >= config.rounds
+    ):
+        out.append(("mask_only_rounds", f"must be less than rounds ({config.rounds}), got "
+                                        f"{config.mask_only_rounds}"))
+    if config.num_threads is not None and (not _is_int(config.num_threads)
+                                           or config.num_threads < 1):
+        out.append(("num_threads", f"must be an integer >= 1, got {config.num_threads!r}"))
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            out.append((name, f"must be one of {', '.join(choices)}, got "
+                              f"{getattr(config, name)!r}"))
+    scale = tuple(config.scale_range) if isinstance(config.scale_range, (list, tuple)) else ()
+    if len(scale) != 2 or not all(_is_number(v) for v in scale) or not 0 < scale[0] <= scale[1]:
+        out.append(("scale_range", f"must be two finite numbers 0 < MIN <= MAX, got "
+                                   f"{config.scale_range!r}"))
+    betas = tuple(config.betas) if isinstance(config.betas, (list, tuple)) else ()
+    if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        out.append(("betas", f"must be two numbers in [0, 1), got {config.betas!r}"))
+    return out
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raise :class:`InvalidInputError` naming the first unusable setting of ``config``."""
+    problems = config_problems(config)
+    if problems:
+        name, text = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InvalidInputError(f"TrainConfig.{name} {text}{more}.")
+
+
 # ---------------------------------------------------------------------------- model
 
 
@@ -188,22 +284,183 @@ def _save_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) ->
     save_model(model, path, extra_metadata=metadata)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(keys: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(sorted(keys)[:n])
+    return shown + (", ..." if len(keys) > n else "")
+
+
+def _state_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
+                    ) -> str:
+    """One short line on how ``found`` tensor shapes differ from ``expected`` ("" if they fit)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {_names(unexpected)})")
+    if reshaped:
+        k = sorted(reshaped)[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(found[k])} in the "
+                     f"file, {tuple(expected[k])} in the model)")
+    return "; ".join(parts)
+
+
 def _load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
-    """Load a ``last.safetensors`` written by this loop; returns its metadata."""
+    """Load a ``last.safetensors`` written by this loop; returns its metadata.
+
+    The tensors' names and shapes are compared with the model's first, so a
+    file of another architecture gives a one-line summary, not a list of
+    every parameter.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    advice = "pass --overwrite to start over there, or choose another output folder."
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
-        model.load_state_dict(state)
-    except Exception as exc:  # corrupt file, or another architecture
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # truncated or not a safetensors file
+        raise CheckpointError(f"Cannot resume from {path}: unreadable ({_short(exc)}); "
+                              f"{advice}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = _state_mismatch(expected, shapes)
+    if mismatch:
         raise CheckpointError(
-            f"Cannot resume from {path}: {exc}. Delete the output folder's last.* files or "
-            "choose another output_dir."
-        ) from exc
+            f"Cannot resume from {path}: its weights do not fit the model of this run "
+            f"({mismatch}); {advice}"
+        )
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as exc:
+        raise CheckpointError(f"Cannot resume from {path}: {_short(exc, 200)}; {advice}") from None
     return meta
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """Load a ``last_state.pt`` safely (tensors and plain containers only) and check its keys."""
+    from napari_sam.models.checkpoint import load_torch_file
+
+    try:
+        state = load_torch_file(path)  # weights_only, with napari-sam's messages
+    except CheckpointError as err:  # a refused pickle (nothing ran), or a damaged file
+        raise CheckpointError(
+            f"Cannot resume: {path} is not an optimizer state written by napari-sam train "
+            f"({_short(str(err), 300)}); pass --overwrite to start over there, or choose "
+            "another output folder."
+        ) from None
+    if not (isinstance(state, dict) and _is_int(state.get("step"))
+            and isinstance(state.get("optimizer"), dict)):
+        raise CheckpointError(
+            f"Cannot resume from {path}: it lacks the step and optimizer state that napari-sam "
+            "train writes; pass --overwrite to start over there, or choose another output folder."
+        )
+    return state
+
+
+#: settings that may differ when a run is resumed: they do not change what the
+#: weights in the folder are (how long to train, how often to log and save)
+RESUMABLE_CHANGES = frozenset({
+    "steps", "output_dir", "checkpoint_every", "log_every", "val_every", "val_images",
+    "num_threads", "cache_images",
+})
+#: files a run writes into its folder
+_RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "last_state.pt",
+              "last_state.pt.tmp", "best.safetensors")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A value of config.json in a form that compares equal across runs (paths resolved)."""
+    value = json.loads(json.dumps(value))  # tuples -> lists, as in config.json
+    if key in ("data", "init", "val_ids", "model") and isinstance(value, str):
+        path = Path(value).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    return value
+
+
+def _setting_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"name: old -> new"`` for settings that differ and may not change on resume."""
+    defaults = TrainConfig().to_dict()
+    changes = []
+    for key in sorted(set(saved) | set(new)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if key == "model" and saved.get("init") and new.get("init"):
+            continue  # the architecture comes from the init checkpoint
+        old, now = saved.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if _comparable(key, old) != _comparable(key, now):
+            changes.append(f"{key}: {_short(old, 40)} -> {_short(now, 40)}")
+    return changes
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not {"data", "steps", "lr"} <= set(saved):
+        raise InvalidInputError(
+            f"{path} exists and is not a napari-sam training config; choose another output "
+            "folder (or pass --overwrite to replace the files of a run there)."
+        )
+    return saved
+
+
+def _prepare_output_dir(config: TrainConfig, overwrite: bool) -> bool:
+    """Check (or clear) ``config.output_dir`` before training; True if a run resumes there.
+
+    Raises:
+      InvalidInputError: the folder holds a run with other settings, or files
+        of a run that are not napari-sam's, and ``overwrite`` is False.
+      CheckpointError: the folder's checkpoint is incomplete.
+    """
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"output folder {out} is a file; choose another output folder.")
+    present = [name for name in _RUN_FILES if (out / name).exists()]
+    if overwrite:
+        for name in present:
+            (out / name).unlink()
+        if present:
+            print(f"starting over in {out} (--overwrite: removed {', '.join(present)})",
+                  file=sys.stderr)
+        return False
+    if not present:
+        return False
+    if not (out / "config.json").is_file():
+        raise InvalidInputError(
+            f"{out} holds {', '.join(present)} but no config.json, so it cannot be resumed "
+            "safely; choose another output folder, or pass --overwrite to start over there."
+        )
+    saved = _read_run_config(out / "config.json")
+    changes = _setting_changes(saved, config.to_dict())
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4
+                                          else "")
+        raise InvalidInputError(
+            f"{out} holds a run with other settings ({shown}); rerun with its settings to "
+            "resume it, choose another output folder, or pass --overwrite to start over there."
+        )
+    last, state = out / "last.safetensors", out / "last_state.pt"
+    if last.is_file() != state.is_file():
+        have, lack = (last, state) if last.is_file() else (state, last)
+        raise CheckpointError(
+            f"{out} has {have.name} but no {lack.name}, so the run cannot be resumed; pass "
+            "--overwrite to start over there (or copy the weights elsewhere first)."
+        )
+    if not last.is_file():  # ended before its first checkpoint: nothing to keep
+        (out / "log.jsonl").unlink(missing_ok=True)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------ schedule
@@ -244,29 +501,61 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
 # -------------------------------------------------------------------------- data
 
 
+def _id_list(value: Any, what: str, path: Path) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(i, (str, int)) and not isinstance(i, bool) for i in value
+    ):
+        raise InvalidInputError(
+            f"{path}: {what} must be a list of image ids (strings or numbers), got "
+            f"{_short(value, 40)}."
+        )
+    return [str(i) for i in value]
+
+
 def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
     """Read an ids file: ``(train_ids or None, val_ids)``.
 
-    Accepts a JSON list of validation ids, a JSON object with ``"val"`` (and
-    optionally ``"train"``) lists, or a text file with one validation id a line.
+    Accepts a JSON list of validation ids, a JSON object with a ``"val"`` list
+    (and optionally a ``"train"`` list), or a text file with one validation id
+    a line. A file named ``.json``, or whose text starts with ``[`` or ``{``,
+    must be valid JSON (it is never read as a text list).
+
+    Raises:
+      InvalidInputError: missing file, invalid JSON, or lists that are not
+        lists of ids.
     """
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"ids file {str(path)!r} does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: cannot read the ids file ({err}).") from None
+    looks_json = path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{")
+    if not looks_json:
+        return None, [line.strip() for line in text.splitlines() if line.strip()]
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return None, [line.strip() for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(
+            f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno}); write a "
+            'list of ids, {"val": [...], "train": [...]}, or a text file with one id a line.'
+        ) from None
     if isinstance(data, list):
-        return None, [str(i) for i in data]
+        return None, _id_list(data, "the list", path)
     if isinstance(data, dict) and "val" in data:
+        unknown = set(data) - {"train", "val"}
+        if unknown:
+            raise InvalidInputError(
+                f"{path}: unknown key(s) {', '.join(sorted(map(repr, unknown)))}; an ids object "
+                'holds "val" and optionally "train".'
+            )
         train = data.get("train")
-        return ([str(i) for i in train] if train is not None else None), [
-            str(i) for i in data["val"]
-        ]
+        return (None if train is None else _id_list(train, '"train"', path),
+                _id_list(data["val"], '"val"', path))
     raise InvalidInputError(
-        f"{path}: expected a list of ids or an object with a 'val' list, got {type(data).__name__}."
+        f"{path}: expected a list of ids or an object with a \"val\" list, got "
+        f"{type(data).__name__}."
     )
 
 
@@ -479,6 +768,7 @@ def train(
     config: TrainConfig,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train (or resume training) a SAM model; returns the path of ``last.safetensors``.
 
@@ -486,11 +776,19 @@ def train(
       progress: called as ``progress(step, steps, metrics)`` after every step.
       cancel: polled before every step; when it returns True a checkpoint is
         written and :class:`~napari_sam.errors.CancelledError` is raised.
+      overwrite: start over in an output folder that holds a run (its files
+        are deleted first); otherwise such a run is resumed if its
+        ``config.json`` has the same settings and refused if not.
+
+    Raises:
+      InvalidInputError: an unusable setting, or an output folder holding
+        another run (see the module docstring).
+      CheckpointError: the run to resume has a damaged or unsafe checkpoint.
     """
+    validate_config(config)
+    resume = _prepare_output_dir(config, overwrite)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
-    if config.rounds < 1 or config.mask_only_rounds >= max(config.rounds, 1):
-        raise InvalidInputError("rounds must be >= 1 and mask_only_rounds < rounds.")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -528,13 +826,13 @@ def train(
     # resume
     start, best = 0, -1.0
     last, state_path = out / "last.safetensors", out / "last_state.pt"
-    if last.is_file() and state_path.is_file():
+    if resume:
         meta = _load_weights(model, last)
-        state = torch.load(state_path, weights_only=True)
-        if int(meta.get("step", -1)) != int(state["step"]):
+        state = _load_state(state_path)
+        if str(meta.get("step", "")) != str(state["step"]):
             raise CheckpointError(
                 f"{last} (step {meta.get('step')}) and {state_path} (step {state['step']}) "
-                "do not match (interrupted while saving?); delete both to restart."
+                "do not match (interrupted while saving?); pass --overwrite to start over there."
             )
         optimizer.load_state_dict(state["optimizer"])
         start, best = int(state["step"]), float(state.get("best", -1.0))
@@ -718,78 +1016,148 @@ def validate(
 # ----------------------------------------------------------------------------- CLI
 
 
+#: help of the numeric options (option name as in TrainConfig); defaults are added
+_NUMERIC_HELP = {
+    "steps": "training steps (optimizer updates) in all, counting a resumed run's",
+    "batch_size": "images per step",
+    "instances_per_image": "objects prompted per image and step",
+    "rounds": "prompting rounds per object: the first prompt plus correction clicks",
+    "mask_only_rounds": "of the correction rounds, the last N add no click (mask prompt only)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "seed": "random seed (image order, crops, prompts), >= 0",
+    "checkpoint_every": "write last.safetensors every N steps (and at the end)",
+    "log_every": "append a line to log.jsonl (and stderr) every N steps",
+    "val_every": "validate on the --val-ids images every N steps (0: never)",
+    "val_images": "validation images used (the first N of --val-ids)",
+    "min_area": "objects smaller than this many model-input pixels are not prompted",
+    "focal_ramp_steps": "ramp the focal-loss weight up from 0 over N steps (0: off)",
+    "decoder_chunk": "objects per mask-decoder call (small chunks are faster on a CPU)",
+    "loss_window_steps": "steps during which --loss-window applies",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay (not applied to norms, biases, embeddings)",
+    "box_prob": "probability that an object's first prompt is a box rather than a point",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
+    "full_view_prob": "probability that a training view shows the whole image, not a crop",
+    "focal_weight": "weight of the focal loss",
+    "dice_weight": "weight of the dice loss",
+    "iou_weight": "weight of the IoU-prediction loss",
+    "focal_alpha": "weight of foreground pixels in the focal loss (< 0: none)",
+    "focal_gamma": "focusing exponent of the focal loss",
+    "loss_window": "count mask losses only in a window of this many times each object's box "
+                   "(0: whole map; a curriculum for small objects)",
+    "loss_window_end": "grow the window geometrically to this factor over --loss-window-steps "
+                       "(0: fixed)",
+}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``train`` subcommand's options to ``parser``."""
+    """Add the ``train`` subcommand's options to ``parser``.
+
+    ``-m/--model`` (alias ``--init``) is the model to start from, as in every
+    other command; ``--arch`` builds a randomly initialised model instead.
+    Parse into a :class:`TrainConfig` with :func:`config_from_args`.
+    """
     d = TrainConfig()
-    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.tif + x_labels.tif)")
-    parser.add_argument("-o", "--output-dir", default=d.output_dir)
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        help="architecture to train from scratch: config name or JSON SamConfig file",
-    )
-    parser.add_argument("--init", default=None, help="checkpoint path or zoo name to fine-tune")
-    parser.add_argument("--val-ids", default=None, help="JSON/text file with validation ids")
-    for name in (
-        "steps",
-        "batch_size",
-        "instances_per_image",
-        "rounds",
-        "mask_only_rounds",
-        "warmup_steps",
-        "seed",
-        "checkpoint_every",
-        "log_every",
-        "val_every",
-        "val_images",
-        "num_threads",
-        "min_area",
-        "focal_ramp_steps",
-        "decoder_chunk",
-        "loss_window_steps",
-    ):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in (
-        "lr",
-        "weight_decay",
-        "box_prob",
-        "grad_clip",
-        "min_lr_ratio",
-        "full_view_prob",
-        "focal_weight",
-        "dice_weight",
-        "iou_weight",
-        "focal_alpha",
-        "focal_gamma",
-        "loss_window",
-        "loss_window_end",
-    ):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.png + x_labels.tif)")
+    parser.add_argument("-o", "--out", "--output-dir", dest="output_dir", default=d.output_dir,
+                        metavar="DIR",
+                        help="run folder for checkpoints, config.json and log.jsonl; a folder "
+                             "holding a run with the same settings is resumed "
+                             "(default: %(default)s)")
+    parser.add_argument("-m", "--model", "--init", dest="init", default=None, metavar="NAME|PATH",
+                        help="model to start from: a name from 'napari-sam models list' or a "
+                             "checkpoint file, e.g. an earlier run's last.safetensors "
+                             "(default: the embedded default model, unless --arch)")
+    parser.add_argument("--arch", dest="model", default=None, metavar="NAME|JSON",
+                        help="train from scratch (random weights): a config name (vit_t, vit_b, "
+                             "...) or a JSON SamConfig file such as configs/default_model.json; "
+                             "not with --model (default: off)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device; training runs on the CPU in this version, so only "
+                             "'cpu' is accepted (default: cpu)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run folder that holds a run (deletes its "
+                             "checkpoints, config.json and log.jsonl) (default: off)")
+    parser.add_argument("--val-ids", default=None, metavar="FILE",
+                        help="JSON list of validation ids, a JSON object {\"val\": [...], "
+                             "\"train\": [...]}, or a text file with one id a line; these "
+                             "images are left out of training (default: none)")
+    for name, typ in [*((k, int) for k in _MIN_INT), *((k, float) for k in _FLOAT_RANGE)]:
+        help_text = _NUMERIC_HELP.get(name, name.replace("_", " "))
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                            metavar="N" if typ is int else "X",
+                            help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--num-threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--scale-range",
         type=float,
         nargs=2,
         default=d.scale_range,
         metavar=("MIN", "MAX"),
-        help="zoom range of random crops (1 = native resolution)",
+        help="zoom range of random crops, 1 = native resolution (default: %(default)s)",
     )
-    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=d.schedule)
-    parser.add_argument(
-        "--point-mode", choices=("uniform", "center", "interior"), default=d.point_mode
-    )
-    parser.add_argument("--freeze-encoder", action="store_true")
-    parser.add_argument("--no-augment", dest="augment", action="store_false")
+    parser.add_argument("--schedule", choices=_CHOICES["schedule"], default=d.schedule,
+                        help="learning-rate decay after warm-up: cosine, step (x0.1 at 2/3 and "
+                             "8/9 of the steps) or constant (default: %(default)s)")
+    parser.add_argument("--point-mode", choices=_CHOICES["point_mode"], default=d.point_mode,
+                        help="where correction clicks go in the error region "
+                             "(default: %(default)s)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="train the prompt encoder and mask decoder only (default: off)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="no flips, rotations or intensity changes (default: augment)")
     parser.add_argument(
         "--cache-images",
         action="store_true",
-        help="keep decoded images in memory (faster epochs; ~1 GB for DSB 2018)",
+        help="keep decoded images in memory (faster epochs; ~1 GB for DSB 2018) (default: off)",
     )
+
+
+#: command-line spelling of TrainConfig fields whose option is not --<field>
+_OPTION_OF = {"init": "--model", "model": "--arch", "output_dir": "--out"}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed :func:`add_train_arguments` options.
+
+    Without ``--arch`` the run starts from ``--model`` (default: the embedded
+    default model).
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if kwargs.get("model") is None and kwargs.get("init") is None:
+        kwargs["init"] = "default"
+    return TrainConfig(**kwargs)
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """Reject option values that cannot train (the CLI turns this into exit code 2).
+
+    Raises:
+      InvalidInputError: naming the option, e.g. ``--steps must be an integer >= 1, got -5``.
+    """
+    if getattr(args, "init", None) and getattr(args, "model", None):
+        raise InvalidInputError("give --model (weights to start from) or --arch (train from "
+                                "scratch), not both")
+    device = getattr(args, "device", None)
+    if device not in (None, "cpu"):
+        raise InvalidInputError(f"--device {device}: training runs on the CPU in this version "
+                                "(use --device cpu or leave it out)")
+    init = getattr(args, "init", None)
+    if isinstance(init, str) and init.lower().endswith(".json"):
+        raise InvalidInputError(f"--model {init} looks like an architecture config; pass it as "
+                                "--arch to train from scratch (--model takes weights)")
+    problems = config_problems(config_from_args(args))
+    if problems:
+        name, text = problems[0]
+        raise InvalidInputError(f"{_OPTION_OF.get(name, '--' + name.replace('_', '-'))} {text}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run training from parsed :func:`add_train_arguments` options; returns an exit code."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    kwargs = {k: v for k, v in vars(args).items() if k in names}
-    path = train(TrainConfig(**kwargs))
+    check_train_arguments(args)
+    path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)))
     print(path)
     return 0
