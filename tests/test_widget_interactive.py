@@ -40,6 +40,23 @@ def _click(widget, row, col, positive=True):
     widget.set_polarity(positive)
     lead = list(widget.slice_index)
     widget.points_layer.add([[*lead, row, col]])
+    assert widget.wait_for_prediction(TIMEOUT)
+
+
+def _preview_pixels(widget):
+    """The preview layer's pixels as a full (H, W) plane of the image.
+
+    The layer holds only the preview's bounding box; its affine places it on the
+    image, so the box's first pixel is found through world coordinates.
+    """
+    layer, image = widget.preview_layer, widget.image_layer
+    origin = image.world_to_data(layer.data_to_world([0, 0]))[-2:]
+    r0, c0 = (int(round(v)) for v in origin)
+    h, w = layer.data.shape
+    full = np.zeros(image.data.shape[-2:] if not image.rgb else image.data.shape[-3:-1],
+                    dtype=layer.data.dtype)
+    full[r0 : r0 + h, c0 : c0 + w] = layer.data
+    return full
 
 
 @pytest.mark.parametrize(
@@ -64,12 +81,12 @@ def test_click_preview_candidates_commit_undo_clear(make_napari_viewer, tiny_sam
     assert widget.preview is not None and widget.preview.shape == (64, 80)
     assert widget.scores.shape == (3,)
     assert widget.candidate == int(np.argmax(widget.scores))
-    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.preview)
+    np.testing.assert_array_equal(_preview_pixels(widget).astype(bool), widget.preview)
     other = (widget.candidate + 1) % 3
     widget.select_candidate(other)
     assert widget.candidate == other
     np.testing.assert_array_equal(widget.preview, widget.masks[other])
-    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.masks[other])
+    np.testing.assert_array_equal(_preview_pixels(widget).astype(bool), widget.masks[other])
     preview1 = widget.preview.copy()
     assert preview1.any()
 
@@ -117,6 +134,7 @@ def test_refinement_uses_previous_logits_and_box(make_napari_viewer, tiny_sam):
     assert widget.scores.shape == (1,)
     # a box prompt (rectangle in world = data coords here)
     widget.boxes_layer.add_rectangles(np.array([[5, 10], [40, 60]]))
+    assert widget.wait_for_prediction(TIMEOUT)
     np.testing.assert_allclose(widget.last_prompts["box"], [5, 10, 40, 60])
     assert not widget.last_prompts["mask_input"]
     assert widget.preview.shape == (64, 80)
@@ -139,12 +157,15 @@ def test_scale_translate_maps_world_points_to_data_pixels(make_napari_viewer, ti
     # a click at world (10 + 2*20, -5 + 0.5*30) is image pixel (20, 30)
     world = np.array([50.0, 10.0])
     widget.points_layer.add(widget.points_layer.world_to_data(world))
+    assert widget.wait_for_prediction(TIMEOUT)
     np.testing.assert_allclose(seen["points"], [[20, 30]])
     np.testing.assert_allclose(image.world_to_data(world), [20, 30])
-    # the preview and labels sit on the image pixels
+    # the preview (its bounding box) and the labels sit on the image pixels
+    rows, cols = np.nonzero(widget.preview)
     np.testing.assert_allclose(
-        widget.preview_layer.data_to_world([20, 30]), image.data_to_world([20, 30])
+        widget.preview_layer.data_to_world([0, 0]), image.data_to_world([rows.min(), cols.min()])
     )
+    np.testing.assert_array_equal(_preview_pixels(widget) > 0, widget.preview)
     widget.commit()
     labels = widget.labels_layer
     np.testing.assert_allclose(labels.scale, image.scale)
