@@ -249,3 +249,57 @@ def test_ctrl_z_after_napari_mode_keys_leaves_the_mode_alone(make_napari_viewer,
         assert not widget.labels_layer.data.any()
         assert pts.mode == "add"
         assert problems() == []
+
+
+def _mouse_drag(viewer, widget, start_rc, end_rc, steps=5):
+    """Press, move and release the left button between two image pixels, as a drag does."""
+    from qtpy.QtCore import QPointF
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    canvas = _canvas(viewer)
+    image = widget.image_layer
+    a = _canvas_point(viewer, image.data_to_world(start_rc))
+    b = _canvas_point(viewer, image.data_to_world(end_rc))
+    QTest.mousePress(canvas, Qt.MouseButton.LeftButton, pos=a)
+    for k in range(1, steps + 1):
+        p = QPointF(a.x() + (b.x() - a.x()) * k / steps, a.y() + (b.y() - a.y()) * k / steps)
+        move = QMouseEvent(
+            QMouseEvent.Type.MouseMove, p, canvas.mapToGlobal(p), Qt.MouseButton.NoButton,
+            Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+        )
+        QApplication.sendEvent(canvas, move)
+        process_events_until(lambda: False, 0.02)
+    QTest.mouseRelease(canvas, Qt.MouseButton.LeftButton, pos=b)
+    process_events_until(lambda: False, 0.1)
+
+
+def test_box_mode_button_and_drawn_rectangles(make_napari_viewer, tiny_sam):
+    """Box prompts are drawn with the mouse after the widget's box button; a newer
+    rectangle replaces the older one; Undo undoes a commit without changing layers."""
+    viewer, widget = _open(make_napari_viewer, tiny_sam)
+    boxes = widget.boxes_layer
+    with napari_notifications() as problems:
+        QTest.mouseClick(widget.box_radio, Qt.MouseButton.LeftButton)
+        assert viewer.layers.selection.active is boxes and boxes.mode == "add_rectangle"
+        _mouse_drag(viewer, widget, (5, 5), (40, 40))
+        assert boxes.nshapes == 1
+        assert widget.wait_for_prediction(TIMEOUT)
+        np.testing.assert_allclose(widget.last_prompts["box"], [5, 5, 40, 40], atol=1)
+        _mouse_drag(viewer, widget, (20, 30), (60, 75))
+        process_events_until(lambda: boxes.nshapes == 1, 5)
+        assert boxes.nshapes == 1  # the older rectangle is gone
+        assert widget.wait_for_prediction(TIMEOUT)
+        np.testing.assert_allclose(widget.last_prompts["box"], [20, 30, 60, 75], atol=1)
+        mask = widget.preview.copy()
+        QTest.mouseClick(widget.commit_button, Qt.MouseButton.LeftButton)
+        labels = widget.labels_layer
+        np.testing.assert_array_equal(labels.data == 1, mask)
+        assert viewer.layers.selection.active is boxes
+        QTest.mouseClick(widget.undo_button, Qt.MouseButton.LeftButton)
+        assert not labels.data.any()
+        assert viewer.layers.selection.active is boxes
+        # selecting SAM points in the layer list switches the buttons back
+        viewer.layers.selection.active = widget.points_layer
+        assert widget.points_radio.isChecked() and widget.prompt_mode == "points"
+        assert problems() == []

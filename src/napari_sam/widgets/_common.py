@@ -28,6 +28,7 @@ __all__ = [
     "error_message",
     "process_events_until",
     "scrollable",
+    "unwrap",
 ]
 
 BROWSE = "Browse…"
@@ -72,6 +73,16 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, MemoryError):
         return "Out of memory. Use a smaller model (vit_t or default), a smaller image, or a GPU."
     return f"{type(err).__name__}: {err}"
+
+
+def unwrap(obj: Any) -> Any:
+    """The napari object behind ``obj``.
+
+    napari hands plugin widgets a proxy of the viewer, and attribute access through
+    it (``viewer.layers.selection.active``) returns a new proxy each time, so ``is``
+    never matches the layer itself; unwrap before comparing or storing.
+    """
+    return getattr(obj, "__wrapped__", obj)
 
 
 def process_events_until(

@@ -71,6 +71,7 @@ from napari_sam.widgets._common import (
     error_message,
     process_events_until,
     scrollable,
+    unwrap,
 )
 from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
 from napari_sam.widgets.prompting import DecodePlan, Prompts, mask_bbox, plan_decode
@@ -274,7 +275,7 @@ class SegmentAnythingWidget(QWidget):
         for layer in layers:
             layer.events.name.connect(self._on_layers_changed)
 
-        active = layers.selection.active
+        active = unwrap(layers.selection.active)
         self.image_combo.set_layer(active if isinstance(active, Image) else self.image_combo.layer)
         self._set_image(self.image_combo.layer)
         QTimer.singleShot(0, self._autoload_default_model)
@@ -625,7 +626,7 @@ class SegmentAnythingWidget(QWidget):
             self._update_undo_button()
 
     def _on_active_layer(self, event: Any = None) -> None:
-        active = self.viewer.layers.selection.active
+        active = unwrap(self.viewer.layers.selection.active)
         if active is not None and active is self.points_layer:
             self._show_prompt_mode(PROMPT_POINTS)
         elif active is not None and active is self.boxes_layer:
