@@ -505,22 +505,6 @@ def test_first_status_says_the_default_model_is_loading(make_napari_viewer):
     assert widget.status.text().startswith("Ready (default)")
 
 
-def test_no_progress_bar_left_in_the_activity_dock(make_napari_viewer, tiny_sam):
-    """Review: a "SAM: image embedding" bar and the busy icon stayed after Ready."""
-    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
-
-    viewer = make_napari_viewer()
-    viewer.add_image(_blob_image(), name="img")
-    widget = _open(viewer, tiny_sam)
-    viewer.layers["img"].contrast_limits = (0, 200)  # a second embedding
-    assert widget.wait_for_embedding(TIMEOUT)
-    dialog = viewer.window._qt_viewer.window()._activity_dialog
-    bars = [b for b in dialog.findChildren(QtLabeledProgressBar)
-            if "SAM" in b.description_label.text()]
-    assert bars == []
-    assert not dialog._toggleButton._inProgressIndicator.isVisible()
-
-
 def test_forms_are_never_squashed_with_both_docks_open(make_napari_viewer):
     """Review: with both docks stacked the form rows were clipped to slivers."""
     viewer = make_napari_viewer(show=True)

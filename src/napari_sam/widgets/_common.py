@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QCoreApplication, QEvent, QObject, Qt, Signal
+from qtpy.QtCore import QCoreApplication, QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -85,22 +85,11 @@ def unwrap(obj: Any) -> Any:
     return getattr(obj, "__wrapped__", obj)
 
 
-def process_events_until(
-    done: Callable[[], bool], timeout: float, flush_deletes: bool = False
-) -> bool:
-    """Process Qt events until ``done()`` is true or ``timeout`` seconds passed.
-
-    ``flush_deletes`` also runs the deletions Qt defers to its main loop
-    (``deleteLater``), as the running app would: napari's activity dock removes a
-    finished task's progress bar that way, and a script waiting here would
-    otherwise keep the bar (and the busy icon) on screen. Use it only at script
-    level, not inside an event handler.
-    """
+def process_events_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Process Qt events until ``done()`` is true or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
     while True:
         QCoreApplication.processEvents()
-        if flush_deletes:
-            QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         if done():
             return True
         if time.monotonic() > deadline:

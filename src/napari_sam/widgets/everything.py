@@ -407,7 +407,7 @@ class SegmentEverythingWidget(QWidget):
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until the run has finished (or ``timeout`` s); for scripts/tests."""
-        return process_events_until(lambda: self._worker is None, timeout, flush_deletes=True)
+        return process_events_until(lambda: self._worker is None, timeout)
 
     def _on_yielded(self, msg: tuple) -> None:
         if self._life["closed"]:

@@ -950,8 +950,7 @@ class SegmentAnythingWidget(QWidget):
         if self._embed_timer.isActive():
             self._embed_timer.stop()
             self._start_embedding()
-        return process_events_until(lambda: self._ready or self._closed, timeout,
-                                    flush_deletes=True)
+        return process_events_until(lambda: self._ready or self._closed, timeout)
 
     # ------------------------------------------------------- prediction
 
