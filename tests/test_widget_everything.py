@@ -235,3 +235,19 @@ def test_cancel_stops_between_batches_and_resets_the_progress_bar(
     assert "Cancelled" in widget.status.text()
     assert len(viewer.layers) == n_layers and widget.result_layer is None
     assert widget.run_button.isEnabled()
+
+
+def test_activity_bar_follows_the_widget_bar(make_napari_viewer, tiny_sam):
+    """Review: the activity dock's bar lagged the widget's and ended past its total."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack")
+    widget = _open(viewer, tiny_sam)
+    widget.set_scope("whole stack")
+    seen = []
+    worker = widget.run()
+    worker.yielded.connect(
+        lambda msg: seen.append((worker.pbar.n, widget.progress_bar.value(), worker.pbar.total))
+    )
+    assert widget.wait(TIMEOUT)
+    assert seen and all(n == value and total == 1000 for n, value, total in seen), seen
+    assert seen[-1][0] == 1000

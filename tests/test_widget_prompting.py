@@ -134,3 +134,14 @@ def test_key_table_help_and_docs_agree():
     for shown in ("**T**", "**1**, **2**, **3**", "**C**", "**Enter**", "**X**", "**Escape**",
                   "**Ctrl+Z**", "**Ctrl+Shift+Z**"):
         assert shown in table, shown
+
+
+def test_preview_colour_is_far_from_napari_label_colours():
+    """The preview never shares its colour with a committed object (napari's default
+    label colormap, first 2000 ids)."""
+    pytest.importorskip("napari")
+    from napari.layers import Labels
+
+    colors = Labels(np.zeros((2, 2), np.uint16)).colormap.map(np.arange(1, 2001))[:, :3]
+    distance = np.linalg.norm(colors - np.asarray(P.PREVIEW_RGB), axis=1)
+    assert distance.min() > 0.35

@@ -104,7 +104,8 @@ def scrollable(content: QWidget, parent: QWidget, min_height: int) -> QScrollAre
     form below its rows' minimum heights (unreadable slivers) when two docks share
     the height. In the scroll area the rows keep their size and a scroll bar
     appears; ``min_height`` (capped at the content's own height) keeps the first
-    rows visible when the dock is made small.
+    rows visible when the dock is made small. The area is as wide as the form's
+    minimum width, so nothing is cut off on the right.
     """
     area = QScrollArea(parent)
     area.setWidget(content)
@@ -112,6 +113,10 @@ def scrollable(content: QWidget, parent: QWidget, min_height: int) -> QScrollAre
     area.setFrameShape(QFrame.Shape.NoFrame)
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     area.setMinimumHeight(min(min_height, content.sizeHint().height()))
+    # as wide as the form needs (no horizontal scrolling: the dock grows instead)
+    area.setMinimumWidth(
+        content.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width()
+    )
     lay = QVBoxLayout(parent)
     lay.setContentsMargins(0, 0, 0, 0)
     lay.addWidget(area)
