@@ -358,9 +358,15 @@ class SegmentEverythingWidget(QWidget):
         limits = tuple(float(v) for v in image.contrast_limits)
         worker = create_worker(
             _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
-            _progress={"desc": "SAM: segment everything", "total": 1000},
+            _progress={"desc": "SAM: segment everything"},
             _ignore_errors=True,
         )
+        pbar = getattr(worker, "pbar", None)
+        if pbar is not None:
+            # the total is set here, not through _progress: with one, napari also adds 1
+            # per yielded message, so the activity bar lagged the widget's and ran past its
+            # total; it follows the batch counts instead (see _on_yielded)
+            pbar.total = 1000
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_error)
         worker.finished.connect(partial(self._on_finished, worker))
