@@ -223,29 +223,6 @@ def test_stale_embedding_is_ignored(make_napari_viewer, tiny_sam):
     np.testing.assert_allclose(widget.scores, best.scores, atol=1e-5)
 
 
-def test_keys_toggle_polarity_and_commit(make_napari_viewer, tiny_sam):
-    viewer = make_napari_viewer()
-    viewer.add_image(_blob_image(), name="img")
-    widget = _open(viewer, tiny_sam)
-    pts = widget.points_layer
-    assert viewer.layers.selection.active is pts
-    handler = viewer.window._qt_viewer.canvas._key_map_handler
-    handler.press_key("t")
-    assert widget.negative_radio.isChecked()
-    pts.add([[30, 25]])
-    assert pts.features["positive"].tolist() == [False]
-    handler.press_key("t")
-    pts.add([[31, 26]])
-    assert pts.features["positive"].tolist() == [False, True]
-    handler.press_key("x")
-    assert len(pts.data) == 0
-    pts.add([[30, 25]])
-    handler.press_key("2")
-    assert widget.candidate == 1
-    handler.press_key("c")
-    assert widget.labels_layer is not None and (widget.labels_layer.data == 1).any()
-
-
 def test_existing_labels_layer_is_used_and_objects_kept(make_napari_viewer, tiny_sam):
     viewer = make_napari_viewer()
     viewer.add_image(_blob_image(), name="img")
