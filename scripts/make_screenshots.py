@@ -107,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     centres = _nuclei_centres(4)
     for r, c in centres[:3]:
         widget.points_layer.add([[r, c]])
-        widget.commit()
+        widget.commit()  # waits for the click's prediction
     r, c = centres[3]
     widget.points_layer.add([[r, c]])
     widget.set_polarity(False)
     widget.points_layer.add([[r + 25, c + 25]])
     widget.set_polarity(True)
+    if not widget.wait_for_prediction(600):  # predictions run in a background thread
+        print("the prediction did not finish in time", file=sys.stderr)
+        return 1
     viewer.reset_view()
     _save(viewer, args.out / "interactive.png")
     widget.clear()
@@ -139,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     captions.write_text(
         "# Screenshot captions (written by scripts/make_screenshots.py)\n\n"
         f"- interactive.png: the Segment Anything widget on the nuclei sample with "
-        f"{model_desc}: three committed nuclei, one live preview from a positive (green) and "
-        "a negative (red) click.\n"
+        f"{model_desc}: three committed nuclei, one live preview (cyan outline) from a "
+        "positive (lime) and a negative (red) click.\n"
         f"- everything.png: Segment Everything on the nuclei sample with {model_desc}"
         + (" and thresholds set to 0 (random masks)" if is_random else "")
         + ".\n"

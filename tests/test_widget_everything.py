@@ -194,3 +194,60 @@ def test_recommended_thresholds_follow_the_model(make_napari_viewer):
         pytest.approx(0.88), pytest.approx(0.95))
     widget.set_model("default")
     assert {k: widget.params[k] for k in rec} == pytest.approx(rec)
+
+
+def test_cancel_stops_between_batches_and_resets_the_progress_bar(
+    make_napari_viewer, tiny_sam, monkeypatch
+):
+    """Cancel pressed while a batch is decoded: that batch ends, no other starts, and the
+    progress bar goes back to 0 at once (review: it stayed at its last value)."""
+    import threading
+
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    from napari_sam.engine import everything as engine
+    from napari_sam.widgets._common import process_events_until
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    widget.set_params(points_per_side=8, points_per_batch=4)  # 16 batches
+    n_layers = len(viewer.layers)
+    real_batch = engine.AutomaticMaskGenerator._process_batch
+    batches = []
+
+    def batch(self, *args, **kwargs):
+        batches.append(threading.current_thread())
+        if len(batches) == 2:  # the user presses Cancel while batch 2 runs
+            widget._cancel.wait(30)
+        return real_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.AutomaticMaskGenerator, "_process_batch", batch)
+    widget.run()
+    assert process_events_until(lambda: widget.progress_bar.value() > 0, TIMEOUT)
+    QTest.mouseClick(widget.cancel_button, Qt.MouseButton.LeftButton)
+    assert widget.progress_bar.value() == 0
+    assert "Cancelling" in widget.status.text()
+    assert widget.wait(TIMEOUT)
+    assert len(batches) == 2  # the batch running at Cancel finished; no third started
+    assert widget.progress_bar.value() == 0
+    assert "Cancelled" in widget.status.text()
+    assert len(viewer.layers) == n_layers and widget.result_layer is None
+    assert widget.run_button.isEnabled()
+
+
+def test_activity_bar_follows_the_widget_bar(make_napari_viewer, tiny_sam):
+    """Review: the activity dock's bar lagged the widget's and ended past its total."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack")
+    widget = _open(viewer, tiny_sam)
+    widget.set_scope("whole stack")
+    seen = []
+    worker = widget.run()
+    worker.yielded.connect(
+        lambda msg: seen.append((worker.pbar.n, widget.progress_bar.value(), worker.pbar.total))
+    )
+    assert widget.wait(TIMEOUT)
+    assert seen and all(n == value and total == 1000 for n, value, total in seen), seen
+    assert seen[-1][0] == 1000

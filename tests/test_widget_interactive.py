@@ -40,6 +40,23 @@ def _click(widget, row, col, positive=True):
     widget.set_polarity(positive)
     lead = list(widget.slice_index)
     widget.points_layer.add([[*lead, row, col]])
+    assert widget.wait_for_prediction(TIMEOUT)
+
+
+def _preview_pixels(widget):
+    """The preview layer's pixels as a full (H, W) plane of the image.
+
+    The layer holds only the preview's bounding box; its affine places it on the
+    image, so the box's first pixel is found through world coordinates.
+    """
+    layer, image = widget.preview_layer, widget.image_layer
+    origin = image.world_to_data(layer.data_to_world([0, 0]))[-2:]
+    r0, c0 = (int(round(v)) for v in origin)
+    h, w = layer.data.shape
+    full = np.zeros(image.data.shape[-2:] if not image.rgb else image.data.shape[-3:-1],
+                    dtype=layer.data.dtype)
+    full[r0 : r0 + h, c0 : c0 + w] = layer.data
+    return full
 
 
 @pytest.mark.parametrize(
@@ -64,12 +81,12 @@ def test_click_preview_candidates_commit_undo_clear(make_napari_viewer, tiny_sam
     assert widget.preview is not None and widget.preview.shape == (64, 80)
     assert widget.scores.shape == (3,)
     assert widget.candidate == int(np.argmax(widget.scores))
-    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.preview)
+    np.testing.assert_array_equal(_preview_pixels(widget).astype(bool), widget.preview)
     other = (widget.candidate + 1) % 3
     widget.select_candidate(other)
     assert widget.candidate == other
     np.testing.assert_array_equal(widget.preview, widget.masks[other])
-    np.testing.assert_array_equal(widget.preview_layer.data.astype(bool), widget.masks[other])
+    np.testing.assert_array_equal(_preview_pixels(widget).astype(bool), widget.masks[other])
     preview1 = widget.preview.copy()
     assert preview1.any()
 
@@ -117,6 +134,7 @@ def test_refinement_uses_previous_logits_and_box(make_napari_viewer, tiny_sam):
     assert widget.scores.shape == (1,)
     # a box prompt (rectangle in world = data coords here)
     widget.boxes_layer.add_rectangles(np.array([[5, 10], [40, 60]]))
+    assert widget.wait_for_prediction(TIMEOUT)
     np.testing.assert_allclose(widget.last_prompts["box"], [5, 10, 40, 60])
     assert not widget.last_prompts["mask_input"]
     assert widget.preview.shape == (64, 80)
@@ -139,12 +157,15 @@ def test_scale_translate_maps_world_points_to_data_pixels(make_napari_viewer, ti
     # a click at world (10 + 2*20, -5 + 0.5*30) is image pixel (20, 30)
     world = np.array([50.0, 10.0])
     widget.points_layer.add(widget.points_layer.world_to_data(world))
+    assert widget.wait_for_prediction(TIMEOUT)
     np.testing.assert_allclose(seen["points"], [[20, 30]])
     np.testing.assert_allclose(image.world_to_data(world), [20, 30])
-    # the preview and labels sit on the image pixels
+    # the preview (its bounding box) and the labels sit on the image pixels
+    rows, cols = np.nonzero(widget.preview)
     np.testing.assert_allclose(
-        widget.preview_layer.data_to_world([20, 30]), image.data_to_world([20, 30])
+        widget.preview_layer.data_to_world([0, 0]), image.data_to_world([rows.min(), cols.min()])
     )
+    np.testing.assert_array_equal(_preview_pixels(widget) > 0, widget.preview)
     widget.commit()
     labels = widget.labels_layer
     np.testing.assert_allclose(labels.scale, image.scale)
@@ -200,29 +221,6 @@ def test_stale_embedding_is_ignored(make_napari_viewer, tiny_sam):
     ref.set_image(stack.data[2], contrast_limits=stack.contrast_limits)
     best = ref.predict(points=np.array([[30, 25]]))
     np.testing.assert_allclose(widget.scores, best.scores, atol=1e-5)
-
-
-def test_keys_toggle_polarity_and_commit(make_napari_viewer, tiny_sam):
-    viewer = make_napari_viewer()
-    viewer.add_image(_blob_image(), name="img")
-    widget = _open(viewer, tiny_sam)
-    pts = widget.points_layer
-    assert viewer.layers.selection.active is pts
-    handler = viewer.window._qt_viewer.canvas._key_map_handler
-    handler.press_key("t")
-    assert widget.negative_radio.isChecked()
-    pts.add([[30, 25]])
-    assert pts.features["positive"].tolist() == [False]
-    handler.press_key("t")
-    pts.add([[31, 26]])
-    assert pts.features["positive"].tolist() == [False, True]
-    handler.press_key("x")
-    assert len(pts.data) == 0
-    pts.add([[30, 25]])
-    handler.press_key("2")
-    assert widget.candidate == 1
-    handler.press_key("c")
-    assert widget.labels_layer is not None and (widget.labels_layer.data == 1).any()
 
 
 def test_existing_labels_layer_is_used_and_objects_kept(make_napari_viewer, tiny_sam):
@@ -356,3 +354,261 @@ def test_default_model_on_the_sample_click_a_nucleus_and_commit(make_napari_view
         assert (widget.labels_layer.data == n).any()
     # measured 0.50 with the phase-2 step-1800 weights (held-out image); a random model gets ~0
     assert np.mean(ious) >= 0.4, ious
+
+
+def _settle(seconds=0.2):
+    from napari_sam.widgets._common import process_events_until
+
+    process_events_until(lambda: False, seconds)
+
+
+def test_prompting_resumes_after_a_3d_view(make_napari_viewer, tiny_sam):
+    """Review: back in 2D the widget stayed dead (no embedding, points in pan/zoom)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    viewer.dims.ndisplay = 3
+    _settle()
+    assert not widget.ready and "2D" in widget.status.text()
+    assert widget.points_layer.mode == "pan_zoom"  # napari's doing: no adding in 3D
+    viewer.dims.ndisplay = 2
+    assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
+    _settle()
+    assert widget.points_layer.mode == "add"
+    _click(widget, 30, 25)
+    assert widget.preview is not None
+    preview = widget.preview.copy()
+    assert widget.commit() == 1
+    np.testing.assert_array_equal(widget.labels_layer.data == 1, preview)
+
+
+def test_prompting_resumes_after_rolling_the_axes_back(make_napari_viewer, tiny_sam):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_blob_image(seed=s) for s in range(3)]), name="stack")
+    viewer.dims.set_current_step(0, 2)
+    widget = _open(viewer, tiny_sam)
+    order = tuple(viewer.dims.order)
+    viewer.dims.roll()
+    _settle()
+    assert not widget.ready and "roll" in widget.status.text()
+    while tuple(viewer.dims.order) != order:
+        viewer.dims.roll()
+    assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
+    assert widget.slice_index == (2,)
+    _click(widget, 30, 25)
+    preview = widget.preview.copy()
+    new_id = widget.commit()
+    np.testing.assert_array_equal(widget.labels_layer.data[2] == new_id, preview)
+    assert not widget.labels_layer.data[:2].any()
+
+
+def _names_top_first(viewer):
+    return [layer.name for layer in reversed(viewer.layers)]
+
+
+def test_a_new_image_does_not_hide_the_prompt_layers_or_new_objects(make_napari_viewer, tiny_sam):
+    """Review flow: open an image and the widget, add an RGB image, pick it, click, commit."""
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="nuclei")
+    widget = _open(viewer, tiny_sam)
+    gray = _blob_image(seed=3)
+    viewer.add_image(np.stack([gray, 255 - gray, gray // 2], axis=-1), rgb=True, name="ihc")
+    _settle()
+    assert _names_top_first(viewer)[:4] == ["SAM points", "SAM boxes", "SAM preview", "ihc"]
+    combo = widget.image_combo
+    combo.setCurrentIndex(combo.findText("ihc"))  # as picking it in the image box does
+    assert widget.image_layer is viewer.layers["ihc"]
+    assert widget.wait_for_embedding(TIMEOUT)
+    _click(widget, 30, 25)
+    assert widget.preview is not None
+    widget.commit()
+    assert widget.labels_layer.name == "ihc objects"
+    _settle()
+    assert _names_top_first(viewer) == [
+        "SAM points", "SAM boxes", "SAM preview", "ihc objects", "ihc", "nuclei",
+    ]
+
+
+def test_preview_is_distinct_from_committed_objects(make_napari_viewer, tiny_sam):
+    """Review: the preview had label 1's colour, so it looked like committed object 1."""
+    from napari_sam.widgets import preview as P
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    _click(widget, 30, 25)
+    widget.commit()
+    labels = widget.labels_layer
+    _click(widget, 10, 70)
+    preview_layer = widget.preview_layer
+    pixels = _preview_pixels(widget)
+    # drawn in the fixed preview colour: a light fill and an opaque outline
+    fill = preview_layer.colormap.map(np.array([P.FILL]))[0]
+    outline = preview_layer.colormap.map(np.array([P.OUTLINE]))[0]
+    np.testing.assert_allclose(fill[:3], P.PREVIEW_RGB, atol=1e-6)
+    np.testing.assert_allclose(outline, [*P.PREVIEW_RGB, 1.0], atol=1e-6)
+    assert fill[3] < 0.5
+    object_1 = labels.colormap.map(np.array([1]))[0]
+    assert np.abs(object_1[:3] - np.asarray(P.PREVIEW_RGB)).max() > 0.2
+    # the outline is the mask's border, the fill its inside
+    mask = widget.preview
+    assert (pixels == P.OUTLINE).any() and (pixels == P.FILL).any()
+    np.testing.assert_array_equal(pixels > 0, mask)
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, np.ones((3, 3)))
+    np.testing.assert_array_equal(pixels == P.OUTLINE, mask & ~inner)
+    # other styles, from the widget's combo box
+    widget.style_combo.setCurrentText("outline")
+    np.testing.assert_array_equal(_preview_pixels(widget) > 0, mask & ~inner)
+    widget.style_combo.setCurrentText("fill")
+    np.testing.assert_array_equal(_preview_pixels(widget), mask.astype(np.uint8) * P.FILL)
+    # the prompt points are coloured far from the preview
+    for colour in (P.POSITIVE_COLOR, P.NEGATIVE_COLOR):
+        from napari.utils.colormaps.standardize_color import transform_color
+
+        rgb = transform_color(colour)[0][:3]
+        assert np.abs(rgb - np.asarray(P.PREVIEW_RGB)).max() > 0.5
+
+
+def test_first_status_says_the_default_model_is_loading(make_napari_viewer):
+    """Review: the first status line said "No model loaded: pick one" while it loaded."""
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    first = widget.status.text()
+    assert first.startswith("Loading model 'default'"), first
+    assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
+    assert widget.status.text().startswith("Ready (default)")
+
+
+def test_forms_are_never_squashed_with_both_docks_open(make_napari_viewer):
+    """Review: with both docks stacked the form rows were clipped to slivers."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 700)
+    viewer.add_image(_blob_image(), name="img")
+    dock1, sam = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    dock2, everything = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    assert sam.wait_for_embedding(TIMEOUT)
+    _settle(0.3)
+    rows = [sam.model_picker, sam.image_combo, sam.labels_combo, sam.points_radio,
+            sam.positive_radio, sam.candidate_buttons[0], sam.style_combo, sam.commit_button,
+            everything.model_picker, everything.image_combo, everything.run_button]
+    for row in rows:
+        assert row.height() >= row.minimumSizeHint().height(), (row, row.height())
+    for w in (sam, everything):
+        content = w.scroll_area.widget()
+        assert content.height() >= content.minimumSizeHint().height()
+        # the first rows stay visible: the dock is at least the form's minimum height
+        assert w.scroll_area.height() >= min(200, content.sizeHint().height())
+
+
+def test_predictions_run_off_the_main_thread_and_the_latest_wins(
+    make_napari_viewer, tiny_sam, monkeypatch
+):
+    """Decoding runs in a background thread: clicks return at once; while one prediction
+    runs, only the newest waiting request is computed next and stale results are dropped."""
+    import threading
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    gate = threading.Event()
+    calls = []  # (number of points, thread, gate open when the call ended)
+    real_predict = widget._predictor.predict
+
+    def slow_predict(**kwargs):
+        first = not calls
+        if first:
+            gate.wait(10)  # the first prediction is "slow" until the test opens the gate
+        calls.append((len(kwargs["points"]), threading.current_thread(), gate.is_set()))
+        return real_predict(**kwargs)
+
+    monkeypatch.setattr(widget._predictor, "predict", slow_predict)
+    shown = []
+    widget._runner.done.connect(lambda ticket, result, error: shown.append(result))
+    pts = widget.points_layer
+    pts.add([[30, 25]])  # returns while the prediction waits for the gate
+    pts.add([[32, 27]])  # waits, then is replaced by the next one: never computed
+    pts.add([[28, 24]])
+    assert widget.prediction_pending
+    gate.set()
+    assert widget.wait_for_prediction(TIMEOUT)
+    assert [n for n, _, _ in calls] == [1, 3]
+    assert all(t is not threading.main_thread() for _, t, _ in calls)
+    assert all(opened for _, _, opened in calls)
+    # only the latest result reached the widget
+    assert len(shown) == 1 and len(shown[0].prompts.points) == 3
+    assert len(widget.last_prompts["points"]) == 3
+    ref = real_predict(points=np.array([[30, 25], [32, 27], [28, 24]]),
+                       labels=np.ones(3, dtype=np.int32), multimask=False)
+    # (the widget refines with the shown mask only when points were added after it)
+    assert not widget.last_prompts["mask_input"]
+    np.testing.assert_array_equal(widget.preview, ref.masks[0])
+
+
+def test_a_stale_prediction_is_dropped_after_clear(make_napari_viewer, tiny_sam, monkeypatch):
+    import threading
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_blob_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    gate = threading.Event()
+    real_predict = widget._predictor.predict
+
+    def slow_predict(**kwargs):
+        gate.wait(10)
+        return real_predict(**kwargs)
+
+    monkeypatch.setattr(widget._predictor, "predict", slow_predict)
+    widget.points_layer.add([[30, 25]])
+    widget.clear()  # before the prediction is back
+    gate.set()
+    _settle(0.5)
+    assert widget.preview is None and widget.masks is None
+    assert not _preview_pixels(widget).any()
+    assert widget.commit() == 0
+
+
+def test_large_plane_preview_and_commit_touch_only_the_object(make_napari_viewer, tiny_sam):
+    """The preview layer holds the mask's bounding box only; a commit writes exactly the
+    mask into a new uint16 layer above its image; undo restores the labels exactly."""
+    viewer = make_napari_viewer()
+    big = np.zeros((1500, 2000), dtype=np.uint8)
+    big[::7] = 90
+    big[600:900, 700:1100] = 220
+    viewer.add_image(big, name="big")
+    existing = np.zeros(big.shape, dtype=np.uint32)
+    existing[700:760, 800:900] = 5
+    mine = viewer.add_labels(existing.copy(), name="mine")
+    widget = _open(viewer, tiny_sam)
+    _click(widget, 750, 900)
+    mask = widget.preview
+    rows, cols = np.nonzero(mask)
+    box_shape = (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    assert widget.preview_layer.data.shape == box_shape
+    np.testing.assert_array_equal(_preview_pixels(widget) > 0, mask)
+
+    # into the user's layer: only free pixels, one undo step, exact undo
+    widget.set_labels_layer(mine)
+    new_id = widget.commit()
+    assert new_id == 6
+    np.testing.assert_array_equal(mine.data == 6, mask & (existing == 0))
+    np.testing.assert_array_equal(mine.data[existing == 5], 5)
+    assert widget.undo()
+    np.testing.assert_array_equal(mine.data, existing)
+    assert widget.redo()
+    np.testing.assert_array_equal(mine.data == 6, mask & (existing == 0))
+
+    # a new layer: uint16, right above its image
+    widget.set_labels_layer(None)
+    _click(widget, 750, 900)
+    mask = widget.preview.copy()
+    assert widget.commit() == 1
+    created = widget.labels_layer
+    assert created.name == "big objects" and created.data.dtype == np.uint16
+    np.testing.assert_array_equal(created.data == 1, mask)
+    layers = list(viewer.layers)
+    assert layers.index(created) == layers.index(viewer.layers["big"]) + 1
+    widget.undo()
+    assert not created.data.any()

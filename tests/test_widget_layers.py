@@ -202,3 +202,43 @@ def test_commit_mask_full_dtype_raises():
     mask[0, 0] = True
     with pytest.raises(InvalidInputError, match="uint32"):
         L.commit_mask(labels, mask)
+
+
+def test_commit_mask_crop_with_offset_matches_the_full_mask_and_undoes_exactly():
+    before = np.zeros((3, 40, 50), dtype=np.uint16)
+    before[1, 12:16, 20:30] = 4
+    full = np.zeros((40, 50), bool)
+    full[10:20, 15:35] = True
+    full[18, 40] = True  # a far pixel: the crop spans it
+    rows, cols = np.nonzero(full)
+    crop = full[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    a = Labels(before.copy())
+    b = Labels(before.copy())
+    assert L.commit_mask(a, full, (1,)) == 5
+    assert L.commit_mask(b, crop, (1,), offset=(rows.min(), cols.min())) == 5
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(b.data[1] == 5, full & (before[1] == 0))
+    b.undo()
+    np.testing.assert_array_equal(b.data, before)
+    # a crop that does not fit the plane at its offset is refused, not clipped
+    with pytest.raises(InvalidInputError, match="offset"):
+        L.commit_mask(b, crop, (1,), offset=(35, 0))
+    with pytest.raises(InvalidInputError):
+        L.commit_mask(b, crop, (1,), offset=(-1, 0))
+    # without an offset the mask must be the whole plane
+    with pytest.raises(InvalidInputError):
+        L.commit_mask(b, crop, (1,))
+
+
+def test_shapes_on_plane():
+    img = Image(np.zeros((4, 20, 30)))
+    def rect(z, r0, c0, r1, c1):
+        return np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
+
+    shapes = Shapes(
+        [rect(1, 2, 3, 8, 9), rect(2, 2, 3, 8, 9), rect(1, 5, 5, 9, 9)],
+        shape_type="rectangle", ndim=3,
+    )
+    np.testing.assert_array_equal(L.shapes_on_plane(shapes, img, (1,)), [True, False, True])
+    boxes = L.shapes_to_boxes(shapes, img, (1,))
+    np.testing.assert_allclose(boxes, [[2, 3, 8, 9], [5, 5, 9, 9]])

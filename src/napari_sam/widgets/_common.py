@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QCoreApplication, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QWidget
+from qtpy.QtCore import QCoreApplication, QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 __all__ = [
     "BROWSE",
     "DEFAULT_MODEL",
+    "LatestJobRunner",
     "LayerCombo",
     "ModelPicker",
     "available_devices",
     "error_message",
     "process_events_until",
+    "scrollable",
+    "unwrap",
 ]
 
 BROWSE = "Browse…"
@@ -63,6 +75,16 @@ def error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def unwrap(obj: Any) -> Any:
+    """The napari object behind ``obj``.
+
+    napari hands plugin widgets a proxy of the viewer, and attribute access through
+    it (``viewer.layers.selection.active``) returns a new proxy each time, so ``is``
+    never matches the layer itself; unwrap before comparing or storing.
+    """
+    return getattr(obj, "__wrapped__", obj)
+
+
 def process_events_until(done: Callable[[], bool], timeout: float) -> bool:
     """Process Qt events until ``done()`` is true or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
@@ -73,6 +95,122 @@ def process_events_until(done: Callable[[], bool], timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
+
+
+def scrollable(content: QWidget, parent: QWidget, min_height: int) -> QScrollArea:
+    """Put ``content`` in a frameless vertical scroll area inside ``parent``'s layout.
+
+    napari stacks dock widgets in one column: without a scroll area Qt squeezes a
+    form below its rows' minimum heights (unreadable slivers) when two docks share
+    the height. In the scroll area the rows keep their size and a scroll bar
+    appears; ``min_height`` (capped at the content's own height) keeps the first
+    rows visible when the dock is made small. The area is as wide as the form's
+    minimum width, so nothing is cut off on the right.
+    """
+    area = QScrollArea(parent)
+    area.setWidget(content)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setMinimumHeight(min(min_height, content.sizeHint().height()))
+    # as wide as the form needs (no horizontal scrolling: the dock grows instead)
+    area.setMinimumWidth(
+        content.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width()
+    )
+    lay = QVBoxLayout(parent)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(area)
+    return area
+
+
+class LatestJobRunner(QObject):
+    """Runs jobs one at a time in a daemon thread, and only the latest one.
+
+    ``submit(job)`` queues ``job()`` and returns its ticket. A job still waiting when
+    another is submitted is dropped without running; a job already running is let
+    finish, but its result is stale: ``done(ticket, result, error)`` is emitted (on
+    the main thread) only for the latest ticket. ``invalidate()`` makes the
+    running and waiting jobs stale without submitting a new one.
+
+    ``pending`` is True from ``submit`` until the latest job's result is delivered
+    (or invalidated). Tickets, ``pending`` and the signal live on the main thread;
+    the thread only sees the waiting slot, under a lock.
+    """
+
+    done = Signal(int, object, object)
+    _finished = Signal(int, object, object)
+
+    def __init__(self, parent: QObject | None = None, name: str = "napari-sam-jobs") -> None:
+        super().__init__(parent)
+        self._name = name
+        self._cond = threading.Condition()
+        self._slot: tuple[int, Callable[[], Any]] | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._latest = 0
+        self._pending: int | None = None
+        self._finished.connect(self._deliver)
+
+    @property
+    def pending(self) -> bool:
+        """A submitted job's result is still to come."""
+        return self._pending is not None
+
+    @property
+    def latest(self) -> int:
+        """The ticket of the latest submission (or invalidation)."""
+        return self._latest
+
+    def submit(self, job: Callable[[], Any]) -> int:
+        """Queue ``job`` (replacing a waiting one); returns its ticket."""
+        self._latest += 1
+        self._pending = self._latest
+        with self._cond:
+            self._slot = (self._latest, job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return self._latest
+
+    def invalidate(self) -> None:
+        """Drop the waiting job and ignore the running one's result."""
+        self._latest += 1
+        self._pending = None
+        with self._cond:
+            self._slot = None
+
+    def stop(self) -> None:
+        """Invalidate and end the thread (after its running job, if any)."""
+        self.invalidate()
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._slot is None and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                ticket, job = self._slot
+                self._slot = None
+            result = error = None
+            try:
+                result = job()
+            except Exception as err:  # delivered to the main thread, shown there
+                error = err
+            try:
+                self._finished.emit(ticket, result, error)
+            except RuntimeError:  # the Qt object is gone (the widget was closed)
+                return
+
+    def _deliver(self, ticket: int, result: Any, error: Any) -> None:
+        if ticket != self._latest:
+            return  # stale: a newer job was submitted, or the state changed
+        self._pending = None
+        self.done.emit(ticket, result, error)
 
 
 class ModelPicker(QWidget):

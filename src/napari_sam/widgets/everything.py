@@ -48,12 +48,15 @@ from napari_sam.widgets._common import (
     ModelPicker,
     error_message,
     process_events_until,
+    scrollable,
 )
 
 __all__ = ["PARAMS", "SegmentEverythingWidget"]
 
 CURRENT_SLICE = "current slice"
 WHOLE_STACK = "whole stack"
+# the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
+MIN_FORM_HEIGHT = 200
 
 # name: (kind, default, minimum, maximum, step, tooltip)
 PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
@@ -181,11 +184,12 @@ class SegmentEverythingWidget(QWidget):
     # ------------------------------------------------------------------ UI
 
     def _build_ui(self) -> None:
-        self.model_picker = ModelPicker(self)
+        content = QWidget(self)
+        self.model_picker = ModelPicker(content)
         self.model_picker.changed.connect(self._on_model_picked)
-        self.image_combo = LayerCombo(self.viewer, Image, parent=self)
+        self.image_combo = LayerCombo(self.viewer, Image, parent=content)
         self.image_combo.setToolTip("The image to segment.")
-        self.scope_combo = QComboBox(self)
+        self.scope_combo = QComboBox(content)
         self.scope_combo.addItems([CURRENT_SLICE, WHOLE_STACK])
         self.scope_combo.setToolTip(
             "Current slice: the 2D plane shown in the viewer. Whole stack: every 2D plane of an "
@@ -198,37 +202,38 @@ class SegmentEverythingWidget(QWidget):
         form.addRow("scope", self.scope_combo)
         self.param_widgets: dict[str, QSpinBox | QDoubleSpinBox] = {}
         for name, (kind, default, lo, hi, step, tip) in PARAMS.items():
-            box = QSpinBox(self) if kind is int else QDoubleSpinBox(self)
+            box = QSpinBox(content) if kind is int else QDoubleSpinBox(content)
             if kind is float:
                 box.setDecimals(2)
             box.setRange(kind(lo), kind(hi))
             box.setSingleStep(kind(step))
             box.setValue(kind(default))
             box.setToolTip(tip)
-            label = QLabel(name.replace("_", " "), self)
+            label = QLabel(name.replace("_", " "), content)
             label.setToolTip(tip)
             form.addRow(label, box)
             self.param_widgets[name] = box
 
-        self.run_button = QPushButton("Run", self)
+        self.run_button = QPushButton("Run", content)
         self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button = QPushButton("Cancel", content)
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        self.progress_bar = QProgressBar(self)
+        self.progress_bar = QProgressBar(content)
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
-        self.status = QLabel("", self)
+        self.status = QLabel("", content)
         self.status.setWordWrap(True)
-        lay = QVBoxLayout(self)
+        lay = QVBoxLayout(content)
         lay.addLayout(form)
         lay.addLayout(buttons)
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.status)
         lay.addStretch(1)
+        self.scroll_area = scrollable(content, self, MIN_FORM_HEIGHT)
 
     def _refresh_layers(self, event: Any = None) -> None:
         if not self._life["closed"]:
@@ -353,9 +358,15 @@ class SegmentEverythingWidget(QWidget):
         limits = tuple(float(v) for v in image.contrast_limits)
         worker = create_worker(
             _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
-            _progress={"desc": "SAM: segment everything", "total": 1000},
+            _progress={"desc": "SAM: segment everything"},
             _ignore_errors=True,
         )
+        pbar = getattr(worker, "pbar", None)
+        if pbar is not None:
+            # the total is set here, not through _progress: with one, napari also adds 1
+            # per yielded message, so the activity bar lagged the widget's and ran past its
+            # total; it follows the batch counts instead (see _on_yielded)
+            pbar.total = 1000
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_error)
         worker.finished.connect(partial(self._on_finished, worker))
@@ -375,14 +386,30 @@ class SegmentEverythingWidget(QWidget):
         return [L.current_slice_index(image, self.viewer.dims.point)]
 
     def cancel(self) -> None:
-        """Ask the running job to stop at its next batch."""
+        """Ask the running job to stop before its next batch of prompts.
+
+        The batch being decoded finishes (it cannot be interrupted); no further batch
+        or slice starts. The progress bar goes back to 0 at once.
+        """
         if self._worker is None:
             return
         self._cancel.set()
         self._run_state["cancelled"] = True
         with contextlib.suppress(Exception):
             self._worker.quit()
-        self._set_status("Cancelling…")
+        self.cancel_button.setEnabled(False)
+        self._reset_progress()
+        self._set_status("Cancelling: the run stops after the current batch…")
+
+    def _reset_progress(self) -> None:
+        if self._life["closed"]:
+            return
+        self.progress_bar.setValue(0)
+        pbar = getattr(self._worker, "pbar", None)
+        if pbar is not None:
+            with contextlib.suppress(Exception):
+                pbar.n = 0
+                pbar.refresh()
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until the run has finished (or ``timeout`` s); for scripts/tests."""
@@ -396,6 +423,8 @@ class SegmentEverythingWidget(QWidget):
         if kind == "model":
             self._model = msg[1]  # reused by later runs until another model is picked
         elif kind == "progress":
+            if state.get("cancelled"):
+                return  # the bar was reset; the last batch is finishing
             _, k, n, done, total = msg
             frac = (k + (done / total if total else 1.0)) / max(n, 1)
             value = int(round(1000 * frac))
@@ -442,6 +471,7 @@ class SegmentEverythingWidget(QWidget):
         msg = f"Segment Everything failed: {error_message(err)}"
         if not self._life["closed"]:
             show_error(msg)
+            self.progress_bar.setValue(0)
         self._set_status(msg)
 
     def _on_finished(self, worker: Any) -> None:
@@ -457,6 +487,7 @@ class SegmentEverythingWidget(QWidget):
         n = len(state.get("slices", ()))
         done = state.get("done_slices", 0)
         if state.get("cancelled") and done < n:
+            self.progress_bar.setValue(0)
             if layer is not None and layer in self.viewer.layers:
                 layer.name = L.unique_name(
                     (x.name for x in self.viewer.layers), f"{state['name']} (partial)"

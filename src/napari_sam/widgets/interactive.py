@@ -1,33 +1,43 @@
 """The "Segment Anything" dock widget: click/box prompts -> live mask preview -> commit.
 
-Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`:
+Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`;
+the rules live in Qt-free modules (:mod:`.prompting`, :mod:`.preview`, :mod:`.keys`,
+:mod:`.layers`).
 
-* The widget owns a Points layer ``SAM points`` (green = positive, red = negative),
+* The widget owns a Points layer ``SAM points`` (lime = positive, red = negative),
   a Shapes layer ``SAM boxes`` (rectangles) and a 2D Labels layer ``SAM preview``.
-  Prompt layers copy the image layer's transform, so clicks land on image pixels;
-  prompts are still read through the layers' transforms (:mod:`.layers`).
+  They stay on top of the layer list (a new image does not hide them). Prompt layers
+  copy the image layer's transform; prompts are read through the layers' transforms.
+* The *prompt* buttons switch between clicking points and drawing a box (they
+  select the layer and its mode). Only the latest rectangle of a plane is a prompt,
+  so older ones are removed.
 * The image embedding of the shown 2D plane is computed in a napari
-  ``thread_worker`` (never on the UI thread) and kept in an
-  :class:`~napari_sam.engine.cache.EmbeddingCache`, so going back to a slice is
-  instant. A generation counter drops results of stale workers (image, slice,
-  contrast or model changed meanwhile).
-* Every prompt change re-runs the (cheap) mask decoder on the main thread and
-  shows the chosen candidate in the preview layer. Committing writes a new
-  instance id into the target Labels layer through napari's undo-aware
-  ``data_setitem`` (one Ctrl+Z removes it) and clears the prompts.
+  ``thread_worker`` and kept in an :class:`~napari_sam.engine.cache.EmbeddingCache`.
+  A generation counter drops results of stale workers.
+* Every prompt change asks for a prediction. Decoding and postprocessing (which on
+  an 8000 x 8000 plane takes hundreds of ms) run in one background thread
+  (:class:`~._common.LatestJobRunner`): the latest request wins, waiting ones are
+  dropped, stale results ignored. The main thread only shows the result: the
+  preview layer holds just the mask's bounding box, in one fixed colour with an
+  outline (:mod:`.preview`), so it never looks like a committed object.
+* Committing writes a new instance id into the target Labels layer through napari's
+  undo-aware ``data_setitem``, touching only the mask's bounding box; *Undo* (or
+  Ctrl+Z on the prompt layers) undoes it without changing the selected layer.
 
-Keys (while ``SAM points`` or ``SAM boxes`` is the active layer): ``T`` toggles the
-polarity of the next points, ``1``/``2``/``3`` pick a candidate mask, ``C`` (or
-Enter on the points layer) commits, ``X`` (or Escape on the points layer) clears.
+Keys (while ``SAM points`` or ``SAM boxes`` is the selected layer): see :mod:`.keys`.
 
-Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``scores``,
-``commit()``, ``clear()``, ``select_candidate(i)``, ``set_model(...)``,
-``set_image_layer(layer)``, ``wait_for_embedding(timeout)``.
+Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scores``,
+``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
+``set_polarity(b)``, ``set_prompt_mode(m)``, ``set_model(...)``,
+``set_image_layer(layer)``, ``wait_for_embedding(timeout)``,
+``wait_for_prediction(timeout)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +50,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
+    QComboBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -51,13 +62,20 @@ from qtpy.QtWidgets import (
 
 from napari_sam.errors import InvalidInputError, NapariSamError
 from napari_sam.widgets import layers as L
+from napari_sam.widgets import preview as P
 from napari_sam.widgets._common import (
     DEFAULT_MODEL,
+    LatestJobRunner,
     LayerCombo,
     ModelPicker,
     error_message,
     process_events_until,
+    scrollable,
+    unwrap,
 )
+from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
+from napari_sam.widgets.prompting import DecodePlan, Prompts, mask_bbox, plan_decode
+from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
 
 __all__ = ["SegmentAnythingWidget"]
 
@@ -65,15 +83,21 @@ POINTS_NAME = "SAM points"
 BOXES_NAME = "SAM boxes"
 PREVIEW_NAME = "SAM preview"
 N_CANDIDATES = 3
+PROMPT_POINTS = "points"
+PROMPT_BOX = "box"
 # embedding requests are debounced: dragging a contrast slider or scrolling a stack
 # starts one encoder run when the user pauses, not one per event
 EMBED_DELAY_MS = 150
 CACHE_BYTES = 512 * 2**20
+# commit() waits at most this long for a prediction still being computed
+PREDICTION_WAIT_S = 60.0
+# the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
+MIN_FORM_HEIGHT = 240
+# new labels layers: uint16 holds 65535 objects, and napari draws it without the
+# per-pixel colour hashing a uint32 layer needs (seconds on 8000 x 8000 planes)
+NEW_LABELS_DTYPE = np.uint16
 
-KEYS_HELP = (
-    "Click: add point (T toggles +/-) · draw rectangles in 'SAM boxes' · "
-    "1/2/3: candidate · C: commit · X: clear · Ctrl+Z on the labels layer: undo"
-)
+KEYS_HELP = widget_help()
 
 
 def _embed_plane(
@@ -93,6 +117,92 @@ def _load(name: str, device: str | None) -> Any:
     from napari_sam.models.zoo import load_model
 
     return load_model(name, device=device)
+
+
+@dataclass
+class _Prediction:
+    """What a prediction job hands to the main thread (masks in image data pixels)."""
+
+    predictor: Any
+    prompts: Prompts
+    plan: DecodePlan
+    masks: np.ndarray  # (C, H, W) bool
+    scores: np.ndarray  # (C,)
+    logits: np.ndarray  # (C, 4E, 4E) low-res logits
+    boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate
+    crops: list[np.ndarray | None]  # preview pixels of each candidate's box
+    style: str
+
+
+def _predict_job(
+    predictor: Any,
+    applied: dict[str, Any],
+    entry: Any,
+    prompts: Prompts,
+    plan: DecodePlan,
+    mask_input: np.ndarray | None,
+    style: str,
+    width: int,
+) -> _Prediction:
+    """Runs in the prediction thread: decode, upscale, crop and draw the candidates.
+
+    ``applied`` remembers which embedding the predictor holds (only this thread
+    touches the predictor, so setting the embedding here is race-free).
+    """
+    if applied.get("entry") is not entry:
+        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
+        applied["entry"] = entry
+    has_points = len(prompts.points) > 0
+    pred = predictor.predict(
+        points=prompts.points if has_points else None,
+        labels=prompts.labels if has_points else None,
+        box=prompts.box,
+        mask_input=mask_input,
+        multimask=plan.multimask,
+    )
+    masks = np.asarray(pred.masks, dtype=bool)
+    boxes = [mask_bbox(m) for m in masks]
+    crops = [None if b is None else P.render_preview(m[b], style, width)
+             for m, b in zip(masks, boxes, strict=True)]
+    return _Prediction(
+        predictor, prompts, plan, masks, np.asarray(pred.scores, dtype=float).reshape(-1),
+        np.asarray(pred.logits), boxes, crops, style,
+    )
+
+
+@contextlib.contextmanager
+def _signals_blocked(*widgets: QWidget) -> Any:
+    """Block the widgets' signals while the UI is updated to match the state."""
+    old = [w.blockSignals(True) for w in widgets]
+    try:
+        yield
+    finally:
+        for w, was in zip(widgets, old, strict=True):
+            w.blockSignals(was)
+
+
+def _key_handler(widget: SegmentAnythingWidget, key: KeyAction) -> Any:
+    """A function for napari's ``bind_key`` that runs ``key``'s action on the widget.
+
+    * A named function, not a ``functools.partial``: napari reads ``__name__`` of every
+      function bound on the active layer at each key press.
+    * A generator (the action runs on press, the release does nothing): napari keeps
+      the release callback of the last press of each key, and calls it on the next
+      release of that key even when the new press had none. Without a release step
+      of our own, Ctrl+Z after Z (pan/zoom) on *SAM points* would run napari's stale
+      "restore the previous mode" callback.
+    * Holds the widget weakly; does nothing once the widget is closed.
+    """
+    ref = weakref.ref(widget)
+
+    def handler(layer: Any) -> Any:
+        target = ref()
+        if target is not None and not target._closed:
+            target._run_key_action(key.action, key.argument)
+        yield
+
+    handler.__name__ = handler.__qualname__ = f"napari_sam_{key.action}"
+    return handler
 
 
 class SegmentAnythingWidget(QWidget):
@@ -118,15 +228,26 @@ class SegmentAnythingWidget(QWidget):
         self._model_label = ""
         self._instance_label: str | None = None  # label of a model given as an object
         self._predictor: Any = None
+        self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
+        self._entry: Any = None  # embedding (CacheEntry) of the shown plane
         self._model_gen = 0  # bumps on every model change: stale loads are dropped
         self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
-        self._loading = False
+        self._loading = True  # the default model is loaded as soon as the widget shows
         self._ready = False
         self._image: Image | None = None
         self._image_ok = False
+        self._plane_shown = False  # the viewer shows a 2D plane of the image
+        self._embed_limits: tuple[float, ...] | None = None  # contrast of the last embedding
         self._logits: np.ndarray | None = None
+        self._result: _Prediction | None = None
+        self._last_prompts: Prompts | None = None  # prompts of the shown prediction
+        self._requested: Prompts | None = None  # prompts of the latest request
+        self._committing = False
+        self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
         self._workers: set[Any] = set()
         self._positive_next = True
+        self._prompt_mode = PROMPT_POINTS
+        self._preview_style = P.DEFAULT_STYLE
         self._updating_layers = False
 
         # Qt deletes the C++ widget when the viewer closes; late worker results then
@@ -134,7 +255,10 @@ class SegmentAnythingWidget(QWidget):
         self._life = {"closed": False}
         life = self._life
         self.destroyed.connect(lambda *_: life.update(closed=True))
+        self._runner = LatestJobRunner(self, name="napari-sam-predict")
+        self._runner.done.connect(self._on_prediction)
         self._build_ui()
+        self._set_status(f"Loading model {DEFAULT_MODEL!r}…")
         self._embed_timer = QTimer(self)
         self._embed_timer.setSingleShot(True)
         self._embed_timer.setInterval(EMBED_DELAY_MS)
@@ -151,7 +275,7 @@ class SegmentAnythingWidget(QWidget):
         for layer in layers:
             layer.events.name.connect(self._on_layers_changed)
 
-        active = layers.selection.active
+        active = unwrap(layers.selection.active)
         self.image_combo.set_layer(active if isinstance(active, Image) else self.image_combo.layer)
         self._set_image(self.image_combo.layer)
         QTimer.singleShot(0, self._autoload_default_model)
@@ -159,10 +283,11 @@ class SegmentAnythingWidget(QWidget):
     # ------------------------------------------------------------------ UI
 
     def _build_ui(self) -> None:
-        self.model_picker = ModelPicker(self)
+        content = QWidget(self)
+        self.model_picker = ModelPicker(content)
         self.model_picker.changed.connect(self._on_model_picked)
         self.image_combo = LayerCombo(
-            self.viewer, Image, accept=lambda layer: layer.name != PREVIEW_NAME, parent=self
+            self.viewer, Image, accept=lambda layer: layer.name != PREVIEW_NAME, parent=content
         )
         self.image_combo.setToolTip("The image to segment (its shown 2D slice).")
         self.image_combo.layer_changed.connect(self._set_image)
@@ -171,28 +296,49 @@ class SegmentAnythingWidget(QWidget):
             Labels,
             none_text="(new layer on commit)",
             accept=self._labels_acceptable,
-            parent=self,
+            parent=content,
         )
         self.labels_combo.setToolTip(
             "Committed objects go here, one new id each. Only labels layers with the image's "
             "shape are listed; '(new layer…)' creates '<image> objects' on the first commit."
         )
 
-        self.positive_radio = QRadioButton("positive", self)
-        self.negative_radio = QRadioButton("negative", self)
+        self.points_radio = QRadioButton("points", content)
+        self.box_radio = QRadioButton("box", content)
+        self.points_radio.setChecked(True)
+        self.points_radio.setToolTip("Click to add points (selects the 'SAM points' layer).")
+        self.box_radio.setToolTip(
+            "Drag a rectangle around the object (selects the 'SAM boxes' layer); only the "
+            "latest rectangle is used, together with the points."
+        )
+        self.prompt_group = QButtonGroup(content)
+        self.prompt_group.addButton(self.points_radio)
+        self.prompt_group.addButton(self.box_radio)
+        self.box_radio.toggled.connect(
+            lambda on: self.set_prompt_mode(PROMPT_BOX if on else PROMPT_POINTS)
+        )
+        prompt = QHBoxLayout()
+        prompt.addWidget(self.points_radio)
+        prompt.addWidget(self.box_radio)
+
+        self.positive_radio = QRadioButton("positive", content)
+        self.negative_radio = QRadioButton("negative", content)
         self.positive_radio.setChecked(True)
-        self.positive_radio.setToolTip("Next clicks mark the object (green). Key: T toggles.")
+        self.positive_radio.setToolTip("Next clicks mark the object (lime). Key: T toggles.")
         self.negative_radio.setToolTip("Next clicks mark background (red). Key: T toggles.")
+        self.polarity_group = QButtonGroup(content)
+        self.polarity_group.addButton(self.positive_radio)
+        self.polarity_group.addButton(self.negative_radio)
         self.positive_radio.toggled.connect(lambda on: self.set_polarity(bool(on)))
         polarity = QHBoxLayout()
         polarity.addWidget(self.positive_radio)
         polarity.addWidget(self.negative_radio)
 
-        self.candidate_group = QButtonGroup(self)
+        self.candidate_group = QButtonGroup(content)
         self.candidate_buttons: list[QRadioButton] = []
         cand = QHBoxLayout()
         for i in range(N_CANDIDATES):
-            b = QRadioButton(f"{i + 1}: –", self)
+            b = QRadioButton(f"{i + 1}: –", content)
             b.setEnabled(False)
             b.setToolTip(f"Show candidate mask {i + 1} (key {i + 1}); the number is its score.")
             self.candidate_group.addButton(b, i)
@@ -200,36 +346,56 @@ class SegmentAnythingWidget(QWidget):
             cand.addWidget(b)
         self.candidate_group.idClicked.connect(self.select_candidate)
 
-        self.overwrite_check = QCheckBox("overwrite existing labels", self)
+        self.style_combo = QComboBox(content)
+        self.style_combo.addItems(list(P.PREVIEW_STYLES))
+        self.style_combo.setCurrentText(self._preview_style)
+        self.style_combo.setToolTip(
+            "How the preview is drawn: always in cyan with an outline, so it never looks "
+            "like a committed object."
+        )
+        self.style_combo.currentTextChanged.connect(self.set_preview_style)
+
+        self.overwrite_check = QCheckBox("overwrite existing labels", content)
         self.overwrite_check.setToolTip(
             "Off: a committed mask only fills unlabelled pixels. On: it replaces what is there."
         )
-        self.commit_button = QPushButton("Commit (C)", self)
+        self.commit_button = QPushButton("Commit (C)", content)
         self.commit_button.clicked.connect(self.commit)
-        self.clear_button = QPushButton("Clear (X)", self)
+        self.clear_button = QPushButton("Clear (X)", content)
         self.clear_button.clicked.connect(self.clear)
+        self.undo_button = QPushButton("Undo", content)
+        self.undo_button.setToolTip(
+            "Undo the last change of the labels layer that received the last commit "
+            "(Ctrl+Z there, or on the SAM layers; Ctrl+Shift+Z redoes)."
+        )
+        self.undo_button.setEnabled(False)
+        self.undo_button.clicked.connect(self.undo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.commit_button)
         buttons.addWidget(self.clear_button)
+        buttons.addWidget(self.undo_button)
 
-        self.status = QLabel("", self)
+        self.status = QLabel("", content)
         self.status.setWordWrap(True)
-        keys = QLabel(KEYS_HELP, self)
+        keys = QLabel(KEYS_HELP, content)
         keys.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("model", self.model_picker)
         form.addRow("image", self.image_combo)
         form.addRow("labels", self.labels_combo)
+        form.addRow("prompt", prompt)
         form.addRow("next points", polarity)
         form.addRow("candidates", cand)
-        lay = QVBoxLayout(self)
+        form.addRow("preview", self.style_combo)
+        lay = QVBoxLayout(content)
         lay.addLayout(form)
         lay.addWidget(self.overwrite_check)
         lay.addLayout(buttons)
         lay.addWidget(self.status)
         lay.addWidget(keys)
         lay.addStretch(1)
+        self.scroll_area = scrollable(content, self, MIN_FORM_HEIGHT)
 
     @property
     def _closed(self) -> bool:
@@ -238,6 +404,9 @@ class SegmentAnythingWidget(QWidget):
     def _set_status(self, text: str) -> None:
         if not self._closed:
             self.status.setText(text)
+
+    def _ready_text(self) -> str:
+        return f"Ready ({self._model_label}): click on the object."
 
     # ---------------------------------------------------------------- model
 
@@ -334,6 +503,7 @@ class SegmentAnythingWidget(QWidget):
         self._model_label = label
         self._instance_label = None
         self._predictor = Predictor(model, cache=self.cache)
+        self._predictor_state = {}
         self.model_picker.show_model(label)
         self._reset_prediction()
         self._request_embedding(immediate=True)
@@ -377,15 +547,18 @@ class SegmentAnythingWidget(QWidget):
             return
         old = self._image
         if old is not None:
-            for ev in ("contrast_limits", "data"):
-                with contextlib.suppress(Exception):
-                    getattr(old.events, ev).disconnect(self._on_image_content)
+            with contextlib.suppress(Exception):
+                old.events.contrast_limits.disconnect(self._on_contrast_limits)
+            with contextlib.suppress(Exception):
+                old.events.data.disconnect(self._on_image_content)
             for ev in ("scale", "translate", "rotate", "shear", "affine"):
                 with contextlib.suppress(Exception):
                     getattr(old.events, ev).disconnect(self._on_image_transform)
         self._image = layer
         self._image_ok = False
+        self._plane_shown = False
         self._ready = False
+        self._entry = None
         self._emb_gen += 1
         self._reset_prediction()
         self.labels_combo.refresh()
@@ -399,7 +572,7 @@ class SegmentAnythingWidget(QWidget):
             self._set_status(str(err))
             return
         self._image_ok = True
-        layer.events.contrast_limits.connect(self._on_image_content)
+        layer.events.contrast_limits.connect(self._on_contrast_limits)
         layer.events.data.connect(self._on_image_content)
         for ev in ("scale", "translate", "rotate", "shear", "affine"):
             getattr(layer.events, ev).connect(self._on_image_transform)
@@ -411,8 +584,16 @@ class SegmentAnythingWidget(QWidget):
         self._reset_prediction()
         self._request_embedding()
 
+    def _on_contrast_limits(self, event: Any = None) -> None:
+        image = self._image
+        limits = None if image is None else tuple(float(v) for v in image.contrast_limits)
+        if limits == self._embed_limits and self._ready:
+            return  # e.g. napari's auto-contrast left them as they were
+        self._on_image_content(event)
+
     def _on_image_transform(self, event: Any = None) -> None:
         self._ensure_layers()
+        self._requested = None  # same prompts, new mapping: predict again
         self._update_preview()
 
     def _on_layers_changed(self, event: Any = None) -> None:
@@ -421,6 +602,10 @@ class SegmentAnythingWidget(QWidget):
         if event is not None and getattr(event, "type", "") == "inserted":
             with contextlib.suppress(Exception):
                 event.value.events.name.connect(self._on_layers_changed)
+            if event.value not in self._owned_layers():
+                # a new image (or any layer) goes on top: put the prompt layers back above
+                # it, once napari has finished inserting it
+                QTimer.singleShot(0, self._raise_owned_layers)
         self.image_combo.refresh()
         self.labels_combo.refresh()
         if self._image is None and self.image_combo.layer is not None:
@@ -436,13 +621,42 @@ class SegmentAnythingWidget(QWidget):
             self.preview_layer = None
         elif layer is self._image:
             self._set_image(self.image_combo.layer)
+        if layer in self._commit_layers:
+            self._commit_layers = [x for x in self._commit_layers if x is not layer]
+            self._update_undo_button()
 
     def _on_active_layer(self, event: Any = None) -> None:
-        active = self.viewer.layers.selection.active
+        active = unwrap(self.viewer.layers.selection.active)
+        if active is not None and active is self.points_layer:
+            self._show_prompt_mode(PROMPT_POINTS)
+        elif active is not None and active is self.boxes_layer:
+            self._show_prompt_mode(PROMPT_BOX)
         if self._image is None and isinstance(active, Image) and active.name != PREVIEW_NAME:
             self.set_image_layer(active)
 
     # ------------------------------------------------------- owned layers
+
+    def _owned_layers(self) -> list[Any]:
+        """The widget's layers still in the viewer, bottom to top."""
+        return [
+            x for x in (self.preview_layer, self.boxes_layer, self.points_layer)
+            if x is not None and x in self.viewer.layers
+        ]
+
+    def _raise_owned_layers(self) -> None:
+        """Move the preview, boxes and points layers to the top (points topmost)."""
+        if self._closed:
+            return
+        layers = self.viewer.layers
+        owned = self._owned_layers()
+        if not owned or list(layers)[-len(owned):] == owned:
+            return
+        self._updating_layers = True
+        try:
+            for layer in owned:
+                layers.move(layers.index(layer), len(layers))
+        finally:
+            self._updating_layers = False
 
     def _ensure_layers(self) -> None:
         """Create (or re-fit) the prompt and preview layers for the current image."""
@@ -464,10 +678,14 @@ class SegmentAnythingWidget(QWidget):
             active = self.viewer.layers.selection.active
             created = False
             if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
-                self.preview_layer = L.make_plane_labels_layer(
-                    image, self.slice_index, PREVIEW_NAME
+                from napari.utils.colormaps import DirectLabelColormap
+
+                # holds only the preview's bounding box, placed by its affine
+                self.preview_layer = Labels(
+                    np.zeros((1, 1), dtype=np.uint8), name=PREVIEW_NAME,
+                    colormap=DirectLabelColormap(color_dict=P.preview_colors()),
+                    affine=L.plane_affine(image, self.slice_index),
                 )
-                self.preview_layer.opacity = 0.5
                 self.viewer.add_layer(self.preview_layer)
                 created = True
             if (
@@ -482,8 +700,8 @@ class SegmentAnythingWidget(QWidget):
                 )
                 self.viewer.add_layer(self.boxes_layer)
                 self.boxes_layer.mode = "add_rectangle"
-                self.boxes_layer.events.data.connect(self._on_prompts_changed)
-                self._bind_keys(self.boxes_layer, points=False)
+                self.boxes_layer.events.data.connect(self._on_boxes_changed)
+                self._bind_keys(self.boxes_layer, BOXES)
                 created = True
             else:
                 self._apply_transform(self.boxes_layer, transform)
@@ -498,24 +716,25 @@ class SegmentAnythingWidget(QWidget):
                     features={L.POSITIVE_FEATURE: np.zeros(0, dtype=bool)},
                     feature_defaults={L.POSITIVE_FEATURE: self._positive_next},
                     face_color=L.POSITIVE_FEATURE,
-                    face_color_cycle={True: "lime", False: "red"},
+                    face_color_cycle={True: P.POSITIVE_COLOR, False: P.NEGATIVE_COLOR},
                     border_color="white", size=size, **transform,
                 )
                 self.viewer.add_layer(self.points_layer)
                 self.points_layer.mode = "add"
                 self.points_layer.events.data.connect(self._on_prompts_changed)
-                self._bind_keys(self.points_layer, points=True)
+                self._bind_keys(self.points_layer, POINTS)
                 created = True
             else:
                 self._apply_transform(self.points_layer, transform)
                 self.points_layer.size = size
-            self.preview_layer.affine = L.plane_affine(image, self.slice_index)
+            self._show_preview()
             if created:
-                self.viewer.layers.selection.active = self.points_layer
+                self.viewer.layers.selection.active = self._prompt_layer()
             elif active is not None and active in self.viewer.layers:
                 self.viewer.layers.selection.active = active
         finally:
             self._updating_layers = False
+        self._raise_owned_layers()
         self.image_combo.refresh()
         self.labels_combo.refresh()
 
@@ -528,23 +747,51 @@ class SegmentAnythingWidget(QWidget):
         if layer is not None and layer in self.viewer.layers:
             self.viewer.layers.remove(layer)
 
-    def _bind_keys(self, layer: Any, points: bool) -> None:
-        keys: dict[str, Any] = {
-            "c": lambda _: self.commit(),
-            "x": lambda _: self.clear(),
-        }
-        for i in range(N_CANDIDATES):
-            keys[str(i + 1)] = partial(self._key_candidate, i)
-        if points:
-            keys["t"] = lambda _: self.set_polarity(not self._positive_next)
-            keys["Enter"] = keys["c"]
-            keys["Escape"] = keys["x"]
-        for key, func in keys.items():
-            layer.bind_key(key, func, overwrite=True)
+    # ------------------------------------------------------------ keys
 
-    def _key_candidate(self, i: int, layer: Any = None) -> None:
-        if self.masks is not None and i < len(self.masks):
-            self.select_candidate(i)
+    def _bind_keys(self, layer: Any, kind: str) -> None:
+        for key in keys_for(kind):
+            layer.bind_key(key.key, _key_handler(self, key), overwrite=True)
+        # napari rewrites a layer's help line on every mode change, from its own key
+        # table (which advertises digits the plugin rebinds): keep ours
+        text = layer_help(kind)
+        layer.help = text
+
+        def keep_help(event: Any = None, layer: Any = layer, text: str = text) -> None:
+            if not self._closed and layer.help != text:
+                layer.help = text
+
+        layer.events.help.connect(keep_help)
+
+    def _unbind_keys(self) -> None:
+        for layer, kind in ((self.points_layer, POINTS), (self.boxes_layer, BOXES)):
+            if layer is None:
+                continue
+            for key in keys_for(kind):
+                with contextlib.suppress(Exception):
+                    layer.bind_key(key.key, None)
+
+    def _run_key_action(self, action: str, argument: int | None) -> None:
+        """Run a shortcut's action; "nothing to do" is a message, never an error."""
+        if action == "toggle_polarity":
+            self.set_polarity(not self._positive_next)
+        elif action == "candidate":
+            self._wait_prediction()
+            if self.masks is not None and argument is not None and argument < len(self.masks):
+                self.select_candidate(argument)
+            elif self.masks is not None:
+                self._set_status(
+                    f"This prediction has one mask (several points or a box); "
+                    f"candidate {(argument or 0) + 1} does not exist."
+                )
+        elif action == "commit":
+            self.commit()
+        elif action == "clear":
+            self.clear()
+        elif action == "undo":
+            self.undo()
+        elif action == "redo":
+            self.redo()
 
     def set_polarity(self, positive: bool) -> None:
         """Make the next clicked points positive (True) or negative (False)."""
@@ -553,9 +800,51 @@ class SegmentAnythingWidget(QWidget):
             self.points_layer.feature_defaults = {L.POSITIVE_FEATURE: self._positive_next}
         radio = self.positive_radio if self._positive_next else self.negative_radio
         if not radio.isChecked():
-            radio.blockSignals(True)
-            radio.setChecked(True)
-            radio.blockSignals(False)
+            with _signals_blocked(self.positive_radio, self.negative_radio):
+                radio.setChecked(True)
+
+    # ------------------------------------------------------- prompt mode
+
+    @property
+    def prompt_mode(self) -> str:
+        """``"points"`` (clicks add points) or ``"box"`` (drag a rectangle)."""
+        return self._prompt_mode
+
+    def set_prompt_mode(self, mode: str) -> None:
+        """Click points (``"points"``) or draw a box (``"box"``): selects the prompt layer
+        and puts it in its drawing mode."""
+        if mode not in (PROMPT_POINTS, PROMPT_BOX):
+            raise InvalidInputError(f"Prompt mode must be {PROMPT_POINTS!r} or {PROMPT_BOX!r}.")
+        self._prompt_mode = mode
+        self._show_prompt_mode(mode)
+        if None in (self.points_layer, self.boxes_layer) and self._image_ok:
+            self._ensure_layers()
+        layer = self._prompt_layer()
+        if layer is None or layer not in self.viewer.layers:
+            return
+        self._restore_prompt_modes()
+        self.viewer.layers.selection.active = layer
+
+    def _prompt_layer(self) -> Any:
+        return self.boxes_layer if self._prompt_mode == PROMPT_BOX else self.points_layer
+
+    def _show_prompt_mode(self, mode: str) -> None:
+        self._prompt_mode = mode
+        radio = self.box_radio if mode == PROMPT_BOX else self.points_radio
+        if not radio.isChecked():
+            with _signals_blocked(self.points_radio, self.box_radio):
+                radio.setChecked(True)
+
+    def _restore_prompt_modes(self) -> None:
+        """Put the prompt layers back in their drawing modes (napari switches them to
+        pan/zoom in a 3D view)."""
+        if self._closed or not self._plane_shown:
+            return
+        for layer, mode in ((self.points_layer, "add"), (self.boxes_layer, "add_rectangle")):
+            if layer is None or layer not in self.viewer.layers:
+                continue
+            if getattr(layer, "editable", True) and str(layer.mode) == "pan_zoom":
+                layer.mode = mode
 
     # ---------------------------------------------------------- slicing
 
@@ -570,17 +859,23 @@ class SegmentAnythingWidget(QWidget):
             L.check_plane_displayed(image, self.viewer.dims)
             index = L.current_slice_index(image, self.viewer.dims.point)
         except InvalidInputError as err:
+            # 3D view, rolled axes or off the image: wait; back on a plane, resume
+            self._plane_shown = False
             self._reset_prediction()
             self._ready = False
+            self._entry = None
             self._emb_gen += 1
             self._set_status(str(err))
             return
-        if index == self.slice_index and not force:
+        was_hidden = not self._plane_shown
+        self._plane_shown = True
+        if was_hidden:
+            # napari makes the layers editable again while it re-slices them
+            QTimer.singleShot(0, self._restore_prompt_modes)
+        if index == self.slice_index and not force and not was_hidden:
             return
         self.slice_index = index
-        self._reset_prediction()
-        if self.preview_layer is not None:
-            self.preview_layer.affine = L.plane_affine(image, index)
+        self._reset_prediction()  # also moves the (empty) preview to the new plane
         self._request_embedding(immediate=force)
 
     # -------------------------------------------------------- embedding
@@ -588,10 +883,17 @@ class SegmentAnythingWidget(QWidget):
     def _request_embedding(self, immediate: bool = False) -> None:
         """Invalidate the current embedding and compute the shown plane's (debounced)."""
         self._ready = False
+        self._entry = None
         self._emb_gen += 1
+        self._runner.invalidate()
         if self._predictor is None or self._image is None or not self._image_ok:
-            if self._predictor is None and not self._loading:
-                self._set_status("No model loaded: pick one in the model box.")
+            if self._predictor is None:
+                self._set_status(
+                    f"Loading model {self.model_picker.name!r}…" if self._loading
+                    else "No model loaded: pick one in the model box."
+                )
+            return
+        if not self._plane_shown:
             return
         self._set_status("Computing the image embedding…")
         if immediate:
@@ -604,8 +906,11 @@ class SegmentAnythingWidget(QWidget):
         image, predictor = self._image, self._predictor
         if image is None or predictor is None or self._closed or not self._image_ok:
             return
+        if not self._plane_shown:
+            return
         gen = self._emb_gen
         limits = tuple(float(v) for v in image.contrast_limits)
+        self._embed_limits = limits
         worker = create_worker(
             _embed_plane, image.data, self.slice_index, limits, predictor,
             _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
@@ -617,9 +922,10 @@ class SegmentAnythingWidget(QWidget):
     def _on_embedding(self, gen: int, predictor: Any, entry: Any) -> None:
         if gen != self._emb_gen or predictor is not self._predictor or self._closed:
             return  # stale: the image, slice, contrast or model changed meanwhile
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
+        self._entry = entry  # the prediction thread gives it to the predictor
         self._ready = True
-        self._set_status(f"Ready ({self._model_label}): click on the object.")
+        self._set_status(self._ready_text())
+        self._requested = None
         self._update_preview()
 
     def _on_embedding_error(self, gen: int, err: BaseException) -> None:
@@ -648,13 +954,51 @@ class SegmentAnythingWidget(QWidget):
 
     # ------------------------------------------------------- prediction
 
+    @property
+    def prediction_pending(self) -> bool:
+        """A prediction for the current prompts is still being computed."""
+        return self._runner.pending
+
+    def wait_for_prediction(self, timeout: float = 60.0) -> bool:
+        """Process Qt events until the preview matches the prompts (or ``timeout`` s).
+
+        Predictions run in a background thread; scripts call this after changing
+        prompts and before reading ``preview``, ``masks`` or ``scores``.
+        """
+        return process_events_until(lambda: not self._runner.pending or self._closed, timeout)
+
+    def _wait_prediction(self) -> None:
+        if self._runner.pending:
+            process_events_until(lambda: not self._runner.pending or self._closed,
+                                 PREDICTION_WAIT_S)
+
     def _on_prompts_changed(self, event: Any = None) -> None:
         action = str(getattr(event, "action", "changed"))
         if action in ("adding", "removing", "changing"):
             return
         self._update_preview()
 
-    def _prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _on_boxes_changed(self, event: Any = None) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action == "added":
+            # once napari has finished drawing: only the latest rectangle is a prompt
+            QTimer.singleShot(0, self._prune_boxes)
+        self._on_prompts_changed(event)
+
+    def _prune_boxes(self) -> None:
+        """Remove the rectangles of the shown plane that a newer one replaced."""
+        layer, image = self.boxes_layer, self._image
+        if layer is None or image is None or self._closed or layer not in self.viewer.layers:
+            return
+        if getattr(layer, "_is_creating", False):
+            QTimer.singleShot(50, self._prune_boxes)
+            return
+        old = _superseded_boxes(L.shapes_on_plane(layer, image, self.slice_index).tolist())
+        if old:
+            layer.selected_data = set(old)
+            layer.remove_selected()
+
+    def _prompts(self) -> Prompts:
         image = self._image
         pts = np.zeros((0, 2))
         labels = np.zeros((0,), dtype=np.int32)
@@ -665,57 +1009,66 @@ class SegmentAnythingWidget(QWidget):
             boxes = L.shapes_to_boxes(self.boxes_layer, image, self.slice_index)
             if len(boxes):
                 box = boxes[-1]  # the most recent rectangle
-        return pts, labels, box
+        return Prompts.make(pts, labels, box)
 
     def _update_preview(self) -> None:
+        """Ask the prediction thread for masks of the current prompts."""
         if not self._ready or self._image is None or self._predictor is None:
             return
-        pts, labels, box = self._prompts()
-        if len(pts) == 0 and box is None:
+        if self._entry is None:
+            return
+        prompts = self._prompts()
+        if prompts.empty:
+            self._requested = None
             self._reset_prediction()
-            self._set_status(f"Ready ({self._model_label}): click on the object.")
+            self._set_status(self._ready_text())
             return
-        # Refinement: when points were only added (same box), feed the previous
-        # low-res logits back as mask_input; one point alone is ambiguous -> 3 candidates.
-        prev = self.last_prompts
-        mask_input = None
-        if (
-            prev is not None
-            and self._logits is not None
-            and self.candidate is not None
-            and len(pts) > len(prev["points"])
-            and np.array_equal(pts[: len(prev["points"])], prev["points"])
-            and np.array_equal(labels[: len(prev["labels"])], prev["labels"])
-            and _same_box(box, prev["box"])
-        ):
-            mask_input = self._logits[self.candidate][None]
-        multimask = len(pts) == 1 and box is None
-        try:
-            pred = self._predictor.predict(
-                points=pts if len(pts) else None,
-                labels=labels if len(pts) else None,
-                box=box,
-                mask_input=mask_input,
-                multimask=multimask,
-            )
-        except NapariSamError as err:
-            self._set_status(f"Prediction failed: {err}")
-            show_warning(f"Segment Anything: {err}")
+        if prompts.same_as(self._requested):
+            return  # e.g. an older rectangle was removed: nothing the model sees changed
+        plan = plan_decode(
+            prompts, self._last_prompts, self._logits is not None and self.candidate is not None
+        )
+        mask_input = self._logits[self.candidate][None] if plan.refine else None
+        self._requested = prompts
+        job = partial(
+            _predict_job, self._predictor, self._predictor_state, self._entry, prompts, plan,
+            mask_input, self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
+        )
+        self._runner.submit(job)
+
+    def _on_prediction(self, ticket: int, result: _Prediction | None, error: Any) -> None:
+        if self._closed:
             return
+        if error is not None:
+            self._requested = None
+            if isinstance(error, NapariSamError):
+                self._set_status(f"Prediction failed: {error}")
+                show_warning(f"Segment Anything: {error}")
+            else:
+                msg = f"Prediction failed: {error_message(error)}"
+                self._set_status(msg)
+                show_error(msg)
+            return
+        if result is None or result.predictor is not self._predictor:
+            return
+        prompts = result.prompts
         self.last_prompts = {
-            "points": pts.copy(),
-            "labels": labels.copy(),
-            "box": None if box is None else np.asarray(box, dtype=float).copy(),
-            "mask_input": mask_input is not None,
-            "multimask": multimask,
+            "points": prompts.points.copy(),
+            "labels": prompts.labels.copy(),
+            "box": None if prompts.box is None else prompts.box.copy(),
+            "mask_input": result.plan.refine,
+            "multimask": result.plan.multimask,
         }
-        self.masks = np.asarray(pred.masks, dtype=bool)
-        self.scores = np.asarray(pred.scores, dtype=float).reshape(-1)
-        self._logits = np.asarray(pred.logits)
+        self._last_prompts = prompts
+        self._result = result
+        self.masks = result.masks
+        self.scores = result.scores
+        self._logits = result.logits
         self._show_candidate(int(np.argmax(self.scores)))
 
     def select_candidate(self, i: int) -> None:
         """Show candidate mask ``i`` (0-based) as the preview."""
+        self._wait_prediction()
         if self.masks is None:
             raise InvalidInputError("There is no prediction yet: add a point or a box first.")
         if not 0 <= i < len(self.masks):
@@ -733,23 +1086,72 @@ class SegmentAnythingWidget(QWidget):
             b.setText(f"{k + 1}: {self.scores[k]:.2f}" if has else f"{k + 1}: –")
         self.candidate_buttons[i].setChecked(True)
         self._show_preview()
-        n = int(self.preview.sum())
+        box = self._preview_box()
+        n = 0 if box is None else int(self.preview[box].sum())
         self._set_status(
             f"Candidate {i + 1} of {len(self.masks)} (score {self.scores[i]:.2f}, {n} px). "
             "C commits, X clears."
         )
 
-    def _show_preview(self) -> None:
-        layer = self.preview_layer
-        if layer is None or layer not in self.viewer.layers:
-            return
+    def _preview_box(self) -> tuple[slice, slice] | None:
+        """Bounding box of the shown preview (computed by the prediction thread)."""
+        res = self._result
         if self.preview is None:
-            shape = L.image_plane_shape(self._image) if self._image is not None else (1, 1)
-            layer.data = np.zeros(shape, dtype=np.uint8)
+            return None
+        if res is not None and self.candidate is not None and self.preview is res.masks[
+            self.candidate
+        ]:
+            return res.boxes[self.candidate]
+        return mask_bbox(self.preview)  # set by a script: compute it
+
+    @property
+    def preview_style(self) -> str:
+        """How the preview is drawn (a key of ``napari_sam.widgets.preview.PREVIEW_STYLES``)."""
+        return self._preview_style
+
+    def set_preview_style(self, style: str) -> None:
+        """Draw the preview as ``"outline + fill"`` (default), ``"outline"`` or ``"fill"``."""
+        if style not in P.PREVIEW_STYLES:
+            raise InvalidInputError(
+                f"Unknown preview style {style!r}; choose from {', '.join(P.PREVIEW_STYLES)}."
+            )
+        self._preview_style = style
+        if self.style_combo.currentText() != style:
+            self.style_combo.blockSignals(True)
+            self.style_combo.setCurrentText(style)
+            self.style_combo.blockSignals(False)
+        self._show_preview()
+
+    def _show_preview(self) -> None:
+        """Put the preview's bounding box (drawn per the style) in the preview layer."""
+        layer, image = self.preview_layer, self._image
+        if layer is None or layer not in self.viewer.layers or image is None:
+            return
+        box = self._preview_box()
+        offset = (0, 0)
+        if box is None:
+            pixels = np.zeros((1, 1), dtype=np.uint8)
         else:
-            layer.data = self.preview.astype(np.uint8)
+            offset = (box[0].start, box[1].start)
+            res = self._result
+            cached = (
+                res is not None and res.style == self._preview_style
+                and self.candidate is not None and self.preview is res.masks[self.candidate]
+            )
+            pixels = res.crops[self.candidate] if cached else P.render_preview(
+                self.preview[box], self._preview_style,
+                P.outline_width(L.image_plane_shape(image)),
+            )
+        shift = np.eye(3)
+        shift[:2, 2] = offset
+        layer.data = pixels
+        layer.affine = L.plane_affine(image, self.slice_index) @ shift
 
     def _reset_prediction(self) -> None:
+        self._runner.invalidate()
+        self._requested = None
+        self._result = None
+        self._last_prompts = None
         self.preview = None
         self.scores = None
         self.masks = None
@@ -771,14 +1173,27 @@ class SegmentAnythingWidget(QWidget):
     def commit(self) -> int:
         """Write the preview into the labels layer as a new object (undoable); clear prompts.
 
-        Returns the new label id, or 0 when there was nothing to write.
+        Waits for a prediction still being computed. Returns the new label id, or 0
+        when there was nothing to write.
         """
-        if self.preview is None or not self.preview.any() or self._image is None:
+        if self._committing:
+            return 0
+        self._committing = True
+        try:
+            self._wait_prediction()
+            return self._commit()
+        finally:
+            self._committing = False
+
+    def _commit(self) -> int:
+        box = self._preview_box() if self._image is not None else None
+        if box is None:
             show_info("Nothing to commit: click on an object first (or pick another candidate).")
             return 0
         labels = self._target_labels()
         new_id = L.commit_mask(
-            labels, self.preview, self.slice_index, overwrite=self.overwrite_check.isChecked()
+            labels, self.preview[box], self.slice_index,
+            overwrite=self.overwrite_check.isChecked(), offset=(box[0].start, box[1].start),
         )
         if new_id == 0:
             show_info(
@@ -786,8 +1201,10 @@ class SegmentAnythingWidget(QWidget):
                 "'overwrite existing labels' to replace them."
             )
             return 0
+        self._commit_layers = [x for x in self._commit_layers if x is not labels] + [labels]
+        self._update_undo_button()
         self.clear()
-        self._set_status(f"Committed object {new_id} to {labels.name!r} (Ctrl+Z there undoes).")
+        self._set_status(f"Committed object {new_id} to {labels.name!r} (Undo or Ctrl+Z undoes).")
         return new_id
 
     def _target_labels(self) -> Labels:
@@ -796,23 +1213,55 @@ class SegmentAnythingWidget(QWidget):
         if layer is not None and layer in self.viewer.layers and L.labels_fit_image(layer, image):
             return layer
         names = [lay.name for lay in self.viewer.layers]
-        layer = L.make_labels_layer(image, L.unique_name(names, f"{image.name} objects"))
+        layer = L.make_labels_layer(
+            image, L.unique_name(names, f"{image.name} objects"), dtype=NEW_LABELS_DTYPE
+        )
         active = self.viewer.layers.selection.active
         self.viewer.add_layer(layer)
-        # keep the prompt layers on top of the new labels layer
-        idx = self.viewer.layers.index(layer)
-        below = [
-            self.viewer.layers.index(x)
-            for x in (self.preview_layer, self.boxes_layer, self.points_layer)
-            if x is not None and x in self.viewer.layers
-        ]
-        if below:
-            self.viewer.layers.move(idx, min(below))
-        if active is not None and active in self.viewer.layers:
-            self.viewer.layers.selection.active = active
+        # right above its image: visible over it, under the prompt layers
+        layers = self.viewer.layers
+        if image in layers:
+            layers.move(layers.index(layer), layers.index(image) + 1)
+        self._raise_owned_layers()
+        if active is not None and active in layers:
+            layers.selection.active = active
         self.labels_combo.refresh()
         self.labels_combo.set_layer(layer)
         return layer
+
+    def _undo_target(self) -> Labels | None:
+        for layer in reversed(self._commit_layers):
+            if layer in self.viewer.layers:
+                return layer
+        return None
+
+    def _update_undo_button(self) -> None:
+        if not self._closed:
+            self.undo_button.setEnabled(self._undo_target() is not None)
+
+    def undo(self) -> bool:
+        """Undo the last change of the labels layer that received the last commit.
+
+        The same as Ctrl+Z with that layer selected (napari's undo history), without
+        changing the selected layer. Returns False when no layer received a commit.
+        """
+        layer = self._undo_target()
+        if layer is None:
+            show_info("Nothing to undo: no object was committed yet.")
+            return False
+        layer.undo()
+        self._set_status(f"Undid the last change of {layer.name!r} (Ctrl+Shift+Z redoes).")
+        return True
+
+    def redo(self) -> bool:
+        """Redo what :meth:`undo` (or Ctrl+Z on the labels layer) undid last."""
+        layer = self._undo_target()
+        if layer is None:
+            show_info("Nothing to redo: no object was committed yet.")
+            return False
+        layer.redo()
+        self._set_status(f"Redid the last undone change of {layer.name!r}.")
+        return True
 
     def _clear_prompt_data(self) -> None:
         if self.points_layer is not None and len(self.points_layer.data):
@@ -827,7 +1276,7 @@ class SegmentAnythingWidget(QWidget):
         if None in (self.points_layer, self.boxes_layer, self.preview_layer):
             self._ensure_layers()  # the user deleted one of them: bring it back
         if self._ready:
-            self._set_status(f"Ready ({self._model_label}): click on the object.")
+            self._set_status(self._ready_text())
 
     # ------------------------------------------------------------ close
 
@@ -836,11 +1285,13 @@ class SegmentAnythingWidget(QWidget):
         super().closeEvent(event)
 
     def shutdown(self) -> None:
-        """Disconnect from the viewer and stop listening to workers."""
+        """Disconnect from the viewer, unbind the keys and stop listening to workers."""
         if self._closed:
             return
+        self._unbind_keys()
         self._life["closed"] = True
         self._embed_timer.stop()
+        self._runner.stop()
         self._emb_gen += 1
         self._model_gen += 1
         ev = self.viewer.layers.events
@@ -858,9 +1309,3 @@ class SegmentAnythingWidget(QWidget):
         for worker in list(self._workers):
             with contextlib.suppress(Exception):
                 worker.quit()
-
-
-def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return bool(np.allclose(a, b))

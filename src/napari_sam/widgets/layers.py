@@ -34,6 +34,7 @@ __all__ = [
     "make_plane_labels_layer",
     "plane_affine",
     "points_to_prompts",
+    "shapes_on_plane",
     "shapes_to_boxes",
     "spatial_shape",
     "unique_name",
@@ -221,6 +222,26 @@ def points_to_prompts(
     return coords[keep, -2:], labels[keep]
 
 
+def shapes_on_plane(
+    shapes_layer: Any, image_layer: Any, slice_index: Sequence[int] = ()
+) -> np.ndarray:
+    """``(M,)`` bool: which shapes of ``shapes_layer`` lie on the image plane ``slice_index``.
+
+    A shape belongs to the plane of its first vertex (rectangles are drawn on one
+    plane); a layer with fewer dims than the image shows its shapes on every plane.
+    """
+    n_checked = min(len(slice_index), shapes_layer.ndim - 2)
+    flags = []
+    for verts in shapes_layer.data:
+        verts = np.asarray(verts, dtype=float)
+        if len(verts) == 0:
+            flags.append(False)
+            continue
+        coords = _to_image_data(shapes_layer, verts[:1], image_layer)
+        flags.append(bool(_on_slice(coords, slice_index, n_checked)[0]))
+    return np.asarray(flags, dtype=bool)
+
+
 def shapes_to_boxes(
     shapes_layer: Any, image_layer: Any, slice_index: Sequence[int] = ()
 ) -> np.ndarray:
@@ -236,14 +257,11 @@ def shapes_to_boxes(
       are left out.
     """
     boxes = []
-    n_checked = min(len(slice_index), shapes_layer.ndim - 2)
-    for verts in shapes_layer.data:
-        verts = np.asarray(verts, dtype=float)
-        if len(verts) == 0:
+    on_plane = shapes_on_plane(shapes_layer, image_layer, slice_index)
+    for verts, here in zip(shapes_layer.data, on_plane, strict=True):
+        if not here:
             continue
-        coords = _to_image_data(shapes_layer, verts, image_layer)
-        if not _on_slice(coords[:1], slice_index, n_checked)[0]:
-            continue
+        coords = _to_image_data(shapes_layer, np.asarray(verts, dtype=float), image_layer)
         rc = coords[:, -2:]
         lo, hi = rc.min(axis=0), rc.max(axis=0)
         boxes.append([lo[0], lo[1], hi[0], hi[1]])
@@ -329,38 +347,55 @@ def commit_mask(
     mask2d: np.ndarray,
     slice_index: Sequence[int] = (),
     overwrite: bool = False,
+    offset: tuple[int, int] | None = None,
 ) -> int:
-    """Write ``mask2d`` into ``labels_layer`` as a new object; undoable with ``layer.undo()``.
+    """Write a mask into ``labels_layer`` as a new object; undoable with ``layer.undo()``.
 
     Arguments:
       labels_layer: napari Labels layer of shape ``(*lead, H, W)``.
-      mask2d: ``(H, W)`` bool mask in the labels' data pixels.
+      mask2d: ``(H, W)`` bool mask of the whole plane in the labels' data pixels, or
+        with ``offset`` an ``(h, w)`` crop of it (e.g. the object's bounding box).
       slice_index: the plane to write (``len(lead)`` ints).
       overwrite: if False (default) pixels that already hold a label keep it;
         if True the new object replaces them.
+      offset: ``(row0, col0)`` of the crop's first pixel in the plane; None (default):
+        ``mask2d`` must have the plane's shape.
 
     Returns:
       The new label id (``max(labels) + 1``), or 0 when nothing was written
       (empty mask, or every pixel already taken).
 
-    The write is one ``Labels.data_setitem`` call, i.e. one undo step.
+    The write is one ``Labels.data_setitem`` call, i.e. one undo step. Only the
+    crop's region of the plane is read, so the cost follows the object's size
+    (plus one pass over the labels for the largest id).
     """
     mask = np.asarray(mask2d, dtype=bool)
     data = labels_layer.data
     lead = tuple(int(i) for i in slice_index)
-    if mask.ndim != 2 or tuple(data.shape) != (*data.shape[: len(lead)], *mask.shape) or (
-        len(lead) + 2 != data.ndim
-    ):
+    r0, c0 = (0, 0) if offset is None else (int(v) for v in offset)
+    plane = tuple(int(s) for s in data.shape[len(lead):])
+    fits = (
+        mask.ndim == 2
+        and len(lead) + 2 == data.ndim
+        and (offset is not None or mask.shape == plane)
+        and r0 >= 0
+        and c0 >= 0
+        and r0 + mask.shape[0] <= plane[0]
+        and c0 + mask.shape[1] <= plane[1]
+    )
+    if not fits:
+        where = "" if offset is None else f" at offset {(r0, c0)}"
         raise InvalidInputError(
-            f"Mask of shape {mask.shape} at slice {lead} does not fit labels layer "
+            f"Mask of shape {mask.shape}{where} at slice {lead} does not fit labels layer "
             f"{labels_layer.name!r} of shape {tuple(data.shape)}; pick a labels layer with the "
             "image's shape (or let the widget create one)."
         )
     for i, size in zip(lead, data.shape, strict=False):
         if not 0 <= i < size:
             raise InvalidInputError(f"Slice {lead} is outside labels of shape {data.shape}.")
+    region = (*lead, slice(r0, r0 + mask.shape[0]), slice(c0, c0 + mask.shape[1]))
     if not overwrite:
-        mask = mask & (np.asarray(data[lead]) == 0)
+        mask = mask & (np.asarray(data[region]) == 0)
     if not mask.any():
         return 0
     current_max = int(np.max(data)) if data.size else 0
@@ -372,6 +407,8 @@ def commit_mask(
             "convert it to uint32, e.g. layer.data = layer.data.astype('uint32')."
         )
     rows, cols = np.nonzero(mask)
+    rows += r0
+    cols += c0
     indices = tuple(np.full(rows.shape, i, dtype=np.intp) for i in lead) + (rows, cols)
     labels_layer.data_setitem(indices, new_id)
     return new_id
