@@ -136,6 +136,9 @@ class TrainConfig:
     val_images: int = 16
     num_threads: int | None = None
     cache_images: bool = False  # keep decoded images in memory (~1 GB for DSB 2018)
+    # weight of the dense auxiliary loss on the image embedding (training/dense_targets.py;
+    # 0: off). Its head is saved as aux_head.pt beside the checkpoints, not in the model.
+    aux_dense: float = 0.0
 
     def loss_kwargs(self, step: int | None = None) -> dict[str, float]:
         """Keyword arguments of :func:`~napari_sam.training.losses.sam_loss` at ``step``."""
@@ -822,6 +825,7 @@ def train(
     if val_ids and config.val_every > 0:
         val = InstanceDataset(config.data, ids=val_ids[: config.val_images], **common)
     optimizer = _optimizer(model, config)
+    aux_head = _aux_head(model, config, optimizer)
 
     # resume
     start, best = 0, -1.0
@@ -834,6 +838,8 @@ def train(
                 f"{last} (step {meta.get('step')}) and {state_path} (step {state['step']}) "
                 "do not match (interrupted while saving?); pass --overwrite to start over there."
             )
+        if aux_head is not None:
+            _load_aux_head(aux_head, out / AUX_HEAD_FILE)
         optimizer.load_state_dict(state["optimizer"])
         start, best = int(state["step"]), float(state.get("best", -1.0))
         print(f"resuming from step {start} ({last})", file=sys.stderr)
@@ -846,9 +852,13 @@ def train(
             state_path.with_name(state_path.name + ".tmp"),
         )
         _save_model(model, last, meta)
+        if aux_head is not None:
+            _save_aux_head(aux_head, out / AUX_HEAD_FILE)
         os.replace(state_path.with_name(state_path.name + ".tmp"), state_path)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if aux_head is not None:
+        params += list(aux_head.parameters())
     log_path = out / "log.jsonl"
     tic = time.perf_counter()
     for step in range(start, config.steps):
@@ -859,7 +869,9 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr
         weights = config.loss_kwargs(step)
-        metrics = train_step(model, data, config, step, params, optimizer, weights)
+        metrics = train_step(
+            model, data, config, step, params, optimizer, weights, aux_head=aux_head
+        )
         metrics.update(step=step + 1, lr=lr, sec=time.perf_counter() - tic)
         tic = time.perf_counter()
         done = step + 1
@@ -893,8 +905,13 @@ def train_step(
     params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     weights: dict[str, float],
+    aux_head: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One optimisation step (see the module doc); returns its metrics."""
+    """One optimisation step (see the module doc); returns its metrics.
+
+    With ``aux_head`` (and ``config.aux_dense > 0``) the dense auxiliary loss
+    of :mod:`.dense_targets` is added, weighted by ``config.aux_dense``.
+    """
     t0 = time.perf_counter()
     rng = np.random.default_rng([config.seed, step, 2])
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
@@ -916,6 +933,10 @@ def train_step(
         emb = model.image_encoder(images)
         leaf = emb.detach().requires_grad_(True)
     t2 = time.perf_counter()
+    aux_value = None
+    if aux_head is not None:
+        aux_value = _aux_backward(aux_head, leaf, samples, data.low_res_size, config.aux_dense)
+    t_aux = time.perf_counter() - t2
     point_rows, box_rows = _split_first_prompt(len(objects), config.box_prob, gen)
     groups: list[tuple[list[SamLoss], float]] = []
     n_total = len(objects)
@@ -947,16 +968,72 @@ def train_step(
         gnorm = float("nan")
     optimizer.step()
     metrics = _merge(groups)
+    if aux_value is not None:
+        metrics.update(aux_dense=aux_value, t_aux=t_aux)
     t4 = time.perf_counter()
     metrics.update(
         objects=n_total,
         grad_norm=gnorm,
         t_data=t1 - t0,
         t_encoder=t2 - t1,
-        t_decoder=t3 - t2,
+        t_decoder=t3 - t2 - t_aux,
         t_backward=t4 - t3,
     )
     return metrics
+
+
+AUX_HEAD_FILE = "aux_head.pt"
+
+
+def _aux_head(
+    model: torch.nn.Module, config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.nn.Module | None:
+    """The dense auxiliary head when ``config.aux_dense > 0``; its parameters join ``optimizer``."""
+    if not math.isfinite(config.aux_dense) or config.aux_dense < 0:
+        raise InvalidInputError(
+            f"aux_dense must be a finite weight >= 0 (0 = off), got {config.aux_dense}."
+        )
+    if config.aux_dense == 0:
+        return None
+    from .dense_targets import DenseHead
+
+    head = DenseHead(int(model.prompt_encoder.embed_dim))
+    optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    return head
+
+
+def _save_aux_head(head: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(head.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def _load_aux_head(head: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"Cannot resume: {path} (the --aux-dense head) is missing; delete the output "
+            "folder's last.* files to restart, or resume without --aux-dense."
+        )
+    head.load_state_dict(torch.load(path, weights_only=True))
+
+
+def _aux_backward(
+    head: torch.nn.Module,
+    leaf: torch.Tensor,
+    samples: Sequence[Sample],
+    low_res_size: int,
+    weight: float,
+) -> float:
+    """Back-propagate ``weight *`` the dense loss of ``head(leaf)`` (into ``leaf.grad`` when
+    ``leaf`` requires grad, and into the head); returns the unweighted loss."""
+    from .dense_targets import dense_loss, dense_targets_batch
+
+    targets, valid = dense_targets_batch(
+        [s.labels for s in samples], [s.input_size for s in samples], low_res_size
+    )
+    loss = dense_loss(head(leaf), targets, valid)
+    (loss * weight).backward()
+    return float(loss.detach())
 
 
 def _merge(groups: list[tuple[list[SamLoss], float]]) -> dict[str, float]:
@@ -1108,6 +1185,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the prompt encoder and mask decoder only (default: off)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no flips, rotations or intensity changes (default: augment)")
+    parser.add_argument(
+        "--aux-dense",
+        type=float,
+        default=d.aux_dense,
+        metavar="WEIGHT",
+        help="weight of a dense auxiliary loss on the image embedding (foreground, boundary, "
+        "centre and boundary distances of every object; 0 = off). Its head is saved as "
+        "aux_head.pt in the output folder, not in the model",
+    )
     parser.add_argument(
         "--cache-images",
         action="store_true",
