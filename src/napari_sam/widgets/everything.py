@@ -125,7 +125,7 @@ def _everything_job(
 
                 sam = load_model(sam, device=device)
                 msgs.put(("model", sam))
-            amg = AutomaticMaskGenerator(sam, **params)
+            amg = AutomaticMaskGenerator(sam, output_mode="cropped_mask", **params)
             n = len(slices)
             for k, index in enumerate(slices):
                 if cancel.is_set():
