@@ -1192,7 +1192,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="WEIGHT",
         help="weight of a dense auxiliary loss on the image embedding (foreground, boundary, "
         "centre and boundary distances of every object; 0 = off). Its head is saved as "
-        "aux_head.pt in the output folder, not in the model",
+        "aux_head.pt in the output folder, not in the model (default: 0, off)",
     )
     parser.add_argument(
         "--cache-images",
