@@ -210,7 +210,7 @@ def test_cli_aux_dense_option(tmp_path, tiny_sam_config):
     """``napari-sam train --aux-dense W`` trains the head; a negative weight is a clear error."""
     write_dataset(tmp_path / "data", n=3, size=64)
     (tmp_path / "model.json").write_text(json.dumps(tiny_sam_config.to_dict()))
-    common = ["train", str(tmp_path / "data"), "--model", str(tmp_path / "model.json"),
+    common = ["train", str(tmp_path / "data"), "--arch", str(tmp_path / "model.json"),
               "--steps", "2", "--batch-size", "1", "--rounds", "1", "--num-threads", "1"]
     bad = _cli(*common, "-o", str(tmp_path / "bad"), "--aux-dense", "-1", cwd=tmp_path)
     assert bad.returncode == 1
