@@ -524,7 +524,7 @@ def test_config_problems_and_train_refuses_before_writing(tmp_path):
         ("a.json", '{"val": 5}', '"val" must be a list of image ids'),
         ("a.json", "{not json", "invalid JSON"),
         ("a.txt", "[broken", "invalid JSON"),
-        ("a.json", '{"val": ["x"], "tran": ["y"]}', "unknown key"),
+        ("a.json", '{"val": ["x"], "tran": ["y"]}', "unknown list key"),
         ("a.json", "[[1, 2]]", "must be a list of image ids"),
         ("a.json", '"x"', "expected a list of ids"),
     ],
@@ -536,3 +536,12 @@ def test_load_ids_rejects_malformed_files(tmp_path, name, text, match):
         load_ids(tmp_path / name)
     (tmp_path / "ok.json").write_text('[1, "b"]')
     assert load_ids(tmp_path / "ok.json") == (None, ["1", "b"])
+
+
+@pytest.mark.parametrize("name", ["dsb2018.json", "dsb2018_val20.json"])
+def test_load_ids_reads_the_repository_splits_with_their_notes(name):
+    """The shipped split files carry "dataset"/"rule"/"seed" notes beside the id lists."""
+    path = Path(__file__).resolve().parents[1] / "splits" / name
+    train_ids, val_ids = load_ids(path)
+    assert len(val_ids) >= 20 and all(isinstance(i, str) for i in val_ids)
+    assert train_ids is None or not set(train_ids) & set(val_ids)

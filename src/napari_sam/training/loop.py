@@ -547,11 +547,13 @@ def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
     if isinstance(data, list):
         return None, _id_list(data, "the list", path)
     if isinstance(data, dict) and "val" in data:
-        unknown = set(data) - {"train", "val"}
+        # Descriptive keys ("dataset", "rule", "seed") are kept as documentation; an
+        # unknown key holding a list is a misspelt split and must not be ignored.
+        unknown = {key for key in set(data) - {"train", "val"} if isinstance(data[key], list)}
         if unknown:
             raise InvalidInputError(
-                f"{path}: unknown key(s) {', '.join(sorted(map(repr, unknown)))}; an ids object "
-                'holds "val" and optionally "train".'
+                f"{path}: unknown list key(s) {', '.join(sorted(map(repr, unknown)))}; an ids "
+                'object holds "val" and optionally "train" (other keys may only hold notes).'
             )
         train = data.get("train")
         return (None if train is None else _id_list(train, '"train"', path),
