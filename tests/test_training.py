@@ -18,7 +18,6 @@ from napari_sam.training.augment import AugmentConfig, augment_geometry, augment
 from napari_sam.training.datasets import InstanceDataset, find_pairs, split_ids
 from napari_sam.training.loop import (
     TrainConfig,
-    config_from_args,
     learning_rate,
     load_ids,
     train,
@@ -413,7 +412,7 @@ def test_focal_ramp_and_cli_arguments():
     import argparse
     import dataclasses
 
-    from napari_sam.training.loop import add_train_arguments
+    from napari_sam.cli.train import add_train_arguments, config_from_args
 
     cfg = TrainConfig(focal_ramp_steps=10)
     assert cfg.loss_kwargs(0)["focal_weight"] == 0.0
@@ -454,7 +453,7 @@ def test_object_windows_and_windowed_losses():
 def test_loss_window_schedule_and_cli():
     import argparse
 
-    from napari_sam.training.loop import add_train_arguments
+    from napari_sam.cli.train import add_train_arguments, config_from_args
 
     cfg = TrainConfig(loss_window=3.0, loss_window_steps=10)
     assert cfg.loss_kwargs(0)["loss_window"] == 3.0

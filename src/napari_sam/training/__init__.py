@@ -5,14 +5,12 @@ Main entry point: :func:`train` with a :class:`TrainConfig` (see
 """
 
 from .datasets import InstanceDataset, find_pairs, split_ids
-from .loop import TrainConfig, add_train_arguments, run_train, train
+from .loop import TrainConfig, train
 
 __all__ = [
     "InstanceDataset",
     "TrainConfig",
-    "add_train_arguments",
     "find_pairs",
-    "run_train",
     "split_ids",
     "train",
 ]

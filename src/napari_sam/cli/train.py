@@ -1,0 +1,201 @@
+"""``napari-sam train``: fine-tune (or train from scratch) on a folder of images and labels.
+
+The options map onto :class:`~napari_sam.training.loop.TrainConfig`; their
+ranges are checked by :func:`~napari_sam.training.loop.config_problems`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from napari_sam.errors import InvalidInputError
+
+from ._common import Console, add_forwarded_parser, parse_forwarded
+
+if TYPE_CHECKING:
+    from napari_sam.training.loop import TrainConfig
+
+__all__ = ["add_train_arguments", "check_train_arguments", "config_from_args", "run_train"]
+
+DESCRIPTION = ("Fine-tune a model on a folder of images and label images (or train one "
+               "from scratch with --arch). Checkpoints, config.json and log.jsonl go to "
+               "--out; rerunning the same command resumes there. A run folder holding "
+               "another run is refused unless --overwrite (which starts over).")
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``train`` to the subparsers ``sub`` (its options are parsed by :func:`run`)."""
+    add_forwarded_parser(sub, "train",
+                         "fine-tune or train a model (options: napari-sam train --help)", run)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Parse the forwarded options and train."""
+    sub_args = parse_forwarded("train", DESCRIPTION, add_train_arguments, args,
+                               check=check_train_arguments)
+    return int(run_train(sub_args) or 0)
+
+
+#: help of the numeric options (option name as in TrainConfig); defaults are added
+_NUMERIC_HELP = {
+    "steps": "training steps (optimizer updates) in all, counting a resumed run's",
+    "batch_size": "images per step",
+    "instances_per_image": "objects prompted per image and step",
+    "rounds": "prompting rounds per object: the first prompt plus correction clicks",
+    "mask_only_rounds": "of the correction rounds, the last N add no click (mask prompt only)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "seed": "random seed (image order, crops, prompts), >= 0",
+    "checkpoint_every": "write last.safetensors every N steps (and at the end)",
+    "log_every": "append a line to log.jsonl (and stderr) every N steps",
+    "val_every": "validate on the --val-ids images every N steps (0: never)",
+    "val_images": "validation images used (the first N of --val-ids)",
+    "min_area": "objects smaller than this many model-input pixels are not prompted",
+    "focal_ramp_steps": "ramp the focal-loss weight up from 0 over N steps (0: off)",
+    "decoder_chunk": "objects per mask-decoder call (small chunks are faster on a CPU)",
+    "loss_window_steps": "steps during which --loss-window applies",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay (not applied to norms, biases, embeddings)",
+    "box_prob": "probability that an object's first prompt is a box rather than a point",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
+    "full_view_prob": "probability that a training view shows the whole image, not a crop",
+    "focal_weight": "weight of the focal loss",
+    "dice_weight": "weight of the dice loss",
+    "iou_weight": "weight of the IoU-prediction loss",
+    "focal_alpha": "weight of foreground pixels in the focal loss (< 0: none)",
+    "focal_gamma": "focusing exponent of the focal loss",
+    "loss_window": "count mask losses only in a window of this many times each object's box "
+                   "(0: whole map; a curriculum for small objects)",
+    "loss_window_end": "grow the window geometrically to this factor over --loss-window-steps "
+                       "(0: fixed)",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` subcommand's options to ``parser``.
+
+    ``-m/--model`` (alias ``--init``) is the model to start from, as in every
+    other command; ``--arch`` builds a randomly initialised model instead.
+    Parse into a :class:`TrainConfig` with :func:`config_from_args`.
+    """
+    from napari_sam.training.loop import _CHOICES, _FLOAT_RANGE, _MIN_INT, TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.png + x_labels.tif)")
+    parser.add_argument("-o", "--out", "--output-dir", dest="output_dir", default=d.output_dir,
+                        metavar="DIR",
+                        help="run folder for checkpoints, config.json and log.jsonl; a folder "
+                             "holding a run with the same settings is resumed "
+                             "(default: %(default)s)")
+    parser.add_argument("-m", "--model", "--init", dest="init", default=None, metavar="NAME|PATH",
+                        help="model to start from: a name from 'napari-sam models list' or a "
+                             "checkpoint file, e.g. an earlier run's last.safetensors "
+                             "(default: the embedded default model, unless --arch)")
+    parser.add_argument("--arch", dest="model", default=None, metavar="NAME|JSON",
+                        help="train from scratch (random weights): a config name (vit_t, vit_b, "
+                             "...) or a JSON SamConfig file such as configs/default_model.json; "
+                             "not with --model (default: off)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device; training runs on the CPU in this version, so only "
+                             "'cpu' is accepted (default: cpu)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run folder that holds a run (deletes its "
+                             "checkpoints, config.json and log.jsonl) (default: off)")
+    parser.add_argument("--val-ids", default=None, metavar="FILE",
+                        help="JSON list of validation ids, a JSON object {\"val\": [...], "
+                             "\"train\": [...]}, or a text file with one id a line; these "
+                             "images are left out of training (default: none)")
+    for name, typ in [*((k, int) for k in _MIN_INT), *((k, float) for k in _FLOAT_RANGE)]:
+        help_text = _NUMERIC_HELP.get(name, name.replace("_", " "))
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                            metavar="N" if typ is int else "X",
+                            help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--num-threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=d.scale_range,
+        metavar=("MIN", "MAX"),
+        help="zoom range of random crops, 1 = native resolution (default: %(default)s)",
+    )
+    parser.add_argument("--schedule", choices=_CHOICES["schedule"], default=d.schedule,
+                        help="learning-rate decay after warm-up: cosine, step (x0.1 at 2/3 and "
+                             "8/9 of the steps) or constant (default: %(default)s)")
+    parser.add_argument("--point-mode", choices=_CHOICES["point_mode"], default=d.point_mode,
+                        help="where correction clicks go in the error region "
+                             "(default: %(default)s)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="train the prompt encoder and mask decoder only (default: off)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="no flips, rotations or intensity changes (default: augment)")
+    parser.add_argument(
+        "--aux-dense",
+        type=float,
+        default=d.aux_dense,
+        metavar="WEIGHT",
+        help="weight of a dense auxiliary loss on the image embedding (foreground, boundary, "
+        "centre and boundary distances of every object; 0 = off). Its head is saved as "
+        "aux_head.pt in the output folder, not in the model (default: 0, off)",
+    )
+    parser.add_argument(
+        "--cache-images",
+        action="store_true",
+        help="keep decoded images in memory (faster epochs; ~1 GB for DSB 2018) (default: off)",
+    )
+
+
+#: command-line spelling of TrainConfig fields whose option is not --<field>
+_OPTION_OF = {"init": "--model", "model": "--arch", "output_dir": "--out"}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed :func:`add_train_arguments` options.
+
+    Without ``--arch`` the run starts from ``--model`` (default: the embedded
+    default model).
+    """
+    from napari_sam.training.loop import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if kwargs.get("model") is None and kwargs.get("init") is None:
+        kwargs["init"] = "default"
+    return TrainConfig(**kwargs)
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """Reject option values that cannot train (the CLI turns this into exit code 2).
+
+    Raises:
+      InvalidInputError: naming the option, e.g. ``--steps must be an integer >= 1, got -5``.
+    """
+    from napari_sam.training.loop import config_problems
+
+    if getattr(args, "init", None) and getattr(args, "model", None):
+        raise InvalidInputError("give --model (weights to start from) or --arch (train from "
+                                "scratch), not both")
+    device = getattr(args, "device", None)
+    if device not in (None, "cpu"):
+        raise InvalidInputError(f"--device {device}: training runs on the CPU in this version "
+                                "(use --device cpu or leave it out)")
+    init = getattr(args, "init", None)
+    if isinstance(init, str) and init.lower().endswith(".json"):
+        raise InvalidInputError(f"--model {init} looks like an architecture config; pass it as "
+                                "--arch to train from scratch (--model takes weights)")
+    problems = config_problems(config_from_args(args))
+    if problems:
+        name, text = problems[0]
+        raise InvalidInputError(f"{_OPTION_OF.get(name, '--' + name.replace('_', '-'))} {text}")
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run training from parsed :func:`add_train_arguments` options; returns an exit code."""
+    from napari_sam.training.loop import train
+
+    check_train_arguments(args)
+    path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)))
+    print(path)
+    return 0
