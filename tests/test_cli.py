@@ -373,6 +373,38 @@ def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, caps
     assert read(out).max() == 0
 
 
+def test_generator_options_and_recommendations_come_from_everything_settings(capsys):
+    """Issue 14 item 3: one definition of the parameters, one place for per-model thresholds."""
+    import dataclasses
+
+    from napari_sam.engine.everything_settings import (
+        SAM_THRESHOLDS,
+        EverythingSettings,
+        everything_kwargs,
+        recommended_thresholds,
+    )
+    from napari_sam.errors import InvalidInputError
+
+    numeric = [f for f in dataclasses.fields(EverythingSettings) if "min" in f.metadata]
+    assert [key for _opt, key, *_ in GENERATOR_OPTIONS] == [f.name for f in numeric]
+    assert main(["everything", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in numeric:  # each option's help is the field's help
+        assert f"--{f.name.replace('_', '-')}" in text and f.metadata["help"] in text, f.name
+    # the default model (by name or None) gets its thresholds; a path or another model SAM's
+    default = EverythingSettings.recommended_for(None)
+    assert (default.pred_iou_thresh, default.stability_score_thresh) == (0.6, 0.85)
+    assert EverythingSettings.recommended_for("default") == default
+    assert recommended_thresholds("vit_b") == SAM_THRESHOLDS
+    assert recommended_thresholds("some/file.safetensors") == SAM_THRESHOLDS
+    # given values win over the recommendation; validation names the option
+    kwargs, rec = everything_kwargs({"pred_iou_thresh": 0.5}, None)
+    assert kwargs == {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.85} and rec
+    with pytest.raises(InvalidInputError, match="--box-nms-thresh must be"):
+        everything_kwargs({"box_nms_thresh": 2.0}, None,
+                          labels={"box_nms_thresh": "--box-nms-thresh"})
+
+
 # ---------------------------------------------------------------------- issue 13: as a user runs it
 # The real console script in a subprocess (exit codes, signals), real files in tmp_path.
 

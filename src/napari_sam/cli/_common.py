@@ -120,9 +120,9 @@ class HelpFormatter(argparse.HelpFormatter):
         if not text or not action.option_strings or not text.endswith(")"):
             return text
         if _RECOMMENDED is None:
-            from napari_sam.models.zoo import recommended_everything_settings
+            from napari_sam.engine.everything_settings import recommended_settings
 
-            _RECOMMENDED = recommended_everything_settings(None)
+            _RECOMMENDED = recommended_settings(None)
         if action.dest in _RECOMMENDED:
             text = f"{text[:-1]}; the default model recommends {_RECOMMENDED[action.dest]:g})"
         return text

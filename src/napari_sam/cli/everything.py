@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_sam.engine.everything_settings import (
+    SAM_THRESHOLDS,
+    EverythingSettings,
+    everything_kwargs,
+)
 from napari_sam.errors import ModelNotFoundError
 
 from ._common import (
@@ -21,32 +26,16 @@ from ._common import (
     with_valid_names,
 )
 
-#: everything-mode options: (option, AutomaticMaskGenerator keyword, type, default shown in help,
-#: help); only options given on the command line are passed to the generator.
-GENERATOR_OPTIONS: tuple[tuple[str, str, type, Any, str], ...] = (
-    ("--points-per-side", "points_per_side", int, 32,
-     "grid of N x N prompt points over the image (per crop layer 0)"),
-    ("--points-per-batch", "points_per_batch", int, 64,
-     "points run through the mask decoder at once (memory vs speed)"),
-    ("--pred-iou-thresh", "pred_iou_thresh", float, 0.88,
-     "drop masks whose predicted IoU is below this"),
-    ("--stability-score-thresh", "stability_score_thresh", float, 0.95,
-     "drop masks whose stability score is below this"),
-    ("--stability-score-offset", "stability_score_offset", float, 1.0,
-     "logit offset used to compute the stability score"),
-    ("--box-nms-thresh", "box_nms_thresh", float, 0.7,
-     "box IoU above which duplicate masks are removed"),
-    ("--crop-n-layers", "crop_n_layers", int, 0,
-     "extra layers of image crops (0: whole image only)"),
-    ("--crop-nms-thresh", "crop_nms_thresh", float, 0.7,
-     "box IoU for removing duplicates between crops"),
-    ("--crop-overlap-ratio", "crop_overlap_ratio", float, 512 / 1500,
-     "overlap of neighbouring crops, as a fraction of the crop size"),
-    ("--crop-n-points-downscale-factor", "crop_n_points_downscale_factor", int, 1,
-     "points per side in crop layer n are divided by this**n"),
-    ("--min-mask-region-area", "min_mask_region_area", int, 0,
-     "remove holes and islands smaller than this many pixels (0: off)"),
-)
+
+def _option(field: Any) -> tuple[str, str, type, Any, str]:
+    """(option, keyword, type, default shown in help, help) of an EverythingSettings field."""
+    return ("--" + field.name.replace("_", "-"), field.name, field.metadata["kind"],
+            SAM_THRESHOLDS.get(field.name, field.default), field.metadata["help"])
+
+
+#: everything-mode options, generated from EverythingSettings' numeric fields (their help
+#: and ranges live there); only options given on the command line reach the generator.
+GENERATOR_OPTIONS = tuple(_option(f) for f in EverythingSettings.cli_fields())
 
 
 def add_generator_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -55,14 +44,10 @@ def add_generator_options(parser: argparse.ArgumentParser) -> argparse._Argument
     The help of each option shows its valid range, from
     :class:`~napari_sam.engine.everything_settings.EverythingSettings`.
     """
-    from dataclasses import fields
-
-    from napari_sam.engine.everything_settings import SAM_THRESHOLDS, EverythingSettings
-
-    ranges = {f.name: f.metadata for f in fields(EverythingSettings)}
     g = parser.add_argument_group("everything-mode parameters (as in AutomaticMaskGenerator)")
-    for option, key, typ, default, text in GENERATOR_OPTIONS:
-        meta = ranges.get(key, {})
+    for field in EverythingSettings.cli_fields():
+        option, key, typ, default, text = _option(field)
+        meta = field.metadata
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and hi is not None:
             bracket = ")" if meta.get("max_open") else "]"
@@ -88,30 +73,23 @@ def generator_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     """AutomaticMaskGenerator keywords from options parsed with :func:`add_generator_options`.
 
     The options given, then, for the others, the settings that ``args.model``
-    recommends (:func:`~napari_sam.models.zoo.recommended_everything_settings`).
-    The result is validated here, before any model is loaded
-    (:class:`~napari_sam.engine.everything_settings.EverythingSettings`); an
-    out-of-range option is a usage error (exit 2) naming the option.
-    Returns the keywords and the recommended settings.
+    recommends (:func:`~napari_sam.engine.everything_settings.everything_kwargs`,
+    which validates them before any model is loaded); an out-of-range option
+    is a usage error (exit 2) naming the option. Returns the keywords and the
+    recommended settings.
     """
-    from napari_sam.engine.everything_settings import EverythingSettings
     from napari_sam.errors import InvalidInputError
-    from napari_sam.models.zoo import recommended_everything_settings
 
-    kwargs = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
-              if getattr(args, key, None) is not None}
+    given = {key: getattr(args, key) for _opt, key, *_ in GENERATOR_OPTIONS
+             if getattr(args, key, None) is not None}
     if getattr(args, "auto_tile", None) is not None:
-        kwargs["auto_tile"] = bool(args.auto_tile)
-    recommended = recommended_everything_settings(args.model)
-    for key, value in recommended.items():
-        kwargs.setdefault(key, value)
+        given["auto_tile"] = bool(args.auto_tile)
     labels = {key: option for option, key, *_ in GENERATOR_OPTIONS}
     labels["auto_tile"] = "--no-auto-tile"
     try:
-        EverythingSettings.from_kwargs(kwargs, labels=labels)
+        return everything_kwargs(given, args.model, labels=labels)
     except InvalidInputError as err:
         raise UsageError(str(err)) from None
-    return kwargs, recommended
 
 
 def _tile_size(text: str) -> int:

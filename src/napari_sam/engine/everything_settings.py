@@ -33,7 +33,11 @@ min_mask_region_area                whole number >= 0            pixels
 and at most :data:`MAX_PROMPTS` prompts over all crops of all layers.
 
 Thresholds left at None are resolved per model by :func:`recommended_settings`
-(the default thresholds of the model, else SAM's 0.88 / 0.95).
+(the default thresholds of the model, else SAM's 0.88 / 0.95), the one place
+that decides them; :meth:`EverythingSettings.recommended_for` gives a form its
+values and :func:`everything_kwargs` merges them under given keywords (CLI,
+evaluation). The numeric fields (:meth:`EverythingSettings.cli_fields`) are the
+CLI's options, with their help and range from ``metadata``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -62,7 +67,9 @@ __all__ = [
     "TilingSettings",
     "auto_tile_size",
     "check_number",
+    "everything_kwargs",
     "recommended_settings",
+    "recommended_thresholds",
 ]
 
 #: largest points_per_side: a grid of 256 x 256 = 65,536 prompts per crop
@@ -111,32 +118,29 @@ class EverythingSettings:
 
     points_per_side: int | None = _param(
         32, int, 1, MAX_POINTS_PER_SIDE,
-        "prompt points along each side of the image (n x n grid); None with point_grids",
-        optional=True)
+        "grid of N x N prompt points over the image (per crop layer 0)", optional=True)
     points_per_batch: int = _param(
-        64, int, 1, MAX_POINTS_PER_BATCH, "prompts decoded together (memory grows with it)")
+        64, int, 1, MAX_POINTS_PER_BATCH,
+        "points run through the mask decoder at once (memory vs speed)")
     pred_iou_thresh: float | None = _param(
-        None, float, 0.0, 1.0,
-        "keep masks whose predicted IoU is above this (None: the model's recommended value, "
-        "else 0.88)", optional=True)
+        None, float, 0.0, 1.0, "drop masks whose predicted IoU is below this", optional=True)
     stability_score_thresh: float | None = _param(
-        None, float, 0.0, 1.0,
-        "keep masks whose stability score is at least this (None: the model's recommended "
-        "value, else 0.95)", optional=True)
+        None, float, 0.0, 1.0, "drop masks whose stability score is below this",
+        optional=True)
     stability_score_offset: float = _param(
         1.0, float, 0.0, None, "logit offset used to compute the stability score")
     box_nms_thresh: float = _param(
         0.7, float, 0.0, 1.0, "box IoU above which duplicate masks are removed")
     crop_n_layers: int = _param(
-        0, int, 0, MAX_CROP_LAYERS, "extra layers of image crops; layer i has 4**i crops")
+        0, int, 0, MAX_CROP_LAYERS, "extra layers of image crops (0: whole image only)")
     crop_nms_thresh: float = _param(
-        0.7, float, 0.0, 1.0, "box IoU above which duplicates between crops are removed")
+        0.7, float, 0.0, 1.0, "box IoU for removing duplicates between crops")
     crop_overlap_ratio: float = _param(
         512 / 1500, float, 0.0, 1.0,
         "overlap of neighbouring first-layer crops, as a fraction of the image's short side",
         max_open=True)
     crop_n_points_downscale_factor: int = _param(
-        1, int, 1, None, "points per side in crop layer i are divided by this**i")
+        1, int, 1, None, "points per side in crop layer n are divided by this**n")
     point_grids: tuple[np.ndarray, ...] | None = field(
         default=None,
         metadata={"kind": list, "help": "explicit (N, 2) grids of normalised (x, y) in [0, 1], "
@@ -174,9 +178,23 @@ class EverythingSettings:
         defaults = {f.name: f.default for f in fields(cls)}
         return cls(**_validate({**defaults, **dict(kwargs)}, label))
 
+    @classmethod
+    def recommended_for(cls, model: Any) -> EverythingSettings:
+        """The default settings with ``model``'s thresholds (:func:`recommended_thresholds`).
+
+        ``model``: a zoo name, None (the default model), a path, a SAM model
+        or a ``Predictor``. A form shows these when a model is picked.
+        """
+        return cls().resolved(model)
+
+    @classmethod
+    def cli_fields(cls) -> list[Any]:
+        """The numeric parameters (fields with a range), in order: the CLI's options."""
+        return [f for f in fields(cls) if "min" in f.metadata]
+
     def resolved(self, model: Any) -> EverythingSettings:
-        """These settings with thresholds left at None taken from :func:`recommended_settings`."""
-        rec = {**SAM_THRESHOLDS, **recommended_settings(model)}
+        """These settings with thresholds left at None taken from :func:`recommended_thresholds`."""
+        rec = recommended_thresholds(model)
         fill = {k: rec[k] for k in SAM_THRESHOLDS if getattr(self, k) is None}
         return replace(self, **fill) if fill else self
 
@@ -399,22 +417,56 @@ def _default_model_config() -> Any:
 def recommended_settings(model: Any) -> dict[str, float]:
     """Everything-mode thresholds recommended for ``model`` where they differ from SAM's.
 
-    The rule, in one place: a model with the architecture of the embedded
-    default model (the default model itself, and models fine-tuned from it
-    with ``napari-sam train``) gets the default model's settings
-    (``pred_iou_thresh=0.6``, ``stability_score_thresh=0.85``: its scores run
-    lower than SAM's); every other model, the official SAM checkpoints
-    included, gets none (SAM's 0.88 / 0.95 apply).
+    The one place where per-model thresholds are decided; the generator, the
+    CLI, evaluation and the widget all ask here. ``model`` is
 
-    ``model`` is a SAM model or a ``Predictor``.
+    * a zoo name, or None for the default model: the zoo's recommendation
+      (:attr:`~napari_sam.models.zoo.ModelInfo.everything`); a checkpoint path
+      gets none here (the generator recognises the architecture once the
+      model is loaded);
+    * a SAM model or a ``Predictor``: a model with the architecture of the
+      embedded default model (the default model itself, and models fine-tuned
+      from it with ``napari-sam train``) gets the default model's settings
+      (``pred_iou_thresh=0.6``, ``stability_score_thresh=0.85``: its scores
+      run lower than SAM's); every other model, the official SAM checkpoints
+      included, gets none (SAM's 0.88 / 0.95 apply).
     """
     from napari_sam.models.zoo import recommended_everything_settings
 
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return recommended_everything_settings(None if model is None else os.fspath(model))
     model = getattr(model, "model", model)  # a Predictor
     config = getattr(model, "config", None)
     if config is not None and config == _default_model_config():
         return recommended_everything_settings(None)
     return {}
+
+
+def recommended_thresholds(model: Any) -> dict[str, float]:
+    """Both thresholds for ``model``: its recommendation (:func:`recommended_settings`),
+    else SAM's (:data:`SAM_THRESHOLDS`)."""
+    return {**SAM_THRESHOLDS, **recommended_settings(model)}
+
+
+def everything_kwargs(
+    given: Mapping[str, Any], model: Any, labels: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Generator keywords: the ``given`` ones, then the settings ``model`` recommends.
+
+    Validated here (:meth:`EverythingSettings.from_kwargs`; ``labels`` names
+    parameters in messages, e.g. CLI options), before any model is loaded.
+    ``model`` as in :func:`recommended_settings` (a name or a path for the
+    CLI). Returns the keywords and the recommended settings.
+
+    Raises:
+      InvalidInputError: a value out of range, naming it with ``labels``.
+    """
+    kwargs = dict(given)
+    recommended = recommended_settings(model)
+    for key, value in recommended.items():
+        kwargs.setdefault(key, value)
+    EverythingSettings.from_kwargs(kwargs, labels=labels)
+    return kwargs, recommended
 
 
 def auto_tile_size(shape: tuple[int, int], img_size: int) -> int | None:
