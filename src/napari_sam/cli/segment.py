@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from napari_sam.engine.segment import SELECT_MODES, ObjectResult, segment_objects
+
 from ._common import (
     Console,
     HelpFormatter,
@@ -54,7 +56,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, metavar="LABELS",
                    help="output label image (.tif: uint32, .png: 16-bit)")
     model_options(p)
-    p.add_argument("--multimask-select", choices=("best", "single"), default="best",
+    p.add_argument("--multimask-select", choices=SELECT_MODES, default="best",
                    help="best: predict 3 candidate masks per object and keep the one with the "
                         "highest predicted IoU; single: predict one mask (default: best)")
     p.add_argument("--overlay", action="store_true",
@@ -73,8 +75,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _cmd_segment(args: argparse.Namespace, console: Console) -> int:
-    import numpy as np
-
     from napari_sam.engine.image import to_rgb_uint8
     from napari_sam.engine.io import (
         LABEL_EXTENSIONS,
@@ -128,27 +128,18 @@ def _cmd_segment(args: argparse.Namespace, console: Console) -> int:
     predictor = Predictor(model)
     console.info(f"embedding {args.image.name} ({rgb.shape[1]} x {rgb.shape[0]}) ...")
     predictor.set_image(rgb)
-    labels = np.zeros(image.plane_shape, dtype=np.uint32)
-    multimask = args.multimask_select == "best"
-    for number, obj in enumerate(objects, start=1):
-        try:
-            pred = predictor.predict(
-                points=obj.points if len(obj.points) else None,
-                labels=obj.labels if len(obj.points) else None,
-                box=obj.box,
-                multimask=multimask,
-            )
-        except InvalidInputError as err:
-            raise InvalidInputError(f"{obj.describe(number)}: {err}") from err
-        mask = pred.masks[int(np.argmax(pred.scores))]
-        free = mask & (labels == 0)
-        if not mask.any():
-            console.warn(f"{obj.describe(number)} gave an empty mask.")
-        elif not free.any():
-            console.warn(f"{obj.describe(number)} lies entirely under earlier objects.")
-        labels[free] = number
-        console.info(f"[{number}/{len(objects)}] {obj.describe(number)}: {int(free.sum())} px, "
-                     f"score {float(np.max(pred.scores)):.3f}")
+
+    def report(obj: Any, result: ObjectResult) -> None:
+        name = obj.describe(result.number)
+        if result.empty:
+            console.warn(f"{name} gave an empty mask.")
+        elif result.covered:
+            console.warn(f"{name} lies entirely under earlier objects.")
+        console.info(f"[{result.number}/{len(objects)}] {name}: {result.area} px, "
+                     f"score {result.score:.3f}")
+
+    labels = segment_objects(predictor, objects, image.plane_shape,
+                             select=args.multimask_select, on_object=report).labels
     # replace=False guards against a file created meanwhile (e.g. by a parallel run)
     write_labels(out, labels, replace=args.overwrite)
     console.result(str(out))
