@@ -306,8 +306,8 @@ def expected_labels(rgb):
 @pytest.fixture
 def fake_gen(monkeypatch):
     gen = FakeGenerator()
-    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
-    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    monkeypatch.setattr(batch, "cached_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "cached_generator", lambda spec, device, kwargs: gen)
     return gen
 
 
@@ -380,8 +380,8 @@ def test_batch_interrupted_keeps_finished_outputs(monkeypatch, folder, tmp_path)
     d, images = folder
     out = tmp_path / "out"
     gen = FakeGenerator(fail_on={2}, exc=KeyboardInterrupt)
-    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
-    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    monkeypatch.setattr(batch, "cached_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "cached_generator", lambda spec, device, kwargs: gen)
     with pytest.raises(KeyboardInterrupt):
         batch.run_batch([d / "img0.png", d / "img1.png", d / "img2.png"], out, "fake", {},
                         overlay=True)
@@ -401,8 +401,8 @@ def test_batch_interrupted_keeps_finished_outputs(monkeypatch, folder, tmp_path)
 def test_batch_error_in_one_image_goes_on(monkeypatch, folder, tmp_path):
     d, _ = folder
     gen = FakeGenerator(fail_on={2})
-    monkeypatch.setattr(batch, "get_model", lambda spec, device=None: object())
-    monkeypatch.setattr(batch, "get_generator", lambda spec, device, kwargs: gen)
+    monkeypatch.setattr(batch, "cached_model", lambda spec, device=None: object())
+    monkeypatch.setattr(batch, "cached_generator", lambda spec, device, kwargs: gen)
     report = batch.run_batch([str(d / "img*.png")], tmp_path / "out", "fake", {})
     assert [p.name for p in report.done] == ["img0.png", "img2.png"]
     assert len(report.failed) == 1
@@ -669,3 +669,15 @@ def test_batch_overlay_from_an_existing_coco_output(fake_gen, folder, tmp_path):
     assert (out / "img1_coco.json").read_bytes() == coco
     want = io.overlay_image(images["img1.png"], expected_labels(images["img1.png"]))
     np.testing.assert_array_equal(np.asarray(Image.open(out / "img1_overlay.png")), want)
+
+
+def test_process_wide_caches_are_named_and_can_be_cleared(monkeypatch, tiny_sam):
+    """Architecture review (b) 'next in line': get_model/get_generator never evicted models."""
+    monkeypatch.setattr(batch, "_MODELS", {("tiny", None): tiny_sam})
+    monkeypatch.setattr(batch, "_GENERATORS", {})
+    assert batch.cached_model("tiny") is tiny_sam
+    gen = batch.cached_generator("tiny", None, {"points_per_side": 2})
+    assert batch.cached_generator("tiny", None, {"points_per_side": 2}) is gen
+    assert batch.get_model is batch.cached_model and batch.get_generator is batch.cached_generator
+    batch.clear_caches()
+    assert batch._MODELS == {} and batch._GENERATORS == {}

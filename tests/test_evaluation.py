@@ -47,6 +47,23 @@ def test_mask_iou_values():
         mask_iou(a, np.zeros((3, 3), bool))
 
 
+def test_mask_iou_has_one_owner_and_one_meaning_for_empty_masks():
+    """Issue 14 item 4: the engine's copy gave 0 for two empty masks, evaluation's 1."""
+    from napari_sam.engine import masks
+    from napari_sam.evaluation import interactive
+    from napari_sam.evaluation.metrics import paired_mask_iou
+
+    assert not hasattr(masks, "mask_iou") and not hasattr(interactive, "masks_iou")
+    pred = np.zeros((3, 6, 6), bool)
+    gt = np.zeros((3, 6, 6), bool)
+    pred[1, :3], gt[1, :, :3] = True, True  # 9 / 27
+    pred[2], gt[2, :2] = True, True  # 12 / 36
+    got = paired_mask_iou(pred, gt)
+    assert got.dtype == np.float64 and got.shape == (3,)
+    np.testing.assert_allclose(got, [1.0, 9 / 27, 12 / 36])  # both empty: 1
+    assert list(got) == pytest.approx([mask_iou(p, g) for p, g in zip(pred, gt, strict=True)])
+
+
 def test_iou_matrix_labels_and_overlapping_masks():
     gt = _labels()
     pred = [gt == 1, (gt == 1) | (gt == 2), np.zeros_like(gt, bool)]

@@ -78,8 +78,9 @@ __all__ = [
     "InputScan",
     "discover_inputs",
     "everything_labels",
-    "get_generator",
-    "get_model",
+    "cached_generator",
+    "cached_model",
+    "clear_caches",
     "output_path",
     "overlay_from_output",
     "overlay_path",
@@ -222,6 +223,12 @@ def overlay_path(output: str | os.PathLike, stack: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------- per-image work
+# Process-wide caches. A Dask worker runs many tasks in one process: each task asks
+# cached_model / cached_generator, and only the first pays for loading the model. The
+# models are kept until clear_caches() (there are few: one per (spec, device)); the
+# generators, which hold per-image state and so are per thread, are an LRU of at most
+# GENERATOR_CACHE_SIZE. A long-lived caller that is done with a model (a GUI, a notebook)
+# frees them with clear_caches().
 
 _MODELS: dict[tuple[str | None, str | None], Any] = {}
 #: at most this many generators are kept (least recently used dropped first): a
@@ -231,7 +238,7 @@ _GENERATORS: dict[tuple, Any] = {}  # insertion order = use order (an LRU)
 _MODELS_LOCK = threading.Lock()
 
 
-def get_model(model_spec: str | None, device: str | None = None) -> Any:
+def cached_model(model_spec: str | None, device: str | None = None) -> Any:
     """Load a model once per process (cached by ``(model_spec, device)``).
 
     Dask workers call this from every task; only the first task in a worker
@@ -248,13 +255,13 @@ def get_model(model_spec: str | None, device: str | None = None) -> Any:
     return model
 
 
-def get_generator(
+def cached_generator(
     model_spec: str | None, device: str | None, generator_kwargs: Mapping[str, Any]
 ) -> Any:
     """An ``AutomaticMaskGenerator`` for this process and thread (cached).
 
     Generators hold per-image state, so each thread gets its own; all share the
-    process's model from :func:`get_model`. The cache keeps the
+    process's model from :func:`cached_model`. The cache keeps the
     :data:`GENERATOR_CACHE_SIZE` most recently used generators. Unless
     ``generator_kwargs`` say otherwise, the generators give cropped masks
     (``output_mode="cropped_mask"``): the batch only paints them.
@@ -273,12 +280,24 @@ def get_generator(
         if gen is not None:
             _GENERATORS[key] = gen  # most recently used last
     if gen is None:
-        gen = AutomaticMaskGenerator(get_model(model_spec, device), **kwargs)
+        gen = AutomaticMaskGenerator(cached_model(model_spec, device), **kwargs)
         with _MODELS_LOCK:
             _GENERATORS[key] = gen
             while len(_GENERATORS) > GENERATOR_CACHE_SIZE:
                 del _GENERATORS[next(iter(_GENERATORS))]
     return gen
+
+
+def clear_caches() -> None:
+    """Drop every model and generator cached by :func:`cached_model` / :func:`cached_generator`."""
+    with _MODELS_LOCK:
+        _GENERATORS.clear()
+        _MODELS.clear()
+
+
+#: the names before issue 14 (they did not say "cached")
+get_model = cached_model
+get_generator = cached_generator
 
 
 def everything_labels(
@@ -458,7 +477,7 @@ def process_image(
             torch.set_num_threads(int(torch_threads))
     input_path, output = Path(input_path), Path(output)
     fmt = _check_format(fmt)
-    get_model(model_spec, device)  # model errors propagate on purpose
+    cached_model(model_spec, device)  # model errors propagate on purpose
     notes: list[str] = []
     try:
         image = read_image(input_path, channels_as_planes=channels_as_planes)
@@ -474,7 +493,7 @@ def process_image(
             overlay_file, note = _overlay_target(output, image.is_stack, overwrite, input_path)
             if note:
                 notes.append(note)
-        generator = get_generator(model_spec, device, dict(generator_kwargs or {}))
+        generator = cached_generator(model_spec, device, dict(generator_kwargs or {}))
         labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel)
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
@@ -863,7 +882,7 @@ def run_batch(
     )
 
     if scheduler is None and (n_workers is None or int(n_workers) == 1):
-        get_model(spec, device)  # model errors before any image
+        cached_model(spec, device)  # model errors before any image
         if torch_threads:
             task_kwargs["torch_threads"] = int(torch_threads)
         for path, out in todo:

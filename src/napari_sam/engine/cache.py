@@ -84,7 +84,10 @@ class EmbeddingCache:
         caching.
     """
 
-    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+    #: default capacity, 512 MiB: the one definition of the embedding cache size
+    DEFAULT_BYTES = 512 * 2**20
+
+    def __init__(self, max_bytes: int = DEFAULT_BYTES) -> None:
         if max_bytes < 0:
             raise InvalidInputError(f"max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = int(max_bytes)

@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_sam._files import atomic_path
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.errors import InvalidInputError
 
@@ -72,9 +71,6 @@ _TIFF = (".tif", ".tiff")
 #: software tag of every file written here (TIFF Software tag, PNG "Software" text chunk)
 WRITER = "napari-sam"
 
-# file mode for new files (mkstemp creates 0600; published files follow umask)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -245,59 +241,6 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """Context manager yielding a temporary path that becomes ``path`` on success.
-
-    The temporary file is created in ``path``'s folder (so the final rename is
-    atomic on the same file system), named ``.<name>.<random>.tmp``. If the
-    block raises (or is interrupted), the temporary file is deleted and
-    ``path`` is left untouched. Parent folders are created.
-
-    With ``replace=False`` an existing ``path`` is never replaced: the file is
-    published with :func:`os.link`, which fails if the name exists (also when
-    another process created it meanwhile), and :class:`FileExistsError` is
-    raised. On file systems without hard links the check is a plain existence
-    test just before the rename.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not replace and path.exists():
-        raise _exists_error(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        _publish(tmp, path, replace)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _exists_error(path: Path) -> FileExistsError:
-    return FileExistsError(f"{path} exists and was not replaced (pass --overwrite to replace it).")
-
-
-def _publish(tmp: Path, path: Path, replace: bool) -> None:
-    """Move ``tmp`` to ``path``; without ``replace``, fail if ``path`` exists."""
-    if replace:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise _exists_error(path) from None
-    except OSError:  # no hard links on this file system (FAT, some network shares)
-        if path.exists():
-            raise _exists_error(path) from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
 
 
 def written_by_napari_sam(path: str | os.PathLike) -> bool:

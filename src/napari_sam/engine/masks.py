@@ -41,7 +41,6 @@ __all__ = [
     "cropped_mask_to_rle",
     "generate_crop_boxes",
     "is_box_near_crop_edge",
-    "mask_iou",
     "mask_to_box_rc",
     "mask_to_box_xyxy",
     "mask_to_rle",
@@ -259,13 +258,6 @@ def batched_nms(
         keep[sel[nms(boxes[sel], scores[sel], iou_threshold)]] = True
     kept = torch.nonzero(keep).flatten()
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two bool masks of the same shape (0.0 when both are empty)."""
-    inter = np.logical_and(a, b).sum()
-    union = np.logical_or(a, b).sum()
-    return float(inter) / float(union) if union else 0.0
 
 
 # --------------------------------------------------------------------------- crops

@@ -229,7 +229,7 @@ def write_results(results: dict[str, Any], path: str | os.PathLike, replace: boo
 
     ``replace=False`` never replaces an existing file (FileExistsError).
     """
-    from napari_sam.engine.io import atomic_path
+    from napari_sam._files import atomic_path
 
     path = Path(path)
 

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from napari_sam.errors import InvalidInputError
+from napari_sam.evaluation.metrics import paired_mask_iou
 from napari_sam.training.prompts import boxes_from_masks, correction_points, innermost_points
 
-__all__ = ["PredictorLike", "evaluate_image_interactive", "masks_iou"]
+__all__ = ["PredictorLike", "evaluate_image_interactive"]
 
 
 class PredictorLike(Protocol):
@@ -47,15 +48,6 @@ class PredictorLike(Protocol):
         mask_input: np.ndarray | None = None,
         multimask: bool = True,
     ) -> Any: ...
-
-
-def masks_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """IoU of paired masks (K, H, W) bool -> (K,) float64 (1 when both are empty)."""
-    pred = pred.reshape(len(pred), -1)
-    gt = gt.reshape(len(gt), -1)
-    inter = np.count_nonzero(pred & gt, axis=1)
-    union = np.count_nonzero(pred | gt, axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _best(pred: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +108,7 @@ def evaluate_image_interactive(
             # rejects: give it one pixel of extent
             boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
             pred = predictor.predict(box=boxes, multimask=False)
-            box_iou[chunk] = masks_iou(np.asarray(pred.masks)[:, 0].astype(bool), gt)
+            box_iou[chunk] = paired_mask_iou(np.asarray(pred.masks)[:, 0].astype(bool), gt)
     return {"ids": ids, "area": areas, "point_iou": point_iou, "box_iou": box_iou}
 
 
@@ -127,7 +119,7 @@ def _clicks(predictor: PredictorLike, gt: np.ndarray, n_clicks: int) -> np.ndarr
     points = innermost_points(gt)[:, None, :].astype(np.float64)  # (K, 1, 2) row, col
     plabels = np.ones((K, 1), dtype=np.int64)
     masks, logits = _best(predictor.predict(points=points, labels=plabels, multimask=True))
-    out[:, 0] = masks_iou(masks, gt)
+    out[:, 0] = paired_mask_iou(masks, gt)
     active = np.flatnonzero(out[:, 0] < 1.0)
     points, plabels = points[active], plabels[active]  # rows follow ``active``
     for k in range(1, n_clicks + 1):
@@ -144,7 +136,7 @@ def _clicks(predictor: PredictorLike, gt: np.ndarray, n_clicks: int) -> np.ndarr
         )
         new_masks = np.asarray(pred.masks)[:, 0].astype(bool)
         new_logits = np.asarray(pred.logits)[:, 0]
-        iou = masks_iou(new_masks, gt[active])
+        iou = paired_mask_iou(new_masks, gt[active])
         out[active, k] = iou
         out[active, k + 1 :] = iou[:, None]  # kept when the object is done before the end
         masks[active], logits[active] = new_masks, new_logits

@@ -37,18 +37,37 @@ __all__ = [
     "match_counts",
     "matching_metrics",
     "mean_metrics",
+    "paired_mask_iou",
 ]
 
 DSB_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2).tolist())
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks of the same shape (1.0 when both are empty)."""
+    """IoU of two boolean masks of the same shape.
+
+    Two empty masks agree perfectly: their IoU is **1.0** (not 0 and not NaN),
+    so an object that is correctly absent does not count as a miss. This is
+    the package's one definition of mask IoU; :func:`paired_mask_iou` is its
+    batched form (training's ``logits_mask_iou`` works on logits).
+    """
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise InvalidInputError(f"mask shapes differ: {a.shape} vs {b.shape}")
     union = np.count_nonzero(a | b)
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def paired_mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """:func:`mask_iou` of paired masks: (K, H, W) bool and (K, H, W) bool -> (K,) float64.
+
+    ``pred[k]`` is compared with ``gt[k]``; two empty masks give 1.0.
+    """
+    pred = pred.reshape(len(pred), -1)
+    gt = gt.reshape(len(gt), -1)
+    inter = np.count_nonzero(pred & gt, axis=1)
+    union = np.count_nonzero(pred | gt, axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _as_masks(pred: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int]) -> list[np.ndarray]:

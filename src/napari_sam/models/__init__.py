@@ -2,47 +2,38 @@
 
 Models speak SAM's conventions: (x, y) pixel coordinates in the resized model
 input frame, images normalised and padded to ``img_size`` by ``Sam.preprocess``.
+
+Names are imported lazily (as in :mod:`napari_sam.engine`): importing one
+module (``models.kernels`` for the predictor, :data:`DEFAULT_MODEL` for the
+widgets) does not import torch's model code, the checkpoint readers or the
+zoo's downloader.
 """
 
-from .build import (
-    MODEL_CONFIGS,
-    SamConfig,
-    TinyViTEncoderConfig,
-    ViTEncoderConfig,
-    build_sam,
-    config_from_state_dict,
-)
-from .checkpoint import load_state_dict, load_weights, model_from_checkpoint, save_model
-from .sam import Sam
-from .zoo import (
-    ZOO,
-    ModelInfo,
-    cache_dir,
-    download_checkpoint,
-    list_models,
-    load_model,
-    model_info,
-    resolve_device,
-)
+from __future__ import annotations
 
-__all__ = [
-    "MODEL_CONFIGS",
-    "ZOO",
-    "ModelInfo",
-    "Sam",
-    "SamConfig",
-    "TinyViTEncoderConfig",
-    "ViTEncoderConfig",
-    "build_sam",
-    "cache_dir",
-    "config_from_state_dict",
-    "download_checkpoint",
-    "list_models",
-    "load_model",
-    "load_state_dict",
-    "load_weights",
-    "model_from_checkpoint",
-    "model_info",
-    "resolve_device",
-    "save_model",
-]
+from importlib import import_module
+from typing import Any
+
+#: name of the model used when none is given (embedded in the package; see models.zoo)
+DEFAULT_MODEL = "default"
+
+_LAZY = {
+    **dict.fromkeys(
+        ("MODEL_CONFIGS", "SamConfig", "TinyViTEncoderConfig", "ViTEncoderConfig", "build_sam",
+         "config_from_state_dict"), "napari_sam.models.build"),
+    **dict.fromkeys(
+        ("load_state_dict", "load_weights", "model_from_checkpoint", "save_model"),
+        "napari_sam.models.checkpoint"),
+    "Sam": "napari_sam.models.sam",
+    **dict.fromkeys(
+        ("ZOO", "ModelInfo", "cache_dir", "download_checkpoint", "list_models", "load_model",
+         "model_info", "resolve_device"), "napari_sam.models.zoo"),
+}
+
+__all__ = ["DEFAULT_MODEL", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_sam.models' has no attribute {name!r}")

@@ -18,7 +18,6 @@ import json
 import os
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from napari_sam._files import atomic_path
 
 from ..errors import CheckpointError, InvalidInputError
 from .build import (
@@ -443,16 +444,6 @@ def save_model(
     metadata = {str(k): str(v) for k, v in (extra_metadata or {}).items()}
     metadata[CONFIG_METADATA_KEY] = json.dumps(config.to_dict())
     metadata.setdefault("format", "pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; use normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
     return path

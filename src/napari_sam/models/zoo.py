@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from ..errors import DownloadError, InvalidInputError, ModelNotFoundError
+from . import DEFAULT_MODEL  # its one definition (torch-free, for the widgets)
 from .build import MODEL_CONFIGS
 from .checkpoint import model_from_checkpoint
 from .sam import Sam
 
 CACHE_ENV = "NAPARI_SAM_CACHE"
-DEFAULT_MODEL = "default"
 _CHUNK = 1 << 20
 
 

@@ -18,6 +18,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.models import DEFAULT_MODEL
+
 __all__ = [
     "BROWSE",
     "DEFAULT_MODEL",
@@ -32,7 +34,6 @@ __all__ = [
 ]
 
 BROWSE = "Browse…"
-DEFAULT_MODEL = "default"
 CUSTOM_PREFIX = "file: "
 
 
