@@ -111,19 +111,38 @@ def last_line(text: str) -> str:
     return lines[-1][:200] if lines else "(nothing)"
 
 
+def wait_while_running(proc: subprocess.Popen, condition: Callable[[], bool], what: str,
+                       timeout: float = 300) -> None:
+    """Poll until ``condition()`` holds; fail if ``proc`` ends or ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        expect(proc.poll() is None, f"the process ended (rc {proc.returncode}) before {what}")
+        expect(time.monotonic() < deadline, f"no {what} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def blobs(shape: tuple[int, int] = (96, 96), seed: int = 0) -> np.ndarray:
-    """A uint8 image of bright disks on a dark, noisy background, like nuclei."""
+def disks(shape: tuple[int, int] = (96, 96), seed: int = 0,
+          count: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 image of bright disks on a dark, noisy background (like nuclei) and its
+    instance labels (uint16, 0 = background)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     img = rng.normal(25, 5, shape)
-    for _ in range(6):
-        r, c = rng.uniform(12, shape[0] - 12), rng.uniform(12, shape[1] - 12)
-        img[(yy - r) ** 2 + (xx - c) ** 2 < rng.uniform(25, 80)] = rng.uniform(140, 220)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    labels = np.zeros(shape, np.uint16)
+    margin = min(shape) // 6
+    for k in range(1, count + 1):
+        r, c = rng.uniform(margin, shape[0] - margin), rng.uniform(margin, shape[1] - margin)
+        disk = (yy - r) ** 2 + (xx - c) ** 2 < rng.uniform(25, 80)
+        img[disk], labels[disk] = rng.uniform(140, 220), k
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def blobs(shape: tuple[int, int] = (96, 96), seed: int = 0) -> np.ndarray:
+    return disks(shape, seed)[0]
 
 
 def save_png(path: Path, seed: int = 0, shape: tuple[int, int] = (96, 96)) -> Path:
@@ -148,16 +167,12 @@ def dataset(root: Path, n: int = 2) -> Path:
     """images/ + labels/ of disks, the layout train and evaluate read."""
     from PIL import Image
 
-    yy, xx = np.mgrid[:64, :64]
     for folder in ("images", "labels"):
         (root / folder).mkdir(parents=True)
     for i in range(n):
-        lab = np.zeros((64, 64), np.uint16)
-        for k, (r, c) in enumerate(((16 + 4 * i, 20), (44, 40 - 3 * i)), start=1):
-            lab[(yy - r) ** 2 + (xx - c) ** 2 < 64] = k
-        Image.fromarray(np.where(lab > 0, 200, 30).astype(np.uint8)).save(
-            root / "images" / f"a{i}.png")
-        Image.fromarray(lab).save(root / "labels" / f"a{i}.png")
+        image, labels = disks((64, 64), seed=100 + i, count=3)
+        Image.fromarray(image).save(root / "images" / f"a{i}.png")
+        Image.fromarray(labels).save(root / "labels" / f"a{i}.png")
     return root
 
 
@@ -254,13 +269,9 @@ def _(tmp: Path) -> str:
     proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
     try:
-        deadline = time.monotonic() + 300
-        while not (out.is_dir() and any(out.glob("*_labels.tif"))):
-            expect(proc.poll() is None, f"ended early, rc {proc.returncode}")
-            expect(time.monotonic() < deadline, "no output within 300 s")
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
+        wait_while_running(proc, lambda: any(out.glob("*_labels.tif")), "a first output")
+        os.kill(proc.pid, signal.SIGTERM)  # as `kill` or a cluster's scheduler does
+        stderr = proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -778,11 +789,7 @@ def _(tmp: Path) -> str:
     try:
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=ENV)
-        deadline = time.monotonic() + 120
-        while not (cache / "repro.pth.part").is_file():  # the first is part-way
-            expect(first.poll() is None and time.monotonic() < deadline,
-                   "the first download never started")
-            time.sleep(0.02)
+        wait_while_running(first, (cache / "repro.pth.part").is_file, "the first download")
         second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=ENV)
         for line in second.stderr:  # the old code appended to the first one's .part here
