@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     image, centres = _disc_image(args.size)
     viewer.add_image(image, name="big")
     meter = GapMeter()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     if args.random:
         sys.path.insert(0, "tests")
         from reference_utils import build_random_sam, tiny_vit_sam_config

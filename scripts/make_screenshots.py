@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     image = viewer.add_image(data, **kwargs)
 
     # --- interactive widget: three committed nuclei and one live preview
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     widget.set_model(model, label=model_label)
     if not widget.wait_for_embedding(600):
         print("the embedding did not finish in time", file=sys.stderr)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("SAM points", "SAM boxes", "SAM preview"):
         if name in viewer.layers:
             viewer.layers.remove(name)
-    _, everything = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    _, everything = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Everything")
     everything.set_model(model, label=model_label)
     everything.set_image_layer(image)
     if is_random:

@@ -41,5 +41,12 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
 # torch first and pinned: a CPU wheel, so nothing below pulls a CUDA build.
 "${PIP[@]}" install -q "torch==2.13.0"
+# The distribution was named napari-sam before it became napari-sam-kit (napari-sam on PyPI is
+# an unrelated plugin). An install under the old name would stay beside the new one, with a
+# plugin entry point that napari now refuses: remove it.
+if "${PIP[@]}" show -q napari-sam >/dev/null 2>&1; then
+    echo "setup: removing the install under the old name napari-sam ..." >&2
+    "${PIP[@]}" uninstall -q -y napari-sam
+fi
 "${PIP[@]}" install -q -e ".[testing]" "torch==2.13.0"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, napari_sam; print("torch", torch.__version__, "napari-sam", napari_sam.__version__)'))" >&2

@@ -38,6 +38,35 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(1, _TESTS)
 
+# The npe2 plugin name, which is the distribution name (pyproject's [project] name).
+PLUGIN_NAME = "napari-sam-kit"
+MANIFEST = Path(__file__).resolve().parents[1] / "napari.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plugin_manifest_from_this_checkout():
+    """Make napari find the plugin as ``PLUGIN_NAME`` even when the installed metadata is stale.
+
+    npe2 discovers plugins through the installed distribution's entry points and
+    refuses a manifest whose name differs from the distribution's. An editable
+    install made before the distribution was renamed (``napari-sam`` ->
+    ``napari-sam-kit``) therefore hides the plugin until it is reinstalled
+    (``pip install -e . --no-deps``). The widget tests open the plugin by name
+    as a user does, so the manifest of this checkout is registered here when
+    discovery did not find it; ``tests/test_manifest.py`` checks the installed
+    entry point itself.
+    """
+    try:
+        import npe2
+    except ImportError:
+        yield
+        return
+    manager = npe2.PluginManager.instance()
+    manager.discover()
+    if PLUGIN_NAME not in manager:
+        manager.register(npe2.PluginManifest.from_file(MANIFEST))
+    yield
+
 
 @pytest.fixture
 def tiny_sam_config():

@@ -1,4 +1,9 @@
-"""The npe2 manifest (napari.yaml): valid, importable, packaged; the sample data loads."""
+"""The npe2 manifest (napari.yaml): valid, importable, packaged; the sample data loads.
+
+The plugin's name is its distribution's, ``napari-sam-kit`` (``napari-sam`` on the
+package index is an unrelated plugin). The checks read this checkout's files; the one
+that needs the installed distribution's entry point says how to refresh a stale install.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,54 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 npe2 = pytest.importorskip("npe2")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
+DIST = "napari-sam-kit"  # the distribution, hence the npe2 plugin name
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 @pytest.fixture(scope="module")
 def manifest():
-    return npe2.PluginManifest.from_distribution("napari-sam")
+    return npe2.PluginManifest.from_file(ROOT / "napari.yaml")
 
 
-def test_manifest_is_valid_and_found_through_entry_point(manifest):
-    assert manifest.name == "napari-sam"
+def test_plugin_name_is_the_distribution_name(manifest):
+    """pyproject's name, its napari.manifest entry point and the manifest agree on DIST;
+    the package, the command and the menu names keep theirs."""
+    project = PYPROJECT["project"]
+    assert project["name"] == DIST
+    assert project["entry-points"]["napari.manifest"] == {DIST: "napari_sam:napari.yaml"}
+    assert project["scripts"] == {"napari-sam": "napari_sam.cli:main"}
+    assert manifest.name == DIST
+    assert all(cmd.id.startswith(DIST + ".") for cmd in manifest.contributions.commands)
+
+
+def test_installed_entry_point_finds_the_manifest():
+    """The installed distribution's entry point leads npe2 to this manifest (as napari
+    discovers plugins)."""
+    owners = metadata.packages_distributions().get("napari_sam", [])
+    if DIST not in owners:
+        pytest.skip(f"napari_sam is installed as {owners} (metadata from before the rename to "
+                    f"{DIST}); refresh it: pip install -e {ROOT} --no-deps")
+    installed = npe2.PluginManifest.from_distribution(DIST)
+    assert installed.name == DIST
+    assert {c.id for c in installed.contributions.commands} == {
+        c.id for c in npe2.PluginManifest.from_file(ROOT / "napari.yaml").contributions.commands}
+
+
+def test_manifest_is_valid(manifest):
     assert manifest.display_name == "Segment Anything"
-    # the file on disk validates on its own too
-    from_file = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
-    assert from_file.name == manifest.name
     widgets = {w.display_name for w in manifest.contributions.widgets}
     assert widgets == {"Segment Anything", "Segment Everything"}
     samples = {s.display_name for s in manifest.contributions.sample_data}
@@ -62,7 +93,7 @@ def test_sample_loads(manifest):
 def test_installed_package_contains_manifest():
     path = resources.files("napari_sam") / "napari.yaml"
     assert path.is_file()
-    assert "name: napari-sam" in path.read_text()
+    assert f"name: {DIST}\n" in path.read_text()
 
 
 @pytest.mark.slow
@@ -93,7 +124,11 @@ def test_wheel_contains_manifest_and_data(tmp_path):
     with zipfile.ZipFile(whl) as zf:
         names = set(zf.namelist())
         assert "napari_sam/napari.yaml" in names
-        assert "name: napari-sam" in zf.read("napari_sam/napari.yaml").decode()
+        assert f"name: {DIST}\n" in zf.read("napari_sam/napari.yaml").decode()
+        meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        assert f"\nName: {DIST}\n" in zf.read(meta).decode()
         assert "napari_sam/data/nuclei.png" in names
         eps = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "napari_sam:napari.yaml" in zf.read(eps).decode()
+        entry_points = zf.read(eps).decode()
+        assert f"{DIST} = napari_sam:napari.yaml" in entry_points
+        assert "napari-sam = napari_sam.cli:main" in entry_points

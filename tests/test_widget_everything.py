@@ -25,7 +25,7 @@ def _image(shape=(48, 64), seed=0):
 
 
 def _open(viewer, tiny_sam):
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Everything")
     widget.set_model(tiny_sam)
     widget.set_params(**FAST)
     return widget
@@ -185,7 +185,7 @@ def test_recommended_thresholds_follow_the_model(make_napari_viewer):
     from napari_sam.models.zoo import recommended_everything_settings
 
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Everything")
     rec = recommended_everything_settings("default")
     assert rec == {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.85}
     assert {k: widget.params[k] for k in rec} == pytest.approx(rec)  # the default model

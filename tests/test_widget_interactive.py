@@ -29,7 +29,7 @@ def _blob_image(shape=(64, 80), dtype=np.uint8, seed=0):
 
 
 def _open(viewer, tiny_sam):
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     widget.set_model(tiny_sam)
     assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
     return widget
@@ -330,7 +330,7 @@ def test_default_model_on_the_sample_click_a_nucleus_and_commit(make_napari_view
     viewer = make_napari_viewer()
     (data, kwargs), = nuclei()
     layer = viewer.add_image(data, **kwargs)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     assert widget.model_picker.name == "default"
     assert widget.image_layer is layer
     assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
@@ -475,7 +475,7 @@ def test_first_status_says_the_default_model_is_loading(make_napari_viewer):
     """Review: the first status line said "No model loaded: pick one" while it loaded."""
     viewer = make_napari_viewer()
     viewer.add_image(_blob_image(), name="img")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     first = widget.status.text()
     assert first.startswith("Loading model 'default'"), first
     assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
@@ -487,8 +487,8 @@ def test_forms_are_never_squashed_with_both_docks_open(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1280, 700)
     viewer.add_image(_blob_image(), name="img")
-    dock1, sam = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    dock2, everything = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    dock1, sam = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
+    dock2, everything = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Everything")
     assert sam.wait_for_embedding(TIMEOUT)
     _settle(0.3)
     rows = [sam.model_picker, sam.image_combo, sam.labels_combo, sam.points_radio,

@@ -83,7 +83,7 @@ def _mouse_click(viewer, widget, row, col):
 def _open(make_napari_viewer, tiny_sam):
     viewer = make_napari_viewer(show=True)
     viewer.add_image(_blob_image(), name="img")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
     widget.set_model(tiny_sam)
     assert widget.wait_for_embedding(TIMEOUT), widget.status.text()
     viewer.reset_view()

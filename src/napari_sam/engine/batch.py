@@ -914,7 +914,7 @@ def _run_dask(
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError as err:
         raise InvalidInputError(
-            "Running on several workers needs Dask: pip install 'napari-sam[distributed]'."
+            "Running on several workers needs Dask: pip install 'napari-sam-kit[distributed]'."
         ) from err
 
     cluster = None

@@ -574,7 +574,7 @@ def download_checkpoint(
 
 def _missing_embedded(path: Path) -> ModelNotFoundError:
     return ModelNotFoundError(
-        f"the embedded default model weights are missing ({path}); reinstall napari-sam, "
+        f"the embedded default model weights are missing ({path}); reinstall napari-sam-kit, "
         f"or load a zoo model instead, e.g. load_model('vit_t') (choices: "
         f"{', '.join(n for n in list_models() if n != DEFAULT_MODEL)})"
     )
