@@ -538,12 +538,16 @@ def test_segment_overlay_and_input_are_never_replaced(tiny_model_path, tmp_path)
     before = _digest(seg / "res_overlay.png")
     common = ["--prompts", seg / "p.csv", "-m", tiny_model_path, "--device", "cpu"]
     res = _cli("segment", seg / "a.png", "-o", seg / "res.tif", "--overlay", *common)
+    # the first message already says that --overwrite would not help
     assert res.returncode == 1
-    assert "res_overlay.png exists; pass --overwrite" in res.stderr
+    assert ("res_overlay.png exists and was not written by napari-sam, so it is never "
+            "replaced (not even with --overwrite)") in res.stderr
+    assert "pass --overwrite" not in res.stderr
     assert not (seg / "res.tif").exists()
     # with --overwrite: still kept, it is not a file napari-sam wrote
-    assert main(["segment", str(seg / "a.png"), "--out", str(seg / "res.tif"), "--overlay",
-                 "--overwrite", *map(str, common)]) == 1
+    res = _cli("segment", seg / "a.png", "-o", seg / "res.tif", "--overlay", "--overwrite",
+               *common)
+    assert res.returncode == 1 and "never replaced" in res.stderr
     assert _digest(seg / "res_overlay.png") == before
     # our own overlay is replaced with --overwrite
     (seg / "res_overlay.png").unlink()

@@ -105,7 +105,7 @@ def _cmd_models_path(args: argparse.Namespace, console: Console) -> int:
     console.result(str(path))
     if not path.is_file():
         if path.parent == Path(zoo.embedded_weights_path()).parent:
-            console.warn("the embedded model file is missing; reinstall napari-sam")
+            console.warn("the embedded model file is missing; reinstall napari-sam-kit")
         else:
             console.warn(f"not downloaded yet; run: napari-sam models download {args.name}")
         return 1

@@ -98,14 +98,14 @@ def _cmd_segment(args: argparse.Namespace, console: Console) -> int:
             raise InvalidInputError(
                 f"{what} ({path}) is the input image; choose another --out."
             )
+        if path is overlay and path.exists() and not written_by_napari_sam(path):
+            # its name is derived from --out, not chosen: only a file we wrote is replaced
+            raise InvalidInputError(
+                f"{path} exists and was not written by napari-sam, so it is never replaced "
+                "(not even with --overwrite); choose another --out."
+            )
         if path.exists() and not args.overwrite:
             raise InvalidInputError(f"{path} exists; pass --overwrite to replace it.")
-    if overlay is not None and overlay.exists() and not written_by_napari_sam(overlay):
-        # its name is derived from --out, not chosen: only a file we wrote is replaced
-        raise InvalidInputError(
-            f"{overlay} exists and was not written by napari-sam, so it is never replaced; "
-            "choose another --out."
-        )
     image = read_image(args.image)
     if image.is_stack:
         raise InvalidInputError(
