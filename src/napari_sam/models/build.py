@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InvalidInputError
+from .ais_head import AisHead
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -138,6 +139,8 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
     mask_in_chans: int = 16
+    # width of the AIS head (models/ais_head.py); 0: the model has none (official SAM)
+    ais_head_hidden: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -151,6 +154,12 @@ class SamConfig:
         )
         _check(self.mask_in_chans % 4 == 0, "mask_in_chans must be a multiple of 4")
         _check(self.iou_head_depth >= 1 and self.decoder_depth >= 1, "depths must be >= 1")
+        _check(
+            self.ais_head_hidden == 0
+            or (self.ais_head_hidden >= 2 and self.ais_head_hidden % 2 == 0),
+            f"ais_head_hidden must be 0 (no head) or an even number >= 2, got "
+            f"{self.ais_head_hidden}",
+        )
 
     @property
     def encoder_type(self) -> str:
@@ -175,6 +184,8 @@ class SamConfig:
                     k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()
                 }
             d[f.name] = value
+        if not self.ais_head_hidden:
+            del d["ais_head_hidden"]  # head-less configs keep their old form
         return d
 
     @classmethod
@@ -284,7 +295,8 @@ def build_sam(config: str | SamConfig) -> Sam:
         iou_head_depth=config.iou_head_depth,
         iou_head_hidden_dim=config.iou_head_hidden_dim,
     )
-    return Sam(encoder, prompt_encoder, mask_decoder, config=config)
+    ais_head = AisHead(dim, config.ais_head_hidden) if config.ais_head_hidden else None
+    return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head)
 
 
 # ----------------------------------------------------------------------------------------
@@ -414,4 +426,8 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
         iou_head_hidden_dim=_shape(state_dict, d + "iou_prediction_head.layers.0.weight", 2)[0],
         num_multimask_outputs=_shape(state_dict, d + "mask_tokens.weight", 2)[0] - 1,
         mask_in_chans=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight", 4)[0],
+        ais_head_hidden=(
+            _shape(state_dict, "ais_head.net.0.weight", 4)[1]
+            if "ais_head.net.0.weight" in state_dict else 0
+        ),
     )

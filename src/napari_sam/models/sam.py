@@ -41,6 +41,7 @@ class Sam(nn.Module):
         pixel_mean: tuple[float, ...] = PIXEL_MEAN,
         pixel_std: tuple[float, ...] = PIXEL_STD,
         config: SamConfig | None = None,
+        ais_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -49,6 +50,9 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.config = config
+        # optional automatic-instance-segmentation head (models/ais_head.py); official
+        # checkpoints have none, and a None attribute adds no state-dict keys
+        self.ais_head = ais_head
 
     @property
     def img_size(self) -> int:

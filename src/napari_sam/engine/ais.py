@@ -1,0 +1,322 @@
+"""Automatic instance segmentation (AIS): the model's dense maps + a seeded watershed.
+
+Beside SAM's grid everything-mode (AMG, :mod:`napari_sam.engine.everything`),
+a model with an AIS head (:mod:`napari_sam.models.ais_head`) segments every
+object of an image in one pass:
+
+1. the image is embedded once (the predictor's embedding, cache and threads);
+2. the head turns the embedding into four low-resolution maps, which are
+   upsampled to the image like SAM's mask logits (crop the padding, bilinear);
+3. :func:`instances_from_maps` cuts the foreground into instances: seeds are
+   the connected regions where the centre map is high, and a watershed on the
+   inverted boundary-distance map grows each seed until it meets its
+   neighbours or leaves the foreground.
+
+Maps are probabilities in [0, 1], shape (4, H, W), channels
+:data:`~napari_sam.models.ais_head.AIS_CHANNELS`, indexed (row, col) like the
+image. Records follow everything-mode's format (``segmentation`` cut to
+``bbox_rc``, ``bbox`` as SAM reports it), so labels, COCO files, tiles and
+batches treat both modes alike; ``predicted_iou`` is the object's mean
+foreground probability and ``stability_score`` its mean centre-map peak
+height (both in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_sam.errors import CancelledError, InvalidInputError
+
+__all__ = [
+    "AisSettings",
+    "InstanceSegmenter",
+    "has_ais_head",
+    "instances_from_maps",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AisSettings:
+    """Thresholds of the watershed decoding (all maps are probabilities in [0, 1])."""
+
+    foreground_threshold: float = dataclasses.field(
+        default=0.5, metadata={"help": "pixels above this foreground probability are objects"})
+    center_threshold: float = dataclasses.field(
+        default=0.5, metadata={"help": "seeds: connected regions where the centre map is above"})
+    min_size: int = dataclasses.field(
+        default=10, metadata={"help": "objects smaller than this many pixels are dropped"})
+
+    def __post_init__(self) -> None:
+        for name in ("foreground_threshold", "center_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and 0.0 <= value <= 1.0
+            ):
+                raise InvalidInputError(
+                    f"AisSettings.{name} must be a number in [0, 1], got {value!r}."
+                )
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int | np.integer) or (
+            self.min_size < 0
+        ):
+            raise InvalidInputError(
+                f"AisSettings.min_size must be a whole number >= 0, got {self.min_size!r}."
+            )
+
+
+def has_ais_head(model: Any) -> bool:
+    """True when ``model`` (a :class:`~napari_sam.models.sam.Sam`) carries an AIS head."""
+    return getattr(model, "ais_head", None) is not None
+
+
+def instances_from_maps(maps: np.ndarray, settings: AisSettings | None = None) -> np.ndarray:
+    """Instances of (4, H, W) probability maps as (H, W) int32 labels (0 = background).
+
+    Seeds are the connected regions (8-connectivity) of ``center > center_threshold``
+    inside the foreground, at least ``min_size`` pixels... or smaller when an object
+    has no larger one; every object keeps its seed. A watershed on
+    ``-boundary_distance`` restricted to ``foreground > foreground_threshold`` grows
+    them; objects under ``min_size`` pixels are removed. Ids are 1..N in the order
+    of the seeds' first pixel (row-major).
+    """
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    settings = settings or AisSettings()
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[0] != 4:
+        raise InvalidInputError(f"AIS maps must have shape (4, H, W), got {maps.shape}.")
+    foreground = maps[0] > settings.foreground_threshold
+    if not foreground.any():
+        return np.zeros(maps.shape[1:], dtype=np.int32)
+    seeds, n = ndimage.label(
+        foreground & (maps[2] > settings.center_threshold), structure=np.ones((3, 3), bool)
+    )
+    if n == 0:
+        return np.zeros(maps.shape[1:], dtype=np.int32)
+    labels = watershed(-maps[3], markers=seeds, mask=foreground)
+    if settings.min_size > 1:
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes < settings.min_size
+        small[0] = False
+        if small.any():
+            labels[small[labels]] = 0
+    # consecutive ids 1..N
+    present = np.unique(labels)
+    present = present[present > 0]
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _labels_to_records(
+    labels: np.ndarray, maps: np.ndarray, offset: tuple[int, int] = (0, 0)
+) -> list[dict[str, Any]]:
+    """Everything-mode records (cropped masks) of (H, W) labels; scores from ``maps``."""
+    from scipy import ndimage
+
+    H, W = labels.shape
+    out = []
+    for i, slc in enumerate(ndimage.find_objects(labels), start=1):
+        if slc is None:
+            continue
+        mask = labels[slc] == i
+        r0, r1, c0, c1 = slc[0].start, slc[0].stop, slc[1].start, slc[1].stop
+        centre_map = maps[2][slc]
+        k = int(np.argmax(np.where(mask, centre_map, -1.0)))
+        peak_r, peak_c = divmod(k, mask.shape[1])
+        out.append(
+            {
+                "segmentation": mask,
+                "area": int(mask.sum()),
+                "bbox": [c0, r0, (c1 - c0) - 1, (r1 - r0) - 1],
+                "bbox_rc": [r0, c0, r1, c1],
+                "predicted_iou": float(maps[0][slc][mask].mean()),
+                "point_coords": [[float(c0 + peak_c), float(r0 + peak_r)]],
+                "stability_score": float(centre_map[peak_r, peak_c]),
+                "crop_box": [0, 0, W, H],
+            }
+        )
+    if offset != (0, 0):
+        dr, dc = offset
+        for r in out:
+            r["bbox"][0] += dc
+            r["bbox"][1] += dr
+            r["bbox_rc"] = [r["bbox_rc"][0] + dr, r["bbox_rc"][1] + dc,
+                            r["bbox_rc"][2] + dr, r["bbox_rc"][3] + dc]
+    return out
+
+
+class InstanceSegmenter:
+    """Automatic instance segmentation with a model's AIS head.
+
+    Arguments:
+      model: a :class:`~napari_sam.models.sam.Sam` with an AIS head, or a
+        :class:`~napari_sam.engine.predictor.Predictor` of one (its embedding
+        cache and thread policy are then shared).
+      settings: :class:`AisSettings` (defaults if None); keyword overrides are
+        applied on top, e.g. ``InstanceSegmenter(model, center_threshold=0.6)``.
+      output_mode: ``"binary_mask"`` (full-size masks) or ``"cropped_mask"``,
+        as in everything-mode.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        settings: AisSettings | None = None,
+        output_mode: str = "binary_mask",
+        **overrides: Any,
+    ) -> None:
+        from napari_sam.engine.predictor import Predictor
+
+        predictor = model if isinstance(model, Predictor) else Predictor(model)
+        if not has_ais_head(predictor.model):
+            raise InvalidInputError(
+                "This model has no AIS head (official SAM checkpoints have none): use "
+                "everything-mode's grid prompts (mode 'amg'), or add a head with "
+                "`napari-sam train --aux-dense 1 --init MODEL ...`."
+            )
+        if output_mode not in ("binary_mask", "cropped_mask"):
+            raise InvalidInputError(
+                f"output_mode must be 'binary_mask' or 'cropped_mask', got {output_mode!r}."
+            )
+        self.predictor = predictor
+        self.settings = dataclasses.replace(settings or AisSettings(), **overrides)
+        self.output_mode = output_mode
+
+    @property
+    def model(self) -> Any:
+        return self.predictor.model
+
+    @torch.no_grad()
+    def maps(
+        self,
+        rgb: np.ndarray,
+        use_cache: bool = True,
+        tile_size: int | None = None,
+        overlap: int = 64,
+        scale: float = 1.0,
+    ) -> np.ndarray:
+        """(4, H, W) float32 probability maps of an (H, W, 3) uint8 RGB image.
+
+        Without ``tile_size`` (and at ``scale`` 1) the whole image is embedded once,
+        resized to the model input as SAM does. With ``tile_size`` the image,
+        first resized by ``scale``, is cut into overlapping tiles of that many
+        pixels (:func:`~napari_sam.engine.tiles.tile_boxes`); each tile's maps are
+        blended into the image's with weights that fall to 0 towards interior tile
+        edges, so an object across a tile border is decoded once, from maps without
+        seams. Maps come back at the image's own resolution.
+        """
+        if tile_size is None and scale == 1.0:
+            return self._image_maps(rgb, use_cache)
+        return self._tiled_maps(rgb, tile_size or self.model.img_size, overlap, scale)
+
+    def _image_maps(self, rgb: np.ndarray, use_cache: bool) -> np.ndarray:
+        p = self.predictor
+        original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        # embed() leaves the predictor's current image alone
+        features = p.embed(rgb).features if use_cache else p.compute_embedding(rgb)
+        return self._decode(features, p.transform.input_size(original_size), original_size)
+
+    def _decode(self, features: torch.Tensor, input_size, original_size) -> np.ndarray:
+        head = self.model.ais_head
+        dtype = next(head.parameters()).dtype
+        logits = head(features.to(dtype))
+        logits = self.model.postprocess_masks(logits.float(), input_size, original_size)
+        return torch.sigmoid(logits[0]).cpu().numpy()
+
+    def _tiled_maps(self, rgb: np.ndarray, tile: int, overlap: int, scale: float) -> np.ndarray:
+        from napari_sam.engine.tiles import tile_boxes
+
+        H, W = rgb.shape[:2]
+        if scale != 1.0:
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))
+            x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+            x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=scale < 1)
+            work = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        else:
+            work = rgb
+        h, w = work.shape[:2]
+        total = np.zeros((4, h, w), dtype=np.float32)
+        weight = np.zeros((h, w), dtype=np.float32)
+        ramp = max(1, overlap // 2)
+        for r0, c0, r1, c1 in tile_boxes((h, w), tile_size=tile, overlap=min(overlap, tile - 1)):
+            piece = np.ascontiguousarray(work[r0:r1, c0:c1])
+            tile_maps = self._image_maps(piece, use_cache=False)
+            wr = _edge_weights(r1 - r0, ramp, r0 > 0, r1 < h)
+            wc = _edge_weights(c1 - c0, ramp, c0 > 0, c1 < w)
+            wt = wr[:, None] * wc[None, :]
+            total[:, r0:r1, c0:c1] += tile_maps * wt
+            weight[r0:r1, c0:c1] += wt
+        total /= np.maximum(weight, 1e-6)
+        if (h, w) != (H, W):
+            t = F.interpolate(torch.from_numpy(total)[None], (H, W), mode="bilinear",
+                              align_corners=False)
+            total = t[0].numpy()
+        return total
+
+    def generate(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        use_cache: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Records of every object in ``image`` (everything-mode's record format)."""
+        from napari_sam.engine.image import to_rgb_uint8
+
+        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
+        if cancel is not None and cancel():
+            raise CancelledError("Automatic instance segmentation was cancelled.")
+        maps = self.maps(rgb, use_cache=use_cache)
+        labels = instances_from_maps(maps, self.settings)
+        if progress is not None:
+            progress(1, 1)
+        records = _labels_to_records(labels, maps)
+        if self.output_mode == "binary_mask":
+            H, W = labels.shape
+            for r in records:
+                full = np.zeros((H, W), dtype=bool)
+                r0, c0, r1, c1 = r["bbox_rc"]
+                full[r0:r1, c0:c1] = r["segmentation"]
+                r["segmentation"] = full
+        return records
+
+    def generate_labels(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
+        """(H, W) uint32 instance labels, ids 1..N (see :func:`instances_from_maps`)."""
+        from napari_sam.engine.image import to_rgb_uint8
+
+        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
+        if cancel is not None and cancel():
+            raise CancelledError("Automatic instance segmentation was cancelled.")
+        labels = instances_from_maps(self.maps(rgb), self.settings)
+        if progress is not None:
+            progress(1, 1)
+        return labels.astype(np.uint32)
+
+
+def _edge_weights(n: int, ramp: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
+    """(n,) blending weights of one tile axis: rising over ``ramp`` pixels at interior edges."""
+    w = np.ones(n, dtype=np.float32)
+    k = min(ramp, n)
+    rise = (np.arange(k, dtype=np.float32) + 0.5) / k
+    if ramp_start:
+        w[:k] = np.minimum(w[:k], rise)
+    if ramp_end:
+        w[n - k:] = np.minimum(w[n - k:], rise[::-1])
+    return w
