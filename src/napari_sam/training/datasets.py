@@ -24,9 +24,11 @@ the model input and to the mask decoder's low-resolution output.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ __all__ = [
     "InstanceDataset",
     "Sample",
     "find_pairs",
+    "load_ids",
     "read_image",
     "split_ids",
 ]
@@ -175,6 +178,74 @@ class Sample:
     labels_low: torch.Tensor
     input_size: tuple[int, int]
     image_id: str
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``value`` (or its repr) on one line, cut to ``limit`` characters for an error message."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _id_list(value: Any, what: str, path: Path) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(i, (str, int)) and not isinstance(i, bool) for i in value
+    ):
+        raise InvalidInputError(
+            f"{path}: {what} must be a list of image ids (strings or numbers), got "
+            f"{_short(value, 40)}."
+        )
+    return [str(i) for i in value]
+
+
+def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
+    """Read an ids file: ``(train_ids or None, val_ids)``.
+
+    Accepts a JSON list of validation ids, a JSON object with a ``"val"`` list
+    (and optionally a ``"train"`` list), or a text file with one validation id
+    a line. A file named ``.json``, or whose text starts with ``[`` or ``{``,
+    must be valid JSON (it is never read as a text list).
+
+    Raises:
+      InvalidInputError: missing file, invalid JSON, or lists that are not
+        lists of ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"ids file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: cannot read the ids file ({err}).") from None
+    looks_json = path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{")
+    if not looks_json:
+        return None, [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(
+            f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno}); write a "
+            'list of ids, {"val": [...], "train": [...]}, or a text file with one id a line.'
+        ) from None
+    if isinstance(data, list):
+        return None, _id_list(data, "the list", path)
+    if isinstance(data, dict) and "val" in data:
+        # Descriptive keys ("dataset", "rule", "seed") are kept as documentation; an
+        # unknown key holding a list is a misspelt split and must not be ignored.
+        unknown = {key for key in set(data) - {"train", "val"} if isinstance(data[key], list)}
+        if unknown:
+            raise InvalidInputError(
+                f"{path}: unknown list key(s) {', '.join(sorted(map(repr, unknown)))}; an ids "
+                'object holds "val" and optionally "train" (other keys may only hold notes).'
+            )
+        train = data.get("train")
+        return (None if train is None else _id_list(train, '"train"', path),
+                _id_list(data["val"], '"val"', path))
+    raise InvalidInputError(
+        f"{path}: expected a list of ids or an object with a \"val\" list, got "
+        f"{type(data).__name__}."
+    )
+
 
 
 def _nearest_indices(n_out: int, n_in: float, offset: int = 0) -> np.ndarray:
