@@ -411,8 +411,8 @@ def test_resume_gives_same_weights(tmp_path, tiny_sam_config):
 
 def test_focal_ramp_and_cli_arguments():
     import argparse
-    import dataclasses
 
+    from napari_sam.training.config import setting_fields
     from napari_sam.training.loop import add_train_arguments
 
     cfg = TrainConfig(focal_ramp_steps=10)
@@ -422,7 +422,7 @@ def test_focal_ramp_and_cli_arguments():
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args(["d", "--steps", "5", "--freeze-encoder", "--lr", "1e-4"])
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for _, f in setting_fields()}  # the flat settings of the nested config
     assert set(vars(args)) - names == {"device", "overwrite"}  # not training settings
     built = config_from_args(args)
     assert (built.data, built.steps, built.freeze_encoder, built.lr) == ("d", 5, True, 1e-4)

@@ -4,8 +4,8 @@ Main entry point: :func:`train` with a :class:`TrainConfig` (see
 :mod:`napari_sam.training.trainer` and :mod:`napari_sam.training.config`).
 """
 
-from .datasets import InstanceDataset, find_pairs, split_ids
 from .config import TrainConfig
+from .datasets import InstanceDataset, find_pairs, split_ids
 from .loop import add_train_arguments, run_train
 from .trainer import train
 

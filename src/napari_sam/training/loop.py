@@ -14,7 +14,6 @@ here until they move to the CLI package.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from napari_sam.errors import InvalidInputError
 
@@ -25,6 +24,7 @@ from .config import (
     RESUMABLE_CHANGES,
     TrainConfig,
     config_problems,
+    setting_fields,
     validate_config,
 )
 from .datasets import load_ids
@@ -174,7 +174,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     Without ``--arch`` the run starts from ``--model`` (default: the embedded
     default model).
     """
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for _, f in setting_fields()}
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if kwargs.get("model") is None and kwargs.get("init") is None:
         kwargs["init"] = "default"

@@ -19,7 +19,7 @@ import torch
 
 from napari_sam.errors import CheckpointError, InvalidInputError
 
-from .config import RESUMABLE_CHANGES, TrainConfig, _is_int
+from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
 
 __all__ = ["AUX_HEAD_FILE", "append_log", "load_aux_head", "load_state", "load_weights",
@@ -145,6 +145,11 @@ def _read_run_config(path: Path) -> dict[str, Any]:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = None
+    if isinstance(saved, dict) and set(saved) & set(SECTIONS):  # nested: flatten
+        try:
+            saved = flat_settings(saved)
+        except InvalidInputError:
+            saved = None
     if not isinstance(saved, dict) or not {"data", "steps", "lr"} <= set(saved):
         raise InvalidInputError(
             f"{path} exists and is not a napari-sam training config; choose another output "
