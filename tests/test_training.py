@@ -32,39 +32,9 @@ from napari_sam.training.prompts import (
     sample_instances,
     sample_points_in_masks,
 )
+from training_helpers import disk_image, run_config, write_dataset
 
 # ------------------------------------------------------------------------ helpers
-
-
-def disk_image(size: int = 64, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A dark noisy image with ``n`` bright non-overlapping disks and their labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    img = rng.normal(30, 5, (size, size))
-    lab = np.zeros((size, size), np.uint16)
-    k = 0
-    for _ in range(50):
-        if k == n:
-            break
-        r = rng.uniform(size / 14, size / 7)
-        cy, cx = rng.uniform(r, size - r, 2)
-        m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        if (lab[m] > 0).any():
-            continue
-        k += 1
-        lab[m] = k
-        img[m] = 200
-    return np.clip(img, 0, 255).astype(np.uint8), lab
-
-
-def write_dataset(root: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for i in range(n):
-        img, lab = disk_image(size, seed=seed + i)
-        Image.fromarray(img).save(root / "images" / f"im{i}.png")
-        Image.fromarray(lab).save(root / "labels" / f"im{i}.png")
-    return root
 
 
 # ----------------------------------------------------------------------- datasets
@@ -346,23 +316,7 @@ def test_learning_rate_schedule():
 
 
 def _config(tmp_path, tiny_sam_config, **kw) -> TrainConfig:
-    base = dict(
-        data=str(tmp_path / "data"),
-        output_dir=str(tmp_path / "run"),
-        model=tiny_sam_config,
-        steps=30,
-        batch_size=2,
-        instances_per_image=3,
-        rounds=2,
-        lr=1e-3,
-        warmup_steps=3,
-        log_every=1,
-        checkpoint_every=1000,
-        seed=0,
-        num_threads=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return run_config(tmp_path, tiny_sam_config, **kw)
 
 
 def _losses(run: Path) -> list[float]:
@@ -545,3 +499,38 @@ def test_load_ids_reads_the_repository_splits_with_their_notes(name):
     train_ids, val_ids = load_ids(path)
     assert len(val_ids) >= 20 and all(isinstance(i, str) for i in val_ids)
     assert train_ids is None or not set(train_ids) & set(val_ids)
+
+
+# ------------------------------------------------------------------- issue 14: logging
+
+
+def test_progress_goes_to_the_training_logger_and_the_cli_shows_it(tmp_path, tiny_sam_config,
+                                                                   caplog, capfd):
+    """The library logs (logger napari_sam.training) instead of printing; the CLI still shows
+    the same lines on stderr."""
+    import logging
+
+    from training_helpers import run_cli
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    with caplog.at_level(logging.INFO, logger="napari_sam.training"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_config(tmp_path, tiny_sam_config, steps=1, batch_size=1, rounds=1))
+    assert "step 1/1 loss=" in caplog.text
+    assert "step 1/1" not in capfd.readouterr().err  # nothing printed by the library
+    (tmp_path / "model.json").write_text(json.dumps(tiny_sam_config.to_dict()))
+    common = ["train", str(tmp_path / "data"), "--arch", str(tmp_path / "model.json"),
+              "-o", str(tmp_path / "cli"), "--batch-size", "1", "--rounds", "1",
+              "--num-threads", "1", "--log-every", "1"]
+    first = run_cli(*common, "--steps", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "\nstep 1/1 loss=" in "\n" + first.stderr
+    assert first.stdout.strip() == str(tmp_path / "cli" / "last.safetensors")
+    again = run_cli(*common, "--steps", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from step 1 ({tmp_path / 'cli' / 'last.safetensors'})" in again.stderr
+    assert "\nstep 2/2 loss=" in again.stderr and "step 1/2" not in again.stderr
+    over = run_cli(*common, "--steps", "1", "--overwrite", cwd=tmp_path)
+    assert over.returncode == 0, over.stderr
+    assert f"starting over in {tmp_path / 'cli'} (--overwrite: removed config.json" in over.stderr

@@ -18,7 +18,7 @@ from napari_sam.training.config import (
     config_problems,
     setting_fields,
 )
-from test_training import write_dataset
+from training_helpers import write_dataset
 
 #: the keys of config.json as napari-sam wrote them before the settings were nested
 OLD_CONFIG_KEYS = [
