@@ -23,7 +23,13 @@ from napari_sam.training.loop import (
     load_ids,
     train,
 )
-from napari_sam.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, soft_targets
+from napari_sam.training.losses import (
+    dice_loss,
+    focal_loss,
+    logits_mask_iou,
+    sam_loss,
+    soft_targets,
+)
 from napari_sam.training.prompts import (
     boxes_from_masks,
     correction_points,
@@ -267,8 +273,8 @@ def test_focal_and_dice_known_values():
     # p = 0.5 everywhere: 1 - (2 * 4 + 1) / (8 + 8 + 1)
     assert dice_loss(torch.zeros(1, 4, 4), half).item() == pytest.approx(1 - 9 / 17, rel=1e-6)
     assert dice_loss(half * 40 - 20, half).item() < 1e-6
-    assert mask_iou(half * 2 - 1, half).item() == 1.0
-    assert mask_iou(torch.ones(1, 4, 4), half).item() == 0.5
+    assert logits_mask_iou(half * 2 - 1, half).item() == 1.0
+    assert logits_mask_iou(torch.ones(1, 4, 4), half).item() == 0.5
 
 
 def test_sam_loss_best_of_three():
@@ -534,3 +540,50 @@ def test_progress_goes_to_the_training_logger_and_the_cli_shows_it(tmp_path, tin
     over = run_cli(*common, "--steps", "1", "--overwrite", cwd=tmp_path)
     assert over.returncode == 0, over.stderr
     assert f"starting over in {tmp_path / 'cli'} (--overwrite: removed config.json" in over.stderr
+
+
+# ------------------------------------------------------ issue 14: one owner of image files
+
+
+def test_dataset_reads_images_as_the_cli_does_jpeg_and_palette_png(tmp_path):
+    """Review (b)5 "reading images": training refused JPEGs the CLI accepts, and decoded
+    palette PNGs to their palette indices instead of their colours."""
+    from napari_sam.engine import io
+    from napari_sam.engine.image import to_rgb_uint8
+
+    img, lab = disk_image(48, seed=3)
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.fromarray(np.stack([img, img // 2, 255 - img], -1)).save(root / "images" / "a.jpg")
+    palette = Image.fromarray((img > 100).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 250, 40, 10] + [0] * 762)  # 0: black, 1: red
+    palette.save(root / "images" / "b.png")
+    # a palette label image keeps its indices as object ids
+    label_png = Image.fromarray(lab.astype(np.uint8), mode="P")
+    label_png.putpalette(list(range(256)) * 3)
+    for name in ("a", "b"):
+        label_png.save(root / "labels" / f"{name}.png")
+    ds = InstanceDataset(root, img_size=64, low_res_size=16)
+    assert ds.ids == ["a", "b"]
+    for i, name in enumerate(("a.jpg", "b.png")):
+        image, labels = ds.load(i)
+        expected = to_rgb_uint8(io.read_image(root / "images" / name).data)
+        np.testing.assert_array_equal(image, expected)
+        np.testing.assert_array_equal(labels, lab)
+    assert ds.load(1)[0][lab > 0].tolist()[0] == [250, 40, 10]  # the palette colour
+
+
+def test_resume_refuses_a_damaged_checkpoint_with_advice(tmp_path, tiny_sam_config):
+    """last.safetensors is read through models.checkpoint; a truncated one is a clear error."""
+    from napari_sam.errors import CheckpointError
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    cfg = _config(tmp_path, tiny_sam_config, steps=1, batch_size=1, rounds=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        last = train(cfg)
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"Cannot resume from .*last.safetensors: "
+                                              r"unreadable .*pass --overwrite"):
+        train(_config(tmp_path, tiny_sam_config, steps=2, batch_size=1, rounds=1))

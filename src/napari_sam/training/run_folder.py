@@ -65,28 +65,23 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
     file of another architecture gives a one-line summary, not a list of
     every parameter.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from napari_sam.models import checkpoint
 
     advice = "pass --overwrite to start over there, or choose another output folder."
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:  # truncated or not a safetensors file
-        raise CheckpointError(f"Cannot resume from {path}: unreadable ({_short(exc)}); "
-                              f"{advice}") from None
+    try:  # truncated or not a safetensors file
+        meta = checkpoint.read_metadata(path)
+        state_dict, _ = checkpoint.load_state_dict(path)
+    except CheckpointError:
+        raise CheckpointError(f"Cannot resume from {path}: unreadable (truncated, or not a "
+                              f"safetensors file); {advice}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    mismatch = _state_mismatch(expected, shapes)
+    mismatch = _state_mismatch(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if mismatch:
         raise CheckpointError(
             f"Cannot resume from {path}: its weights do not fit the model of this run "
             f"({mismatch}); {advice}"
         )
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except Exception as exc:
-        raise CheckpointError(f"Cannot resume from {path}: {_short(exc, 200)}; {advice}") from None
+    checkpoint.load_weights(model, state_dict, source=str(path))
     return meta
 
 
