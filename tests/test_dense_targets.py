@@ -194,3 +194,25 @@ def test_cli_aux_dense_option(tmp_path, tiny_sam_config):
     assert (tmp_path / "ok" / "aux_head.pt").is_file()
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["aux_dense"] == 0.5
     assert "aux_dense=" in ok.stderr  # logged with the other metrics
+
+
+@pytest.mark.parametrize("saved_aux", [1.0, 0.0])
+def test_resuming_with_and_without_aux_dense_is_a_typed_error(tmp_path, tiny_sam_config,
+                                                              saved_aux):
+    """A run folder whose optimizer state has (or lacks) the aux head's parameter group, while
+    its config.json says otherwise, was a raw ValueError from optimizer.load_state_dict."""
+    from napari_sam.errors import InvalidInputError
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    kw = dict(steps=1, batch_size=1, aux_dense=saved_aux)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_cfg(tmp_path, tiny_sam_config, **kw))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    other = 1.0 - saved_aux
+    saved["aux_dense"] = other  # as if config.json and the checkpoint came from other runs
+    (run / "config.json").write_text(json.dumps(saved))
+    hint = "pass --aux-dense WEIGHT" if saved_aux else "leave --aux-dense out"
+    with pytest.raises(InvalidInputError, match=f"Cannot resume the run in .*{hint}"):
+        train(_cfg(tmp_path, tiny_sam_config, **{**kw, "steps": 2, "aux_dense": other}))

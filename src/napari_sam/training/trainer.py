@@ -166,13 +166,34 @@ class _Run:
                 f"{last} (step {meta.get('step')}) and {state_path} (step {state['step']}) "
                 "do not match (interrupted while saving?); pass --overwrite to start over there."
             )
+        self._load_optimizer(state["optimizer"])
         if self.aux_head is not None:
             load_aux_head(self.aux_head, self.out / AUX_HEAD_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.best = float(state.get("best", -1.0))
         start = int(state["step"])
         log.info("resuming from step %d (%s)", start, last)
         return start
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        """Load the optimiser state; a run saved with(out) the aux head is a typed error."""
+        groups = saved.get("param_groups")
+        ours = len(self.optimizer.param_groups)
+        if isinstance(groups, list) and {len(groups), ours} == {2, 3}:  # the head: group 3
+            if len(groups) > ours:
+                fix = ("it was trained with --aux-dense (its dense head is in aux_head.pt): "
+                       "pass --aux-dense WEIGHT with that run's weight")
+            else:
+                fix = "it was trained without --aux-dense: leave --aux-dense out (or 0)"
+            raise InvalidInputError(
+                f"Cannot resume the run in {self.out}: {fix}, or pass --overwrite to start over."
+            )
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"Cannot resume from {self.state_path}: its optimizer state does not fit this "
+                f"run ({exc}); pass --overwrite to start over there."
+            ) from None
 
     def save(self, step: int) -> None:
         """Write the checkpoint of ``step``: the optimiser state last, so that a crash in
