@@ -587,3 +587,33 @@ def test_resume_refuses_a_damaged_checkpoint_with_advice(tmp_path, tiny_sam_conf
     with pytest.raises(CheckpointError, match=r"Cannot resume from .*last.safetensors: "
                                               r"unreadable .*pass --overwrite"):
         train(_config(tmp_path, tiny_sam_config, steps=2, batch_size=1, rounds=1))
+
+
+# ---------------------------------------------------------- issue 13 leftover: --device
+
+
+def test_train_device_is_checked_before_anything_is_written(tmp_path, tiny_sam_config):
+    """train accepted only 'cpu'; any torch device is accepted now, an unavailable or
+    unknown one is a typed error that names it."""
+    from napari_sam.training.trainer import training_device
+
+    assert training_device(None) == torch.device("cpu")
+    assert training_device("cpu") == torch.device("cpu")
+    cfg = _config(tmp_path, tiny_sam_config, steps=1)
+    for device, text in (("cuda:99", "device 'cuda:99' requested but"),
+                         ("tpu", "device 'tpu'")):
+        with pytest.raises(InvalidInputError, match=text):
+            train(cfg, device=device)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_resumes_on_the_cpu(tmp_path, tiny_sam_config):
+    write_dataset(tmp_path / "data", n=2, size=64)
+    kw = dict(batch_size=1, rounds=2, aux_dense=0.5, val_ids=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_config(tmp_path, tiny_sam_config, steps=2, **kw), device="cuda")
+        train(_config(tmp_path, tiny_sam_config, steps=3, **kw), device="cpu")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -30,7 +30,7 @@ from .config import (
 from .datasets import load_ids
 from .optim import learning_rate
 from .simulation import ObjectBatch, collect_objects, run_rounds
-from .trainer import build_model, log_to_stderr, train, train_step, validate
+from .trainer import build_model, log_to_stderr, train, train_step, training_device, validate
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -114,8 +114,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "...) or a JSON SamConfig file such as configs/default_model.json; "
                              "not with --model (default: off)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device; training runs on the CPU in this version, so only "
-                             "'cpu' is accepted (default: cpu)")
+                        help="torch device to train on: cpu, cuda, cuda:N or mps; a run "
+                             "resumes on any device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run folder that holds a run (deletes its "
                              "checkpoints, config.json and log.jsonl) (default: off)")
@@ -191,9 +191,11 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         raise InvalidInputError("give --model (weights to start from) or --arch (train from "
                                 "scratch), not both")
     device = getattr(args, "device", None)
-    if device not in (None, "cpu"):
-        raise InvalidInputError(f"--device {device}: training runs on the CPU in this version "
-                                "(use --device cpu or leave it out)")
+    if device is not None:
+        try:
+            training_device(device)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"--device: {err}") from None
     init = getattr(args, "init", None)
     if isinstance(init, str) and init.lower().endswith(".json"):
         raise InvalidInputError(f"--model {init} looks like an architecture config; pass it as "
@@ -208,7 +210,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Run training from parsed :func:`add_train_arguments` options; returns an exit code."""
     check_train_arguments(args)
     with log_to_stderr():
-        path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)))
+        path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)),
+                     device=getattr(args, "device", None))
     print(path)
     return 0
 

@@ -194,7 +194,7 @@ def sam_loss(
     dice = dice_loss(mask_logits, t, window=win)
     per_mask = focal_weight * focal + dice_weight * dice  # (K, C)
     best = per_mask.detach().argmin(1)
-    rows = torch.arange(mask_logits.shape[0])
+    rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
     with torch.no_grad():
         actual = logits_mask_iou(mask_logits, t)
     iou_mse = ((iou_pred - actual) ** 2).mean(1)

@@ -215,7 +215,7 @@ def load_aux_head(head: torch.nn.Module, path: Path) -> None:
             f"Cannot resume: {path} (the --aux-dense head) is missing; delete the output "
             "folder's last.* files to restart, or resume without --aux-dense."
         )
-    head.load_state_dict(torch.load(path, weights_only=True))
+    head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:

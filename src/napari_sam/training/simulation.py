@@ -110,8 +110,9 @@ def run_rounds(
     """Simulate ``rounds`` interactive prompting rounds for ``objects``.
 
     Arguments:
-      embeddings: (B, C, E, E) image embeddings; ``objects.image_index``
-        indexes them. For training pass a leaf tensor that requires grad.
+      embeddings: (B, C, E, E) image embeddings on the model's device;
+        ``objects.image_index`` indexes them. For training pass a leaf tensor
+        that requires grad. ``objects`` and the prompts stay on the CPU.
       first: ``"point"`` (multimask output, best-of-C loss) or ``"box"``.
       first_point: ``"uniform"`` in the mask, or ``"center"`` (innermost pixel).
       box_noise: jitter the tight box (SAM's box noise).
@@ -142,28 +143,34 @@ def run_rounds(
         labels = torch.zeros(M, 0, dtype=torch.int64)
     else:
         raise InvalidInputError(f"first must be 'point' or 'box', got {first!r}")
+    # prompts are drawn on the CPU (``generator``); what meets the model goes to its device
+    device = embeddings.device
+    image_index = objects.image_index.to(device)
+    target = objects.target.to(device)
+    points, labels = points.to(device), labels.to(device)
+    boxes = None if boxes is None else boxes.to(device)
     image_pe = model.prompt_encoder.get_dense_pe()
-    emb = embeddings.index_select(0, objects.image_index)
+    emb = embeddings.index_select(0, image_index)
     loss_kwargs = dict(loss_kwargs or {})
     factor = float(loss_kwargs.pop("loss_window", 0.0) or 0.0)
     if factor > 0:
-        loss_kwargs["window"] = object_windows(objects.target, factor)
+        loss_kwargs["window"] = object_windows(objects.target, factor).to(device)
     mask_input = None
     out = []
     for r in range(rounds):
         if r > 0 and r < rounds - mask_only_rounds:
             pred = F.interpolate(mask_input, (S, S), mode="bilinear", align_corners=False)
-            pred = (pred[:, 0] > 0) & objects.valid
+            pred = (pred[:, 0] > 0).cpu() & objects.valid
             c, lab = correction_points(pred, objects.gt, point_mode, generator, rng)
-            points = torch.cat([points, c[:, None]], 1)
-            labels = torch.cat([labels, lab[:, None]], 1)
+            points = torch.cat([points, c[:, None].to(device)], 1)
+            labels = torch.cat([labels, lab[:, None].to(device)], 1)
         multimask = first == "point" and r == 0
         sparse, dense = model.prompt_encoder(
             points=(points, labels) if points.shape[1] else None, boxes=boxes, masks=mask_input
         )
         if r > 0 and backward_scale is not None:
             # each round's backward frees the gather's graph: rebuild it
-            emb = embeddings.index_select(0, objects.image_index)
+            emb = embeddings.index_select(0, image_index)
         logits, iou_pred = model.mask_decoder(
             image_embeddings=emb,
             image_pe=image_pe,
@@ -171,10 +178,10 @@ def run_rounds(
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        loss = sam_loss(logits, iou_pred, objects.target, **loss_kwargs)
+        loss = sam_loss(logits, iou_pred, target, **loss_kwargs)
         if backward_scale is not None:
             (loss.total * backward_scale).backward()
-        chosen = logits.detach()[torch.arange(M), loss.best]
+        chosen = logits.detach()[torch.arange(M, device=device), loss.best]
         mask_input = chosen[:, None]
         out.append(loss)
     return out

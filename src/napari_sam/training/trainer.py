@@ -59,7 +59,8 @@ from .run_folder import (
 )
 from .simulation import collect_objects, merge_metrics, run_rounds, split_first_prompt
 
-__all__ = ["ProgressFn", "build_model", "log_to_stderr", "train", "train_step", "validate"]
+__all__ = ["ProgressFn", "build_model", "log_to_stderr", "train", "train_step",
+           "training_device", "validate"]
 
 log = logging.getLogger("napari_sam.training")
 
@@ -135,6 +136,31 @@ def _train_val_ids(config: TrainConfig) -> tuple[list[str], list[str]]:
     if overlap:
         raise InvalidInputError(f"{len(overlap)} ids are both in train and val ids.")
     return train_ids, val_ids
+
+
+def training_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device to train on: ``device``, or the CPU when None.
+
+    Raises:
+      InvalidInputError: an unknown device, or one this machine does not have
+        (e.g. ``"cuda"`` without CUDA).
+    """
+    from napari_sam.models.zoo import resolve_device
+
+    if device is None:
+        return torch.device("cpu")
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise InvalidInputError(
+            f"device {str(device)!r} requested but this machine has {n} CUDA device"
+            f"{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1}); use one of them or 'cpu'"
+        )
+    return dev
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclasses.dataclass
@@ -246,6 +272,7 @@ def train(
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
     overwrite: bool = False,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Train (or resume training) a SAM model; returns the path of ``last.safetensors``.
 
@@ -256,6 +283,9 @@ def train(
       overwrite: start over in an output folder that holds a run (its files
         are deleted first); otherwise such a run is resumed if its
         ``config.json`` has the same settings and refused if not.
+      device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+        ``"mps"``); default the CPU. Not a setting of the run: a run resumes on
+        any device.
 
     Raises:
       InvalidInputError: an unusable setting, or an output folder holding
@@ -263,13 +293,14 @@ def train(
       CheckpointError: the run to resume has a damaged or unsafe checkpoint.
     """
     validate_config(config)
+    device = training_device(device)
     resume = prepare_output_dir(config, overwrite)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.init)
+    model = build_model(config.model, config.init).to(device)
     model.train()
     if config.freeze_encoder:
         for p in model.image_encoder.parameters():
@@ -358,7 +389,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if len(objects) == 0:
         return {"loss": float("nan"), "objects": 0}
-    images = torch.stack([s.image for s in samples])
+    images = torch.stack([s.image for s in samples]).to(_device_of(model))
     t1 = time.perf_counter()
     if config.freeze_encoder:
         with torch.no_grad():
@@ -429,7 +460,7 @@ def _aux_head(
         return None
     from .dense_targets import DenseHead
 
-    head = DenseHead(int(model.prompt_encoder.embed_dim))
+    head = DenseHead(int(model.prompt_encoder.embed_dim)).to(_device_of(model))
     optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
     return head
 
@@ -448,7 +479,7 @@ def _aux_backward(
     targets, valid = dense_targets_batch(
         [s.labels for s in samples], [s.input_size for s in samples], low_res_size
     )
-    loss = dense_loss(head(leaf), targets, valid)
+    loss = dense_loss(head(leaf), targets.to(leaf.device), valid.to(leaf.device))
     (loss * weight).backward()
     return float(loss.detach())
 
@@ -472,7 +503,7 @@ def validate(
         objects = collect_objects([s], None, data.low_res_size, None, config.min_area)
         if len(objects) == 0:
             continue
-        emb = model.image_encoder(s.image[None])
+        emb = model.image_encoder(s.image[None].to(_device_of(model)))
         pts = run_rounds(
             model,
             emb,
