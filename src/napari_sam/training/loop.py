@@ -56,41 +56,6 @@ __all__ = [
 # ----------------------------------------------------------------------------- CLI
 
 
-#: help of the numeric options (option name as in TrainConfig); defaults are added
-_NUMERIC_HELP = {
-    "steps": "training steps (optimizer updates) in all, counting a resumed run's",
-    "batch_size": "images per step",
-    "instances_per_image": "objects prompted per image and step",
-    "rounds": "prompting rounds per object: the first prompt plus correction clicks",
-    "mask_only_rounds": "of the correction rounds, the last N add no click (mask prompt only)",
-    "warmup_steps": "steps of linear learning-rate warm-up",
-    "seed": "random seed (image order, crops, prompts), >= 0",
-    "checkpoint_every": "write last.safetensors every N steps (and at the end)",
-    "log_every": "append a line to log.jsonl (and stderr) every N steps",
-    "val_every": "validate on the --val-ids images every N steps (0: never)",
-    "val_images": "validation images used (the first N of --val-ids)",
-    "min_area": "objects smaller than this many model-input pixels are not prompted",
-    "focal_ramp_steps": "ramp the focal-loss weight up from 0 over N steps (0: off)",
-    "decoder_chunk": "objects per mask-decoder call (small chunks are faster on a CPU)",
-    "loss_window_steps": "steps during which --loss-window applies",
-    "lr": "peak learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay (not applied to norms, biases, embeddings)",
-    "box_prob": "probability that an object's first prompt is a box rather than a point",
-    "grad_clip": "clip the gradient norm to this (0: off)",
-    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
-    "full_view_prob": "probability that a training view shows the whole image, not a crop",
-    "focal_weight": "weight of the focal loss",
-    "dice_weight": "weight of the dice loss",
-    "iou_weight": "weight of the IoU-prediction loss",
-    "focal_alpha": "weight of foreground pixels in the focal loss (< 0: none)",
-    "focal_gamma": "focusing exponent of the focal loss",
-    "loss_window": "count mask losses only in a window of this many times each object's box "
-                   "(0: whole map; a curriculum for small objects)",
-    "loss_window_end": "grow the window geometrically to this factor over --loss-window-steps "
-                       "(0: fixed)",
-}
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` subcommand's options to ``parser``.
 
@@ -123,8 +88,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON list of validation ids, a JSON object {\"val\": [...], "
                              "\"train\": [...]}, or a text file with one id a line; these "
                              "images are left out of training (default: none)")
+    help_of = {f.name: f.metadata["help"] for _, f in setting_fields()}  # the config's fields
     for name, typ in [*((k, int) for k in _MIN_INT), *((k, float) for k in _FLOAT_RANGE)]:
-        help_text = _NUMERIC_HELP.get(name, name.replace("_", " "))
+        help_text = help_of[name]
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                             metavar="N" if typ is int else "X",
                             help=f"{help_text} (default: %(default)s)")
