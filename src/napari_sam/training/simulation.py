@@ -188,6 +188,8 @@ def run_rounds(
 
 
 def summary(losses: list[SamLoss]) -> dict[str, float]:
+    """Mean loss terms over the rounds ``losses`` of one object group, and the IoU of the
+    first and the last round."""
     return {
         "loss": float(sum(float(x.total.detach()) for x in losses) / len(losses)),
         "focal": float(torch.stack([x.focal.mean() for x in losses]).mean()),
@@ -201,6 +203,8 @@ def summary(losses: list[SamLoss]) -> dict[str, float]:
 def split_first_prompt(
     n: int, box_prob: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``n`` objects whose first prompt is a point, and those whose first is a box
+    (each a box with probability ``box_prob``)."""
     is_box = torch.rand(n, generator=generator) < box_prob
     return torch.nonzero(~is_box).squeeze(1), torch.nonzero(is_box).squeeze(1)
 

@@ -29,10 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,8 @@ from napari_sam.errors import CancelledError, CheckpointError, InvalidInputError
 
 from .augment import AugmentConfig
 from .config import TrainConfig, validate_config
-from .datasets import InstanceDataset, Sample, find_pairs, load_ids
+from .datasets import InstanceDataset, find_pairs, load_ids
+from .dense_targets import attach_aux_head, aux_backward
 from .losses import SamLoss
 from .optim import build_optimizer, learning_rate
 from .run_folder import (
@@ -308,7 +308,8 @@ def train(
         model.image_encoder.eval()
     data, val = _datasets(config, model)
     optimizer = build_optimizer(model, config)
-    run = _Run(config, out, model, optimizer, _aux_head(model, config, optimizer))
+    aux_head = attach_aux_head(model, config.aux_dense, optimizer, device)
+    run = _Run(config, out, model, optimizer, aux_head)
     start = run.resume() if resume else 0
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     _fit(run, data, val, start, progress, cancel)
@@ -401,7 +402,9 @@ def train_step(
     t2 = time.perf_counter()
     aux_value = None
     if aux_head is not None:
-        aux_value = _aux_backward(aux_head, leaf, samples, data.low_res_size, config.aux_dense)
+        aux_value = aux_backward(aux_head, leaf, [s.labels for s in samples],
+                                 [s.input_size for s in samples], data.low_res_size,
+                                 config.aux_dense)
     t_aux = time.perf_counter() - t2
     point_rows, box_rows = split_first_prompt(len(objects), config.box_prob, gen)
     groups: list[tuple[list[SamLoss], float]] = []
@@ -446,42 +449,6 @@ def train_step(
         t_backward=t4 - t3,
     )
     return metrics
-
-
-def _aux_head(
-    model: torch.nn.Module, config: TrainConfig, optimizer: torch.optim.Optimizer
-) -> torch.nn.Module | None:
-    """The dense auxiliary head when ``config.aux_dense > 0``; its parameters join ``optimizer``."""
-    if not math.isfinite(config.aux_dense) or config.aux_dense < 0:
-        raise InvalidInputError(
-            f"aux_dense must be a finite weight >= 0 (0 = off), got {config.aux_dense}."
-        )
-    if config.aux_dense == 0:
-        return None
-    from .dense_targets import DenseHead
-
-    head = DenseHead(int(model.prompt_encoder.embed_dim)).to(_device_of(model))
-    optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
-    return head
-
-
-def _aux_backward(
-    head: torch.nn.Module,
-    leaf: torch.Tensor,
-    samples: Sequence[Sample],
-    low_res_size: int,
-    weight: float,
-) -> float:
-    """Back-propagate ``weight *`` the dense loss of ``head(leaf)`` (into ``leaf.grad`` when
-    ``leaf`` requires grad, and into the head); returns the unweighted loss."""
-    from .dense_targets import dense_loss, dense_targets_batch
-
-    targets, valid = dense_targets_batch(
-        [s.labels for s in samples], [s.input_size for s in samples], low_res_size
-    )
-    loss = dense_loss(head(leaf), targets.to(leaf.device), valid.to(leaf.device))
-    (loss * weight).backward()
-    return float(loss.detach())
 
 
 @torch.no_grad()
