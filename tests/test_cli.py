@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from napari_sam import __version__
-from napari_sam.cli import GENERATOR_OPTIONS, main
+from napari_sam.cli import main
+from napari_sam.cli.everything import GENERATOR_OPTIONS
 from napari_sam.engine.io import read_labels
 
 
@@ -713,10 +714,10 @@ def test_train_and_evaluate_help_documents_every_option_with_its_default(command
     import argparse
     import importlib
 
-    from napari_sam.cli import GENERATOR_OPTIONS
+    from napari_sam.cli.everything import GENERATOR_OPTIONS
 
-    module = importlib.import_module({"train": "napari_sam.training.loop",
-                                      "evaluate": "napari_sam.evaluation.evaluate"}[command])
+    module = importlib.import_module({"train": "napari_sam.cli.train",
+                                      "evaluate": "napari_sam.cli.evaluate"}[command])
     parser = argparse.ArgumentParser()
     getattr(module, f"add_{command}_arguments")(parser)
     # everything-mode options come from add_generator_options (shared with `everything`)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sam.training import TrainConfig, train
 from napari_sam.training.dense_targets import (
     DenseHead,
     dense_loss,
@@ -18,7 +19,6 @@ from napari_sam.training.dense_targets import (
     dense_targets_batch,
     valid_mask,
 )
-from napari_sam.training.loop import TrainConfig, train
 from training_helpers import run_cli, run_config, write_dataset
 
 

@@ -242,7 +242,7 @@ def test_evaluate_end_to_end(tmp_path, tiny_sam):
 def test_evaluate_cli_arguments():
     import argparse
 
-    from napari_sam.evaluation import add_evaluate_arguments
+    from napari_sam.cli.evaluate import add_evaluate_arguments
 
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)

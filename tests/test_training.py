@@ -15,14 +15,8 @@ from PIL import Image
 
 from napari_sam.errors import InvalidInputError
 from napari_sam.training.augment import AugmentConfig, augment_geometry, augment_intensity
-from napari_sam.training.datasets import InstanceDataset, find_pairs, split_ids
-from napari_sam.training.loop import (
-    TrainConfig,
-    config_from_args,
-    learning_rate,
-    load_ids,
-    train,
-)
+from napari_sam.training.config import TrainConfig
+from napari_sam.training.datasets import InstanceDataset, find_pairs, load_ids, split_ids
 from napari_sam.training.losses import (
     dice_loss,
     focal_loss,
@@ -30,6 +24,7 @@ from napari_sam.training.losses import (
     sam_loss,
     soft_targets,
 )
+from napari_sam.training.optim import learning_rate
 from napari_sam.training.prompts import (
     boxes_from_masks,
     correction_points,
@@ -38,6 +33,7 @@ from napari_sam.training.prompts import (
     sample_instances,
     sample_points_in_masks,
 )
+from napari_sam.training.trainer import train
 from training_helpers import disk_image, run_config, write_dataset
 
 # ------------------------------------------------------------------------ helpers
@@ -372,8 +368,8 @@ def test_resume_gives_same_weights(tmp_path, tiny_sam_config):
 def test_focal_ramp_and_cli_arguments():
     import argparse
 
+    from napari_sam.cli.train import add_train_arguments, config_from_args
     from napari_sam.training.config import setting_fields
-    from napari_sam.training.loop import add_train_arguments
 
     cfg = TrainConfig(focal_ramp_steps=10)
     assert cfg.loss_kwargs(0)["focal_weight"] == 0.0
@@ -414,7 +410,7 @@ def test_object_windows_and_windowed_losses():
 def test_loss_window_schedule_and_cli():
     import argparse
 
-    from napari_sam.training.loop import add_train_arguments
+    from napari_sam.cli.train import add_train_arguments, config_from_args
 
     cfg = TrainConfig(loss_window=3.0, loss_window_steps=10)
     assert cfg.loss_kwargs(0)["loss_window"] == 3.0
@@ -463,7 +459,7 @@ def test_fine_tune_a_checkpoint_with_frozen_encoder(tmp_path, tiny_sam_config):
 
 
 def test_config_problems_and_train_refuses_before_writing(tmp_path):
-    from napari_sam.training.loop import config_problems
+    from napari_sam.training.config import config_problems
 
     assert config_problems(TrainConfig(data="d")) == []
     bad = TrainConfig(data="d", steps=-5, batch_size=0, lr=float("nan"), box_prob=1.5,

@@ -4,17 +4,15 @@ Main entry point: :func:`evaluate` (see :mod:`napari_sam.evaluation.evaluate`);
 metric definitions in :mod:`napari_sam.evaluation.metrics`.
 """
 
-from .evaluate import add_evaluate_arguments, evaluate, format_results, run_evaluate, write_results
+from .evaluate import evaluate, format_results, write_results
 from .metrics import iou_matrix, mask_iou, matching_metrics, mean_metrics
 
 __all__ = [
-    "add_evaluate_arguments",
     "evaluate",
     "format_results",
     "iou_matrix",
     "mask_iou",
     "matching_metrics",
     "mean_metrics",
-    "run_evaluate",
     "write_results",
 ]

@@ -20,10 +20,8 @@ and returns a JSON-able dict::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,10 +36,8 @@ from .interactive import evaluate_image_interactive
 from .metrics import mean_metrics
 
 __all__ = [
-    "add_evaluate_arguments",
     "evaluate",
     "format_results",
-    "run_evaluate",
     "write_results",
 ]
 
@@ -62,7 +58,7 @@ def _resolve_ids(ids: Sequence[str] | str | os.PathLike | None) -> list[str] | N
         resolved = [str(i) for i in ids]
         source = "ids"
     else:
-        from napari_sam.training.loop import load_ids
+        from napari_sam.training.datasets import load_ids
 
         resolved = load_ids(ids)[1]
         source = f"the ids file {ids}"
@@ -94,7 +90,7 @@ def evaluate(
       model: a ``Sam`` module, a :class:`~napari_sam.engine.predictor.Predictor`,
         or a zoo name / checkpoint path for :func:`napari_sam.models.zoo.load_model`.
       ids: image ids to use, or an ids file (its validation ids; see
-        :func:`napari_sam.training.loop.load_ids`); all images when None.
+        :func:`napari_sam.training.datasets.load_ids`); all images when None.
       n_clicks: correction clicks after the first one.
       everything: also run everything mode (slow: a grid of prompts per image).
       max_images: evaluate at most this many images (the first ones).
@@ -252,86 +248,3 @@ def write_results(results: dict[str, Any], path: str | os.PathLike, replace: boo
     with atomic_path(path, replace=replace) as tmp:
         tmp.write_text(text)
     return path
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _count_arg(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``evaluate`` subcommand's options to ``parser``."""
-    parser.add_argument("data", help="dataset folder (images/ + labels/, or x.png + x_labels.tif)")
-    parser.add_argument(
-        "-m", "--model", default="default", metavar="NAME|PATH",
-        help="model name from 'napari-sam models list' or a checkpoint file "
-             "(default: %(default)s, the embedded model)",
-    )
-    parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device, e.g. cpu, cuda, cuda:1, mps (default: best available)")
-    parser.add_argument("--ids", default=None, metavar="FILE",
-                        help='ids file: a JSON list of ids, {"val": [...]} (its val ids are '
-                             "evaluated) or a text file with one id a line (default: every image)")
-    parser.add_argument("--n-clicks", type=_count_arg(0), default=3, metavar="N",
-                        help="correction clicks after the first point (default: %(default)s)")
-    parser.add_argument("--no-everything", dest="everything", action="store_false",
-                        help="skip everything-mode AP (slow: a grid of prompts per image) "
-                             "(default: run it)")
-    parser.add_argument("--no-box", dest="box", action="store_false",
-                        help="skip the tight-box prompt (default: run it)")
-    parser.add_argument("--max-images", type=_count_arg(1), default=None, metavar="N",
-                        help="evaluate the first N images only (default: all)")
-    parser.add_argument("--min-area", type=_count_arg(0), default=10, metavar="PX",
-                        help="objects smaller than this many pixels are not prompted "
-                             "(default: %(default)s)")
-    parser.add_argument("-o", "--out", "--output", dest="output", default=None, metavar="FILE",
-                        help="also write the results as JSON to FILE (default: table only)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out file (default: refuse)")
-    from napari_sam.cli import add_generator_options  # lazy: the CLI imports this module
-
-    add_generator_options(parser)
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Run :func:`evaluate` from parsed :func:`add_evaluate_arguments` options."""
-    from napari_sam.cli import generator_kwargs
-
-    output = Path(args.output) if args.output else None
-    overwrite = bool(getattr(args, "overwrite", False))
-    if output is not None and output.exists() and not overwrite:  # before hours of work
-        raise InvalidInputError(f"{output} exists; pass --overwrite to replace it.")
-    kwargs, _ = generator_kwargs(args)  # the model's recommended settings, as `everything` does
-
-    def progress(done: int, total: int) -> None:
-        print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
-
-    results = evaluate(
-        args.model,
-        args.data,
-        ids=args.ids,
-        n_clicks=args.n_clicks,
-        everything=args.everything,
-        max_images=args.max_images,
-        progress=progress,
-        box=args.box,
-        min_area=args.min_area,
-        everything_kwargs=kwargs,
-        device=getattr(args, "device", None),
-    )
-    print(file=sys.stderr)
-    print(format_results(results))
-    if output is not None:
-        write_results(results, output, replace=overwrite)
-    return 0

@@ -6,15 +6,12 @@ Main entry point: :func:`train` with a :class:`TrainConfig` (see
 
 from .config import TrainConfig
 from .datasets import InstanceDataset, find_pairs, split_ids
-from .loop import add_train_arguments, run_train
 from .trainer import train
 
 __all__ = [
     "InstanceDataset",
     "TrainConfig",
-    "add_train_arguments",
     "find_pairs",
-    "run_train",
     "split_ids",
     "train",
 ]
