@@ -27,9 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from napari_sam.models.checkpoint import model_from_checkpoint
-    from napari_sam.training.datasets import InstanceDataset
+    from napari_sam.training.datasets import InstanceDataset, load_ids
     from napari_sam.training.dense_targets import DenseHead, dense_targets_batch
-    from napari_sam.training.loop import load_ids
 
     model = model_from_checkpoint(args.run / "last.safetensors").eval()
     head = DenseHead(int(model.prompt_encoder.embed_dim))

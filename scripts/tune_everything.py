@@ -18,7 +18,7 @@ import random
 from napari_sam.engine.predictor import Predictor
 from napari_sam.evaluation import evaluate
 from napari_sam.models.zoo import load_model
-from napari_sam.training.loop import load_ids
+from napari_sam.training.datasets import load_ids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -632,7 +632,7 @@ def test_train_bad_values_are_usage_errors_and_write_nothing(tmp_path, capsys):
                                 ("--box-prob", "2", "--box-prob must be a finite number >= 0 "
                                                     "and <= 1"),
                                 ("--checkpoint-every", "0", "--checkpoint-every must be"),
-                                ("--device", "cuda", "training runs on the CPU"),
+                                ("--device", "cuda:99", "device 'cuda:99' requested but"),
                                 ("--model", "configs/default_model.json", "pass it as --arch")):
         assert main(["train", str(ds), "-o", str(run), option, value]) == 2, option
         err = capsys.readouterr().err

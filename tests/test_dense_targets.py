@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sam.training import TrainConfig, train
 from napari_sam.training.dense_targets import (
     DenseHead,
     dense_loss,
@@ -20,10 +19,7 @@ from napari_sam.training.dense_targets import (
     dense_targets_batch,
     valid_mask,
 )
-from napari_sam.training.loop import TrainConfig, train
-from test_training import write_dataset
-
-SRC = Path(__file__).resolve().parents[1] / "src"
+from training_helpers import run_cli, run_config, write_dataset
 
 
 def _two_touching_squares_and_a_dot() -> np.ndarray:
@@ -124,24 +120,9 @@ def test_head_overfits_one_embedding():
 
 
 def _cfg(tmp_path: Path, tiny_sam_config, **kw) -> TrainConfig:
-    base = dict(
-        data=str(tmp_path / "data"),
-        output_dir=str(tmp_path / "run"),
-        model=tiny_sam_config,
-        steps=30,
-        batch_size=2,
-        instances_per_image=3,
-        rounds=1,
-        lr=2e-3,
-        warmup_steps=3,
-        log_every=1,
-        checkpoint_every=1000,
-        seed=0,
-        num_threads=1,
-        aux_dense=1.0,
-    )
+    base = dict(rounds=1, lr=2e-3, aux_dense=1.0)
     base.update(kw)
-    return TrainConfig(**base)
+    return run_config(tmp_path, tiny_sam_config, **base)
 
 
 def _log(run: Path) -> list[dict]:
@@ -198,26 +179,40 @@ def test_aux_dense_resume_restores_the_head(tmp_path, tiny_sam_config):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "napari_sam.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )
-
-
 def test_cli_aux_dense_option(tmp_path, tiny_sam_config):
     """``napari-sam train --aux-dense W`` trains the head; a negative weight is a clear error."""
     write_dataset(tmp_path / "data", n=3, size=64)
     (tmp_path / "model.json").write_text(json.dumps(tiny_sam_config.to_dict()))
     common = ["train", str(tmp_path / "data"), "--arch", str(tmp_path / "model.json"),
               "--steps", "2", "--batch-size", "1", "--rounds", "1", "--num-threads", "1"]
-    bad = _cli(*common, "-o", str(tmp_path / "bad"), "--aux-dense", "-1", cwd=tmp_path)
+    bad = run_cli(*common, "-o", str(tmp_path / "bad"), "--aux-dense", "-1", cwd=tmp_path)
     assert bad.returncode == 1
     assert "aux_dense must be a finite weight >= 0" in bad.stderr
     assert "Traceback" not in bad.stderr
-    ok = _cli(*common, "-o", str(tmp_path / "ok"), "--aux-dense", "0.5", cwd=tmp_path)
+    ok = run_cli(*common, "-o", str(tmp_path / "ok"), "--aux-dense", "0.5", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "ok" / "aux_head.pt").is_file()
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["aux_dense"] == 0.5
     assert "aux_dense=" in ok.stderr  # logged with the other metrics
+
+
+@pytest.mark.parametrize("saved_aux", [1.0, 0.0])
+def test_resuming_with_and_without_aux_dense_is_a_typed_error(tmp_path, tiny_sam_config,
+                                                              saved_aux):
+    """A run folder whose optimizer state has (or lacks) the aux head's parameter group, while
+    its config.json says otherwise, was a raw ValueError from optimizer.load_state_dict."""
+    from napari_sam.errors import InvalidInputError
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    kw = dict(steps=1, batch_size=1, aux_dense=saved_aux)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_cfg(tmp_path, tiny_sam_config, **kw))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    other = 1.0 - saved_aux
+    saved["aux_dense"] = other  # as if config.json and the checkpoint came from other runs
+    (run / "config.json").write_text(json.dumps(saved))
+    hint = "pass --aux-dense WEIGHT" if saved_aux else "leave --aux-dense out"
+    with pytest.raises(InvalidInputError, match=f"Cannot resume the run in .*{hint}"):
+        train(_cfg(tmp_path, tiny_sam_config, **{**kw, "steps": 2, "aux_dense": other}))

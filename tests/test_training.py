@@ -15,14 +15,16 @@ from PIL import Image
 
 from napari_sam.errors import InvalidInputError
 from napari_sam.training.augment import AugmentConfig, augment_geometry, augment_intensity
-from napari_sam.training.datasets import InstanceDataset, find_pairs, split_ids
-from napari_sam.training.loop import (
-    TrainConfig,
-    learning_rate,
-    load_ids,
-    train,
+from napari_sam.training.config import TrainConfig
+from napari_sam.training.datasets import InstanceDataset, find_pairs, load_ids, split_ids
+from napari_sam.training.losses import (
+    dice_loss,
+    focal_loss,
+    logits_mask_iou,
+    sam_loss,
+    soft_targets,
 )
-from napari_sam.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, soft_targets
+from napari_sam.training.optim import learning_rate
 from napari_sam.training.prompts import (
     boxes_from_masks,
     correction_points,
@@ -31,39 +33,10 @@ from napari_sam.training.prompts import (
     sample_instances,
     sample_points_in_masks,
 )
+from napari_sam.training.trainer import train
+from training_helpers import disk_image, run_config, write_dataset
 
 # ------------------------------------------------------------------------ helpers
-
-
-def disk_image(size: int = 64, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A dark noisy image with ``n`` bright non-overlapping disks and their labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    img = rng.normal(30, 5, (size, size))
-    lab = np.zeros((size, size), np.uint16)
-    k = 0
-    for _ in range(50):
-        if k == n:
-            break
-        r = rng.uniform(size / 14, size / 7)
-        cy, cx = rng.uniform(r, size - r, 2)
-        m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        if (lab[m] > 0).any():
-            continue
-        k += 1
-        lab[m] = k
-        img[m] = 200
-    return np.clip(img, 0, 255).astype(np.uint8), lab
-
-
-def write_dataset(root: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for i in range(n):
-        img, lab = disk_image(size, seed=seed + i)
-        Image.fromarray(img).save(root / "images" / f"im{i}.png")
-        Image.fromarray(lab).save(root / "labels" / f"im{i}.png")
-    return root
 
 
 # ----------------------------------------------------------------------- datasets
@@ -296,8 +269,8 @@ def test_focal_and_dice_known_values():
     # p = 0.5 everywhere: 1 - (2 * 4 + 1) / (8 + 8 + 1)
     assert dice_loss(torch.zeros(1, 4, 4), half).item() == pytest.approx(1 - 9 / 17, rel=1e-6)
     assert dice_loss(half * 40 - 20, half).item() < 1e-6
-    assert mask_iou(half * 2 - 1, half).item() == 1.0
-    assert mask_iou(torch.ones(1, 4, 4), half).item() == 0.5
+    assert logits_mask_iou(half * 2 - 1, half).item() == 1.0
+    assert logits_mask_iou(torch.ones(1, 4, 4), half).item() == 0.5
 
 
 def test_sam_loss_best_of_three():
@@ -345,23 +318,7 @@ def test_learning_rate_schedule():
 
 
 def _config(tmp_path, tiny_sam_config, **kw) -> TrainConfig:
-    base = dict(
-        data=str(tmp_path / "data"),
-        output_dir=str(tmp_path / "run"),
-        model=tiny_sam_config,
-        steps=30,
-        batch_size=2,
-        instances_per_image=3,
-        rounds=2,
-        lr=1e-3,
-        warmup_steps=3,
-        log_every=1,
-        checkpoint_every=1000,
-        seed=0,
-        num_threads=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return run_config(tmp_path, tiny_sam_config, **kw)
 
 
 def _losses(run: Path) -> list[float]:
@@ -410,9 +367,9 @@ def test_resume_gives_same_weights(tmp_path, tiny_sam_config):
 
 def test_focal_ramp_and_cli_arguments():
     import argparse
-    import dataclasses
 
     from napari_sam.cli.train import add_train_arguments, config_from_args
+    from napari_sam.training.config import setting_fields
 
     cfg = TrainConfig(focal_ramp_steps=10)
     assert cfg.loss_kwargs(0)["focal_weight"] == 0.0
@@ -421,7 +378,7 @@ def test_focal_ramp_and_cli_arguments():
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args(["d", "--steps", "5", "--freeze-encoder", "--lr", "1e-4"])
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for _, f in setting_fields()}  # the flat settings of the nested config
     assert set(vars(args)) - names == {"device", "overwrite"}  # not training settings
     built = config_from_args(args)
     assert (built.data, built.steps, built.freeze_encoder, built.lr) == ("d", 5, True, 1e-4)
@@ -502,7 +459,7 @@ def test_fine_tune_a_checkpoint_with_frozen_encoder(tmp_path, tiny_sam_config):
 
 
 def test_config_problems_and_train_refuses_before_writing(tmp_path):
-    from napari_sam.training.loop import config_problems
+    from napari_sam.training.config import config_problems
 
     assert config_problems(TrainConfig(data="d")) == []
     bad = TrainConfig(data="d", steps=-5, batch_size=0, lr=float("nan"), box_prob=1.5,
@@ -544,3 +501,115 @@ def test_load_ids_reads_the_repository_splits_with_their_notes(name):
     train_ids, val_ids = load_ids(path)
     assert len(val_ids) >= 20 and all(isinstance(i, str) for i in val_ids)
     assert train_ids is None or not set(train_ids) & set(val_ids)
+
+
+# ------------------------------------------------------------------- issue 14: logging
+
+
+def test_progress_goes_to_the_training_logger_and_the_cli_shows_it(tmp_path, tiny_sam_config,
+                                                                   caplog, capfd):
+    """The library logs (logger napari_sam.training) instead of printing; the CLI still shows
+    the same lines on stderr."""
+    import logging
+
+    from training_helpers import run_cli
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    with caplog.at_level(logging.INFO, logger="napari_sam.training"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_config(tmp_path, tiny_sam_config, steps=1, batch_size=1, rounds=1))
+    assert "step 1/1 loss=" in caplog.text
+    assert "step 1/1" not in capfd.readouterr().err  # nothing printed by the library
+    (tmp_path / "model.json").write_text(json.dumps(tiny_sam_config.to_dict()))
+    common = ["train", str(tmp_path / "data"), "--arch", str(tmp_path / "model.json"),
+              "-o", str(tmp_path / "cli"), "--batch-size", "1", "--rounds", "1",
+              "--num-threads", "1", "--log-every", "1"]
+    first = run_cli(*common, "--steps", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "\nstep 1/1 loss=" in "\n" + first.stderr
+    assert first.stdout.strip() == str(tmp_path / "cli" / "last.safetensors")
+    again = run_cli(*common, "--steps", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from step 1 ({tmp_path / 'cli' / 'last.safetensors'})" in again.stderr
+    assert "\nstep 2/2 loss=" in again.stderr and "step 1/2" not in again.stderr
+    over = run_cli(*common, "--steps", "1", "--overwrite", cwd=tmp_path)
+    assert over.returncode == 0, over.stderr
+    assert f"starting over in {tmp_path / 'cli'} (--overwrite: removed config.json" in over.stderr
+
+
+# ------------------------------------------------------ issue 14: one owner of image files
+
+
+def test_dataset_reads_images_as_the_cli_does_jpeg_and_palette_png(tmp_path):
+    """Review (b)5 "reading images": training refused JPEGs the CLI accepts, and decoded
+    palette PNGs to their palette indices instead of their colours."""
+    from napari_sam.engine import io
+    from napari_sam.engine.image import to_rgb_uint8
+
+    img, lab = disk_image(48, seed=3)
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.fromarray(np.stack([img, img // 2, 255 - img], -1)).save(root / "images" / "a.jpg")
+    palette = Image.fromarray((img > 100).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 250, 40, 10] + [0] * 762)  # 0: black, 1: red
+    palette.save(root / "images" / "b.png")
+    # a palette label image keeps its indices as object ids
+    label_png = Image.fromarray(lab.astype(np.uint8), mode="P")
+    label_png.putpalette(list(range(256)) * 3)
+    for name in ("a", "b"):
+        label_png.save(root / "labels" / f"{name}.png")
+    ds = InstanceDataset(root, img_size=64, low_res_size=16)
+    assert ds.ids == ["a", "b"]
+    for i, name in enumerate(("a.jpg", "b.png")):
+        image, labels = ds.load(i)
+        expected = to_rgb_uint8(io.read_image(root / "images" / name).data)
+        np.testing.assert_array_equal(image, expected)
+        np.testing.assert_array_equal(labels, lab)
+    assert ds.load(1)[0][lab > 0].tolist()[0] == [250, 40, 10]  # the palette colour
+
+
+def test_resume_refuses_a_damaged_checkpoint_with_advice(tmp_path, tiny_sam_config):
+    """last.safetensors is read through models.checkpoint; a truncated one is a clear error."""
+    from napari_sam.errors import CheckpointError
+
+    write_dataset(tmp_path / "data", n=2, size=64)
+    cfg = _config(tmp_path, tiny_sam_config, steps=1, batch_size=1, rounds=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        last = train(cfg)
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"Cannot resume from .*last.safetensors: "
+                                              r"unreadable .*pass --overwrite"):
+        train(_config(tmp_path, tiny_sam_config, steps=2, batch_size=1, rounds=1))
+
+
+# ---------------------------------------------------------- issue 13 leftover: --device
+
+
+def test_train_device_is_checked_before_anything_is_written(tmp_path, tiny_sam_config):
+    """train accepted only 'cpu'; any torch device is accepted now, an unavailable or
+    unknown one is a typed error that names it."""
+    from napari_sam.training.trainer import training_device
+
+    assert training_device(None) == torch.device("cpu")
+    assert training_device("cpu") == torch.device("cpu")
+    cfg = _config(tmp_path, tiny_sam_config, steps=1)
+    for device, text in (("cuda:99", "device 'cuda:99' requested but"),
+                         ("tpu", "device 'tpu'")):
+        with pytest.raises(InvalidInputError, match=text):
+            train(cfg, device=device)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_resumes_on_the_cpu(tmp_path, tiny_sam_config):
+    write_dataset(tmp_path / "data", n=2, size=64)
+    kw = dict(batch_size=1, rounds=2, aux_dense=0.5, val_ids=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_config(tmp_path, tiny_sam_config, steps=2, **kw), device="cuda")
+        train(_config(tmp_path, tiny_sam_config, steps=3, **kw), device="cpu")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -1,13 +1,13 @@
 """``napari-sam train``: fine-tune (or train from scratch) on a folder of images and labels.
 
-The options map onto :class:`~napari_sam.training.loop.TrainConfig`; their
-ranges are checked by :func:`~napari_sam.training.loop.config_problems`.
+The options map onto :class:`~napari_sam.training.config.TrainConfig`; the numeric
+ones, their help and their ranges come from its fields' metadata, checked by
+:func:`~napari_sam.training.config.config_problems`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from napari_sam.errors import InvalidInputError
@@ -15,7 +15,7 @@ from napari_sam.errors import InvalidInputError
 from ._common import Console, add_forwarded_parser, parse_forwarded
 
 if TYPE_CHECKING:
-    from napari_sam.training.loop import TrainConfig
+    from napari_sam.training.config import TrainConfig
 
 __all__ = ["add_train_arguments", "check_train_arguments", "config_from_args", "run_train"]
 
@@ -38,41 +38,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return int(run_train(sub_args) or 0)
 
 
-#: help of the numeric options (option name as in TrainConfig); defaults are added
-_NUMERIC_HELP = {
-    "steps": "training steps (optimizer updates) in all, counting a resumed run's",
-    "batch_size": "images per step",
-    "instances_per_image": "objects prompted per image and step",
-    "rounds": "prompting rounds per object: the first prompt plus correction clicks",
-    "mask_only_rounds": "of the correction rounds, the last N add no click (mask prompt only)",
-    "warmup_steps": "steps of linear learning-rate warm-up",
-    "seed": "random seed (image order, crops, prompts), >= 0",
-    "checkpoint_every": "write last.safetensors every N steps (and at the end)",
-    "log_every": "append a line to log.jsonl (and stderr) every N steps",
-    "val_every": "validate on the --val-ids images every N steps (0: never)",
-    "val_images": "validation images used (the first N of --val-ids)",
-    "min_area": "objects smaller than this many model-input pixels are not prompted",
-    "focal_ramp_steps": "ramp the focal-loss weight up from 0 over N steps (0: off)",
-    "decoder_chunk": "objects per mask-decoder call (small chunks are faster on a CPU)",
-    "loss_window_steps": "steps during which --loss-window applies",
-    "lr": "peak learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay (not applied to norms, biases, embeddings)",
-    "box_prob": "probability that an object's first prompt is a box rather than a point",
-    "grad_clip": "clip the gradient norm to this (0: off)",
-    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
-    "full_view_prob": "probability that a training view shows the whole image, not a crop",
-    "focal_weight": "weight of the focal loss",
-    "dice_weight": "weight of the dice loss",
-    "iou_weight": "weight of the IoU-prediction loss",
-    "focal_alpha": "weight of foreground pixels in the focal loss (< 0: none)",
-    "focal_gamma": "focusing exponent of the focal loss",
-    "loss_window": "count mask losses only in a window of this many times each object's box "
-                   "(0: whole map; a curriculum for small objects)",
-    "loss_window_end": "grow the window geometrically to this factor over --loss-window-steps "
-                       "(0: fixed)",
-}
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` subcommand's options to ``parser``.
 
@@ -80,7 +45,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     other command; ``--arch`` builds a randomly initialised model instead.
     Parse into a :class:`TrainConfig` with :func:`config_from_args`.
     """
-    from napari_sam.training.loop import _CHOICES, _FLOAT_RANGE, _MIN_INT, TrainConfig
+    from napari_sam.training.config import (
+        _CHOICES,
+        _FLOAT_RANGE,
+        _MIN_INT,
+        TrainConfig,
+        setting_fields,
+    )
 
     d = TrainConfig()
     parser.add_argument("data", help="dataset folder (images/ + labels/, or x.png + x_labels.tif)")
@@ -98,8 +69,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "...) or a JSON SamConfig file such as configs/default_model.json; "
                              "not with --model (default: off)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device; training runs on the CPU in this version, so only "
-                             "'cpu' is accepted (default: cpu)")
+                        help="torch device to train on: cpu, cuda, cuda:N or mps; a run "
+                             "resumes on any device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run folder that holds a run (deletes its "
                              "checkpoints, config.json and log.jsonl) (default: off)")
@@ -107,8 +78,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON list of validation ids, a JSON object {\"val\": [...], "
                              "\"train\": [...]}, or a text file with one id a line; these "
                              "images are left out of training (default: none)")
+    help_of = {f.name: f.metadata["help"] for _, f in setting_fields()}  # the config's fields
     for name, typ in [*((k, int) for k in _MIN_INT), *((k, float) for k in _FLOAT_RANGE)]:
-        help_text = _NUMERIC_HELP.get(name, name.replace("_", " "))
+        help_text = help_of[name]
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                             metavar="N" if typ is int else "X",
                             help=f"{help_text} (default: %(default)s)")
@@ -158,9 +130,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     Without ``--arch`` the run starts from ``--model`` (default: the embedded
     default model).
     """
-    from napari_sam.training.loop import TrainConfig
+    from napari_sam.training.config import TrainConfig, setting_fields
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for _, f in setting_fields()}
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if kwargs.get("model") is None and kwargs.get("init") is None:
         kwargs["init"] = "default"
@@ -173,15 +145,18 @@ def check_train_arguments(args: argparse.Namespace) -> None:
     Raises:
       InvalidInputError: naming the option, e.g. ``--steps must be an integer >= 1, got -5``.
     """
-    from napari_sam.training.loop import config_problems
+    from napari_sam.training.config import config_problems
+    from napari_sam.training.trainer import training_device
 
     if getattr(args, "init", None) and getattr(args, "model", None):
         raise InvalidInputError("give --model (weights to start from) or --arch (train from "
                                 "scratch), not both")
     device = getattr(args, "device", None)
-    if device not in (None, "cpu"):
-        raise InvalidInputError(f"--device {device}: training runs on the CPU in this version "
-                                "(use --device cpu or leave it out)")
+    if device is not None:
+        try:
+            training_device(device)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"--device: {err}") from None
     init = getattr(args, "init", None)
     if isinstance(init, str) and init.lower().endswith(".json"):
         raise InvalidInputError(f"--model {init} looks like an architecture config; pass it as "
@@ -193,9 +168,11 @@ def check_train_arguments(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run training from parsed :func:`add_train_arguments` options; returns an exit code."""
-    from napari_sam.training.loop import train
+    from napari_sam.training.trainer import log_to_stderr, train
 
     check_train_arguments(args)
-    path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)))
+    with log_to_stderr():  # the progress lines of the napari_sam.training logger
+        path = train(config_from_args(args), overwrite=bool(getattr(args, "overwrite", False)),
+                     device=getattr(args, "device", None))
     print(path)
     return 0

@@ -58,7 +58,7 @@ def _resolve_ids(ids: Sequence[str] | str | os.PathLike | None) -> list[str] | N
         resolved = [str(i) for i in ids]
         source = "ids"
     else:
-        from napari_sam.training.loop import load_ids
+        from napari_sam.training.datasets import load_ids
 
         resolved = load_ids(ids)[1]
         source = f"the ids file {ids}"
@@ -90,7 +90,7 @@ def evaluate(
       model: a ``Sam`` module, a :class:`~napari_sam.engine.predictor.Predictor`,
         or a zoo name / checkpoint path for :func:`napari_sam.models.zoo.load_model`.
       ids: image ids to use, or an ids file (its validation ids; see
-        :func:`napari_sam.training.loop.load_ids`); all images when None.
+        :func:`napari_sam.training.datasets.load_ids`); all images when None.
       n_clicks: correction clicks after the first one.
       everything: also run everything mode (slow: a grid of prompts per image).
       max_images: evaluate at most this many images (the first ones).

@@ -293,6 +293,27 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], S
     return _unwrap(_load_torch(path), path)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (``{}`` when it has none).
+
+    Raises:
+      CheckpointError: the file is missing, or not a readable safetensors file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: "
+            f"{_shorten(str(exc))})"
+        ) from None
+
+
 def _fit_problems(own: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Differences between a model's state dict ``own`` and ``state_dict`` (names, shapes)."""
     missing = [k for k in own if k not in state_dict]

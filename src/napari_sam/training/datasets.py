@@ -8,7 +8,9 @@ for a folder ``root`` (the first that matches is used):
 2. A flat folder with ``<stem>.<ext>`` next to ``<stem>_labels.<ext>``
    (also ``_label``, ``_masks`` or ``_mask``).
 
-``<ext>`` is one of ``.png``, ``.tif``, ``.tiff``. An explicit list of
+Images are read by :func:`napari_sam.engine.io.read_image` (any of
+:data:`~napari_sam.engine.io.IMAGE_EXTENSIONS`: PNG, TIFF, JPEG, BMP), label
+images by :func:`~napari_sam.engine.io.read_labels` (PNG or TIFF). An explicit list of
 ``(image_path, label_path)`` pairs works too. Images may be grayscale, RGB or
 RGBA of any real dtype (normalised with
 :func:`napari_sam.engine.image.to_rgb_uint8`, the function every inference
@@ -24,46 +26,32 @@ the model input and to the mask decoder's low-resolution output.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from napari_sam.engine.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, read_image, read_labels
 from napari_sam.errors import InvalidInputError
+from napari_sam.models.sam import PIXEL_MEAN, PIXEL_STD
 
 from .augment import AugmentConfig, augment_geometry, augment_intensity
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "PIXEL_MEAN",
-    "PIXEL_STD",
     "InstanceDataset",
     "Sample",
     "find_pairs",
-    "read_image",
+    "load_ids",
     "split_ids",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".tif", ".tiff")
 LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask")
 LABEL_DIRS = ("labels", "masks")
-# SAM's normalisation constants (RGB, 0..255)
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a ``.png`` (PIL) or ``.tif``/``.tiff`` (tifffile) file into a numpy array."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        return np.asarray(tifffile.imread(path))
-    with Image.open(path) as im:
-        return np.asarray(im)
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -72,7 +60,10 @@ def _image_hw(path: Path) -> tuple[int, int]:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape
+            series = tif.series[0]
+            shape, axes = tuple(series.shape), series.axes
+        if len(shape) == 3 and len(axes) == 3 and "S" in axes:  # colour samples (read_image)
+            return tuple(int(n) for a, n in zip(axes, shape, strict=True) if a != "S")
         if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
             raise InvalidInputError(
                 f"{path} has shape {shape} (channels first); save it channels last (H, W, C)."
@@ -83,10 +74,8 @@ def _image_hw(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def _list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
 
 def _by_stem(paths: list[Path]) -> dict[str, Path]:
@@ -107,23 +96,24 @@ def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     label_dir = next((root / d for d in LABEL_DIRS if (root / d).is_dir()), None)
     if image_dir.is_dir():
         images = _list_images(image_dir)
-        labels = _by_stem(_list_images(label_dir)) if label_dir is not None else {}
+        labels = (_by_stem(_list_images(label_dir, LABEL_EXTENSIONS)) if label_dir is not None
+                  else {})
         label_of = {p.stem: labels.get(p.stem) for p in images}
         where = f"{image_dir} (labels expected in {root / 'labels'} with the same name)"
     else:
         files = _list_images(root)
-        stems = _by_stem(files)
         label_stems = {p.stem for p in files if any(p.stem.endswith(s) for s in LABEL_SUFFIXES)}
         images = [p for p in files if p.stem not in label_stems]
+        label_files = _by_stem(_list_images(root, LABEL_EXTENSIONS))
         label_of = {}
         for p in images:
-            match = [stems[p.stem + s] for s in LABEL_SUFFIXES if p.stem + s in stems]
+            match = [label_files[p.stem + s] for s in LABEL_SUFFIXES if p.stem + s in label_files]
             label_of[p.stem] = match[0] if match else None
         where = f"{root} (labels expected as <name>_labels.png/.tif next to each image)"
     if not images:
         raise InvalidInputError(
-            f"No images (.png, .tif, .tiff) found in {where}. Use a folder with images/ and "
-            "labels/ subfolders, or image files next to <name>_labels files."
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}. Use a folder with "
+            "images/ and labels/ subfolders, or image files next to <name>_labels files."
         )
     missing = [p.name for p in images if label_of[p.stem] is None]
     if missing:
@@ -175,6 +165,74 @@ class Sample:
     labels_low: torch.Tensor
     input_size: tuple[int, int]
     image_id: str
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``value`` (or its repr) on one line, cut to ``limit`` characters for an error message."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _id_list(value: Any, what: str, path: Path) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(i, (str, int)) and not isinstance(i, bool) for i in value
+    ):
+        raise InvalidInputError(
+            f"{path}: {what} must be a list of image ids (strings or numbers), got "
+            f"{_short(value, 40)}."
+        )
+    return [str(i) for i in value]
+
+
+def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
+    """Read an ids file: ``(train_ids or None, val_ids)``.
+
+    Accepts a JSON list of validation ids, a JSON object with a ``"val"`` list
+    (and optionally a ``"train"`` list), or a text file with one validation id
+    a line. A file named ``.json``, or whose text starts with ``[`` or ``{``,
+    must be valid JSON (it is never read as a text list).
+
+    Raises:
+      InvalidInputError: missing file, invalid JSON, or lists that are not
+        lists of ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"ids file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: cannot read the ids file ({err}).") from None
+    looks_json = path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{")
+    if not looks_json:
+        return None, [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(
+            f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno}); write a "
+            'list of ids, {"val": [...], "train": [...]}, or a text file with one id a line.'
+        ) from None
+    if isinstance(data, list):
+        return None, _id_list(data, "the list", path)
+    if isinstance(data, dict) and "val" in data:
+        # Descriptive keys ("dataset", "rule", "seed") are kept as documentation; an
+        # unknown key holding a list is a misspelt split and must not be ignored.
+        unknown = {key for key in set(data) - {"train", "val"} if isinstance(data[key], list)}
+        if unknown:
+            raise InvalidInputError(
+                f"{path}: unknown list key(s) {', '.join(sorted(map(repr, unknown)))}; an ids "
+                'object holds "val" and optionally "train" (other keys may only hold notes).'
+            )
+        train = data.get("train")
+        return (None if train is None else _id_list(train, '"train"', path),
+                _id_list(data["val"], '"val"', path))
+    raise InvalidInputError(
+        f"{path}: expected a list of ids or an object with a \"val\" list, got "
+        f"{type(data).__name__}."
+    )
+
 
 
 def _nearest_indices(n_out: int, n_in: float, offset: int = 0) -> np.ndarray:
@@ -291,7 +349,7 @@ class InstanceDataset:
     # ------------------------------------------------------------------ io
     @staticmethod
     def _read_labels(path: Path) -> np.ndarray:
-        labels = read_image(path)
+        labels = read_labels(path)
         if labels.ndim == 3 and labels.shape[2] == 1:
             labels = labels[..., 0]
         if labels.ndim != 2:
@@ -325,7 +383,7 @@ class InstanceDataset:
         from napari_sam.engine.image import to_rgb_uint8
 
         img_path, lab_path = self.pairs[index]
-        raw = read_image(img_path)
+        raw = read_image(img_path).data
         image = to_rgb_uint8(raw)
         labels = self._read_labels(lab_path).astype(np.int64)
         if self._cache is not None:

@@ -25,6 +25,7 @@ it, so a model trained with it loads and runs exactly like any other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,9 +34,13 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from napari_sam.errors import InvalidInputError
+
 __all__ = [
     "DENSE_CHANNELS",
     "DenseHead",
+    "attach_aux_head",
+    "aux_backward",
     "dense_loss",
     "dense_targets",
     "dense_targets_batch",
@@ -176,3 +181,43 @@ def dense_loss(
         prob.sum(dim=(-2, -1)) + t.sum(dim=(-2, -1)) + 1
     )
     return (bce + dice).mean()
+
+
+def attach_aux_head(
+    model: nn.Module, weight: float, optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+) -> DenseHead | None:
+    """The dense auxiliary head of a run with ``aux_dense = weight`` (None when 0), on
+    ``device``; its parameters join ``optimizer`` as a group without weight decay.
+
+    Raises:
+      InvalidInputError: ``weight`` is negative or not finite.
+    """
+    if not math.isfinite(weight) or weight < 0:
+        raise InvalidInputError(f"aux_dense must be a finite weight >= 0 (0 = off), got {weight}.")
+    if weight == 0:
+        return None
+    head = DenseHead(int(model.prompt_encoder.embed_dim)).to(device)
+    optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    return head
+
+
+def aux_backward(
+    head: nn.Module,
+    leaf: torch.Tensor,
+    labels: Sequence[torch.Tensor],
+    input_sizes: Sequence[tuple[int, int]],
+    low_res_size: int,
+    weight: float,
+) -> float:
+    """Back-propagate ``weight *`` the dense loss of ``head(leaf)`` (into ``leaf.grad`` when
+    ``leaf`` requires grad, and into the head); returns the unweighted loss.
+
+    Arguments:
+      leaf: (B, C, E, E) image embeddings; ``labels`` (B of (S, S)) and
+        ``input_sizes`` (B of (h, w)) are the images' label maps and valid sizes.
+    """
+    targets, valid = dense_targets_batch(labels, input_sizes, low_res_size)
+    loss = dense_loss(head(leaf), targets.to(leaf.device), valid.to(leaf.device))
+    (loss * weight).backward()
+    return float(loss.detach())

@@ -28,7 +28,7 @@ __all__ = [
     "SamLoss",
     "dice_loss",
     "focal_loss",
-    "mask_iou",
+    "logits_mask_iou",
     "object_windows",
     "sam_loss",
     "soft_targets",
@@ -91,7 +91,7 @@ def dice_loss(
     return 1 - (2 * inter + eps) / (prob.sum(-1) + targets.sum(-1) + eps)
 
 
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logits_mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """IoU of ``logits > 0`` with ``targets > 0.5`` per mask, (..., H, W) -> (...).
 
     Both empty gives IoU 1.
@@ -194,9 +194,9 @@ def sam_loss(
     dice = dice_loss(mask_logits, t, window=win)
     per_mask = focal_weight * focal + dice_weight * dice  # (K, C)
     best = per_mask.detach().argmin(1)
-    rows = torch.arange(mask_logits.shape[0])
+    rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
     with torch.no_grad():
-        actual = mask_iou(mask_logits, t)
+        actual = logits_mask_iou(mask_logits, t)
     iou_mse = ((iou_pred - actual) ** 2).mean(1)
     total = per_mask[rows, best].mean() + iou_weight * iou_mse.mean()
     return SamLoss(
