@@ -9,13 +9,14 @@ import torch
 from napari_sam.engine import masks as M
 from napari_sam.engine.everything import (
     AutomaticMaskGenerator,
-    _FastDecoder,
     _stability_upper_bound,
     records_to_labels,
 )
-from napari_sam.engine.predictor import Predictor, _postprocess
+from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.transforms import ImageTransform
+from napari_sam.engine.upsample import bilinear_taps, support_window, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
+from napari_sam.models.fast_decoder import FactoredBackend, ReferenceBackend, make_decoder_backend
 
 LOW = dict(pred_iou_thresh=0.0, stability_score_thresh=0.5, box_nms_thresh=1.0)
 
@@ -66,8 +67,8 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
 
     cfg = tiny_vit_sam_config(decoder_depth=depth, prompt_embed_dim=width)
     model = build_random_sam(cfg, seed=3)
-    fd = _FastDecoder.build(model)
-    assert fd is not None
+    fd = make_decoder_backend(model, "auto")
+    assert isinstance(fd, FactoredBackend)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         feats = torch.randn(1, width, 8, 8, generator=g)
@@ -76,7 +77,7 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
         labels = torch.ones(11, 1, dtype=torch.int)
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low, iou = model.mask_decoder(feats, pe, sparse, dense, multimask_output=True)
-        fd.prepare(feats, pe)
+        ctx = fd.prepare(feats)
         chosen = torch.zeros(11, 3, dtype=torch.bool)
         chosen[[0, 0, 5, 10, 7, 7, 7], [0, 2, 1, 0, 0, 1, 2]] = True
         offset = 0
@@ -86,7 +87,8 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
             offset += len(iou_sub)
             return chosen[offset - len(iou_sub) : offset]
 
-        iou_fast, chosen_fast, low_fast = fd.decode(sparse, select, sub_batch=4)
+        iou_fast, chosen_fast, low_fast = fd.decode_selected(ctx, sparse, dense, select,
+                                                             sub_batch=4)
         assert offset == 11
         assert torch.equal(chosen_fast, chosen)
         torch.testing.assert_close(iou_fast, iou, atol=1e-5, rtol=1e-4)
@@ -99,7 +101,10 @@ def test_fast_decoder_refuses_unknown_structure():
 
     m = Other()
     m.mask_decoder = torch.nn.Linear(2, 2)
-    assert _FastDecoder.build(m) is None
+    assert not FactoredBackend.supports(m)
+    assert isinstance(make_decoder_backend(m, "auto"), ReferenceBackend)
+    with pytest.raises(InvalidInputError, match="no fast path"):
+        make_decoder_backend(m, "factored")
 
 
 # ----------------------------------------------------------------------------- stability bound
@@ -117,13 +122,40 @@ def test_stability_bound_never_below_exact(original, target, low_size):
     low = torch.nn.functional.interpolate(blobs, size=(low_size, low_size), mode="bilinear")[:, 0]
     low = low + 0.3 * torch.randn(low.shape, generator=g)
     low[0] = 5.0  # a constant mask: stability 1, and the bound must allow it
-    full = _postprocess(low[:, None], target, (h, w), original)[:, 0]
+    full = upscale_logits(low[:, None], target, (h, w), original)[:, 0]
     exact = M.stability_score(full, 0.0, 1.0)
     bound = _stability_upper_bound(low, target, (h, w), original, 0.0, 1.0)
     valid = ~torch.isnan(exact)
     assert (bound[valid] >= exact[valid]).all()
     assert bound[0] >= 1.0
     assert bound[1:].median() < 1.0  # the bound is informative for noisy masks
+
+
+@pytest.mark.parametrize(
+    ("n_low", "target", "n_in", "n_out"),
+    [(256, 1024, 1024, 1024), (256, 1024, 683, 1200), (256, 1024, 29, 333),
+     (256, 1024, 925, 333), (32, 128, 85, 60), (32, 128, 3, 1000), (32, 128, 128, 1)],
+)
+def test_support_window_agrees_with_the_resize_taps(n_low, target, n_in, n_out):
+    """Every low-res pixel the resize reads (with any weight) lies in the window, and
+    the window starts at the first one: the bound and the resize share one geometry."""
+    lo, k = support_window(n_low, target, n_in, n_out)
+    i0, i1, w0, w1 = bilinear_taps(n_low, target)
+    if n_in == n_out:
+        first, last = i0[:n_in], i1[:n_in]
+    else:
+        j0, j1, _, _ = bilinear_taps(n_in, n_out)
+        first, last = i0[j0], i1[j1]
+    assert lo.shape == (n_out,)
+    np.testing.assert_array_equal(lo, first)
+    assert ((last - lo) < k).all() and k == int((last - first).max()) + 1
+    # the taps' rows of the resize matrix are zero outside the window
+    from napari_sam.engine.upsample import resize_matrix
+
+    m = resize_matrix(n_low, target, n_in, n_out)
+    cols = np.arange(n_low)
+    outside = (cols[None, :] < lo[:, None]) | (cols[None, :] >= lo[:, None] + k)
+    assert not m[outside].any()
 
 
 # ----------------------------------------------------------------------------- generator
@@ -163,8 +195,8 @@ def test_records_format(sam, image):
 
 def test_fast_path_equals_generic_path(sam, image):
     fast = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
-    slow = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
-    slow._decoder = None  # Predictor.predict_torch path
+    slow = AutomaticMaskGenerator(Predictor(sam, decoder="reference"), points_per_side=6,
+                                  **LOW)
     a, b = fast.generate(image), slow.generate(image)
     assert len(a) == len(b) >= 3
     for ra, rb in zip(a, b, strict=True):
@@ -212,8 +244,16 @@ def test_shared_predictor_keeps_its_image(sam, image):
     other = np.zeros((50, 60), np.uint8)
     pred.set_image(other)
     before = pred.predict(points=[[25, 30]])
-    AutomaticMaskGenerator(pred, points_per_side=3, **LOW).generate(image)
-    assert pred.original_size == (50, 60)
+    features = pred.features
+    during = []  # the predictor's image while everything-mode runs: never swapped
+
+    def progress(done, total):
+        during.append((pred.original_size, pred.features is features))
+        during.append(pred.predict(points=[[25, 30]]).masks.shape)
+
+    AutomaticMaskGenerator(pred, points_per_side=3, **LOW).generate(image, progress=progress)
+    assert during and all(d in (((50, 60), True), (3, 50, 60)) for d in during)
+    assert pred.original_size == (50, 60) and pred.features is features
     after = pred.predict(points=[[25, 30]])
     np.testing.assert_array_equal(before.masks, after.masks)
 
@@ -508,13 +548,13 @@ def test_upsampling_stays_within_its_memory_budget(sam, monkeypatch):
     monkeypatch.setattr(E, "UPSCALE_BUDGET_BYTES", budget)
     pred = Predictor(sam)
     sizes = []
-    original = pred.upscale_logits
+    original = E.upscale_logits
 
-    def spy(low):
+    def spy(low, *args, **kwargs):
         sizes.append(low.shape[0])
-        return original(low)
+        return original(low, *args, **kwargs)
 
-    monkeypatch.setattr(pred, "upscale_logits", spy)
+    monkeypatch.setattr(E, "upscale_logits", spy)
     gen = AutomaticMaskGenerator(pred, points_per_side=6, **LOW)
     assert len(gen.generate(img)) > 0
     assert sizes and max(sizes) <= 3

@@ -10,7 +10,9 @@ is skipped:
    decoder that only depend on the image (the first layer's image-side
    projections) are computed once per image, and the cross-attentions are
    evaluated in factored form, so no per-prompt projection of the 64 x 64 image
-   tokens is ever materialised (see :class:`_FastDecoder`). Mask logits are
+   tokens is ever materialised (the predictor's decoder backend,
+   ``FactoredBackend.decode_selected`` in :mod:`napari_sam.models.fast_decoder`).
+   Mask logits are
    only computed for the multimask outputs whose predicted IoU passes
    ``pred_iou_thresh``, right after their prompts' transformer pass, so the
    per-prompt image tokens are never stored. Large intermediates go into
@@ -81,8 +83,8 @@ from napari_sam.engine import masks as M
 from napari_sam.engine.everything_settings import EverythingSettings, auto_tile_size
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.predictor import Predictor
-from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
 from napari_sam.engine.threads import compute_threads
+from napari_sam.engine.upsample import support_window, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "EverythingSettings", "records_to_labels"]
@@ -188,7 +190,9 @@ class AutomaticMaskGenerator:
         self.min_mask_region_area = st.min_mask_region_area
         self.output_mode = st.output_mode
         self.auto_tile = st.auto_tile
-        self._decoder = _FastDecoder.build(self.predictor.model)
+        # the predictor's kind of decoder backend, with scratch tensors of its own
+        # (the predictor may keep predicting on another thread)
+        self._backend = self.predictor.decoder.fresh()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -299,17 +303,8 @@ class AutomaticMaskGenerator:
         total = sum(math.ceil(len(self.point_grids[k]) / ppb) for k in layers)
         state = {"done": 0, "total": total, "progress": progress, "cancel": cancel}
         parts = []
-        p = self.predictor
-        saved = (p.features, p.original_size, p.input_size) if p.is_image_set else None
-        try:
-            for crop_box, layer in zip(crop_boxes, layers, strict=True):
-                parts.append(self._process_crop(rgb, crop_box, layer, state, use_cache))
-        finally:
-            # give a shared predictor its image back (an interactive session may use it)
-            if saved is None:
-                p.reset_image()
-            else:
-                p.set_embedding(*saved)
+        for crop_box, layer in zip(crop_boxes, layers, strict=True):
+            parts.append(self._process_crop(rgb, crop_box, layer, state, use_cache))
         data = _cat(parts)
         if len(crop_boxes) > 1 and len(data["iou"]):
             # between crops, prefer masks from smaller crops
@@ -319,43 +314,32 @@ class AutomaticMaskGenerator:
             data = _filter(data, keep)
         return data
 
-    def _embed(self, crop: np.ndarray, use_cache: bool) -> None:
-        p = self.predictor
-        if use_cache:
-            entry = p.embed(crop)
-            p.set_embedding(entry.features, entry.original_size, entry.input_size)
-        else:
-            size = (int(crop.shape[0]), int(crop.shape[1]))
-            p.set_embedding(p.compute_embedding(crop), size, p.transform.input_size(size))
-
     def _process_crop(self, rgb, crop_box, layer, state, use_cache) -> dict[str, Any]:
         x0, y0, x1, y1 = crop_box
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
         _check_cancel(state["cancel"])
-        self._embed(crop, use_cache)
         p = self.predictor
-        h_c, w_c = p.original_size
-        in_h, in_w = p.input_size
+        emb = p.embed(crop, use_cache=use_cache)  # the predictor's own image is untouched
+        h_c, w_c = emb.original_size
         pts = self.point_grids[layer] * np.array([[w_c, h_c]], dtype=np.float64)  # crop xy
-        model_xy = pts * np.array([[in_w / w_c, in_h / h_c]])
+        model_xy = p.transform.xy_to_model(pts, emb.original_size)
 
         dev = p.device
         thr = float(getattr(self.model, "mask_threshold", 0.0))
         with torch.inference_mode():
-            if self._decoder is not None:
-                self._decoder.prepare(p.features, p._get_dense_pe())
+            ctx = self._backend.prepare(emb.features.to(dev))
             chunks = []
             for s in range(0, len(pts), self.points_per_batch):
                 _check_cancel(state["cancel"])
                 sl = slice(s, s + self.points_per_batch)
                 with compute_threads():  # chosen per batch: follows the machine's load
-                    chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box,
+                    chunks.append(self._process_batch(ctx, emb, pts[sl], model_xy[sl], crop_box,
                                                       rgb.shape[:2], thr, dev))
                 state["done"] += 1
                 if state["progress"] is not None:
                     state["progress"](state["done"], state["total"])
-            if self._decoder is not None:
-                self._decoder.release()
+            del ctx
+            self._backend.release()
         data = _cat(chunks)
         if len(data["iou"]):
             keep = M.nms(data["boxes"].float(), data["iou"], self.box_nms_thresh)
@@ -367,7 +351,7 @@ class AutomaticMaskGenerator:
         data["masks"] = [(m, (r + y0, c + x0)) for m, (r, c) in data["masks"]]  # image frame
         return data
 
-    def _decode(self, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
+    def _decode(self, ctx, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
         """Decode a batch of point prompts.
 
         Returns the IoU predictions (B, 3) of the multimask outputs, the flat
@@ -382,19 +366,15 @@ class AutomaticMaskGenerator:
                 return iou > self.pred_iou_thresh
             return torch.ones_like(iou, dtype=torch.bool)
 
-        if self._decoder is not None:
-            sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            iou, chosen, low = self._decoder.decode(sparse, select)
-        else:
-            _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True,
-                                                       upscale=False)
-            chosen = select(iou)
-            low = low[chosen]
+        sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None,
+                                                  masks=None)
+        iou, chosen, low = self._backend.decode_selected(ctx, sparse, dense, select)
         return iou, torch.nonzero(chosen.flatten()).flatten(), low
 
-    def _process_batch(self, pts, model_xy, crop_box, orig_size, thr, dev):
-        """Decode one batch of prompts -> filtered masks (crop frame) and their data."""
-        iou, cand, low = self._decode(model_xy, dev)
+    def _process_batch(self, ctx, emb, pts, model_xy, crop_box, orig_size, thr, dev):
+        """Decode one batch of prompts on the crop embedded as ``emb`` (backend context
+        ``ctx``) -> filtered masks (crop frame) and their data."""
+        iou, cand, low = self._decode(ctx, model_xy, dev)
         n_out = iou.shape[1]
         flat_iou = iou.reshape(-1)
         empty = _empty_data()
@@ -402,10 +382,10 @@ class AutomaticMaskGenerator:
             return empty
         b_idx = cand // n_out
 
-        p = self.predictor
+        target = self.predictor.transform.target_length
         if self.stability_score_thresh > 0.0:
             ub = _stability_upper_bound(
-                low, p.transform.target_length, p.input_size, p.original_size, thr,
+                low, target, emb.input_size, emb.original_size, thr,
                 self.stability_score_offset,
             )
             ok = ub >= self.stability_score_thresh
@@ -414,12 +394,13 @@ class AutomaticMaskGenerator:
                 return empty
 
         # full-resolution logits a few masks at a time; each kept mask is cut to its box
-        h_c, w_c = p.original_size
+        h_c, w_c = emb.original_size
         chunk = max(1, min(_MAX_UPSCALE_CHUNK, UPSCALE_BUDGET_BYTES // (4 * h_c * w_c)))
         kept_masks: list[tuple[torch.Tensor, tuple[int, int]]] = []
         kept_stab, kept_sel, kept_boxes = [], [], []
         for s in range(0, cand.numel(), chunk):
-            logits = p.upscale_logits(low[s : s + chunk, None])[:, 0]  # (s, h_c, w_c)
+            logits = upscale_logits(low[s : s + chunk, None], target, emb.input_size,
+                                    emb.original_size)[:, 0]  # (s, h_c, w_c)
             stab = M.stability_score(logits, thr, self.stability_score_offset)
             masks = logits > thr
             del logits
@@ -662,30 +643,6 @@ def _filter(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- low-res bound
 
 
-def _axis_support(n_low: int, target: int, n_in: int, n_out: int) -> np.ndarray:
-    """First low-res index feeding each of ``n_out`` output pixels along one axis.
-
-    Mirrors the postprocessing (bilinear, align_corners=False): ``n_low`` ->
-    ``target`` (keep the first ``n_in``) -> ``n_out``. Returns ``lo`` (n_out,)
-    and the largest support width; every output pixel is a convex combination
-    of low-res pixels in ``[lo, lo + width - 1]``.
-    """
-
-    def src_index(dst: np.ndarray, n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray]:
-        src = np.maximum((dst + 0.5) * (n_src / n_dst) - 0.5, 0.0)
-        i0 = np.floor(src).astype(np.int64)
-        return i0, np.minimum(i0 + 1, n_src - 1)
-
-    j = np.arange(n_in, dtype=np.float64)
-    lo1, hi1 = src_index(j, n_low, target)
-    if n_in == n_out:
-        lo, hi = lo1, hi1
-    else:
-        j0, j1 = src_index(np.arange(n_out, dtype=np.float64), n_in, n_out)
-        lo, hi = lo1[j0], hi1[j1]
-    return lo, int((hi - lo).max()) + 1
-
-
 def _stability_upper_bound(
     low: torch.Tensor,
     target_length: int,
@@ -705,8 +662,8 @@ def _stability_upper_bound(
     float rounding. Returns (S,) float32, ``inf`` when the union bound is 0.
     """
     s, lh, lw = low.shape
-    lo_y, ky = _axis_support(lh, target_length, input_size[0], original_size[0])
-    lo_x, kx = _axis_support(lw, target_length, input_size[1], original_size[1])
+    lo_y, ky = support_window(lh, target_length, input_size[0], original_size[0])
+    lo_x, kx = support_window(lw, target_length, input_size[1], original_size[1])
     cy = torch.from_numpy(np.bincount(lo_y, minlength=lh)).to(low.device, torch.float32)
     cx = torch.from_numpy(np.bincount(lo_x, minlength=lw)).to(low.device, torch.float32)
 
@@ -729,101 +686,3 @@ def _stability_upper_bound(
     inter_ub = torch.einsum("i,sij,j->s", cy, block(hi, True).float(), cx)
     union_lb = torch.einsum("i,sij,j->s", cy, block(lo, False).float(), cx)
     return torch.where(union_lb > 0, inter_ub / union_lb.clamp(min=1), torch.inf)
-
-
-# ----------------------------------------------------------------------------- fast decoder
-
-
-class _FastDecoder:
-    """SAM's mask decoder evaluated for many prompt sets on one image embedding.
-
-    Gives the same IoU predictions and low-res logits as
-    ``model.mask_decoder`` without a mask prompt (up to float rounding). The
-    two-way transformer is the interactive predictor's
-    (:class:`napari_sam.engine.predictor._FastDecoder`: first-block image
-    projections computed once per image, factored cross-attention, chunked
-    image updates into reused buffers, and for SAM's 256-wide decoder the image
-    tokens after the first block kept in factored form). Everything-mode then
-    saves more:
-
-    * :meth:`decode` sends only the IoU token through the final token-to-image
-      attention (each token attends on its own, so this is exact);
-    * it then computes mask logits only for the outputs whose IoU predictions
-      pass the filter, one prompt at a time in cache-sized chunks
-      (:func:`~napari_sam.engine.predictor.upscale_masks`).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.dec = model.mask_decoder
-        self.no_mask = model.prompt_encoder.no_mask_embed.weight
-        self._core = _CoreDecoder(self.dec)
-        self._ctx: dict | None = None
-
-    @classmethod
-    def build(cls, model: Any) -> _FastDecoder | None:
-        """A fast decoder for ``model``, or None when its decoder has another structure."""
-        return cls(model) if _CoreDecoder.supports(model) else None
-
-    def prepare(self, features: torch.Tensor, dense_pe: torch.Tensor) -> None:
-        """Precompute the prompt-independent terms for ``features`` (1, C, E, E)."""
-        self._ctx = self._core.context(features, self.no_mask, dense_pe)
-
-    def release(self) -> None:
-        """Drop the per-image tensors and scratch buffers."""
-        self._ctx = None
-        self._core.clear_buffers()
-
-    def decode(
-        self,
-        sparse: torch.Tensor,
-        select: Callable[[torch.Tensor], torch.Tensor],
-        sub_batch: int = 16,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Multimask decoding of (B, Np, C) sparse prompt tokens.
-
-        ``select`` maps IoU predictions (b, 3) to a bool (b, 3) of the outputs
-        whose mask logits are wanted. Returns the IoU predictions (B, 3) of the
-        multimask outputs (mask tokens 1-3), the selection (B, 3) bool, and the
-        low-res logits (S, 4E, 4E) of the selected outputs in (prompt, output)
-        order.
-
-        Prompts go through the transformer ``sub_batch`` at a time; the mask
-        logits of a sub-batch are computed while its image tokens are at hand,
-        one prompt at a time.
-        """
-        if self._ctx is None:
-            raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
-        dec, core, grid = self.dec, self._core, self._ctx["grid"]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        ious, chosens, lows = [], [], []
-        factored = core.factor_pays(sparse.shape[1])
-        for s in range(0, sparse.shape[0], sub_batch):
-            if factored:  # the image tokens stay in factored form (see the core decoder)
-                state = core.transformer_factored(self._ctx, sparse[s : s + sub_batch])
-                hs = core.final_attention_factored(self._ctx, state, [0])
-            else:
-                q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
-                hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
-            iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
-            ious.append(iou)
-            chosen = select(iou)
-            chosens.append(chosen)
-            for j in torch.nonzero(chosen.any(dim=1)).flatten().tolist():
-                mask_tokens = [1 + int(k) for k in torch.nonzero(chosen[j]).flatten()]
-                rows = [1 + m for m in mask_tokens]  # positions after the IoU token
-                if factored:
-                    hs = core.final_attention_factored(self._ctx, state, rows, j)
-                    factors = core.conv1_factors(self._ctx, state, j)
-                    tokens = self._ctx["x"]  # not read with factors
-                else:
-                    hs = core.final_attention(q[j : j + 1, rows], out_tokens[rows][None],
-                                              keys[j : j + 1], keys_pe[j : j + 1])
-                    factors, tokens = None, keys[j : j + 1]
-                hyper = torch.stack(
-                    [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
-                )[None]  # (1, K, C/8)
-                lows.append(core.upscale(tokens, hyper, grid, factors)[0])
-        iou = torch.cat(ious)
-        eh, ew = grid
-        low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))
-        return iou, torch.cat(chosens), low
