@@ -526,7 +526,9 @@ def test_candidates_are_kept_cropped_to_their_box(sam):
     img = blobs((300, 400), 30, seed=1)
     gen = AutomaticMaskGenerator(sam, points_per_side=8, auto_tile=False, **LOW)
     rgb = np.repeat(img[..., None], 3, axis=2)
-    data = gen._generate_masks(rgb, None, None, use_cache=False)
+    from napari_sam.engine.everything import _run
+
+    data = _run(gen._iter_masks(rgb, None, use_cache=False), None)
     assert len(data["masks"]) >= 3
     held = 0
     for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data["masks"], data["boxes"].tolist(),
@@ -724,3 +726,35 @@ def test_batch_generator_cache_is_bounded(sam, monkeypatch):
         batch.get_generator("tiny-test-model", None, {"points_per_side": n})
     assert batch.get_generator("tiny-test-model", None, {"points_per_side": 39}) is last
     assert last.output_mode == "cropped_mask"
+
+
+def test_iter_generate_yields_progress_then_the_records(sam, image):
+    """The generator form the widget's worker runs: progress per batch, records last,
+    the same records as generate(); closing it stops the work between batches."""
+    gen = AutomaticMaskGenerator(sam, points_per_side=4, points_per_batch=5, **LOW)
+    items = list(gen.iter_generate(image))
+    *steps, records = items
+    assert [(s.done, s.total) for s in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert isinstance(records, list) and len(records) > 0
+    same = gen.generate(image)
+    assert len(same) == len(records)
+    for a, b in zip(records, same, strict=True):
+        np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+
+    decoded = []
+    real_backend = gen._backend
+
+    class Counting:  # counts decoded batches through the public backend seam
+        def __getattr__(self, name):
+            return getattr(real_backend, name)
+
+        def decode_selected(self, *args, **kwargs):
+            decoded.append(1)
+            return real_backend.decode_selected(*args, **kwargs)
+
+    gen._backend = Counting()
+    it = gen.iter_generate(image)
+    assert next(it).done == 1
+    it.close()  # stop after the first batch
+    assert len(decoded) == 1
+    assert not torch.is_inference_mode_enabled()  # not left on by the suspended generator

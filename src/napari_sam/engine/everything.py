@@ -73,7 +73,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,8 @@ from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.upsample import support_window, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
 
-__all__ = ["AutomaticMaskGenerator", "EverythingSettings", "records_to_labels"]
+__all__ = ["AutomaticMaskGenerator", "EverythingProgress", "EverythingSettings",
+           "records_to_labels"]
 
 _ORDERS = ("area_desc", "area_asc", "input")
 #: full-resolution float logits upsampled at once stay within this many bytes
@@ -96,6 +98,19 @@ _MAX_UPSCALE_CHUNK = 16
 # Margin (in logit units) by which the low-resolution stability bound is widened,
 # far above float32 rounding of the bilinear upsampling.
 _BOUND_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class EverythingProgress:
+    """Progress of everything-mode: ``done`` of ``total`` batches of prompts decoded
+    (over all crops, and over all tiles when the image is tiled)."""
+
+    done: int
+    total: int
+
+
+#: what the internal generation steps yield, and finally return
+_Steps = Generator[EverythingProgress, None, Any]
 
 
 class AutomaticMaskGenerator:
@@ -226,9 +241,42 @@ class AutomaticMaskGenerator:
         Returns:
           a list of records (see the module docstring), in ``output_mode``.
         """
+        result: list[dict[str, Any]] = []
+        for item in self.iter_generate(image, contrast_limits, channel_axis, cancel, use_cache):
+            if isinstance(item, EverythingProgress):
+                if progress is not None:
+                    progress(item.done, item.total)
+            else:
+                result = item
+        return result
+
+    def iter_generate(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+        cancel: Callable[[], bool] | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[EverythingProgress | list[dict[str, Any]]]:
+        """:meth:`generate` as a generator: yields an :class:`EverythingProgress` after
+        each batch of prompts, and last the list of records.
+
+        For a worker thread (napari's ``thread_worker`` takes it as is). Stopping
+        the iteration (``close()``) stops the work between two batches; ``cancel``
+        works as in :meth:`generate`. Torch's inference mode and thread settings
+        are not held across the yields.
+        """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = self._cropped_records(rgb, progress, cancel, use_cache)
-        return _finish_records(records, rgb.shape[:2], self.output_mode)
+        records = yield from self._iter_cropped_records(rgb, cancel, use_cache)
+        yield _finish_records(records, rgb.shape[:2], self.output_mode)
+
+    def iter_tile(
+        self, rgb: np.ndarray, cancel: Callable[[], bool] | None = None
+    ) -> Generator[EverythingProgress, None, list[dict[str, Any]]]:
+        """Records with cropped masks (``bbox_rc``) of one (h, w, 3) uint8 tile, in one
+        piece and without the embedding cache; yields progress per batch and returns the
+        records (what :func:`~napari_sam.engine.tiles.generate_tiled` runs per tile)."""
+        return (yield from self._iter_plain_records(rgb, cancel, use_cache=False))
 
     def generate_labels(
         self,
@@ -249,7 +297,7 @@ class AutomaticMaskGenerator:
                 f"order must be 'area_desc', 'area_asc' or 'input', got {order!r}."
             )
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = self._cropped_records(rgb, progress, cancel, use_cache=True)
+        records = _run(self._iter_cropped_records(rgb, cancel, use_cache=True), progress)
         return records_to_labels(records, rgb.shape[:2], order=order)
 
     def tile_size_for(self, shape: tuple[int, int]) -> int | None:
@@ -264,7 +312,7 @@ class AutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ generation
 
-    def _cropped_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+    def _iter_cropped_records(self, rgb, cancel, use_cache) -> _Steps:
         """Records with cropped masks (``bbox_rc``) of an (H, W, 3) uint8 image, tiled if needed."""
         shape = rgb.shape[:2]
         img_size = self.predictor.transform.target_length
@@ -276,18 +324,23 @@ class AutomaticMaskGenerator:
                     f"The model sees this {shape[0]} x {shape[1]} image at {img_size} px, so "
                     f"small objects are lost; keep auto_tile=True or tile it "
                     f"(generate_tiled(..., tile_size={suggested}), CLI --tile-size {suggested}).",
-                    UserWarning, stacklevel=3,
+                    UserWarning, stacklevel=4,
                 )
-            return self._plain_records(rgb, progress, cancel, use_cache)
-        from napari_sam.engine.tiles import generate_tiled, tile_boxes
+            return (yield from self._iter_plain_records(rgb, cancel, use_cache))
+        from napari_sam.engine.tiles import iter_tiled
 
-        overlap = tile // 8
-        runner = _TileRunner(self, len(tile_boxes(shape, tile, overlap)), progress, cancel)
-        return generate_tiled(runner, rgb, tile_size=tile, overlap=overlap, cancel=cancel)
+        steps = iter_tiled(self, rgb, tile_size=tile, overlap=tile // 8, cancel=cancel)
+        try:
+            while True:
+                k, n, step = next(steps)
+                if step is not None:  # progress over all tiles (each has the same batches)
+                    yield EverythingProgress(k * step.total + step.done, n * step.total)
+        except StopIteration as stop:
+            return stop.value
 
-    def _plain_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+    def _iter_plain_records(self, rgb, cancel, use_cache) -> _Steps:
         """Records with cropped masks of an (H, W, 3) uint8 image, in one piece."""
-        data = self._generate_masks(rgb, progress, cancel, use_cache)
+        data = yield from self._iter_masks(rgb, cancel, use_cache)
         if self.min_mask_region_area > 0:
             data = self._postprocess_small_regions(
                 data, rgb.shape[:2], self.min_mask_region_area,
@@ -295,16 +348,16 @@ class AutomaticMaskGenerator:
             )
         return self._records(data)
 
-    def _generate_masks(self, rgb, progress, cancel, use_cache) -> dict[str, Any]:
+    def _iter_masks(self, rgb, cancel, use_cache) -> _Steps:
         H, W = rgb.shape[:2]
         crop_boxes, layers = M.generate_crop_boxes((H, W), self.crop_n_layers,
                                                    self.crop_overlap_ratio)
         ppb = self.points_per_batch
         total = sum(math.ceil(len(self.point_grids[k]) / ppb) for k in layers)
-        state = {"done": 0, "total": total, "progress": progress, "cancel": cancel}
+        state = {"done": 0, "total": total, "cancel": cancel}
         parts = []
         for crop_box, layer in zip(crop_boxes, layers, strict=True):
-            parts.append(self._process_crop(rgb, crop_box, layer, state, use_cache))
+            parts.append((yield from self._iter_crop(rgb, crop_box, layer, state, use_cache)))
         data = _cat(parts)
         if len(crop_boxes) > 1 and len(data["iou"]):
             # between crops, prefer masks from smaller crops
@@ -314,7 +367,7 @@ class AutomaticMaskGenerator:
             data = _filter(data, keep)
         return data
 
-    def _process_crop(self, rgb, crop_box, layer, state, use_cache) -> dict[str, Any]:
+    def _iter_crop(self, rgb, crop_box, layer, state, use_cache) -> _Steps:
         x0, y0, x1, y1 = crop_box
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
         _check_cancel(state["cancel"])
@@ -326,19 +379,22 @@ class AutomaticMaskGenerator:
 
         dev = p.device
         thr = float(getattr(self.model, "mask_threshold", 0.0))
-        with torch.inference_mode():
-            ctx = self._backend.prepare(emb.features.to(dev))
+        try:
+            with torch.inference_mode():
+                ctx = self._backend.prepare(emb.features.to(dev))
             chunks = []
             for s in range(0, len(pts), self.points_per_batch):
                 _check_cancel(state["cancel"])
                 sl = slice(s, s + self.points_per_batch)
-                with compute_threads():  # chosen per batch: follows the machine's load
+                # threads chosen per batch (they follow the machine's load); inference mode
+                # and thread settings are not held across the yield
+                with torch.inference_mode(), compute_threads():
                     chunks.append(self._process_batch(ctx, emb, pts[sl], model_xy[sl], crop_box,
                                                       rgb.shape[:2], thr, dev))
                 state["done"] += 1
-                if state["progress"] is not None:
-                    state["progress"](state["done"], state["total"])
-            del ctx
+                yield EverythingProgress(state["done"], state["total"])
+        finally:
+            ctx = None
             self._backend.release()
         data = _cat(chunks)
         if len(data["iou"]):
@@ -500,28 +556,6 @@ class AutomaticMaskGenerator:
         return out
 
 
-class _TileRunner:
-    """What :func:`~napari_sam.engine.tiles.generate_tiled` runs on each tile of an
-    automatically tiled image: cropped records, progress counted in batches over all tiles."""
-
-    def __init__(self, generator: AutomaticMaskGenerator, n_tiles: int,
-                 progress: Callable[[int, int], Any] | None,
-                 cancel: Callable[[], bool] | None) -> None:
-        self.generator, self.n_tiles = generator, n_tiles
-        self.progress, self.cancel = progress, cancel
-        self.done_tiles = 0
-
-    def generate(self, tile: np.ndarray) -> list[dict[str, Any]]:
-        k, n = self.done_tiles, self.n_tiles
-        sub = None
-        if self.progress is not None:
-            def sub(done: int, total: int) -> None:
-                self.progress(k * total + done, n * total)
-        records = self.generator._plain_records(tile, sub, self.cancel, use_cache=False)
-        self.done_tiles += 1
-        return records
-
-
 def _finish_records(
     records: list[dict[str, Any]], shape: tuple[int, int], output_mode: str
 ) -> list[dict[str, Any]]:
@@ -600,6 +634,17 @@ def record_mask(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _run(steps: _Steps, progress: Callable[[int, int], Any] | None) -> Any:
+    """Run generation ``steps`` to the end, reporting progress; returns their result."""
+    try:
+        while True:
+            step = next(steps)
+            if progress is not None:
+                progress(step.done, step.total)
+    except StopIteration as stop:
+        return stop.value
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
