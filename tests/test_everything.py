@@ -529,15 +529,15 @@ def test_candidates_are_kept_cropped_to_their_box(sam):
     from napari_sam.engine.everything import _run
 
     data = _run(gen._iter_masks(rgb, None, use_cache=False), None)
-    assert len(data["masks"]) >= 3
+    assert len(data.masks) >= 3
     held = 0
-    for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data["masks"], data["boxes"].tolist(),
+    for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data.masks, data.boxes.tolist(),
                                                   strict=True):
         assert (r0, c0) == (y0, x0)
         assert tuple(mask.shape) == (y1 - y0 + 1, x1 - x0 + 1)  # exactly the box
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
         held += mask.numel()
-    assert held < len(data["masks"]) * img.size
+    assert held < len(data.masks) * img.size
 
 
 def test_upsampling_stays_within_its_memory_budget(sam, monkeypatch):
@@ -758,3 +758,26 @@ def test_iter_generate_yields_progress_then_the_records(sam, image):
     it.close()  # stop after the first batch
     assert len(decoded) == 1
     assert not torch.is_inference_mode_enabled()  # not left on by the suspended generator
+
+
+def test_mask_batch_filter_and_cat_keep_fields_aligned():
+    from napari_sam.engine.mask_batch import MaskBatch
+
+    def batch(n, start):
+        return MaskBatch(
+            masks=[(torch.ones(1, i + 1, dtype=torch.bool), (i, 0))
+                   for i in range(start, start + n)],
+            iou=torch.arange(start, start + n, dtype=torch.float32),
+            stability=torch.arange(start, start + n, dtype=torch.float32) / 10,
+            points=torch.arange(start, start + n, dtype=torch.float64)[:, None].repeat(1, 2),
+            boxes=torch.arange(start, start + n)[:, None].repeat(1, 4),
+        )
+
+    both = MaskBatch.cat([batch(3, 0), MaskBatch.empty(), batch(2, 3)])
+    assert len(both) == 5 and both.crop_boxes is None
+    kept = both.filter(torch.tensor([False, True, False, True, True]))
+    assert kept.iou.tolist() == [1.0, 3.0, 4.0]
+    assert [origin for _, origin in kept.masks] == [(1, 0), (3, 0), (4, 0)]
+    assert kept.boxes[:, 0].tolist() == kept.points[:, 0].long().tolist() == [1, 3, 4]
+    assert both.filter(torch.tensor([4, 0])).iou.tolist() == [4.0, 0.0]
+    assert len(MaskBatch.cat([])) == 0

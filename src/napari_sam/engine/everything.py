@@ -83,6 +83,7 @@ import torch
 from napari_sam.engine import masks as M
 from napari_sam.engine.everything_settings import EverythingSettings, auto_tile_size
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.mask_batch import MaskBatch
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.upsample import support_window, upscale_logits
@@ -358,13 +359,13 @@ class AutomaticMaskGenerator:
         parts = []
         for crop_box, layer in zip(crop_boxes, layers, strict=True):
             parts.append((yield from self._iter_crop(rgb, crop_box, layer, state, use_cache)))
-        data = _cat(parts)
-        if len(crop_boxes) > 1 and len(data["iou"]):
+        data = MaskBatch.cat(parts)
+        if len(crop_boxes) > 1 and len(data):
             # between crops, prefer masks from smaller crops
-            cb = data["crop_boxes"].float()
+            cb = data.crop_boxes.float()
             scores = 1.0 / M.box_area(cb)
-            keep = M.nms(data["boxes"].float(), scores, self.crop_nms_thresh)
-            data = _filter(data, keep)
+            keep = M.nms(data.boxes.float(), scores, self.crop_nms_thresh)
+            data = data.filter(keep)
         return data
 
     def _iter_crop(self, rgb, crop_box, layer, state, use_cache) -> _Steps:
@@ -396,15 +397,15 @@ class AutomaticMaskGenerator:
         finally:
             ctx = None
             self._backend.release()
-        data = _cat(chunks)
-        if len(data["iou"]):
-            keep = M.nms(data["boxes"].float(), data["iou"], self.box_nms_thresh)
-            data = _filter(data, keep)
-        data["boxes"] = M.uncrop_boxes_xyxy(data["boxes"], crop_box)
-        data["points"] = M.uncrop_points(data["points"], crop_box)
-        n = len(data["iou"])
-        data["crop_boxes"] = torch.tensor([list(crop_box)] * n, dtype=torch.int64).reshape(n, 4)
-        data["masks"] = [(m, (r + y0, c + x0)) for m, (r, c) in data["masks"]]  # image frame
+        data = MaskBatch.cat(chunks)
+        if len(data):
+            keep = M.nms(data.boxes.float(), data.iou, self.box_nms_thresh)
+            data = data.filter(keep)
+        data.boxes = M.uncrop_boxes_xyxy(data.boxes, crop_box)
+        data.points = M.uncrop_points(data.points, crop_box)
+        n = len(data)
+        data.crop_boxes = torch.tensor([list(crop_box)] * n, dtype=torch.int64).reshape(n, 4)
+        data.masks = [(m, (r + y0, c + x0)) for m, (r, c) in data.masks]  # image frame
         return data
 
     def _decode(self, ctx, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
@@ -433,7 +434,7 @@ class AutomaticMaskGenerator:
         iou, cand, low = self._decode(ctx, model_xy, dev)
         n_out = iou.shape[1]
         flat_iou = iou.reshape(-1)
-        empty = _empty_data()
+        empty = MaskBatch.empty()
         if cand.numel() == 0:
             return empty
         b_idx = cand // n_out
@@ -487,13 +488,7 @@ class AutomaticMaskGenerator:
             kept_masks = [kept_masks[i] for i in ok.tolist()]
             stab, cand, b_idx, boxes = stab[ok], cand[ok], b_idx[ok], boxes[ok]
         points = torch.as_tensor(pts, dtype=torch.float64)[b_idx.cpu()]
-        return {
-            "masks": kept_masks,
-            "iou": flat_iou[cand].float(),
-            "stability": stab.float(),
-            "points": points,
-            "boxes": boxes,
-        }
+        return MaskBatch(kept_masks, flat_iou[cand].float(), stab.float(), points, boxes)
 
     # ------------------------------------------------------------------ post-processing
 
@@ -504,11 +499,11 @@ class AutomaticMaskGenerator:
         Works on the cropped masks (:func:`~napari_sam.engine.masks.remove_small_regions_cropped`
         gives the full-frame result without building the full frame).
         """
-        if len(data["iou"]) == 0:
+        if len(data) == 0:
             return data
         changed: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         scores, boxes = [], []
-        for i, (mask, origin) in enumerate(data["masks"]):
+        for i, (mask, origin) in enumerate(data.masks):
             m = mask.cpu().numpy()
             m, origin_h, changed_h = M.remove_small_regions_cropped(m, origin, shape, min_area,
                                                                     "holes")
@@ -520,25 +515,25 @@ class AutomaticMaskGenerator:
                 changed[i] = (torch.from_numpy(m), origin_i)
                 # SAM's box of the new mask ([0, 0, 0, 0] if it became empty)
                 boxes.append(torch.tensor([c, r, c + w - 1, r + h - 1] if m.size else [0, 0, 0, 0],
-                                          dtype=data["boxes"].dtype))
+                                          dtype=data.boxes.dtype))
             else:
-                boxes.append(data["boxes"][i])
+                boxes.append(data.boxes[i])
             scores.append(0.0 if (changed_h or changed_i) else 1.0)
         boxes_t = torch.stack(boxes)
         keep = M.nms(boxes_t.float(), torch.tensor(scores), nms_thresh)
         for i in keep.tolist():
             if i in changed:
-                data["masks"][i] = changed[i]
-                data["boxes"][i] = boxes_t[i]
-        keep = torch.tensor([i for i in keep.tolist() if data["masks"][i][0].numel() > 0],
+                data.masks[i] = changed[i]
+                data.boxes[i] = boxes_t[i]
+        keep = torch.tensor([i for i in keep.tolist() if data.masks[i][0].numel() > 0],
                             dtype=torch.int64)
-        return _filter(data, keep)
+        return data.filter(keep)
 
     def _records(self, data) -> list[dict[str, Any]]:
         """Records with cropped masks: ``segmentation`` (h, w) bool inside ``bbox_rc``."""
         out = []
-        for i in range(len(data["iou"])):
-            mask, (r0, c0) = data["masks"][i]
+        for i in range(len(data)):
+            mask, (r0, c0) = data.masks[i]
             m = np.ascontiguousarray(mask.cpu().numpy())
             h, w = m.shape
             out.append(
@@ -547,10 +542,10 @@ class AutomaticMaskGenerator:
                     "area": int(m.sum()),
                     "bbox": [c0, r0, w - 1, h - 1],
                     "bbox_rc": [r0, c0, r0 + h, c0 + w],
-                    "predicted_iou": float(data["iou"][i]),
-                    "point_coords": [data["points"][i].tolist()],
-                    "stability_score": float(data["stability"][i]),
-                    "crop_box": M.box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+                    "predicted_iou": float(data.iou[i]),
+                    "point_coords": [data.points[i].tolist()],
+                    "stability_score": float(data.stability[i]),
+                    "crop_box": M.box_xyxy_to_xywh(data.crop_boxes[i].tolist()),
                 }
             )
         return out
@@ -650,39 +645,6 @@ def _run(steps: _Steps, progress: Callable[[int, int], Any] | None) -> Any:
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     if cancel is not None and cancel():
         raise CancelledError("Everything-mode was cancelled.")
-
-
-def _empty_data() -> dict[str, Any]:
-    return {
-        "masks": [],
-        "iou": torch.zeros(0),
-        "stability": torch.zeros(0),
-        "points": torch.zeros(0, 2, dtype=torch.float64),
-        "boxes": torch.zeros(0, 4, dtype=torch.int64),
-    }
-
-
-def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    if not parts:
-        return _empty_data()
-    out: dict[str, Any] = {}
-    for key in parts[0]:
-        vals = [p[key] for p in parts]
-        if isinstance(vals[0], list):
-            out[key] = [v for sub in vals for v in sub]
-        else:
-            out[key] = torch.cat([v.cpu() for v in vals])
-    return out
-
-
-def _filter(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-    keep = keep.cpu()
-    if keep.dtype == torch.bool:
-        keep = torch.nonzero(keep).flatten()
-    out = {}
-    for key, v in data.items():
-        out[key] = [v[i] for i in keep.tolist()] if isinstance(v, list) else v[keep]
-    return out
 
 
 # ----------------------------------------------------------------------------- low-res bound

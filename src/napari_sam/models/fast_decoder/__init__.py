@@ -20,7 +20,7 @@ Every backend has: ``kind``; ``prepare(features) -> context`` (per image);
 ``release()`` (drop scratch tensors) and ``fresh()`` (a new backend of the same
 kind and options, for another thread).
 
-Modules: :mod:`.factored` (the backend and its per-image
+Modules: :mod:`.factored` (the backend), :mod:`.context` (its per-image
 :class:`DecoderContext`), :mod:`.attention` (restructured cross-attentions),
 :mod:`.low_rank` (the factored image tokens), :mod:`.mask_head`
 (:func:`upscale_masks`), :mod:`.reference`.
@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import torch
 
 from napari_sam.errors import InvalidInputError
-from napari_sam.models.fast_decoder.factored import DecoderContext, FactoredBackend
+from napari_sam.models.fast_decoder.context import DecoderContext
+from napari_sam.models.fast_decoder.factored import FactoredBackend
 from napari_sam.models.fast_decoder.mask_head import upscale_masks
 from napari_sam.models.fast_decoder.reference import ReferenceBackend, ReferenceContext
 
