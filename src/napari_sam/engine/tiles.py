@@ -181,52 +181,21 @@ def _merge(group: list[_Piece]) -> _Piece:
 def generate_tiled(
     generator: TileGenerator | ProgressiveTileGenerator,
     image: np.ndarray,
-    tile_size: int = 1024,
-    overlap: int = 128,
-    contrast_limits: tuple[float, float] | None = None,
-    channel_axis: int | None = None,
     progress: Callable[[int, int], Any] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    edge_margin: int = 2,
-    contain_thresh: float = 0.9,
-    merge_iou: float = 0.5,
-    dup_iou: float = 0.5,
+    **options: Any,
 ) -> list[dict[str, Any]]:
-    """Everything-mode over overlapping tiles of a large image.
+    """Everything-mode over overlapping tiles of a large image: :func:`iter_tiled` run
+    to the end.
 
-    Arguments:
-      generator: an :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`
-        or any :class:`TileGenerator` (an object whose ``generate(tile)`` takes an
-        (h, w, 3) uint8 tile and returns records with ``segmentation`` (full-tile
-        bool mask, RLE, or a cropped mask with ``bbox_rc``) and optionally
-        ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``).
-        A :class:`ProgressiveTileGenerator` (``AutomaticMaskGenerator``) is run
-        through ``iter_tile``: each tile in one piece (it does not tile the
-        tiles), cropped masks handed over.
-      image: (H, W) or (H, W, C) image data (numpy, memmap or dask; tiles are
-        read one at a time), or channels on ``channel_axis``.
-      tile_size, overlap: see :func:`tile_boxes` (``tile_size >= 16``). The
-        overlap should exceed the size of typical objects, so each is whole in
-        some tile.
-      contrast_limits: intensity range mapped to 0..255 for every tile; when
-        None, the image's global min / max (uint8 data is used as is), so all
-        tiles share one mapping.
-      progress: called as ``progress(done_tiles, n_tiles)``.
-      cancel: returns True to stop (:class:`~napari_sam.errors.CancelledError`).
-      edge_margin: a mask within this many pixels of an interior tile edge
-        counts as touching it.
-      contain_thresh, merge_iou, dup_iou: see the module docstring.
+    ``progress`` is called as ``progress(done_tiles, n_tiles)``; ``options`` are
+    the keyword arguments of :func:`iter_tiled` (``tile_size``, ``overlap``,
+    ``contrast_limits``, ``channel_axis``, ``cancel``, ``edge_margin``,
+    ``contain_thresh``, ``merge_iou``, ``dup_iou``), documented there.
 
     Returns:
       records in full-image coordinates with cropped masks (module docstring).
-
-    Raises:
-      InvalidInputError: bad parameters, or an image that is not 2D / RGB(A) /
-        channels on ``channel_axis``, or holds NaN or infinite values (checked
-        before the first tile).
     """
-    steps = iter_tiled(generator, image, tile_size, overlap, contrast_limits, channel_axis,
-                       cancel, edge_margin, contain_thresh, merge_iou, dup_iou)
+    steps = iter_tiled(generator, image, **options)
     try:
         while True:
             done_tile, n_tiles, step = next(steps)
@@ -249,12 +218,43 @@ def iter_tiled(
     merge_iou: float = 0.5,
     dup_iou: float = 0.5,
 ) -> Generator[tuple[int, int, Any], None, list[dict[str, Any]]]:
-    """:func:`generate_tiled` as a generator (same arguments, no ``progress``).
+    """Everything-mode over overlapping tiles of a large image, as a generator.
 
     Yields ``(k, n_tiles, step)``: each progress object ``step`` of tile ``k``
     (0-based) that a :class:`ProgressiveTileGenerator` reports, and
     ``(k + 1, n_tiles, None)`` when tile ``k`` is done. Returns the records
     (``StopIteration.value``; ``yield from`` hands them over).
+    :func:`generate_tiled` runs it to the end.
+
+    Arguments:
+      generator: an :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`
+        or any :class:`TileGenerator` (an object whose ``generate(tile)`` takes an
+        (h, w, 3) uint8 tile and returns records with ``segmentation`` (full-tile
+        bool mask, RLE, or a cropped mask with ``bbox_rc``) and optionally
+        ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``).
+        A :class:`ProgressiveTileGenerator` (``AutomaticMaskGenerator``) is run
+        through ``iter_tile``: each tile in one piece (it does not tile the
+        tiles), cropped masks handed over.
+      image: (H, W) or (H, W, C) image data (numpy, memmap or dask; tiles are
+        read one at a time), or channels on ``channel_axis``.
+      tile_size, overlap: see :func:`tile_boxes` (``tile_size >= 16``). The
+        overlap should exceed the size of typical objects, so each is whole in
+        some tile.
+      contrast_limits: intensity range mapped to 0..255 for every tile; when
+        None, the image's global min / max (uint8 data is used as is), so all
+        tiles share one mapping.
+      cancel: returns True to stop (:class:`~napari_sam.errors.CancelledError`).
+      edge_margin: a mask within this many pixels of an interior tile edge
+        counts as touching it.
+      contain_thresh, merge_iou, dup_iou: see the module docstring.
+
+    Returns:
+      records in full-image coordinates with cropped masks (module docstring).
+
+    Raises:
+      InvalidInputError: bad parameters, or an image that is not 2D / RGB(A) /
+        channels on ``channel_axis``, or holds NaN or infinite values (checked
+        before the first tile).
     """
     settings = TilingSettings(tile_size=tile_size, overlap=overlap, edge_margin=edge_margin,
                               contain_thresh=contain_thresh, merge_iou=merge_iou,

@@ -46,14 +46,8 @@ class ReferenceBackend:
     def release(self) -> None:
         """Nothing to release (no scratch tensors)."""
 
-    def decode(
-        self,
-        ctx: ReferenceContext,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
-        multimask: bool,
-        mask_prompt: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, ctx: ReferenceContext, sparse: torch.Tensor, dense: torch.Tensor,
+               multimask: bool, mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, C) sparse and (B, C, Eh, Ew) dense prompt embeddings -> low-res logits
         (B, C', 4 Eh, 4 Ew) and IoU (B, C'), C' = 3 or 1 (``mask_prompt`` is not needed)."""
         return self.model.mask_decoder(
@@ -64,14 +58,9 @@ class ReferenceBackend:
             multimask_output=multimask,
         )
 
-    def decode_selected(
-        self,
-        ctx: ReferenceContext,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
-        select: Callable[[torch.Tensor], torch.Tensor],
-        sub_batch: int = 16,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_selected(self, ctx: ReferenceContext, sparse: torch.Tensor, dense: torch.Tensor,
+                        select: Callable[[torch.Tensor], torch.Tensor], sub_batch: int = 16,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Multimask decoding, then the logits of the outputs ``select`` picks; see
         :meth:`~napari_sam.models.fast_decoder.factored.FactoredBackend.decode_selected`
         (``sub_batch`` is ignored: the whole batch is decoded at once)."""
