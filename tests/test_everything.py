@@ -9,12 +9,16 @@ import torch
 from napari_sam.engine import masks as M
 from napari_sam.engine.everything import (
     AutomaticMaskGenerator,
-    _stability_upper_bound,
     records_to_labels,
 )
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.transforms import ImageTransform
-from napari_sam.engine.upsample import bilinear_taps, support_window, upscale_logits
+from napari_sam.engine.upsample import (
+    bilinear_taps,
+    stability_upper_bound,
+    support_window,
+    upscale_logits,
+)
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.models.fast_decoder import FactoredBackend, ReferenceBackend, make_decoder_backend
 
@@ -124,7 +128,7 @@ def test_stability_bound_never_below_exact(original, target, low_size):
     low[0] = 5.0  # a constant mask: stability 1, and the bound must allow it
     full = upscale_logits(low[:, None], target, (h, w), original)[:, 0]
     exact = M.stability_score(full, 0.0, 1.0)
-    bound = _stability_upper_bound(low, target, (h, w), original, 0.0, 1.0)
+    bound = stability_upper_bound(low, target, (h, w), original, 0.0, 1.0)
     valid = ~torch.isnan(exact)
     assert (bound[valid] >= exact[valid]).all()
     assert bound[0] >= 1.0

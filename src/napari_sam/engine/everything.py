@@ -20,7 +20,8 @@ is skipped:
    (about 1 us per 4 KiB page), once about half of the mask-generation time
    (docs/benchmarks.md).
 3. Before upsampling, a cheap upper bound of each mask's stability score is
-   taken at low resolution (:func:`_stability_upper_bound`); masks whose bound
+   taken at low resolution
+   (:func:`~napari_sam.engine.upsample.stability_upper_bound`); masks whose bound
    is below ``stability_score_thresh`` cannot pass at full resolution and are
    dropped. Survivors are upsampled exactly like the reference and filtered on
    their exact stability score.
@@ -86,7 +87,7 @@ from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.mask_batch import MaskBatch
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.threads import compute_threads
-from napari_sam.engine.upsample import support_window, upscale_logits
+from napari_sam.engine.upsample import stability_upper_bound, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "EverythingProgress", "EverythingSettings",
@@ -96,9 +97,6 @@ _ORDERS = ("area_desc", "area_asc", "input")
 #: full-resolution float logits upsampled at once stay within this many bytes
 UPSCALE_BUDGET_BYTES = 64 << 20
 _MAX_UPSCALE_CHUNK = 16
-# Margin (in logit units) by which the low-resolution stability bound is widened,
-# far above float32 rounding of the bilinear upsampling.
-_BOUND_EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -441,7 +439,7 @@ class AutomaticMaskGenerator:
 
         target = self.predictor.transform.target_length
         if self.stability_score_thresh > 0.0:
-            ub = _stability_upper_bound(
+            ub = stability_upper_bound(
                 low, target, emb.input_size, emb.original_size, thr,
                 self.stability_score_offset,
             )
@@ -645,51 +643,3 @@ def _run(steps: _Steps, progress: Callable[[int, int], Any] | None) -> Any:
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     if cancel is not None and cancel():
         raise CancelledError("Everything-mode was cancelled.")
-
-
-# ----------------------------------------------------------------------------- low-res bound
-
-
-def _stability_upper_bound(
-    low: torch.Tensor,
-    target_length: int,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    mask_threshold: float,
-    offset: float,
-) -> torch.Tensor:
-    """Upper bound of the full-resolution stability score of (S, L, L) low-res logits.
-
-    An upsampled pixel is a convex combination of the low-res pixels in its
-    support (a k x k block starting at ``(lo_y, lo_x)``), so it can only be
-    above a threshold if one of them is (bounding the intersection from
-    above), and it surely is if all of them are (bounding the union from
-    below). Counting full-resolution pixels per block start turns both bounds
-    into weighted sums over the low-res grid. A margin of ``_BOUND_EPS`` covers
-    float rounding. Returns (S,) float32, ``inf`` when the union bound is 0.
-    """
-    s, lh, lw = low.shape
-    lo_y, ky = support_window(lh, target_length, input_size[0], original_size[0])
-    lo_x, kx = support_window(lw, target_length, input_size[1], original_size[1])
-    cy = torch.from_numpy(np.bincount(lo_y, minlength=lh)).to(low.device, torch.float32)
-    cx = torch.from_numpy(np.bincount(lo_x, minlength=lw)).to(low.device, torch.float32)
-
-    def block(x: torch.Tensor, any_: bool) -> torch.Tensor:
-        """any / all of x over the block [i, i + ky) x [j, j + kx) (clipped to the grid)."""
-        out = x.clone()
-        for dim, k in ((1, ky), (2, kx)):
-            src = out.clone() if k > 1 else out
-            n = x.shape[dim]
-            for j in range(1, min(k, n)):
-                dst, shifted = out.narrow(dim, 0, n - j), src.narrow(dim, j, n - j)
-                if any_:
-                    dst |= shifted
-                else:
-                    dst &= shifted
-        return out
-
-    hi = low > mask_threshold + offset - _BOUND_EPS
-    lo = low > mask_threshold - offset + _BOUND_EPS
-    inter_ub = torch.einsum("i,sij,j->s", cy, block(hi, True).float(), cx)
-    union_lb = torch.einsum("i,sij,j->s", cy, block(lo, False).float(), cx)
-    return torch.where(union_lb > 0, inter_ub / union_lb.clamp(min=1), torch.inf)

@@ -6,7 +6,8 @@ resizes bilinearly to the original size. :func:`upscale_logits` computes that
 chain as one banded matrix product per axis (:func:`resize_plan`), agreeing
 with PyTorch's kernel to float32 rounding. :func:`support_window` gives, from
 the same taps (:func:`bilinear_taps`), the low-resolution pixels each output
-pixel reads: everything-mode's stability bound is built on it.
+pixel reads: everything-mode's stability bound (:func:`stability_upper_bound`) is
+built on it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "bilinear_taps",
     "resize_matrix",
     "resize_plan",
+    "stability_upper_bound",
     "support_window",
     "upscale_logits",
 ]
@@ -188,3 +190,53 @@ def support_window(n_low: int, target: int, n_in: int, n_out: int) -> tuple[np.n
         j0, j1, _, _ = bilinear_taps(n_in, n_out)
         lo, hi = lo1[j0], hi1[j1]  # the taps are non-decreasing along the axis
     return lo, int((hi - lo).max()) + 1
+
+
+# Margin (in logit units) by which the low-resolution stability bound is widened,
+# far above float32 rounding of the bilinear upsampling.
+_BOUND_EPS = 1e-3
+
+
+def stability_upper_bound(
+    low: torch.Tensor,
+    target_length: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    mask_threshold: float,
+    offset: float,
+) -> torch.Tensor:
+    """Upper bound of the full-resolution stability score of (S, L, L) low-res logits.
+
+    An upsampled pixel is a convex combination of the low-res pixels in its
+    support (a k x k block starting at ``(lo_y, lo_x)``), so it can only be
+    above a threshold if one of them is (bounding the intersection from
+    above), and it surely is if all of them are (bounding the union from
+    below). Counting full-resolution pixels per block start turns both bounds
+    into weighted sums over the low-res grid. A margin of ``_BOUND_EPS`` covers
+    float rounding. Returns (S,) float32, ``inf`` when the union bound is 0.
+    """
+    s, lh, lw = low.shape
+    lo_y, ky = support_window(lh, target_length, input_size[0], original_size[0])
+    lo_x, kx = support_window(lw, target_length, input_size[1], original_size[1])
+    cy = torch.from_numpy(np.bincount(lo_y, minlength=lh)).to(low.device, torch.float32)
+    cx = torch.from_numpy(np.bincount(lo_x, minlength=lw)).to(low.device, torch.float32)
+
+    def block(x: torch.Tensor, any_: bool) -> torch.Tensor:
+        """any / all of x over the block [i, i + ky) x [j, j + kx) (clipped to the grid)."""
+        out = x.clone()
+        for dim, k in ((1, ky), (2, kx)):
+            src = out.clone() if k > 1 else out
+            n = x.shape[dim]
+            for j in range(1, min(k, n)):
+                dst, shifted = out.narrow(dim, 0, n - j), src.narrow(dim, j, n - j)
+                if any_:
+                    dst |= shifted
+                else:
+                    dst &= shifted
+        return out
+
+    hi = low > mask_threshold + offset - _BOUND_EPS
+    lo = low > mask_threshold - offset + _BOUND_EPS
+    inter_ub = torch.einsum("i,sij,j->s", cy, block(hi, True).float(), cx)
+    union_lb = torch.einsum("i,sij,j->s", cy, block(lo, False).float(), cx)
+    return torch.where(union_lb > 0, inter_ub / union_lb.clamp(min=1), torch.inf)
