@@ -26,7 +26,7 @@ which makes multi-threaded small operations cheap on a quiet machine; the
 benchmark leaves it so. On a busy machine spinning threads compete with other
 jobs, and ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_click.py`` gives
 steadier figures (our predictor then decodes few prompts on one thread, see
-``napari_sam.engine.predictor._threads_for_clicks``). The policy is printed
+``napari_sam.models.kernels.threads_for_small_batches``). The policy is printed
 with the results.
 
 ``--fake-embedding`` skips the encoders and gives both sides the same random

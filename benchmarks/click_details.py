@@ -1,6 +1,6 @@
 """Figures behind three design choices of the click path (docs/benchmarks.md).
 
-    python benchmarks/click_details.py
+    python benchmarks/click_details.py [--model vit_b] [--size 1200 1600] [--rounds 60]
 
 1. Thresholding the full-size masks: numpy's ``np.greater`` vs ``torch.gt``, both
    writing bands of 32 rows into a (3, 1216, 1600) bool array, as the
@@ -12,20 +12,24 @@
    random weights, random embedding, one point).
 3. bfloat16 for the second convolution (not used): logit difference, mask IoU
    and click time against float32.
+
+The variants are decoder backends chosen at construction
+(``Predictor(model, decoder=FactoredBackend(model, low_rank=False))``,
+``FactoredBackend(model, conv2_dtype=torch.bfloat16)``), not patches.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
-from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import napari_sam.engine.predictor as P
+from napari_sam.engine.predictor import Predictor
 from napari_sam.models.build import MODEL_CONFIGS, build_sam
+from napari_sam.models.fast_decoder import FactoredBackend
 
 
 def _best_ms(fn, number: int = 20, repeat: int = 7) -> float:
@@ -56,60 +60,46 @@ def threshold_bands() -> None:
           f"np.greater {_best_ms(with_numpy):.2f} ms")
 
 
-def _upscale_bf16(upscaling, keys, hyper, grid, work=None, conv1_factors=None):
-    """upscale_masks with the second convolution in bfloat16 (float32 elsewhere)."""
-    conv1, norm, conv2 = upscaling[0], upscaling[1], upscaling[3]
-    w1, bias1 = P._up_conv_matrix(conv1)
-    w2, bias2 = (t.bfloat16() for t in P._up_conv_matrix(conv2))
-    c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
-    ys = []
-    for s in range(0, keys.shape[1], P._UPSCALE_CHUNK):
-        e = s + P._UPSCALE_CHUNK
-        if conv1_factors is None:
-            y = torch.addmm(bias1, keys[0, s:e], w1)
-        else:
-            xm, a, fb, scale = conv1_factors
-            y = torch.addmm(xm[s:e], a[0, :, s:e].t(), fb[0]).mul_(scale[0, s:e, None])
-        y = F.gelu(F.layer_norm(y.view(-1, c4), (c4,), norm.weight, norm.bias, norm.eps))
-        y = F.gelu(torch.addmm(bias2, y.bfloat16(), w2).float()).view(-1, c8)
-        ys.append(hyper[0] @ y.t())
-    eh, ew = grid
-    m = hyper.shape[1]
-    masks = torch.cat(ys, 1).view(1, m, eh, ew, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-    return masks.reshape(1, m, 4 * eh, 4 * ew).contiguous()
-
-
-def decoder_variants() -> None:
+def decoder_variants(model_name: str = "vit_b", shape: tuple[int, int] = (1200, 1600),
+                     rounds: int = 60) -> None:
     torch.manual_seed(0)
-    model = build_sam(MODEL_CONFIGS["vit_b"]).eval()
-    pred = P.Predictor(model)
-    shape = (1200, 1600)
-    pred.set_embedding(torch.randn(1, 256, 64, 64), shape, pred.transform.input_size(shape))
-    point, label = np.array([[480.0, 880.0]]), np.array([1])
+    model = build_sam(MODEL_CONFIGS[model_name]).eval()
+    variants = {
+        "float32": "auto",
+        "direct": FactoredBackend(model, low_rank=False),
+        "bfloat16": FactoredBackend(model, conv2_dtype=torch.bfloat16),
+    }
+    features = None
+    preds = {}
+    for name, decoder in variants.items():
+        pred = Predictor(model, decoder=decoder)
+        if features is None:
+            pe = model.prompt_encoder
+            features = torch.randn(1, pe.embed_dim, *pe.image_embedding_size)
+        pred.set_embedding(features, shape, pred.transform.input_size(shape))
+        preds[name] = pred
+    point = np.array([[shape[0] * 0.4, shape[1] * 0.55]])
+    label = np.array([1])
 
-    def click():
-        return pred.predict(points=point, labels=label)
+    def click(name):
+        return preds[name].predict(points=point, labels=label)
 
-    ref = click()
+    ref = click("float32")
     span = float(ref.logits.max() - ref.logits.min())
-    with mock.patch.object(P._FastDecoder, "factor_pays", lambda self, updates: False):
-        direct = click()
+    direct = click("direct")
     print(f"factored vs direct decoding: max |logit diff| / range "
           f"{np.abs(ref.logits - direct.logits).max() / span:.1e}")
 
-    with mock.patch.object(P, "upscale_masks", _upscale_bf16):
-        half = click()
+    half = click("bfloat16")
     ious = [np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1)
             for a, b in zip(ref.masks, half.masks, strict=True)]
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-    for i in range(60):
+    for i in range(rounds):
         order = ["float32", "bfloat16"] if i % 2 else ["bfloat16", "float32"]
         for name in order:
-            with mock.patch.object(P, "upscale_masks",
-                                   _upscale_bf16 if name == "bfloat16" else P.upscale_masks):
-                t0 = time.perf_counter()
-                click()
-                times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            click(name)
+            times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"second convolution in bfloat16: max |logit diff| / range "
           f"{np.abs(ref.logits - half.logits).max() / span:.1e}, mask IoU "
@@ -117,7 +107,17 @@ def decoder_variants() -> None:
           f"{med['float32']:.1f} ms in float32")
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_b", choices=sorted(MODEL_CONFIGS),
+                        help="architecture (random weights)")
+    parser.add_argument("--size", type=int, nargs=2, default=(1200, 1600), metavar=("H", "W"))
+    parser.add_argument("--rounds", type=int, default=60, help="timed click pairs")
+    args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     threshold_bands()
-    decoder_variants()
+    decoder_variants(args.model, tuple(args.size), args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,38 +1,70 @@
-"""Where a click's time goes: wall time per stage of our ViT-B click (docs/benchmarks.md).
+"""Where a click's time goes: time per stage of our ViT-B click (docs/benchmarks.md).
 
-    python benchmarks/click_stages.py [--repeats 40] [--evict MB]
+    python benchmarks/click_stages.py [--repeats 40] [--evict MB] [--model vit_b]
 
 ViT-B decoder with random weights, a random (1, 256, 64, 64) embedding, a
-1200 x 1600 image, one point, multimask, full-resolution masks. The stages are
-timed by wrapping the functions and modules that implement them (nested stages
-are included in their parents: ``decode`` contains the transformer and mask-head
-stages, ``predict`` everything). Wrapping adds a little overhead to each call,
-so the stage times add up to slightly more than an unwrapped click.
+1200 x 1600 image, one point, multimask, full-resolution masks. The clicks run
+under ``torch.profiler``; the stages are the ``napari_sam.*`` markers the
+predictor, the decoder backend and the upsampler set
+(``torch.profiler.record_function``) and the model's token-side modules (marked
+through forward hooks). Nested stages are included in their parents:
+``napari_sam.decode`` contains the transformer and mask-head stages. The
+profiler adds overhead to every operator, so the stage times add up to more
+than an unprofiled click (``bench_click.py`` times those).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
 
-import napari_sam.engine.predictor as P
+from napari_sam.engine.predictor import Predictor
 from napari_sam.models.build import MODEL_CONFIGS, build_sam
 
 
-def _timed(owner, name: str, label: str, acc: dict) -> None:
-    inner = getattr(owner, name)
+def _mark_module(module: torch.nn.Module, label: str) -> None:
+    """Put each call of ``module`` inside a profiler range named ``label``."""
+    open_ranges: list[torch.profiler.record_function] = []
 
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = inner(*args, **kwargs)
-        acc[label].append(time.perf_counter() - t0)
-        return out
+    def enter(mod, args):
+        rf = torch.profiler.record_function(label)
+        rf.__enter__()
+        open_ranges.append(rf)
 
-    setattr(owner, name, wrapper)
+    def leave(mod, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def _context_bytes(pred: Predictor, point: np.ndarray, label: np.ndarray) -> int:
+    """Bytes of the decoder's per-image context after one click (public seams only)."""
+    backend = pred.decoder
+    with torch.inference_mode():
+        ctx = backend.prepare(pred.features)
+        xy = torch.as_tensor(pred.transform.points_to_model(point, pred.original_size))[None]
+        sparse, dense = pred.model.prompt_encoder(
+            points=(xy.float(), torch.as_tensor(label)[None]), boxes=None, masks=None
+        )
+        backend.decode(ctx, sparse, dense, True)
+    total = 0
+    stack = [getattr(ctx, f.name) for f in dataclasses.fields(ctx)]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif dataclasses.is_dataclass(value):
+            stack += [getattr(value, f.name) for f in dataclasses.fields(value)]
+        elif isinstance(value, dict):
+            stack += list(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack += list(value)
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,15 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evict", type=int, default=0, metavar="MB",
                         help="write MB megabytes between clicks (other work evicting the "
                              "caches, as the reference's clicks do in bench_click.py)")
+    parser.add_argument("--model", default="vit_b", choices=sorted(MODEL_CONFIGS),
+                        help="architecture (random weights)")
     args = parser.parse_args(argv)
     other_work = torch.empty(args.evict * 2**18)
 
     torch.manual_seed(0)
-    model = build_sam(MODEL_CONFIGS["vit_b"]).eval()
-    pred = P.Predictor(model)
+    model = build_sam(MODEL_CONFIGS[args.model]).eval()
+    pred = Predictor(model)
     shape = (1200, 1600)
-    pred.set_embedding(torch.randn(1, 256, 64, 64), shape, pred.transform.input_size(shape))
-    acc: dict[str, list[float]] = defaultdict(list)
+    pe = model.prompt_encoder
+    features = torch.randn(1, pe.embed_dim, *pe.image_embedding_size)
+    pred.set_embedding(features, shape, pred.transform.input_size(shape))
     dec = model.mask_decoder
     layers = dec.transformer.layers
     modules = {
@@ -60,48 +95,37 @@ def main(argv: list[str] | None = None) -> None:
     }
     for label, mods in modules.items():
         for mod in mods:
-            _timed(mod, "forward", label, acc)
-    for name, label in [
-        ("_t2i_cached", "block 1 attentions (cached image side)"),
-        ("_i2t_cached", "block 1 attentions (cached image side)"),
-        ("_image_update", "image updates (add, LayerNorm; 2 blocks)"),
-        ("upscale_masks", "mask head (2 transposed convolutions)"),
-        ("_postprocess", "full-resolution masks"),
-    ]:
-        _timed(P, name, label, acc)
-    for name in ("_t2i_factored", "_i2t_factored"):
-        _timed(P._FastDecoder, name, "factored attentions (block 2, final)", acc)
-    _timed(P._FastDecoder, "decode_factored", "decode (all of the decoder)", acc)
-    _timed(P.Predictor, "predict", "predict (the whole click)", acc)
+            _mark_module(mod, label)
 
     point, label = np.array([[480.0, 880.0]]), np.array([1])
     t0 = time.perf_counter()
     pred.predict(points=point, labels=label)  # builds the per-image context
     first = time.perf_counter() - t0
-    per_image = sum(
-        t.numel() * t.element_size()
-        for value in pred._context.values()
-        for t in (value if isinstance(value, tuple) else (value,))
-        if isinstance(t, torch.Tensor)
-    )
+    per_image = _context_bytes(pred, point, label)
     n_params = sum(p.numel() for p in dec.parameters())
-    print(f"first click after set_embedding: {first * 1e3:.1f} ms; per-image context "
-          f"{per_image / 2**20:.1f} MB; decoder {n_params / 1e6:.2f} M parameters "
-          f"({n_params * 4 / 2**20:.1f} MB)")
+    print(f"decoder backend {pred.decoder.kind!r}; first click after set_embedding: "
+          f"{first * 1e3:.1f} ms; per-image context {per_image / 2**20:.1f} MB; decoder "
+          f"{n_params / 1e6:.2f} M parameters ({n_params * 4 / 2**20:.1f} MB)")
     for _ in range(5):
         pred.predict(points=point, labels=label)
-    acc.clear()
-    for _ in range(args.repeats):
-        other_work.fill_(1.0)
-        pred.predict(points=point, labels=label)
+    wall = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(args.repeats):
+            other_work.fill_(1.0)
+            t0 = time.perf_counter()
+            pred.predict(points=point, labels=label)
+            wall.append(time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"mean per click over {args.repeats} clicks"
+          f"mean per click over {args.repeats} profiled clicks "
+          f"({sum(wall) / args.repeats * 1e3:.2f} ms wall each)"
           + (f", {args.evict} MB written between clicks" if args.evict else ""))
     print("| stage | ms per click | calls per click |")
     print("|---|---|---|")
-    for name, times in acc.items():
-        print(f"| {name} | {sum(times) / args.repeats * 1e3:.2f} | "
-              f"{len(times) // args.repeats} |")
+    stages = set(modules)
+    for event in prof.key_averages():
+        if event.key.startswith("napari_sam.") or event.key in stages:
+            print(f"| {event.key} | {event.cpu_time_total / 1e3 / args.repeats:.2f} | "
+                  f"{event.count // args.repeats} |")
 
 
 if __name__ == "__main__":

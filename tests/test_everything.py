@@ -9,14 +9,19 @@ import torch
 from napari_sam.engine import masks as M
 from napari_sam.engine.everything import (
     AutomaticMaskGenerator,
-    _FastDecoder,
-    _stability_upper_bound,
     records_to_labels,
 )
-from napari_sam.engine.predictor import Predictor, _postprocess
+from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.transforms import ImageTransform
+from napari_sam.engine.upsample import (
+    bilinear_taps,
+    stability_upper_bound,
+    support_window,
+    upscale_logits,
+)
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.evaluation.metrics import mask_iou
+from napari_sam.models.fast_decoder import FactoredBackend, ReferenceBackend, make_decoder_backend
 
 LOW = dict(pred_iou_thresh=0.0, stability_score_thresh=0.5, box_nms_thresh=1.0)
 
@@ -67,8 +72,8 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
 
     cfg = tiny_vit_sam_config(decoder_depth=depth, prompt_embed_dim=width)
     model = build_random_sam(cfg, seed=3)
-    fd = _FastDecoder.build(model)
-    assert fd is not None
+    fd = make_decoder_backend(model, "auto")
+    assert isinstance(fd, FactoredBackend)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         feats = torch.randn(1, width, 8, 8, generator=g)
@@ -77,7 +82,7 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
         labels = torch.ones(11, 1, dtype=torch.int)
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low, iou = model.mask_decoder(feats, pe, sparse, dense, multimask_output=True)
-        fd.prepare(feats, pe)
+        ctx = fd.prepare(feats)
         chosen = torch.zeros(11, 3, dtype=torch.bool)
         chosen[[0, 0, 5, 10, 7, 7, 7], [0, 2, 1, 0, 0, 1, 2]] = True
         offset = 0
@@ -87,7 +92,8 @@ def test_fast_decoder_matches_mask_decoder(depth, width):
             offset += len(iou_sub)
             return chosen[offset - len(iou_sub) : offset]
 
-        iou_fast, chosen_fast, low_fast = fd.decode(sparse, select, sub_batch=4)
+        iou_fast, chosen_fast, low_fast = fd.decode_selected(ctx, sparse, dense, select,
+                                                             sub_batch=4)
         assert offset == 11
         assert torch.equal(chosen_fast, chosen)
         torch.testing.assert_close(iou_fast, iou, atol=1e-5, rtol=1e-4)
@@ -100,7 +106,10 @@ def test_fast_decoder_refuses_unknown_structure():
 
     m = Other()
     m.mask_decoder = torch.nn.Linear(2, 2)
-    assert _FastDecoder.build(m) is None
+    assert not FactoredBackend.supports(m)
+    assert isinstance(make_decoder_backend(m, "auto"), ReferenceBackend)
+    with pytest.raises(InvalidInputError, match="no fast path"):
+        make_decoder_backend(m, "factored")
 
 
 # ----------------------------------------------------------------------------- stability bound
@@ -118,13 +127,40 @@ def test_stability_bound_never_below_exact(original, target, low_size):
     low = torch.nn.functional.interpolate(blobs, size=(low_size, low_size), mode="bilinear")[:, 0]
     low = low + 0.3 * torch.randn(low.shape, generator=g)
     low[0] = 5.0  # a constant mask: stability 1, and the bound must allow it
-    full = _postprocess(low[:, None], target, (h, w), original)[:, 0]
+    full = upscale_logits(low[:, None], target, (h, w), original)[:, 0]
     exact = M.stability_score(full, 0.0, 1.0)
-    bound = _stability_upper_bound(low, target, (h, w), original, 0.0, 1.0)
+    bound = stability_upper_bound(low, target, (h, w), original, 0.0, 1.0)
     valid = ~torch.isnan(exact)
     assert (bound[valid] >= exact[valid]).all()
     assert bound[0] >= 1.0
     assert bound[1:].median() < 1.0  # the bound is informative for noisy masks
+
+
+@pytest.mark.parametrize(
+    ("n_low", "target", "n_in", "n_out"),
+    [(256, 1024, 1024, 1024), (256, 1024, 683, 1200), (256, 1024, 29, 333),
+     (256, 1024, 925, 333), (32, 128, 85, 60), (32, 128, 3, 1000), (32, 128, 128, 1)],
+)
+def test_support_window_agrees_with_the_resize_taps(n_low, target, n_in, n_out):
+    """Every low-res pixel the resize reads (with any weight) lies in the window, and
+    the window starts at the first one: the bound and the resize share one geometry."""
+    lo, k = support_window(n_low, target, n_in, n_out)
+    i0, i1, w0, w1 = bilinear_taps(n_low, target)
+    if n_in == n_out:
+        first, last = i0[:n_in], i1[:n_in]
+    else:
+        j0, j1, _, _ = bilinear_taps(n_in, n_out)
+        first, last = i0[j0], i1[j1]
+    assert lo.shape == (n_out,)
+    np.testing.assert_array_equal(lo, first)
+    assert ((last - lo) < k).all() and k == int((last - first).max()) + 1
+    # the taps' rows of the resize matrix are zero outside the window
+    from napari_sam.engine.upsample import resize_matrix
+
+    m = resize_matrix(n_low, target, n_in, n_out)
+    cols = np.arange(n_low)
+    outside = (cols[None, :] < lo[:, None]) | (cols[None, :] >= lo[:, None] + k)
+    assert not m[outside].any()
 
 
 # ----------------------------------------------------------------------------- generator
@@ -164,8 +200,8 @@ def test_records_format(sam, image):
 
 def test_fast_path_equals_generic_path(sam, image):
     fast = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
-    slow = AutomaticMaskGenerator(sam, points_per_side=6, **LOW)
-    slow._decoder = None  # Predictor.predict_torch path
+    slow = AutomaticMaskGenerator(Predictor(sam, decoder="reference"), points_per_side=6,
+                                  **LOW)
     a, b = fast.generate(image), slow.generate(image)
     assert len(a) == len(b) >= 3
     for ra, rb in zip(a, b, strict=True):
@@ -213,8 +249,16 @@ def test_shared_predictor_keeps_its_image(sam, image):
     other = np.zeros((50, 60), np.uint8)
     pred.set_image(other)
     before = pred.predict(points=[[25, 30]])
-    AutomaticMaskGenerator(pred, points_per_side=3, **LOW).generate(image)
-    assert pred.original_size == (50, 60)
+    features = pred.features
+    during = []  # the predictor's image while everything-mode runs: never swapped
+
+    def progress(done, total):
+        during.append((pred.original_size, pred.features is features))
+        during.append(pred.predict(points=[[25, 30]]).masks.shape)
+
+    AutomaticMaskGenerator(pred, points_per_side=3, **LOW).generate(image, progress=progress)
+    assert during and all(d in (((50, 60), True), (3, 50, 60)) for d in during)
+    assert pred.original_size == (50, 60) and pred.features is features
     after = pred.predict(points=[[25, 30]])
     np.testing.assert_array_equal(before.masks, after.masks)
 
@@ -487,16 +531,18 @@ def test_candidates_are_kept_cropped_to_their_box(sam):
     img = blobs((300, 400), 30, seed=1)
     gen = AutomaticMaskGenerator(sam, points_per_side=8, auto_tile=False, **LOW)
     rgb = np.repeat(img[..., None], 3, axis=2)
-    data = gen._generate_masks(rgb, None, None, use_cache=False)
-    assert len(data["masks"]) >= 3
+    from napari_sam.engine.everything import _run
+
+    data = _run(gen._iter_masks(rgb, None, use_cache=False), None)
+    assert len(data.masks) >= 3
     held = 0
-    for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data["masks"], data["boxes"].tolist(),
+    for (mask, (r0, c0)), (x0, y0, x1, y1) in zip(data.masks, data.boxes.tolist(),
                                                   strict=True):
         assert (r0, c0) == (y0, x0)
         assert tuple(mask.shape) == (y1 - y0 + 1, x1 - x0 + 1)  # exactly the box
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
         held += mask.numel()
-    assert held < len(data["masks"]) * img.size
+    assert held < len(data.masks) * img.size
 
 
 def test_upsampling_stays_within_its_memory_budget(sam, monkeypatch):
@@ -509,13 +555,13 @@ def test_upsampling_stays_within_its_memory_budget(sam, monkeypatch):
     monkeypatch.setattr(E, "UPSCALE_BUDGET_BYTES", budget)
     pred = Predictor(sam)
     sizes = []
-    original = pred.upscale_logits
+    original = E.upscale_logits
 
-    def spy(low):
+    def spy(low, *args, **kwargs):
         sizes.append(low.shape[0])
-        return original(low)
+        return original(low, *args, **kwargs)
 
-    monkeypatch.setattr(pred, "upscale_logits", spy)
+    monkeypatch.setattr(E, "upscale_logits", spy)
     gen = AutomaticMaskGenerator(pred, points_per_side=6, **LOW)
     assert len(gen.generate(img)) > 0
     assert sizes and max(sizes) <= 3
@@ -685,3 +731,58 @@ def test_batch_generator_cache_is_bounded(sam, monkeypatch):
         batch.get_generator("tiny-test-model", None, {"points_per_side": n})
     assert batch.get_generator("tiny-test-model", None, {"points_per_side": 39}) is last
     assert last.output_mode == "cropped_mask"
+
+
+def test_iter_generate_yields_progress_then_the_records(sam, image):
+    """The generator form the widget's worker runs: progress per batch, records last,
+    the same records as generate(); closing it stops the work between batches."""
+    gen = AutomaticMaskGenerator(sam, points_per_side=4, points_per_batch=5, **LOW)
+    items = list(gen.iter_generate(image))
+    *steps, records = items
+    assert [(s.done, s.total) for s in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert isinstance(records, list) and len(records) > 0
+    same = gen.generate(image)
+    assert len(same) == len(records)
+    for a, b in zip(records, same, strict=True):
+        np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+
+    decoded = []
+    real_backend = gen._backend
+
+    class Counting:  # counts decoded batches through the public backend seam
+        def __getattr__(self, name):
+            return getattr(real_backend, name)
+
+        def decode_selected(self, *args, **kwargs):
+            decoded.append(1)
+            return real_backend.decode_selected(*args, **kwargs)
+
+    gen._backend = Counting()
+    it = gen.iter_generate(image)
+    assert next(it).done == 1
+    it.close()  # stop after the first batch
+    assert len(decoded) == 1
+    assert not torch.is_inference_mode_enabled()  # not left on by the suspended generator
+
+
+def test_mask_batch_filter_and_cat_keep_fields_aligned():
+    from napari_sam.engine.mask_batch import MaskBatch
+
+    def batch(n, start):
+        return MaskBatch(
+            masks=[(torch.ones(1, i + 1, dtype=torch.bool), (i, 0))
+                   for i in range(start, start + n)],
+            iou=torch.arange(start, start + n, dtype=torch.float32),
+            stability=torch.arange(start, start + n, dtype=torch.float32) / 10,
+            points=torch.arange(start, start + n, dtype=torch.float64)[:, None].repeat(1, 2),
+            boxes=torch.arange(start, start + n)[:, None].repeat(1, 4),
+        )
+
+    both = MaskBatch.cat([batch(3, 0), MaskBatch.empty(), batch(2, 3)])
+    assert len(both) == 5 and both.crop_boxes is None
+    kept = both.filter(torch.tensor([False, True, False, True, True]))
+    assert kept.iou.tolist() == [1.0, 3.0, 4.0]
+    assert [origin for _, origin in kept.masks] == [(1, 0), (3, 0), (4, 0)]
+    assert kept.boxes[:, 0].tolist() == kept.points[:, 0].long().tolist() == [1, 3, 4]
+    assert both.filter(torch.tensor([4, 0])).iou.tolist() == [4.0, 0.0]
+    assert len(MaskBatch.cat([])) == 0

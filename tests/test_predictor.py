@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from napari_sam.engine.cache import EmbeddingCache
-from napari_sam.engine.predictor import Prediction, Predictor, _postprocess
+from napari_sam.engine.predictor import Prediction, Predictor
+from napari_sam.engine.upsample import upscale_logits
 from napari_sam.errors import InvalidInputError
+from napari_sam.models.fast_decoder import FactoredBackend, ReferenceBackend
 
 RNG = np.random.default_rng(0)
 
@@ -159,11 +161,12 @@ def test_batch_size_disagreement_raises(predictor):
         dict(points=np.array([[[10, 20]], [[40, 70]]]), box=[[0, 0, 30, 40], [20, 30, 59, 89]]),
     ],
 )
-def test_fast_decoder_matches_model_decoder(predictor, kwargs):
-    assert predictor.use_fast_decoder
+def test_fast_decoder_matches_model_decoder(tiny_sam, predictor, kwargs):
+    assert predictor.decoder.kind == "factored"  # "auto" on SAM's decoder layout
     fast = predictor.predict(**kwargs)
     fast_mask = predictor.predict(**kwargs, mask_input=fast.logits.reshape(-1, 1, 32, 32)[:1][0])
-    predictor.use_fast_decoder = False
+    predictor = Predictor(tiny_sam, decoder="reference")
+    predictor.set_image(_image(60, 90))
     slow = predictor.predict(**kwargs)
     slow_mask = predictor.predict(**kwargs, mask_input=fast.logits.reshape(-1, 1, 32, 32)[:1][0])
     for a, b in ((fast, slow), (fast_mask, slow_mask)):
@@ -173,7 +176,7 @@ def test_fast_decoder_matches_model_decoder(predictor, kwargs):
         assert (a.masks == b.masks).mean() > 0.999
 
 
-def test_mask_head_follows_in_place_weight_updates(predictor):
+def test_mask_head_follows_in_place_weight_updates(tiny_sam, predictor):
     """The mask head's convolution weights are kept between clicks; an in-place update
     of the parameters (an optimiser step, load_state_dict) is picked up."""
     before = predictor.predict(points=[[30, 45]])
@@ -182,11 +185,19 @@ def test_mask_head_follows_in_place_weight_updates(predictor):
         conv.weight.mul_(-1.5)
         conv.bias.add_(0.25)
     after = predictor.predict(points=[[30, 45]])
-    predictor.use_fast_decoder = False
-    direct = predictor.predict(points=[[30, 45]])
+    reference = Predictor(tiny_sam, decoder="reference")
+    reference.set_image(_image(60, 90))
+    direct = reference.predict(points=[[30, 45]])
     assert np.abs(after.logits - before.logits).max() > 1e-3
     span = float(direct.logits.max() - direct.logits.min())
     np.testing.assert_allclose(after.logits, direct.logits, atol=1e-5 * span)
+
+
+def _decoder_stages(predictor: Predictor, **kwargs) -> tuple[Prediction, set[str]]:
+    """A prediction and the decoder stages it ran (torch.profiler markers)."""
+    with torch.profiler.profile() as prof:
+        out = predictor.predict(**kwargs)
+    return out, {e.name for e in prof.events() if e.name.startswith("napari_sam.")}
 
 
 @pytest.mark.parametrize(
@@ -201,27 +212,17 @@ def test_mask_head_follows_in_place_weight_updates(predictor):
 def test_factored_mask_head_matches_direct(tiny_sam_config, kwargs):
     """At SAM's decoder width (256) few-token prompts take the factored first
     convolution of the mask head; it must agree with the direct one."""
-    import napari_sam.engine.predictor as predictor_module
     from reference_utils import build_random_sam
 
     model = build_random_sam(replace(tiny_sam_config, prompt_embed_dim=256), seed=3)
-    p = Predictor(model)
-    p.set_image(_image(60, 90))
-    calls = []
-    direct_pays = predictor_module._FastDecoder.factor_pays
-
-    def spy(self, updates):
-        calls.append(direct_pays(self, updates))
-        return calls[-1]
-
-    predictor_module._FastDecoder.factor_pays = spy
-    try:
-        factored = p.predict(**kwargs)
-        predictor_module._FastDecoder.factor_pays = lambda self, updates: False
-        direct = p.predict(**kwargs)
-    finally:
-        predictor_module._FastDecoder.factor_pays = direct_pays
-    assert calls == [True]
+    p = Predictor(model)  # "auto": low-rank form where it pays
+    never = Predictor(model, decoder=FactoredBackend(model, low_rank=False))
+    for pred in (p, never):
+        pred.set_image(_image(60, 90))
+    factored, stages = _decoder_stages(p, **kwargs)
+    direct, direct_stages = _decoder_stages(never, **kwargs)
+    assert "napari_sam.decoder.transformer_factored" in stages  # auto chose the low-rank form
+    assert "napari_sam.decoder.transformer_factored" not in direct_stages
     span = float(direct.logits.max() - direct.logits.min())
     np.testing.assert_allclose(factored.logits, direct.logits, rtol=0, atol=1e-5 * span)
     np.testing.assert_allclose(factored.scores, direct.scores, atol=1e-6)
@@ -237,24 +238,22 @@ def test_factored_decoding_matches_model_decoder(tiny_sam_config, depth, heads):
 
     config = replace(tiny_sam_config, prompt_embed_dim=256, decoder_depth=depth,
                      decoder_num_heads=heads)
-    p = Predictor(build_random_sam(config, seed=depth))
-    p.set_image(_image(70, 50))
+    model = build_random_sam(config, seed=depth)
+    p = Predictor(model)  # "auto" takes the low-rank form for these prompts
+    ref = Predictor(model, decoder="reference")
+    for pred in (p, ref):
+        pred.set_image(_image(70, 50))
     prompts = [
         dict(points=[[30, 25]]),
         dict(points=[[10, 20], [40, 30]], labels=[1, 0], multimask=False),
         dict(box=[5, 10, 50, 45]),
         dict(points=np.array([[[10, 20]], [[60, 40]]])),
     ]
-    fast_decoder = p._fast
-    factored_calls = []
-    decode_factored = fast_decoder.decode_factored
-    fast_decoder.decode_factored = lambda *a: factored_calls.append(1) or decode_factored(*a)
-    for i, kwargs in enumerate(prompts):
-        fast = p.predict(**kwargs)
-        assert len(factored_calls) == i + 1
-        p.use_fast_decoder = False
-        slow = p.predict(**kwargs)
-        p._fast = fast_decoder
+    for kwargs in prompts:
+        fast, stages = _decoder_stages(p, **kwargs)
+        assert "napari_sam.decoder.transformer_factored" in stages  # the low-rank path ran
+        assert "napari_sam.decoder.transformer" not in stages
+        slow = ref.predict(**kwargs)
         span = float(slow.logits.max() - slow.logits.min())
         np.testing.assert_allclose(fast.logits, slow.logits, rtol=0, atol=1e-5 * span)
         np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-5)
@@ -268,7 +267,7 @@ def test_factored_mask_head_is_skipped_for_many_tokens(tiny_sam_config):
     p = Predictor(model)
     p.set_image(_image(60, 90))
     p.predict(points=[[10, 10]])  # builds the per-image context
-    fast = p._fast
+    fast = p.decoder
     with torch.inference_mode():
         for n_points, expected in ((1, True), (12, False)):
             pts = torch.rand(1, n_points, 2) * 100
@@ -276,6 +275,29 @@ def test_factored_mask_head_is_skipped_for_many_tokens(tiny_sam_config):
                 points=(pts, torch.ones(1, n_points, dtype=torch.int64)), boxes=None, masks=None
             )
             assert fast.factor_pays(sparse.shape[1]) is expected
+            assert fast.uses_low_rank(sparse.shape[1]) is expected
+
+
+def test_decoder_is_chosen_at_construction(tiny_sam):
+    assert isinstance(Predictor(tiny_sam).decoder, FactoredBackend)
+    assert isinstance(Predictor(tiny_sam, decoder="factored").decoder, FactoredBackend)
+    assert isinstance(Predictor(tiny_sam, decoder="reference").decoder, ReferenceBackend)
+    backend = FactoredBackend(tiny_sam, low_rank=False)
+    assert Predictor(tiny_sam, decoder=backend).decoder is backend
+    for bad in ("fast", "", None, 3):
+        with pytest.raises(InvalidInputError, match="decoder must be one of"):
+            Predictor(tiny_sam, decoder=bad)
+
+
+def test_use_fast_decoder_is_a_deprecated_alias(tiny_sam):
+    p = Predictor(tiny_sam)
+    assert p.use_fast_decoder
+    with pytest.warns(DeprecationWarning, match="decoder="):
+        p.use_fast_decoder = False
+    assert isinstance(p.decoder, ReferenceBackend) and not p.use_fast_decoder
+    with pytest.warns(DeprecationWarning):
+        p.use_fast_decoder = True
+    assert isinstance(p.decoder, FactoredBackend)
 
 
 def test_fast_decoder_falls_back_for_unknown_decoders(tiny_sam):
@@ -289,11 +311,11 @@ def test_fast_decoder_falls_back_for_unknown_decoders(tiny_sam):
 
     tiny_sam.mask_decoder = Wrapped(tiny_sam.mask_decoder)
     p = Predictor(tiny_sam)
-    assert not p.use_fast_decoder
+    assert isinstance(p.decoder, ReferenceBackend)
     p.set_image(_image(40, 40))
     assert p.predict(points=[[20, 20]]).masks.shape == (3, 40, 40)
     with pytest.raises(InvalidInputError, match="no fast path"):
-        p.use_fast_decoder = True
+        Predictor(tiny_sam, decoder="factored")
 
 
 # ----------------------------------------------------------------------------- postprocessing
@@ -314,7 +336,7 @@ def test_postprocess_matches_upsample_crop_resize(input_size, original_size):
     x = F.interpolate(low, (128, 128), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     x = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
-    y = _postprocess(low, 128, input_size, original_size)
+    y = upscale_logits(low, 128, input_size, original_size)
     assert y.shape == x.shape
     torch.testing.assert_close(y, x, rtol=0, atol=2e-5)
     assert ((y > 0) == (x > 0)).float().mean() > 0.9999
@@ -322,7 +344,7 @@ def test_postprocess_matches_upsample_crop_resize(input_size, original_size):
 
 def test_postprocess_rejects_bad_geometry():
     with pytest.raises(InvalidInputError, match="geometry"):
-        _postprocess(torch.zeros(1, 1, 32, 32), 128, (200, 128), (10, 10))
+        upscale_logits(torch.zeros(1, 1, 32, 32), 128, (200, 128), (10, 10))
 
 
 def test_predict_torch_without_upscale_and_upscale_logits(predictor):
@@ -597,7 +619,7 @@ def test_concurrent_predictions_on_one_predictor(predictor):
 def test_few_prompt_decodes_use_one_thread_and_restore_the_count(monkeypatch):
     import torch
 
-    from napari_sam.engine import predictor as P
+    from napari_sam.models import kernels as P
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     seen = []
@@ -605,23 +627,23 @@ def test_few_prompt_decodes_use_one_thread_and_restore_the_count(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
-    with P._threads_for_clicks(1):
+    with P.threads_for_small_batches(1):
         seen.append("inside")
     assert calls == [1, 2]  # one thread for a click, then the count is restored
     calls.clear()
-    with P._threads_for_clicks(P.SINGLE_THREAD_MAX_BATCH + 1):
+    with P.threads_for_small_batches(P.SINGLE_THREAD_MAX_BATCH + 1):
         pass
     assert calls == []  # large batches keep every thread
-    with pytest.raises(RuntimeError), P._threads_for_clicks(1):
+    with pytest.raises(RuntimeError), P.threads_for_small_batches(1):
         raise RuntimeError("boom")
     assert calls == [1, 2]  # restored on errors too
     assert seen == ["inside"] and before >= 1
     calls.clear()
     for policy in ("ACTIVE", ""):  # threads that spin before sleeping: keep them all
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-        with P._threads_for_clicks(1):
+        with P.threads_for_small_batches(1):
             pass
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    with P._threads_for_clicks(1):
+    with P.threads_for_small_batches(1):
         pass
     assert calls == []

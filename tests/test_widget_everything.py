@@ -125,16 +125,16 @@ def test_cancel_during_stack_keeps_partial_layer(make_napari_viewer, tiny_sam, m
     widget.set_scope("whole stack")
 
     # press Cancel while slice 1 starts (deterministic: set the flag from the job itself)
-    real_generate = engine.AutomaticMaskGenerator.generate
+    real_generate = engine.AutomaticMaskGenerator.iter_generate
     calls = []
 
-    def generate(self, *args, **kwargs):
+    def iter_generate(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             widget._cancel.set()
         return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.AutomaticMaskGenerator, "generate", generate)
+    monkeypatch.setattr(engine.AutomaticMaskGenerator, "iter_generate", iter_generate)
     widget.run()
     assert widget.wait(TIMEOUT)
     assert len(calls) == 2
@@ -251,3 +251,30 @@ def test_activity_bar_follows_the_widget_bar(make_napari_viewer, tiny_sam):
     assert widget.wait(TIMEOUT)
     assert seen and all(n == value and total == 1000 for n, value, total in seen), seen
     assert seen[-1][0] == 1000
+
+
+def test_everything_job_runs_in_the_workers_own_thread(tiny_sam, monkeypatch):
+    """The worker body is a plain generator over iter_generate: the masks are made in
+    the thread that iterates it (no helper thread), progress arrives per batch."""
+    import threading
+
+    from napari_sam.engine import everything as engine
+    from napari_sam.widgets.everything import _everything_job
+
+    seen = []
+    real = engine.AutomaticMaskGenerator._iter_plain_records
+
+    def spy(self, *args, **kwargs):
+        seen.append(threading.current_thread())
+        return (yield from real(self, *args, **kwargs))
+
+    monkeypatch.setattr(engine.AutomaticMaskGenerator, "_iter_plain_records", spy)
+    before = threading.active_count()
+    msgs = list(_everything_job(tiny_sam, None, _image(), [()], None,
+                                {"points_per_side": 4, "points_per_batch": 8},
+                                threading.Event()))
+    assert seen == [threading.current_thread()]
+    assert threading.active_count() == before
+    kinds = [m[0] for m in msgs]
+    assert kinds == ["progress", "progress", "slice"]
+    assert msgs[-1][3].shape == _image().shape[:2]

@@ -18,6 +18,7 @@ _LAZY = {
     "ImageTransform": "napari_sam.engine.transforms",
     "EmbeddingCache": "napari_sam.engine.cache",
     "CacheEntry": "napari_sam.engine.cache",
+    "EmbeddedImage": "napari_sam.engine.cache",
     "image_key": "napari_sam.engine.cache",
     "Predictor": "napari_sam.engine.predictor",
     "Prediction": "napari_sam.engine.predictor",

@@ -25,11 +25,13 @@ import torch
 
 from napari_sam.errors import InvalidInputError
 
-__all__ = ["CacheEntry", "EmbeddingCache", "image_key", "model_key"]
+__all__ = ["CacheEntry", "EmbeddedImage", "EmbeddingCache", "image_key", "model_key"]
 
 
-class CacheEntry(NamedTuple):
-    """An image embedding and the geometry it was computed for.
+class EmbeddedImage(NamedTuple):
+    """An image embedding and the geometry it was computed for: what
+    :meth:`~napari_sam.engine.predictor.Predictor.embed` returns, the cache
+    stores and everything-mode consumes.
 
     features: (1, C, E, E) encoder output (on the device it was computed on).
     input_size: (h, w) of the resized image inside the model input.
@@ -39,6 +41,10 @@ class CacheEntry(NamedTuple):
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+
+
+#: the former name of :class:`EmbeddedImage`
+CacheEntry = EmbeddedImage
 
 
 def image_key(rgb: np.ndarray) -> str:

@@ -10,7 +10,9 @@ is skipped:
    decoder that only depend on the image (the first layer's image-side
    projections) are computed once per image, and the cross-attentions are
    evaluated in factored form, so no per-prompt projection of the 64 x 64 image
-   tokens is ever materialised (see :class:`_FastDecoder`). Mask logits are
+   tokens is ever materialised (the predictor's decoder backend,
+   ``FactoredBackend.decode_selected`` in :mod:`napari_sam.models.fast_decoder`).
+   Mask logits are
    only computed for the multimask outputs whose predicted IoU passes
    ``pred_iou_thresh``, right after their prompts' transformer pass, so the
    per-prompt image tokens are never stored. Large intermediates go into
@@ -18,7 +20,8 @@ is skipped:
    (about 1 us per 4 KiB page), once about half of the mask-generation time
    (docs/benchmarks.md).
 3. Before upsampling, a cheap upper bound of each mask's stability score is
-   taken at low resolution (:func:`_stability_upper_bound`); masks whose bound
+   taken at low resolution
+   (:func:`~napari_sam.engine.upsample.stability_upper_bound`); masks whose bound
    is below ``stability_score_thresh`` cannot pass at full resolution and are
    dropped. Survivors are upsampled exactly like the reference and filtered on
    their exact stability score.
@@ -71,7 +74,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,20 +84,32 @@ import torch
 from napari_sam.engine import masks as M
 from napari_sam.engine.everything_settings import EverythingSettings, auto_tile_size
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.mask_batch import MaskBatch
 from napari_sam.engine.predictor import Predictor
-from napari_sam.engine.predictor import _FastDecoder as _CoreDecoder
 from napari_sam.engine.threads import compute_threads
+from napari_sam.engine.upsample import stability_upper_bound, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
 
-__all__ = ["AutomaticMaskGenerator", "EverythingSettings", "records_to_labels"]
+__all__ = ["AutomaticMaskGenerator", "EverythingProgress", "EverythingSettings",
+           "records_to_labels"]
 
 _ORDERS = ("area_desc", "area_asc", "input")
 #: full-resolution float logits upsampled at once stay within this many bytes
 UPSCALE_BUDGET_BYTES = 64 << 20
 _MAX_UPSCALE_CHUNK = 16
-# Margin (in logit units) by which the low-resolution stability bound is widened,
-# far above float32 rounding of the bilinear upsampling.
-_BOUND_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class EverythingProgress:
+    """Progress of everything-mode: ``done`` of ``total`` batches of prompts decoded
+    (over all crops, and over all tiles when the image is tiled)."""
+
+    done: int
+    total: int
+
+
+#: what the internal generation steps yield, and finally return
+_Steps = Generator[EverythingProgress, None, Any]
 
 
 class AutomaticMaskGenerator:
@@ -188,7 +204,9 @@ class AutomaticMaskGenerator:
         self.min_mask_region_area = st.min_mask_region_area
         self.output_mode = st.output_mode
         self.auto_tile = st.auto_tile
-        self._decoder = _FastDecoder.build(self.predictor.model)
+        # the predictor's kind of decoder backend, with scratch tensors of its own
+        # (the predictor may keep predicting on another thread)
+        self._backend = self.predictor.decoder.fresh()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -222,9 +240,42 @@ class AutomaticMaskGenerator:
         Returns:
           a list of records (see the module docstring), in ``output_mode``.
         """
+        result: list[dict[str, Any]] = []
+        for item in self.iter_generate(image, contrast_limits, channel_axis, cancel, use_cache):
+            if isinstance(item, EverythingProgress):
+                if progress is not None:
+                    progress(item.done, item.total)
+            else:
+                result = item
+        return result
+
+    def iter_generate(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+        cancel: Callable[[], bool] | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[EverythingProgress | list[dict[str, Any]]]:
+        """:meth:`generate` as a generator: yields an :class:`EverythingProgress` after
+        each batch of prompts, and last the list of records.
+
+        For a worker thread (napari's ``thread_worker`` takes it as is). Stopping
+        the iteration (``close()``) stops the work between two batches; ``cancel``
+        works as in :meth:`generate`. Torch's inference mode and thread settings
+        are not held across the yields.
+        """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = self._cropped_records(rgb, progress, cancel, use_cache)
-        return _finish_records(records, rgb.shape[:2], self.output_mode)
+        records = yield from self._iter_cropped_records(rgb, cancel, use_cache)
+        yield _finish_records(records, rgb.shape[:2], self.output_mode)
+
+    def iter_tile(
+        self, rgb: np.ndarray, cancel: Callable[[], bool] | None = None
+    ) -> Generator[EverythingProgress, None, list[dict[str, Any]]]:
+        """Records with cropped masks (``bbox_rc``) of one (h, w, 3) uint8 tile, in one
+        piece and without the embedding cache; yields progress per batch and returns the
+        records (what :func:`~napari_sam.engine.tiles.generate_tiled` runs per tile)."""
+        return (yield from self._iter_plain_records(rgb, cancel, use_cache=False))
 
     def generate_labels(
         self,
@@ -245,7 +296,7 @@ class AutomaticMaskGenerator:
                 f"order must be 'area_desc', 'area_asc' or 'input', got {order!r}."
             )
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = self._cropped_records(rgb, progress, cancel, use_cache=True)
+        records = _run(self._iter_cropped_records(rgb, cancel, use_cache=True), progress)
         return records_to_labels(records, rgb.shape[:2], order=order)
 
     def tile_size_for(self, shape: tuple[int, int]) -> int | None:
@@ -260,7 +311,7 @@ class AutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ generation
 
-    def _cropped_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+    def _iter_cropped_records(self, rgb, cancel, use_cache) -> _Steps:
         """Records with cropped masks (``bbox_rc``) of an (H, W, 3) uint8 image, tiled if needed."""
         shape = rgb.shape[:2]
         img_size = self.predictor.transform.target_length
@@ -272,18 +323,23 @@ class AutomaticMaskGenerator:
                     f"The model sees this {shape[0]} x {shape[1]} image at {img_size} px, so "
                     f"small objects are lost; keep auto_tile=True or tile it "
                     f"(generate_tiled(..., tile_size={suggested}), CLI --tile-size {suggested}).",
-                    UserWarning, stacklevel=3,
+                    UserWarning, stacklevel=4,
                 )
-            return self._plain_records(rgb, progress, cancel, use_cache)
-        from napari_sam.engine.tiles import generate_tiled, tile_boxes
+            return (yield from self._iter_plain_records(rgb, cancel, use_cache))
+        from napari_sam.engine.tiles import iter_tiled
 
-        overlap = tile // 8
-        runner = _TileRunner(self, len(tile_boxes(shape, tile, overlap)), progress, cancel)
-        return generate_tiled(runner, rgb, tile_size=tile, overlap=overlap, cancel=cancel)
+        steps = iter_tiled(self, rgb, tile_size=tile, overlap=tile // 8, cancel=cancel)
+        try:
+            while True:
+                k, n, step = next(steps)
+                if step is not None:  # progress over all tiles (each has the same batches)
+                    yield EverythingProgress(k * step.total + step.done, n * step.total)
+        except StopIteration as stop:
+            return stop.value
 
-    def _plain_records(self, rgb, progress, cancel, use_cache) -> list[dict[str, Any]]:
+    def _iter_plain_records(self, rgb, cancel, use_cache) -> _Steps:
         """Records with cropped masks of an (H, W, 3) uint8 image, in one piece."""
-        data = self._generate_masks(rgb, progress, cancel, use_cache)
+        data = yield from self._iter_masks(rgb, cancel, use_cache)
         if self.min_mask_region_area > 0:
             data = self._postprocess_small_regions(
                 data, rgb.shape[:2], self.min_mask_region_area,
@@ -291,83 +347,66 @@ class AutomaticMaskGenerator:
             )
         return self._records(data)
 
-    def _generate_masks(self, rgb, progress, cancel, use_cache) -> dict[str, Any]:
+    def _iter_masks(self, rgb, cancel, use_cache) -> _Steps:
         H, W = rgb.shape[:2]
         crop_boxes, layers = M.generate_crop_boxes((H, W), self.crop_n_layers,
                                                    self.crop_overlap_ratio)
         ppb = self.points_per_batch
         total = sum(math.ceil(len(self.point_grids[k]) / ppb) for k in layers)
-        state = {"done": 0, "total": total, "progress": progress, "cancel": cancel}
+        state = {"done": 0, "total": total, "cancel": cancel}
         parts = []
-        p = self.predictor
-        saved = (p.features, p.original_size, p.input_size) if p.is_image_set else None
-        try:
-            for crop_box, layer in zip(crop_boxes, layers, strict=True):
-                parts.append(self._process_crop(rgb, crop_box, layer, state, use_cache))
-        finally:
-            # give a shared predictor its image back (an interactive session may use it)
-            if saved is None:
-                p.reset_image()
-            else:
-                p.set_embedding(*saved)
-        data = _cat(parts)
-        if len(crop_boxes) > 1 and len(data["iou"]):
+        for crop_box, layer in zip(crop_boxes, layers, strict=True):
+            parts.append((yield from self._iter_crop(rgb, crop_box, layer, state, use_cache)))
+        data = MaskBatch.cat(parts)
+        if len(crop_boxes) > 1 and len(data):
             # between crops, prefer masks from smaller crops
-            cb = data["crop_boxes"].float()
+            cb = data.crop_boxes.float()
             scores = 1.0 / M.box_area(cb)
-            keep = M.nms(data["boxes"].float(), scores, self.crop_nms_thresh)
-            data = _filter(data, keep)
+            keep = M.nms(data.boxes.float(), scores, self.crop_nms_thresh)
+            data = data.filter(keep)
         return data
 
-    def _embed(self, crop: np.ndarray, use_cache: bool) -> None:
-        p = self.predictor
-        if use_cache:
-            entry = p.embed(crop)
-            p.set_embedding(entry.features, entry.original_size, entry.input_size)
-        else:
-            size = (int(crop.shape[0]), int(crop.shape[1]))
-            p.set_embedding(p.compute_embedding(crop), size, p.transform.input_size(size))
-
-    def _process_crop(self, rgb, crop_box, layer, state, use_cache) -> dict[str, Any]:
+    def _iter_crop(self, rgb, crop_box, layer, state, use_cache) -> _Steps:
         x0, y0, x1, y1 = crop_box
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
         _check_cancel(state["cancel"])
-        self._embed(crop, use_cache)
         p = self.predictor
-        h_c, w_c = p.original_size
-        in_h, in_w = p.input_size
+        emb = p.embed(crop, use_cache=use_cache)  # the predictor's own image is untouched
+        h_c, w_c = emb.original_size
         pts = self.point_grids[layer] * np.array([[w_c, h_c]], dtype=np.float64)  # crop xy
-        model_xy = pts * np.array([[in_w / w_c, in_h / h_c]])
+        model_xy = p.transform.xy_to_model(pts, emb.original_size)
 
         dev = p.device
         thr = float(getattr(self.model, "mask_threshold", 0.0))
-        with torch.inference_mode():
-            if self._decoder is not None:
-                self._decoder.prepare(p.features, p._get_dense_pe())
+        try:
+            with torch.inference_mode():
+                ctx = self._backend.prepare(emb.features.to(dev))
             chunks = []
             for s in range(0, len(pts), self.points_per_batch):
                 _check_cancel(state["cancel"])
                 sl = slice(s, s + self.points_per_batch)
-                with compute_threads():  # chosen per batch: follows the machine's load
-                    chunks.append(self._process_batch(pts[sl], model_xy[sl], crop_box,
+                # threads chosen per batch (they follow the machine's load); inference mode
+                # and thread settings are not held across the yield
+                with torch.inference_mode(), compute_threads():
+                    chunks.append(self._process_batch(ctx, emb, pts[sl], model_xy[sl], crop_box,
                                                       rgb.shape[:2], thr, dev))
                 state["done"] += 1
-                if state["progress"] is not None:
-                    state["progress"](state["done"], state["total"])
-            if self._decoder is not None:
-                self._decoder.release()
-        data = _cat(chunks)
-        if len(data["iou"]):
-            keep = M.nms(data["boxes"].float(), data["iou"], self.box_nms_thresh)
-            data = _filter(data, keep)
-        data["boxes"] = M.uncrop_boxes_xyxy(data["boxes"], crop_box)
-        data["points"] = M.uncrop_points(data["points"], crop_box)
-        n = len(data["iou"])
-        data["crop_boxes"] = torch.tensor([list(crop_box)] * n, dtype=torch.int64).reshape(n, 4)
-        data["masks"] = [(m, (r + y0, c + x0)) for m, (r, c) in data["masks"]]  # image frame
+                yield EverythingProgress(state["done"], state["total"])
+        finally:
+            ctx = None
+            self._backend.release()
+        data = MaskBatch.cat(chunks)
+        if len(data):
+            keep = M.nms(data.boxes.float(), data.iou, self.box_nms_thresh)
+            data = data.filter(keep)
+        data.boxes = M.uncrop_boxes_xyxy(data.boxes, crop_box)
+        data.points = M.uncrop_points(data.points, crop_box)
+        n = len(data)
+        data.crop_boxes = torch.tensor([list(crop_box)] * n, dtype=torch.int64).reshape(n, 4)
+        data.masks = [(m, (r + y0, c + x0)) for m, (r, c) in data.masks]  # image frame
         return data
 
-    def _decode(self, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
+    def _decode(self, ctx, model_xy: np.ndarray, dev) -> tuple[torch.Tensor, ...]:
         """Decode a batch of point prompts.
 
         Returns the IoU predictions (B, 3) of the multimask outputs, the flat
@@ -382,30 +421,26 @@ class AutomaticMaskGenerator:
                 return iou > self.pred_iou_thresh
             return torch.ones_like(iou, dtype=torch.bool)
 
-        if self._decoder is not None:
-            sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            iou, chosen, low = self._decoder.decode(sparse, select)
-        else:
-            _, iou, low = self.predictor.predict_torch(coords, labels, multimask=True,
-                                                       upscale=False)
-            chosen = select(iou)
-            low = low[chosen]
+        sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None,
+                                                  masks=None)
+        iou, chosen, low = self._backend.decode_selected(ctx, sparse, dense, select)
         return iou, torch.nonzero(chosen.flatten()).flatten(), low
 
-    def _process_batch(self, pts, model_xy, crop_box, orig_size, thr, dev):
-        """Decode one batch of prompts -> filtered masks (crop frame) and their data."""
-        iou, cand, low = self._decode(model_xy, dev)
+    def _process_batch(self, ctx, emb, pts, model_xy, crop_box, orig_size, thr, dev):
+        """Decode one batch of prompts on the crop embedded as ``emb`` (backend context
+        ``ctx``) -> filtered masks (crop frame) and their data."""
+        iou, cand, low = self._decode(ctx, model_xy, dev)
         n_out = iou.shape[1]
         flat_iou = iou.reshape(-1)
-        empty = _empty_data()
+        empty = MaskBatch.empty()
         if cand.numel() == 0:
             return empty
         b_idx = cand // n_out
 
-        p = self.predictor
+        target = self.predictor.transform.target_length
         if self.stability_score_thresh > 0.0:
-            ub = _stability_upper_bound(
-                low, p.transform.target_length, p.input_size, p.original_size, thr,
+            ub = stability_upper_bound(
+                low, target, emb.input_size, emb.original_size, thr,
                 self.stability_score_offset,
             )
             ok = ub >= self.stability_score_thresh
@@ -414,12 +449,13 @@ class AutomaticMaskGenerator:
                 return empty
 
         # full-resolution logits a few masks at a time; each kept mask is cut to its box
-        h_c, w_c = p.original_size
+        h_c, w_c = emb.original_size
         chunk = max(1, min(_MAX_UPSCALE_CHUNK, UPSCALE_BUDGET_BYTES // (4 * h_c * w_c)))
         kept_masks: list[tuple[torch.Tensor, tuple[int, int]]] = []
         kept_stab, kept_sel, kept_boxes = [], [], []
         for s in range(0, cand.numel(), chunk):
-            logits = p.upscale_logits(low[s : s + chunk, None])[:, 0]  # (s, h_c, w_c)
+            logits = upscale_logits(low[s : s + chunk, None], target, emb.input_size,
+                                    emb.original_size)[:, 0]  # (s, h_c, w_c)
             stab = M.stability_score(logits, thr, self.stability_score_offset)
             masks = logits > thr
             del logits
@@ -450,13 +486,7 @@ class AutomaticMaskGenerator:
             kept_masks = [kept_masks[i] for i in ok.tolist()]
             stab, cand, b_idx, boxes = stab[ok], cand[ok], b_idx[ok], boxes[ok]
         points = torch.as_tensor(pts, dtype=torch.float64)[b_idx.cpu()]
-        return {
-            "masks": kept_masks,
-            "iou": flat_iou[cand].float(),
-            "stability": stab.float(),
-            "points": points,
-            "boxes": boxes,
-        }
+        return MaskBatch(kept_masks, flat_iou[cand].float(), stab.float(), points, boxes)
 
     # ------------------------------------------------------------------ post-processing
 
@@ -467,11 +497,11 @@ class AutomaticMaskGenerator:
         Works on the cropped masks (:func:`~napari_sam.engine.masks.remove_small_regions_cropped`
         gives the full-frame result without building the full frame).
         """
-        if len(data["iou"]) == 0:
+        if len(data) == 0:
             return data
         changed: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         scores, boxes = [], []
-        for i, (mask, origin) in enumerate(data["masks"]):
+        for i, (mask, origin) in enumerate(data.masks):
             m = mask.cpu().numpy()
             m, origin_h, changed_h = M.remove_small_regions_cropped(m, origin, shape, min_area,
                                                                     "holes")
@@ -483,25 +513,25 @@ class AutomaticMaskGenerator:
                 changed[i] = (torch.from_numpy(m), origin_i)
                 # SAM's box of the new mask ([0, 0, 0, 0] if it became empty)
                 boxes.append(torch.tensor([c, r, c + w - 1, r + h - 1] if m.size else [0, 0, 0, 0],
-                                          dtype=data["boxes"].dtype))
+                                          dtype=data.boxes.dtype))
             else:
-                boxes.append(data["boxes"][i])
+                boxes.append(data.boxes[i])
             scores.append(0.0 if (changed_h or changed_i) else 1.0)
         boxes_t = torch.stack(boxes)
         keep = M.nms(boxes_t.float(), torch.tensor(scores), nms_thresh)
         for i in keep.tolist():
             if i in changed:
-                data["masks"][i] = changed[i]
-                data["boxes"][i] = boxes_t[i]
-        keep = torch.tensor([i for i in keep.tolist() if data["masks"][i][0].numel() > 0],
+                data.masks[i] = changed[i]
+                data.boxes[i] = boxes_t[i]
+        keep = torch.tensor([i for i in keep.tolist() if data.masks[i][0].numel() > 0],
                             dtype=torch.int64)
-        return _filter(data, keep)
+        return data.filter(keep)
 
     def _records(self, data) -> list[dict[str, Any]]:
         """Records with cropped masks: ``segmentation`` (h, w) bool inside ``bbox_rc``."""
         out = []
-        for i in range(len(data["iou"])):
-            mask, (r0, c0) = data["masks"][i]
+        for i in range(len(data)):
+            mask, (r0, c0) = data.masks[i]
             m = np.ascontiguousarray(mask.cpu().numpy())
             h, w = m.shape
             out.append(
@@ -510,35 +540,13 @@ class AutomaticMaskGenerator:
                     "area": int(m.sum()),
                     "bbox": [c0, r0, w - 1, h - 1],
                     "bbox_rc": [r0, c0, r0 + h, c0 + w],
-                    "predicted_iou": float(data["iou"][i]),
-                    "point_coords": [data["points"][i].tolist()],
-                    "stability_score": float(data["stability"][i]),
-                    "crop_box": M.box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+                    "predicted_iou": float(data.iou[i]),
+                    "point_coords": [data.points[i].tolist()],
+                    "stability_score": float(data.stability[i]),
+                    "crop_box": M.box_xyxy_to_xywh(data.crop_boxes[i].tolist()),
                 }
             )
         return out
-
-
-class _TileRunner:
-    """What :func:`~napari_sam.engine.tiles.generate_tiled` runs on each tile of an
-    automatically tiled image: cropped records, progress counted in batches over all tiles."""
-
-    def __init__(self, generator: AutomaticMaskGenerator, n_tiles: int,
-                 progress: Callable[[int, int], Any] | None,
-                 cancel: Callable[[], bool] | None) -> None:
-        self.generator, self.n_tiles = generator, n_tiles
-        self.progress, self.cancel = progress, cancel
-        self.done_tiles = 0
-
-    def generate(self, tile: np.ndarray) -> list[dict[str, Any]]:
-        k, n = self.done_tiles, self.n_tiles
-        sub = None
-        if self.progress is not None:
-            def sub(done: int, total: int) -> None:
-                self.progress(k * total + done, n * total)
-        records = self.generator._plain_records(tile, sub, self.cancel, use_cache=False)
-        self.done_tiles += 1
-        return records
 
 
 def _finish_records(
@@ -621,209 +629,17 @@ def record_mask(
 # ----------------------------------------------------------------------------- helpers
 
 
+def _run(steps: _Steps, progress: Callable[[int, int], Any] | None) -> Any:
+    """Run generation ``steps`` to the end, reporting progress; returns their result."""
+    try:
+        while True:
+            step = next(steps)
+            if progress is not None:
+                progress(step.done, step.total)
+    except StopIteration as stop:
+        return stop.value
+
+
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     if cancel is not None and cancel():
         raise CancelledError("Everything-mode was cancelled.")
-
-
-def _empty_data() -> dict[str, Any]:
-    return {
-        "masks": [],
-        "iou": torch.zeros(0),
-        "stability": torch.zeros(0),
-        "points": torch.zeros(0, 2, dtype=torch.float64),
-        "boxes": torch.zeros(0, 4, dtype=torch.int64),
-    }
-
-
-def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    if not parts:
-        return _empty_data()
-    out: dict[str, Any] = {}
-    for key in parts[0]:
-        vals = [p[key] for p in parts]
-        if isinstance(vals[0], list):
-            out[key] = [v for sub in vals for v in sub]
-        else:
-            out[key] = torch.cat([v.cpu() for v in vals])
-    return out
-
-
-def _filter(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-    keep = keep.cpu()
-    if keep.dtype == torch.bool:
-        keep = torch.nonzero(keep).flatten()
-    out = {}
-    for key, v in data.items():
-        out[key] = [v[i] for i in keep.tolist()] if isinstance(v, list) else v[keep]
-    return out
-
-
-# ----------------------------------------------------------------------------- low-res bound
-
-
-def _axis_support(n_low: int, target: int, n_in: int, n_out: int) -> np.ndarray:
-    """First low-res index feeding each of ``n_out`` output pixels along one axis.
-
-    Mirrors the postprocessing (bilinear, align_corners=False): ``n_low`` ->
-    ``target`` (keep the first ``n_in``) -> ``n_out``. Returns ``lo`` (n_out,)
-    and the largest support width; every output pixel is a convex combination
-    of low-res pixels in ``[lo, lo + width - 1]``.
-    """
-
-    def src_index(dst: np.ndarray, n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray]:
-        src = np.maximum((dst + 0.5) * (n_src / n_dst) - 0.5, 0.0)
-        i0 = np.floor(src).astype(np.int64)
-        return i0, np.minimum(i0 + 1, n_src - 1)
-
-    j = np.arange(n_in, dtype=np.float64)
-    lo1, hi1 = src_index(j, n_low, target)
-    if n_in == n_out:
-        lo, hi = lo1, hi1
-    else:
-        j0, j1 = src_index(np.arange(n_out, dtype=np.float64), n_in, n_out)
-        lo, hi = lo1[j0], hi1[j1]
-    return lo, int((hi - lo).max()) + 1
-
-
-def _stability_upper_bound(
-    low: torch.Tensor,
-    target_length: int,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    mask_threshold: float,
-    offset: float,
-) -> torch.Tensor:
-    """Upper bound of the full-resolution stability score of (S, L, L) low-res logits.
-
-    An upsampled pixel is a convex combination of the low-res pixels in its
-    support (a k x k block starting at ``(lo_y, lo_x)``), so it can only be
-    above a threshold if one of them is (bounding the intersection from
-    above), and it surely is if all of them are (bounding the union from
-    below). Counting full-resolution pixels per block start turns both bounds
-    into weighted sums over the low-res grid. A margin of ``_BOUND_EPS`` covers
-    float rounding. Returns (S,) float32, ``inf`` when the union bound is 0.
-    """
-    s, lh, lw = low.shape
-    lo_y, ky = _axis_support(lh, target_length, input_size[0], original_size[0])
-    lo_x, kx = _axis_support(lw, target_length, input_size[1], original_size[1])
-    cy = torch.from_numpy(np.bincount(lo_y, minlength=lh)).to(low.device, torch.float32)
-    cx = torch.from_numpy(np.bincount(lo_x, minlength=lw)).to(low.device, torch.float32)
-
-    def block(x: torch.Tensor, any_: bool) -> torch.Tensor:
-        """any / all of x over the block [i, i + ky) x [j, j + kx) (clipped to the grid)."""
-        out = x.clone()
-        for dim, k in ((1, ky), (2, kx)):
-            src = out.clone() if k > 1 else out
-            n = x.shape[dim]
-            for j in range(1, min(k, n)):
-                dst, shifted = out.narrow(dim, 0, n - j), src.narrow(dim, j, n - j)
-                if any_:
-                    dst |= shifted
-                else:
-                    dst &= shifted
-        return out
-
-    hi = low > mask_threshold + offset - _BOUND_EPS
-    lo = low > mask_threshold - offset + _BOUND_EPS
-    inter_ub = torch.einsum("i,sij,j->s", cy, block(hi, True).float(), cx)
-    union_lb = torch.einsum("i,sij,j->s", cy, block(lo, False).float(), cx)
-    return torch.where(union_lb > 0, inter_ub / union_lb.clamp(min=1), torch.inf)
-
-
-# ----------------------------------------------------------------------------- fast decoder
-
-
-class _FastDecoder:
-    """SAM's mask decoder evaluated for many prompt sets on one image embedding.
-
-    Gives the same IoU predictions and low-res logits as
-    ``model.mask_decoder`` without a mask prompt (up to float rounding). The
-    two-way transformer is the interactive predictor's
-    (:class:`napari_sam.engine.predictor._FastDecoder`: first-block image
-    projections computed once per image, factored cross-attention, chunked
-    image updates into reused buffers, and for SAM's 256-wide decoder the image
-    tokens after the first block kept in factored form). Everything-mode then
-    saves more:
-
-    * :meth:`decode` sends only the IoU token through the final token-to-image
-      attention (each token attends on its own, so this is exact);
-    * it then computes mask logits only for the outputs whose IoU predictions
-      pass the filter, one prompt at a time in cache-sized chunks
-      (:func:`~napari_sam.engine.predictor.upscale_masks`).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.dec = model.mask_decoder
-        self.no_mask = model.prompt_encoder.no_mask_embed.weight
-        self._core = _CoreDecoder(self.dec)
-        self._ctx: dict | None = None
-
-    @classmethod
-    def build(cls, model: Any) -> _FastDecoder | None:
-        """A fast decoder for ``model``, or None when its decoder has another structure."""
-        return cls(model) if _CoreDecoder.supports(model) else None
-
-    def prepare(self, features: torch.Tensor, dense_pe: torch.Tensor) -> None:
-        """Precompute the prompt-independent terms for ``features`` (1, C, E, E)."""
-        self._ctx = self._core.context(features, self.no_mask, dense_pe)
-
-    def release(self) -> None:
-        """Drop the per-image tensors and scratch buffers."""
-        self._ctx = None
-        self._core.clear_buffers()
-
-    def decode(
-        self,
-        sparse: torch.Tensor,
-        select: Callable[[torch.Tensor], torch.Tensor],
-        sub_batch: int = 16,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Multimask decoding of (B, Np, C) sparse prompt tokens.
-
-        ``select`` maps IoU predictions (b, 3) to a bool (b, 3) of the outputs
-        whose mask logits are wanted. Returns the IoU predictions (B, 3) of the
-        multimask outputs (mask tokens 1-3), the selection (B, 3) bool, and the
-        low-res logits (S, 4E, 4E) of the selected outputs in (prompt, output)
-        order.
-
-        Prompts go through the transformer ``sub_batch`` at a time; the mask
-        logits of a sub-batch are computed while its image tokens are at hand,
-        one prompt at a time.
-        """
-        if self._ctx is None:
-            raise InvalidInputError("_FastDecoder.prepare(features, pe) must be called first.")
-        dec, core, grid = self.dec, self._core, self._ctx["grid"]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        ious, chosens, lows = [], [], []
-        factored = core.factor_pays(sparse.shape[1])
-        for s in range(0, sparse.shape[0], sub_batch):
-            if factored:  # the image tokens stay in factored form (see the core decoder)
-                state = core.transformer_factored(self._ctx, sparse[s : s + sub_batch])
-                hs = core.final_attention_factored(self._ctx, state, [0])
-            else:
-                q, qpe, keys, keys_pe = core.transformer(self._ctx, sparse[s : s + sub_batch])
-                hs = core.final_attention(q[:, :1], qpe[:, :1], keys, keys_pe)
-            iou = dec.iou_prediction_head(hs[:, 0])[:, 1:]
-            ious.append(iou)
-            chosen = select(iou)
-            chosens.append(chosen)
-            for j in torch.nonzero(chosen.any(dim=1)).flatten().tolist():
-                mask_tokens = [1 + int(k) for k in torch.nonzero(chosen[j]).flatten()]
-                rows = [1 + m for m in mask_tokens]  # positions after the IoU token
-                if factored:
-                    hs = core.final_attention_factored(self._ctx, state, rows, j)
-                    factors = core.conv1_factors(self._ctx, state, j)
-                    tokens = self._ctx["x"]  # not read with factors
-                else:
-                    hs = core.final_attention(q[j : j + 1, rows], out_tokens[rows][None],
-                                              keys[j : j + 1], keys_pe[j : j + 1])
-                    factors, tokens = None, keys[j : j + 1]
-                hyper = torch.stack(
-                    [dec.output_hypernetworks_mlps[m](hs[0, i]) for i, m in enumerate(mask_tokens)]
-                )[None]  # (1, K, C/8)
-                lows.append(core.upscale(tokens, hyper, grid, factors)[0])
-        iou = torch.cat(ious)
-        eh, ew = grid
-        low = torch.cat(lows) if lows else iou.new_empty((0, 4 * eh, 4 * ew))
-        return iou, torch.cat(chosens), low

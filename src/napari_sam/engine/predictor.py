@@ -18,30 +18,35 @@ Everything in SAM's model frame ((x, y) in the resized input, batched torch
 tensors) goes through :meth:`Predictor.predict_torch`, which everything-mode
 uses directly.
 
-Masks are computed like the reference ``Sam.postprocess_masks`` (bilinear to
-the padded model input, crop, bilinear to the original size, threshold), with
-the resize chain applied as one banded matrix product per axis.
+The mask decoder runs through a backend chosen when the predictor is built
+(``decoder="auto" | "reference" | "factored"``, see
+:mod:`napari_sam.models.fast_decoder`). Masks are computed like the reference
+``Sam.postprocess_masks`` (bilinear to the padded model input, crop, bilinear
+to the original size, threshold), with the resize chain applied as one banded
+matrix product per axis (:mod:`napari_sam.engine.upsample`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
-from collections.abc import Iterator
-from functools import lru_cache
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from napari_sam.engine.cache import CacheEntry, EmbeddingCache
+from napari_sam.engine.cache import EmbeddedImage, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.transforms import ImageTransform
+from napari_sam.engine.upsample import upscale_logits
 from napari_sam.errors import InvalidInputError
-from napari_sam.models import kernels
+from napari_sam.models.fast_decoder import (
+    FactoredBackend,
+    MaskDecoderBackend,
+    make_decoder_backend,
+)
+from napari_sam.models.kernels import threads_for_small_batches
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -74,6 +79,15 @@ class Predictor:
       cache: embedding cache to use (may be shared between predictors);
         a private one of ``cache_bytes`` is made when None.
       cache_bytes: capacity of the private cache.
+      decoder: the mask-decoder backend: ``"auto"`` (default: the factored
+        backend when the model's decoder has SAM's standard layout, else the
+        reference), ``"reference"`` (``model.mask_decoder`` itself),
+        ``"factored"`` (:class:`~napari_sam.models.fast_decoder.FactoredBackend`),
+        or a backend object (:mod:`napari_sam.models.fast_decoder`).
+
+    Raises:
+      InvalidInputError: an unknown ``decoder``, or ``"factored"`` for a
+        decoder without SAM's standard layout.
 
     Typical use::
 
@@ -88,32 +102,38 @@ class Predictor:
         model: torch.nn.Module,
         cache: EmbeddingCache | None = None,
         cache_bytes: int = 512 * 2**20,
+        decoder: str | MaskDecoderBackend = "auto",
     ) -> None:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
         self.transform = ImageTransform(model.image_encoder.img_size)
-        self._dense_pe: torch.Tensor | None = None
-        self._fast = _FastDecoder(model.mask_decoder) if _FastDecoder.supports(model) else None
-        self._context: dict | None = None
-        self._post_work: dict = {}  # scratch tensors of _postprocess
+        #: the mask-decoder backend (:mod:`napari_sam.models.fast_decoder`)
+        self.decoder: MaskDecoderBackend = make_decoder_backend(model, decoder)
+        self._decoder_context: Any = None  # the backend's per-image context
+        self._upsample_work: dict = {}  # scratch tensors of upscale_logits
         self._lock = threading.Lock()
         self.reset_image()
 
     @property
     def use_fast_decoder(self) -> bool:
-        """Whether predictions use the restructured decoder (see :class:`_FastDecoder`).
+        """Deprecated: whether the factored backend decodes (use ``decoder=`` instead).
 
-        True by default when the model's decoder has the standard SAM layout; set
-        False to run ``model.mask_decoder`` itself.
+        Setting it replaces the backend (True: ``"factored"``, False:
+        ``"reference"``) and warns with a DeprecationWarning.
         """
-        return self._fast is not None
+        return isinstance(self.decoder, FactoredBackend)
 
     @use_fast_decoder.setter
     def use_fast_decoder(self, value: bool) -> None:
-        if value and not _FastDecoder.supports(self.model):
-            raise InvalidInputError("This model's mask decoder has no fast path.")
-        self._fast = _FastDecoder(self.model.mask_decoder) if value else None
-        self._context = None
+        warnings.warn(
+            "Predictor.use_fast_decoder is deprecated; build the predictor with "
+            "Predictor(model, decoder='factored' | 'reference') instead.",
+            DeprecationWarning, stacklevel=2,
+        )
+        with self._lock:
+            self.decoder.release()
+            self.decoder = make_decoder_backend(self.model, "factored" if value else "reference")
+            self._decoder_context = None
 
     # ------------------------------------------------------------------ image state
 
@@ -129,9 +149,15 @@ class Predictor:
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self.is_image_set = False
-        self._context = None
-        if getattr(self, "_fast", None) is not None:
-            self._fast.clear_buffers()
+        self._decoder_context = None
+        self.decoder.release()
+
+    @property
+    def embedding(self) -> EmbeddedImage | None:
+        """The current image's :class:`~napari_sam.engine.cache.EmbeddedImage`, or None."""
+        if not self.is_image_set:
+            return None
+        return EmbeddedImage(self.features, self.input_size, self.original_size)
 
     def set_image(
         self,
@@ -148,19 +174,24 @@ class Predictor:
         entry = self.embed(rgb)
         self.set_embedding(entry.features, entry.original_size, entry.input_size)
 
-    def embed(self, rgb: np.ndarray) -> CacheEntry:
+    def embed(self, rgb: np.ndarray, use_cache: bool = True) -> EmbeddedImage:
         """Embedding of a normalised (H, W, 3) uint8 image, from the cache or computed.
 
         Does not change the predictor's current image, so a worker thread can
         call it while the main thread keeps predicting; apply the result with
-        :meth:`set_embedding`.
+        :meth:`set_embedding`, or hand it to everything-mode. ``use_cache=False``
+        neither reads nor fills the cache.
         """
+        if not use_cache:
+            original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+            input_size = self.transform.input_size(original_size)
+            return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
         key = self.cache.key(self.model, rgb)
         entry = self.cache.get(key)
         if entry is None:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
-            entry = CacheEntry(self.compute_embedding(rgb), input_size, original_size)
+            entry = EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
             self.cache.put(key, entry)
         return entry
 
@@ -188,8 +219,7 @@ class Predictor:
             shape = getattr(features, "shape", type(features).__name__)
             raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
         self.features = features.to(self.device)
-        self._context = None
-        self._dense_pe = None
+        self._decoder_context = None
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
@@ -309,33 +339,21 @@ class Predictor:
             (int(t.shape[0]) for t in (coords_xy, boxes_xy, mask_input) if t is not None), 1
         )
         # one prediction at a time: the decoder and postprocessing reuse scratch tensors
-        with self._lock, torch.inference_mode(), compute_threads(), _threads_for_clicks(batch):
+        with (self._lock, torch.inference_mode(), compute_threads(),
+              threads_for_small_batches(batch)):
             points = (coords_xy, labels) if coords_xy is not None else None
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes_xy, masks=mask_input)
-            if self._fast is not None:
-                if self._context is None:
-                    self._context = self._fast.context(
-                        self.features, model.prompt_encoder.no_mask_embed.weight,
-                        self._get_dense_pe(),
-                    )
-                image_tokens = None
-                if mask_input is not None:  # the dense prompt differs from the cached one
-                    image_tokens = (self.features + dense).flatten(2).transpose(1, 2)
-                low_res, iou = self._fast(self._context, sparse, multimask, image_tokens)
-            else:
-                low_res, iou = model.mask_decoder(
-                    image_embeddings=self.features,
-                    image_pe=self._get_dense_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multimask,
-                )
+            if self._decoder_context is None:
+                self._decoder_context = self.decoder.prepare(self.features)
+            with torch.profiler.record_function("napari_sam.decode"):
+                low_res, iou = self.decoder.decode(self._decoder_context, sparse, dense,
+                                                   multimask, mask_prompt=mask_input is not None)
             masks = None
             if upscale:
                 threshold = None if return_logits else float(model.mask_threshold)
-                masks = _postprocess(
+                masks = upscale_logits(
                     low_res, self.transform.target_length, self.input_size, self.original_size,
-                    threshold=threshold, work=self._post_work,
+                    threshold=threshold, work=self._upsample_work,
                 )
         return masks, iou, low_res
 
@@ -345,25 +363,16 @@ class Predictor:
         Same result (to float32 rounding) as the reference ``Sam.postprocess_masks``:
         bilinear (align_corners=False) to the padded model input, crop to the
         resized image, bilinear to the original size; computed as one banded
-        linear map per axis (see :func:`_postprocess`).
+        linear map per axis (see :func:`~napari_sam.engine.upsample.upscale_logits`).
         """
         if not self.is_image_set:
             raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
         with torch.inference_mode():
-            return _postprocess(
+            return upscale_logits(
                 low_res, self.transform.target_length, self.input_size, self.original_size
             )
 
     # ------------------------------------------------------------------ helpers
-
-    def _get_dense_pe(self) -> torch.Tensor:
-        """(1, C, E, E) positional encoding of the embedding grid (computed once)."""
-        pe = self._dense_pe
-        if pe is None or pe.device != self.features.device:
-            with torch.inference_mode():
-                pe = self.model.prompt_encoder.get_dense_pe().to(self.features.device)
-            self._dense_pe = pe
-        return pe
 
     def _low_res_size(self) -> tuple[int, int]:
         size = getattr(self.model.prompt_encoder, "mask_input_size", None)
@@ -517,930 +526,3 @@ def _batch(t: torch.Tensor, batched: bool, n_batch: int) -> torch.Tensor:
     if batched:
         return t
     return t[None].expand(n_batch, *t.shape).contiguous()
-
-
-def _postprocess(
-    low_res: torch.Tensor,
-    target_length: int,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    threshold: float | None = None,
-    work: dict | None = None,
-) -> torch.Tensor:
-    """(B, C, L, L) logits -> (B, C, H, W) logits, like the reference postprocessing.
-
-    With ``threshold``, returns the bool masks ``logits > threshold`` instead,
-    computed band by band so the full-size float logits never exist at once.
-
-    The reference upsamples bilinearly to the padded model input
-    (``target_length``), crops ``input_size`` and resizes bilinearly to
-    ``original_size``. Along each axis that chain is one linear map, an
-    (H, L) matrix with at most four non-zeros per row in a narrow band, so it
-    is applied here as two batched matrix products over bands of 32 output
-    rows (columns). That is several times faster than PyTorch's CPU bilinear
-    kernel at these sizes and agrees with it to float32 rounding (the weights
-    mirror the kernel's float32 arithmetic).
-    """
-    b, c, low_h, low_w = low_res.shape
-    plan_rows = _resize_plan(low_h, target_length, int(input_size[0]), int(original_size[0]))
-    plan_cols = _resize_plan(low_w, target_length, int(input_size[1]), int(original_size[1]))
-    x = low_res.reshape(b * c, low_h, low_w)
-    out = _apply_resize(x, plan_rows, plan_cols, threshold, work)
-    return out.view(b, c, *out.shape[-2:])
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
-    """Source indices and weights of a bilinear resize (align_corners=False) along one axis.
-
-    Returns i0, i1 (n_out,) int64 and w0, w1 (n_out,) float64 with output k =
-    w0[k] * x[i0[k]] + w1[k] * x[i1[k]]. Mirrors the float32 arithmetic of
-    PyTorch's CPU kernel (source index ``scale * (k + 0.5) - 0.5`` rounded once).
-    """
-    f32 = np.float32
-    scale = np.float64(f32(n_in) / f32(n_out))
-    src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(f32)
-    src = np.maximum(src, f32(0.0))
-    i0 = np.minimum(src.astype(np.int64), n_in - 1)
-    w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, (f32(1.0) - w1).astype(np.float64), w1.astype(np.float64)
-
-
-def _resize_matrix(n_low: int, n_model: int, n_crop: int, n_out: int) -> np.ndarray:
-    """(n_out, n_low) matrix of: resize n_low -> n_model, keep [:n_crop], resize -> n_out."""
-    i0, i1, w0, w1 = _bilinear_taps(n_low, n_model)
-    first = np.zeros((n_crop, n_low))
-    rows = np.arange(n_crop)
-    np.add.at(first, (rows, i0[:n_crop]), w0[:n_crop])
-    np.add.at(first, (rows, i1[:n_crop]), w1[:n_crop])
-    if n_crop == n_out:  # a same-size bilinear resize is the identity
-        return first
-    j0, j1, v0, v1 = _bilinear_taps(n_crop, n_out)
-    return v0[:, None] * first[j0] + v1[:, None] * first[j1]
-
-
-@lru_cache(maxsize=32)
-def _resize_plan(
-    n_low: int, n_model: int, n_crop: int, n_out: int, block: int = 32
-) -> tuple[tuple[int, ...], torch.Tensor, int]:
-    """Banded form of :func:`_resize_matrix`: output rows in blocks of ``block``; block j
-    reads the k consecutive input rows from ``starts[j]``. Returns starts, weights
-    (nb, block, k) float32 and n_out."""
-    if not (0 < n_crop <= n_model and n_out > 0 and n_low > 0):
-        raise InvalidInputError(
-            f"Invalid resize geometry: low-res {n_low}, model {n_model}, crop {n_crop}, "
-            f"output {n_out}."
-        )
-    m = _resize_matrix(n_low, n_model, n_crop, n_out)
-    nz = m != 0
-    first = nz.argmax(1)  # every row has a non-zero weight (the weights sum to 1)
-    last = n_low - 1 - nz[:, ::-1].argmax(1)
-    nb = -(-n_out // block)
-    pad = nb * block - n_out
-    first_b = np.pad(first, (0, pad), mode="edge").reshape(nb, block).min(1)
-    last_b = np.pad(last, (0, pad), mode="edge").reshape(nb, block).max(1)
-    k = int((last_b - first_b).max()) + 1
-    start = np.minimum(first_b, n_low - k)
-    idx = start[:, None] + np.arange(k)  # (nb, k)
-    m = np.pad(m, ((0, pad), (0, 0))).reshape(nb, block, n_low)
-    w = np.take_along_axis(m, np.broadcast_to(idx[:, None, :], (nb, block, k)), axis=2)
-    return tuple(int(v) for v in start), torch.from_numpy(w.astype(np.float32)), n_out
-
-
-def _apply_resize(
-    x: torch.Tensor,
-    plan_rows: tuple[tuple[int, ...], torch.Tensor, int],
-    plan_cols: tuple[tuple[int, ...], torch.Tensor, int],
-    threshold: float | None = None,
-    work: dict | None = None,
-) -> torch.Tensor:
-    """x (N, Lh, Lw) -> (N, H, W) with banded plans for rows and columns; bool
-    ``> threshold`` when a threshold is given (then the full-size float logits
-    never exist at once). ``work`` (a dict) keeps scratch tensors between calls."""
-    n = x.shape[0]
-    starts_c, w_c, out_w = plan_cols
-    starts_r, w_r, out_h = plan_rows
-    w_c, w_r = w_c.to(x.device, x.dtype), w_r.to(x.device, x.dtype)
-    nbc, bsc, kc = w_c.shape
-    nbr, bsr, kr = w_r.shape
-    # only the low-res rows the row pass reads (the rest is padding cropped away)
-    low_h = max(starts_r) + kr
-    x = x[:, :low_h]
-    # columns, all blocks at once: (nbc, N*Lh, kc) @ (nbc, kc, bsc)
-    idx_c = (torch.tensor(starts_c)[:, None] + torch.arange(kc)).reshape(-1).to(x.device)
-    g = x.index_select(2, idx_c).view(n * low_h, nbc, kc).transpose(0, 1)
-    t_blocks = _scratch(work, "cols", (nbc, n * low_h, bsc), x)
-    torch.bmm(g, w_c.transpose(1, 2), out=t_blocks)
-    t = _scratch(work, "rows_in", (n, low_h, nbc * bsc), x)
-    t.view(n * low_h, nbc, bsc).copy_(t_blocks.transpose(0, 1))
-    t = t[..., :out_w]
-    # rows, block by block from slices of t: (bsr, kr) @ (N, kr, W)
-    out = x.new_empty((n, nbr * bsr, out_w), dtype=x.dtype if threshold is None else torch.bool)
-    band = _scratch(work, "band", (n, bsr, out_w), x)
-    # numpy's comparison into strided bool slices is faster than torch.gt here
-    # (3 x 1216 x 1600: 0.73 vs 1.21 ms, benchmarks/click_details.py)
-    use_numpy = threshold is not None and x.device.type == "cpu"
-    if use_numpy:
-        band_np, out_np = band.numpy(), out.numpy()
-    for j, s in enumerate(starts_r):
-        rows = out[:, j * bsr : (j + 1) * bsr]
-        w = w_r[j].expand(n, bsr, kr)
-        if threshold is None:
-            torch.bmm(w, t[:, s : s + kr], out=rows)
-        elif use_numpy:
-            torch.bmm(w, t[:, s : s + kr], out=band)
-            np.greater(band_np, threshold, out=out_np[:, j * bsr : (j + 1) * bsr])
-        else:
-            torch.gt(torch.bmm(w, t[:, s : s + kr], out=band), threshold, out=rows)
-    return out[:, :out_h]
-
-
-def _scratch(work: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor):
-    """A scratch tensor from ``work`` (reused when the shape matches), or a new one."""
-    if work is None:
-        return like.new_empty(shape)
-    key = (name, like.device, like.dtype)
-    buf = work.get(key)
-    if buf is None or buf.shape != shape:
-        buf = work[key] = like.new_empty(shape)
-    return buf
-
-
-# ---------------------------------------------------------------------------- fast decoding
-
-_UPSCALE_CHUNK = 1024  # embedding-grid cells per chunk in upscale_masks
-_UPDATE_CHUNK = 1 << 17  # elements per chunk in _image_update
-
-
-class _FastDecoder:
-    """SAM's mask decoder, restructured for few prompt tokens; same weights, same maths.
-
-    The reference decoder projects all E*E image tokens to queries/keys/values in
-    every cross-attention (E*E x C x C/2 multiply-adds each). With only a handful
-    of prompt tokens T it is cheaper to move the projection to the token side:
-
-    * token -> image: ``(q Wk_h) (X + P)^T`` gives the logits (the key bias only
-      adds a per-row constant, which softmax ignores) and
-      ``(A X) Wv_h^T + bv_h`` the values (rows of A sum to 1);
-    * image -> token: ``(X + P) (Wq_h^T k_h^T) + bq_h k_h^T`` gives the logits
-      and ``A (v_h Wo_h^T)`` summed over heads the projected output.
-
-    Each costs E*E x C x heads*T multiply-adds. In the first block, for prompts
-    without a mask, the image side is the same for every click, so its
-    projections are computed once per image (:meth:`context`). The output
-    upscaling (two 2x2 stride-2 transposed convolutions) runs as matrix
-    products on pixel-major features, in cache-sized chunks, so no layout
-    copies of the large tensors are needed; for prompts of few tokens its first
-    convolution is evaluated in factored form through the blocks' image updates
-    (:meth:`conv1_factors`). For such prompts every block after the first works
-    on the image tokens in that factored form too (:meth:`decode_factored`).
-    Token-side modules (self-attention, MLPs, norms, heads) are the model's own.
-    """
-
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        self.dec = decoder
-        # Scratch tensors reused between calls: fresh multi-MB allocations cost
-        # page faults (about 1 us per 4 KiB page), a noticeable part of a click.
-        self._work: dict[tuple, torch.Tensor] = {}
-        # the image updates' norms are plain affine LayerNorms: factored forms apply
-        self._plain_layer_norms = all(
-            type(layer.norm4) is torch.nn.LayerNorm and len(layer.norm4.normalized_shape) == 1
-            and layer.norm4.weight is not None
-            and layer.norm4.bias is not None
-            for layer in decoder.transformer.layers
-        )
-
-    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A reusable scratch tensor (contents undefined)."""
-        return _scratch(self._work, name, shape, like)
-
-    def clear_buffers(self) -> None:
-        """Drop the scratch tensors (they are re-created on the next call)."""
-        self._work.clear()
-
-    def upscale(
-        self,
-        keys: torch.Tensor,
-        hyper: torch.Tensor,
-        grid: tuple[int, int],
-        factors: Conv1Factors | None = None,
-    ) -> torch.Tensor:
-        """:func:`upscale_masks` with this decoder's mask head and scratch tensors."""
-        return upscale_masks(self.dec.output_upscaling, keys, hyper, grid, self._work, factors)
-
-    @staticmethod
-    def supports(model: torch.nn.Module) -> bool:
-        """True if ``model.mask_decoder`` has the standard SAM layout this class relies on."""
-        nn = torch.nn
-        try:
-            dec = model.mask_decoder
-            tr = dec.transformer
-            up = dec.output_upscaling
-            attns = [tr.final_attn_token_to_image]
-            for layer in tr.layers:
-                attns += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
-                for name in ("self_attn", "norm1", "norm2", "norm3", "norm4", "mlp"):
-                    getattr(layer, name)
-                bool(layer.skip_first_layer_pe)
-            ok = len(tr.layers) > 0 and all(
-                isinstance(getattr(a, n), nn.Linear) and getattr(a, n).bias is not None
-                and isinstance(a.num_heads, int)
-                for a in attns for n in ("q_proj", "k_proj", "v_proj", "out_proj")
-            )
-            convs = (up[0], up[3])
-            ok = ok and len(up) == 5 and all(
-                type(c) is nn.ConvTranspose2d and c.kernel_size == (2, 2) and c.stride == (2, 2)
-                and c.padding == (0, 0) and c.output_padding == (0, 0) and c.groups == 1
-                and c.dilation == (1, 1) and c.bias is not None
-                for c in convs
-            )
-            ok = ok and all(
-                type(g) is nn.GELU and g.approximate == "none" for g in (up[2], up[4])
-            )
-            ok = ok and all(hasattr(up[1], n) for n in ("weight", "bias", "eps"))
-            ok = ok and type(up[1]).__name__ == "LayerNorm2d"
-            for name in ("iou_token", "mask_tokens", "output_hypernetworks_mlps",
-                         "iou_prediction_head", "num_mask_tokens"):
-                getattr(dec, name)
-            model.prompt_encoder.no_mask_embed.weight  # noqa: B018
-        except (AttributeError, IndexError, TypeError):
-            return False
-        return bool(ok)
-
-    def context(
-        self, features: torch.Tensor, no_mask_embed: torch.Tensor, dense_pe: torch.Tensor
-    ) -> dict:
-        """Per-image tensors: image tokens X (1, L, C) with the no-mask embedding
-        added, positional encoding P (1, L, C), and the first block's image-side
-        projections (per head)."""
-        layer = self.dec.transformer.layers[0]
-        x = (features + no_mask_embed.reshape(1, -1, 1, 1)).flatten(2).transpose(1, 2)
-        x = x.contiguous()
-        p = dense_pe.flatten(2).transpose(1, 2).contiguous()
-        xp = x + p
-        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        n = x.shape[1]
-        k = t2i.k_proj(xp)[0].view(n, t2i.num_heads, -1).transpose(0, 1).contiguous()
-        v = t2i.v_proj(x)[0].view(n, t2i.num_heads, -1).transpose(0, 1).contiguous()
-        q = i2t.q_proj(xp)[0].view(n, i2t.num_heads, -1).permute(1, 2, 0)
-        q = (q * q.shape[1] ** -0.5).contiguous()
-        grid = (int(features.shape[-2]), int(features.shape[-1]))
-        return {"x": x, "p": p, "k1": k, "v1": v, "q1": q, "grid": grid}
-
-    def _factored_map(
-        self, ctx: dict, name: str, linear: torch.nn.Linear, depth: int, heads: int,
-        values: bool,
-    ) -> FactoredMap:
-        """The per-image part of ``keys_depth @ linear.weight.T`` in factored form
-        (see :meth:`conv1_factors`), cached in ``ctx`` under ``name``."""
-        key = ("factored_map", name)
-        if key not in ctx:
-            w = linear.weight.t()
-            maps, rows = _map_chain(self.dec.transformer.layers[:depth], w)
-            n = ctx["x"].shape[1]
-            d = w.shape[1] // heads
-            xm = (ctx["x"][0] @ maps[0]).view(n, heads, d)
-            xm = xm.transpose(0, 1) if values else xm.permute(1, 2, 0)
-            pe = None  # values carry no positional encoding
-            if not values:
-                pe = (ctx["p"][0] @ w).view(n, heads, d).permute(1, 2, 0).contiguous()
-            ctx[key] = FactoredMap(xm.contiguous(), pe, maps, rows)
-        return ctx[key]
-
-    def transformer(
-        self,
-        ctx: dict,
-        sparse: torch.Tensor,
-        image_tokens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The two-way transformer on (B, N, C) sparse prompt tokens, image tokens formed.
-
-        ``image_tokens`` (B, L, C) replaces the cached image side when the dense
-        prompt is not the no-mask embedding (mask prompts).
-
-        Returns the tokens (B, T, C) (output tokens, then the prompt tokens), their
-        positional encoding (B, T, C), the image tokens ``keys`` (B, L, C)
-        and ``keys + pe`` (B, L, C), both scratch buffers that the next call
-        overwrites. Not thread-safe; the Predictor serialises calls. For prompts of
-        few tokens :meth:`transformer_factored` is cheaper.
-        """
-        tr = self.dec.transformer
-        queries = qpe = self._initial_tokens(sparse)
-        p = ctx["p"]
-        keys = ctx["x"] if image_tokens is None else image_tokens
-        keys_pe = None if image_tokens is None else keys + p  # the cached first block needs none
-        for i, layer in enumerate(tr.layers):
-            queries = _token_self_attention(layer, queries, qpe)
-            cached = i == 0 and image_tokens is None
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            if cached:
-                attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
-            else:
-                attn = _t2i(t2i, queries + qpe, keys_pe, keys)
-            queries = layer.norm2(queries + attn)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            if cached:
-                a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
-            else:
-                a, vo = _i2t(i2t, keys_pe, queries + qpe, queries)
-            vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
-            shape = (a.shape[0], a.shape[2], vo.shape[2])
-            out = (self._buffer(f"keys{i % 2}", shape, vo), self._buffer(f"kpe{i % 2}", shape, vo))
-            keys, keys_pe = _image_update(a, vo, keys, layer.norm4, p, out)
-        return queries, qpe, keys, keys_pe
-
-    def _initial_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) sparse prompt tokens -> (B, T, C): IoU and mask tokens, then the prompts."""
-        dec = self.dec
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
-
-    def __call__(
-        self,
-        ctx: dict,
-        sparse: torch.Tensor,
-        multimask: bool,
-        image_tokens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode (B, N, C) sparse prompt tokens (``image_tokens``: see :meth:`transformer`).
-
-        Returns (B, C', 4E, 4E) low-res logits and (B, C') IoU, C' = 3 or 1.
-        Not thread-safe (scratch tensors are reused); the Predictor serialises calls.
-        """
-        if image_tokens is None and self.factor_pays(sparse.shape[1]):
-            return self.decode_factored(ctx, sparse, multimask)
-        queries, qpe, keys, keys_pe = self.transformer(ctx, sparse, image_tokens)
-        sel, used = self._selected_tokens(multimask)
-        hs = self.final_attention(queries[:, used], qpe[:, used], keys, keys_pe)
-        return self._heads(hs, sel, keys, ctx["grid"], None)
-
-    def decode_factored(
-        self, ctx: dict, sparse: torch.Tensor, multimask: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`__call__` for prompts of few tokens, with the image tokens in factored form
-        (:meth:`transformer_factored`); the final attention and the mask head's first
-        convolution use that form too."""
-        state = self.transformer_factored(ctx, sparse)
-        sel, used = self._selected_tokens(multimask)
-        hs = self.final_attention_factored(ctx, state, used)
-        return self._heads(hs, sel, ctx["x"], ctx["grid"], self.conv1_factors(ctx, state))
-
-    def transformer_factored(self, ctx: dict, sparse: torch.Tensor) -> FactoredState:
-        """The two-way transformer on (B, N, C) sparse prompt tokens, with the image
-        tokens after the first block in factored form.
-
-        After the first block the image tokens are ``keys_i = R_i (x M + A'_i B'_i)``
-        for any linear map (:meth:`conv1_factors`), so every later product of
-        per-click token matrices with the L image tokens goes through the per-image
-        ``x M`` (one head's width) and the L x K_i matrix A'_i instead of the C-wide
-        tokens: the later blocks' attentions, and after the transformer the final
-        attention and the first convolution of the mask head. Only the intermediate
-        blocks' image tokens are formed (each block's LayerNorm needs its input's
-        statistics); the last block's only for its statistics. Needs plain
-        LayerNorms and no mask prompt; worth it while K_D = D (H T + 2) is well
-        below C (:meth:`factor_pays`). Not thread-safe (scratch buffers).
-        """
-        layers = self.dec.transformer.layers
-        queries = qpe = self._initial_tokens(sparse)
-        keys = ctx["x"]
-        updates = ImageUpdates([], [], [], [])
-        a_aug = scale = q = None
-        k_i = 0  # rows of A' filled so far: H T + 2 per block
-        for i, layer in enumerate(layers):
-            queries = _token_self_attention(layer, queries, qpe)
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            if i == 0:
-                attn = _t2i_cached(t2i, queries + qpe, ctx["k1"], ctx["v1"])
-            else:
-                attn = self._t2i_factored(ctx, f"block{i}", t2i, queries + qpe, i, updates,
-                                          a_aug[..., :k_i], scale)
-            queries = layer.norm2(queries + attn)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            if i == 0:
-                a, vo = _i2t_cached(i2t, ctx["q1"], queries + qpe, queries)
-            else:
-                a, vo = self._i2t_factored(ctx, f"block{i}", i2t, queries + qpe, queries, i,
-                                           updates, a_aug[..., :k_i], scale)
-            vo = vo + i2t.out_proj.bias / i2t.num_heads  # see _image_update
-            b, ht, n = a.shape
-            if i == 0:
-                a_aug = self._buffer("factors_a", (b, n, len(layers) * (ht + 2)), a)
-                q = torch.ones((b, n), dtype=a.dtype, device=a.device)
-            stats = (self._buffer(f"mean{i}", (b, n), vo), self._buffer(f"rstd{i}", (b, n), vo))
-            for field, value in zip(updates, (a, vo, *stats), strict=True):
-                field.append(value)
-            last = i == len(layers) - 1
-            # the last block's tokens are only needed for their statistics
-            out = (None if last else self._buffer(f"keys{i % 2}", (b, n, vo.shape[2]), vo), None)
-            keys = _image_update(a, vo, keys, layer.norm4, None, out, stats)[0]
-            q = _fill_factor_rows(a_aug, q, i, a, *stats)
-            scale = 1 / q
-            k_i += ht + 2
-        return FactoredState(queries, qpe, updates, a_aug, scale)
-
-    def final_attention_factored(
-        self, ctx: dict, state: FactoredState, tokens: list[int], index: int | None = None
-    ) -> torch.Tensor:
-        """Final token -> image attention and norm of the output tokens ``tokens``
-        (positions in the token sequence) against the factored image tokens; ``index``
-        picks one prompt of the batch. Returns (B or 1, len(tokens), C)."""
-        state = state.select(index)
-        tr = self.dec.transformer
-        queries = state.queries[:, tokens]
-        attn = self._t2i_factored(ctx, "final", tr.final_attn_token_to_image,
-                                  queries + state.qpe[:, tokens], len(tr.layers),
-                                  state.updates, state.a_aug, state.scale)
-        return tr.norm_final_attn(queries + attn)
-
-    def conv1_factors(
-        self, ctx: dict, state: FactoredState, index: int | None = None
-    ) -> Conv1Factors:
-        """The mask head's first convolution on the final image tokens, in factored form.
-
-        The final image tokens are ``keys_D`` with ``keys_i = LN_i(keys_{i-1} +
-        A_i^T V_i)`` (``keys_0`` = x, the cached image tokens): per token, a
-        LayerNorm is ``r (z - mu) g + b`` with scalars ``mu``, ``r``. Unrolled,
-
-            keys_D W + bias = R (x M_1 + A' B'),
-
-        with ``M_i = diag(g_i) ... diag(g_D) W``, ``R`` the product of the ``r_i``,
-        and A' (L, K) / B' (K, 4 C/4) stacking per block the attention ``A_i^T``,
-        the mean and bias terms (K = D (H T + 2)). ``x M_1`` is per image
-        (cached in ``ctx`` on first use), so a click costs L K 4 C/4 multiply-adds instead of
-        L C 4 C/4: K = 116 instead of 256 for ViT SAM with one point.
-        ``state`` is a :meth:`transformer_factored` result (A' and R are
-        at hand); ``index`` picks one prompt of the batch. Returns the factors
-        for :func:`upscale_masks`.
-        """
-        state = state.select(index)
-        if "conv1" not in ctx:  # per image: the maps M_i and the image-only term x M_1
-            w1, bias1 = _up_conv_matrix(self.dec.output_upscaling[0])
-            maps, rows = _map_chain(self.dec.transformer.layers, w1, bias1)
-            ctx["conv1"] = (ctx["x"][0] @ maps[0], maps, rows)
-        xm, maps, rows = ctx["conv1"]
-        b_aug = _factor_rows(state.updates.values, maps, rows)
-        return Conv1Factors(xm, state.a_aug, b_aug, state.scale)
-
-    def _t2i_factored(
-        self, ctx: dict, name: str, attn, q_in: torch.Tensor, depth: int,
-        updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
-    ) -> torch.Tensor:
-        """Token -> image attention against the image tokens after ``depth`` blocks in
-        factored form (a_aug (B, L, K), scale (B, L)). q_in (B, T, C) -> (B, T, C)."""
-        b, t, _ = q_in.shape
-        h = attn.num_heads
-        d = attn.q_proj.out_features // h
-        fk = self._factored_map(ctx, f"{name}.t2i.k", attn.k_proj, depth, h, values=False)
-        fv = self._factored_map(ctx, f"{name}.t2i.v", attn.v_proj, depth, h, values=True)
-        qh = attn.q_proj(q_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
-        logits = _factored_logits(qh, fk, _factor_rows(updates.values, fk.maps, fk.rows),
-                                  a_aug, scale)  # the key bias is a per-row constant
-        a = torch.softmax(logits, dim=-1)
-        out = _factored_values(a, fv, _factor_rows(updates.values, fv.maps, fv.rows),
-                               a_aug, scale)
-        out = out + attn.v_proj.bias.view(h, 1, d)
-        return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
-
-    def _i2t_factored(
-        self, ctx: dict, name: str, attn, k_in: torch.Tensor, v_in: torch.Tensor, depth: int,
-        updates: ImageUpdates, a_aug: torch.Tensor, scale: torch.Tensor,
-    ) -> tuple:
-        """:func:`_i2t` against the image tokens after ``depth`` blocks in factored form
-        (a_aug (B, L, K), scale (B, L)): the image queries' projection goes through
-        :func:`_factored_logits`. k_in, v_in (B, T, C) tokens."""
-        b, t, _ = k_in.shape
-        h = attn.num_heads
-        d = attn.q_proj.out_features // h
-        n = a_aug.shape[1]
-        fq = self._factored_map(ctx, f"{name}.i2t.q", attn.q_proj, depth, h, values=False)
-        k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
-        logits = _factored_logits(k, fq, _factor_rows(updates.values, fq.maps, fq.rows),
-                                  a_aug, scale)
-        logits += torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
-        a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
-        v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-        return a, _projected_values(attn, v)
-
-    def _selected_tokens(self, multimask: bool) -> tuple[list[int], list[int]]:
-        """Mask tokens read for the output, and the output tokens that attend in the
-        final attention (the IoU token and those mask tokens; the prompt tokens'
-        outputs are unused)."""
-        sel = list(range(1, self.dec.num_mask_tokens)) if multimask else [0]
-        return sel, [0] + [1 + i for i in sel]
-
-    def _heads(
-        self, hs: torch.Tensor, sel: list[int], keys: torch.Tensor, grid: tuple[int, int],
-        factors: Conv1Factors | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """IoU head and mask head on the final output tokens hs (B, 1 + len(sel), C)."""
-        dec = self.dec
-        iou = dec.iou_prediction_head(hs[:, 0])[:, sel]
-        hyper = torch.stack(
-            [dec.output_hypernetworks_mlps[i](hs[:, 1 + k]) for k, i in enumerate(sel)], 1
-        )
-        return self.upscale(keys, hyper, grid, factors), iou
-
-    def factor_pays(self, n_prompt_tokens: int) -> bool:
-        """True if image tokens in factored form (:meth:`conv1_factors`,
-        :meth:`decode_factored`) are cheaper than the tokens themselves: the inner
-        size K = D (H T + 2) well below C (few prompt tokens). Needs plain LayerNorms."""
-        if not self._plain_layer_norms:
-            return False
-        tr = self.dec.transformer
-        t = 1 + self.dec.num_mask_tokens + n_prompt_tokens
-        k = len(tr.layers) * (tr.layers[0].cross_attn_image_to_token.num_heads * t + 2)
-        return k <= 0.6 * tr.layers[0].norm4.normalized_shape[0]
-
-    def final_attention(
-        self, queries: torch.Tensor, qpe: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor
-    ) -> torch.Tensor:
-        """Final token -> image attention and norm: (B, T, C) tokens against (B|1, L, C)."""
-        tr = self.dec.transformer
-        attn = _t2i(tr.final_attn_token_to_image, queries + qpe, keys_pe, keys)
-        return tr.norm_final_attn(queries + attn)
-
-
-class FactoredState(NamedTuple):
-    """Output of :meth:`_FastDecoder.transformer_factored`: the tokens (B, T, C) and their
-    positional encoding, the blocks' image updates, and the final image tokens in
-    factored form, A' (B, L, K) and the scale R (B, L). A' is a scratch buffer that the
-    next call overwrites."""
-
-    queries: torch.Tensor
-    qpe: torch.Tensor
-    updates: ImageUpdates
-    a_aug: torch.Tensor
-    scale: torch.Tensor
-
-    def select(self, index: int | None) -> FactoredState:
-        """The state of prompt ``index`` alone (batch of 1); all of it for None."""
-        if index is None:
-            return self
-        one = slice(index, index + 1)
-        return FactoredState(
-            self.queries[one], self.qpe[one],
-            ImageUpdates(*([t[one] for t in field] for field in self.updates)),
-            self.a_aug[one], self.scale[one],
-        )
-
-
-class FactoredMap(NamedTuple):
-    """Per-image part of ``keys_i @ W`` in factored form (:meth:`_FastDecoder.conv1_factors`)
-    for an attention projection W of H heads of width d: xm = x M_1 per head, (H, d, L)
-    for keys and queries or (H, L, d) for values; pe = P W per head (H, d, L), None
-    for values; the maps M_1 ... M_i, W and per block the rows of B' for the mean and
-    bias terms."""
-
-    xm: torch.Tensor
-    pe: torch.Tensor | None
-    maps: list[torch.Tensor]
-    rows: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class ImageUpdates(NamedTuple):
-    """Per transformer block, the terms of its image-token update
-    ``keys' = LN(keys + attn^T values)``: attn (B, H*T, L), values (B, H*T, C)
-    (out_proj applied, its bias folded in), and the LayerNorm's per-token mean
-    and reciprocal std (B, L)."""
-
-    attn: list[torch.Tensor]
-    values: list[torch.Tensor]
-    mean: list[torch.Tensor]
-    rstd: list[torch.Tensor]
-
-
-class Conv1Factors(NamedTuple):
-    """The mask head's first transposed convolution as ``scale * (xm + a^T b)``
-    (:meth:`_FastDecoder.conv1_factors`): xm (L, 4 C4) per image, a (B, L, K),
-    b (B, K, 4 C4), scale (B, L); columns ordered as in :func:`_up_conv_matrix`."""
-
-    xm: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: torch.Tensor
-
-
-def _up_conv_matrix(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2x2 stride-2 transposed convolution as a matrix (C, 4 C') and bias (4 C') on
-    pixel-major tokens: out[o, 2i+a, 2j+b] = bias[o] + sum_c x[c, i, j] W[c, o, a, b],
-    columns ordered (a, b, o)."""
-    c, c_out = conv.weight.shape[:2]
-    return conv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out), conv.bias.repeat(4)
-
-
-def _up_conv_weight(
-    conv: torch.nn.ConvTranspose2d, work: dict | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_up_conv_matrix` as a (4 C', C) linear weight and its bias, kept in ``work``
-    while the convolution's parameters are unchanged (same storage, no in-place edit)."""
-    params = (conv.weight, conv.bias)
-    key = ("up_conv", id(conv))
-    stamp = tuple((p.data_ptr(), p._version) for p in params)
-    hit = None if work is None else work.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    w, bias = _up_conv_matrix(conv)
-    value = (w.t().contiguous(), bias)
-    if work is not None:
-        work[key] = (stamp, value)
-    return value
-
-
-def upscale_masks(
-    upscaling: torch.nn.Sequential,
-    keys: torch.Tensor,
-    hyper: torch.Tensor,
-    grid: tuple[int, int],
-    work: dict | None = None,
-    conv1_factors: Conv1Factors | None = None,
-) -> torch.Tensor:
-    """SAM's mask head: image tokens and hypernetwork outputs -> low-res mask logits.
-
-    Arguments:
-      upscaling: the decoder's ``output_upscaling`` (ConvTranspose2d 2x2/2,
-        LayerNorm2d, GELU, ConvTranspose2d 2x2/2, GELU).
-      keys: (B|1, L, C) image tokens after the two-way transformer, L = Eh * Ew
-        in row-major grid order.
-      hyper: (B, M, C/8) hypernetwork outputs of the M mask tokens.
-      grid: (Eh, Ew).
-      work: optional dict of scratch tensors reused between calls.
-      conv1_factors: the first convolution in factored form
-        (:meth:`_FastDecoder.conv1_factors`, the same prompts as ``keys``);
-        then ``keys`` is not read.
-
-    Returns (B, M, 4 Eh, 4 Ew) logits, the same as the reference's
-    ``hyper @ upscaling(keys)``. The transposed convolutions run as matrix
-    products on pixel-major tokens (:func:`napari_sam.models.kernels.linear`, the
-    second with its GELU fused), in chunks of grid cells so that the
-    intermediates stay in cache; no large temporary is allocated (fresh
-    multi-MB allocations cost page faults, about 1 us per 4 KiB page).
-    """
-    conv1, norm, conv2 = upscaling[0], upscaling[1], upscaling[3]
-    b, m = hyper.shape[:2]
-    n = keys.shape[1]
-    eh, ew = grid
-    c4, c8 = conv1.weight.shape[1], conv2.weight.shape[1]
-    (w1t, bias1), (w2t, bias2) = (_up_conv_weight(conv, work) for conv in (conv1, conv2))
-    # masks (B, L*16, M), rows ordered (i, j, a, b, a2, b2) for the output pixel
-    # (4i + 2a + a2, 4j + 2b + b2)
-    masks = _scratch(work, "upscale", (b, n * 16, m), keys)
-    for i in range(b):
-        k = keys[i if keys.shape[0] > 1 else 0]
-        for s in range(0, n, _UPSCALE_CHUNK):
-            e = s + _UPSCALE_CHUNK
-            if conv1_factors is None:
-                y = kernels.linear(k[s:e], w1t, bias1).view(-1, c4)
-            else:
-                xm, a, fb, scale = conv1_factors
-                y = kernels.linear(a[i, s:e], fb[i].t()).add_(xm[s:e])
-                y = y.mul_(scale[i, s:e, None]).view(-1, c4)
-            y = F.gelu(F.layer_norm(y, (c4,), norm.weight, norm.bias, norm.eps))
-            y = kernels.linear(y, w2t, bias2, "gelu").view(-1, c8)
-            masks[i, 16 * s : 16 * e] = kernels.linear(y, hyper[i])
-    result = keys.new_empty((b, m, 4 * eh, 4 * ew))  # fresh: returned to the caller
-    result.view(b, m, eh, 2, 2, ew, 2, 2).copy_(
-        masks.view(b, eh, ew, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    )
-    return result
-
-
-#: prompt batches up to this size decode on one thread under a passive OpenMP
-#: wait policy (see :func:`_threads_for_clicks`)
-SINGLE_THREAD_MAX_BATCH = 4
-
-
-def _openmp_threads_sleep() -> bool:
-    """True when ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep at once."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-
-
-@contextlib.contextmanager
-def _threads_for_clicks(batch: int) -> Iterator[None]:
-    """Under a passive OpenMP wait policy, run a few-prompt decode on one intra-op
-    thread, then restore the thread count.
-
-    The decoder's operations on one or a few prompts are small (tens of
-    microseconds each). With the default policy idle OpenMP threads spin for a
-    moment before sleeping, so splitting even small operations over threads
-    pays. With ``OMP_WAIT_POLICY=PASSIVE`` every parallel region wakes sleeping
-    threads, which costs more than it gains. Measured on 2 cores (ViT-B click at
-    1200 x 1600 / embedded model at 512 x 512): default policy, 2 threads 21 /
-    4.9 ms vs 1 thread 40 / 6.3 ms (``benchmarks/bench_click.py --threads N``);
-    passive policy, 2 threads 45 / 10.9 ms vs 1 thread 38 / 6.3 ms (a one-off
-    timing, session 3). Only the calling thread's pool is affected (OpenMP
-    thread counts are per thread); large prompt batches keep every thread.
-    """
-    n = torch.get_num_threads()
-    if n == 1 or batch > SINGLE_THREAD_MAX_BATCH or not _openmp_threads_sleep():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _head_weights(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
-    """(D, C) projection weight -> (heads, D / heads, C)."""
-    d, c = linear.weight.shape
-    return linear.weight.view(heads, d // heads, c)
-
-
-def _t2i(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-    """Token -> image attention. q_in (B, T, C); k_in, v_in (B|1, L, C) -> (B, T, C)."""
-    b, t, c = q_in.shape
-    h = attn.num_heads
-    d = attn.q_proj.out_features // h
-    q = attn.q_proj(q_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
-    qk = torch.matmul(q, _head_weights(attn.k_proj, h)).reshape(b, h * t, c)
-    a = torch.softmax(torch.matmul(qk, k_in.transpose(1, 2)), dim=-1)  # (B, H*T, L)
-    av = torch.matmul(a, v_in).view(b, h, t, c)
-    out = torch.matmul(av, _head_weights(attn.v_proj, h).transpose(1, 2))
-    out = out + attn.v_proj.bias.view(h, 1, d)  # (B, H, T, d)
-    return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
-
-
-def _t2i_cached(attn, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Token -> image attention with projected keys/values k, v (H, L, d) shared by the batch."""
-    b, t, _ = q_in.shape
-    h, _, d = k.shape
-    q = attn.q_proj(q_in).view(b * t, h, d).transpose(0, 1) * d**-0.5  # (H, B*T, d)
-    a = torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1)  # (H, B*T, L)
-    out = torch.matmul(a, v)  # (H, B*T, d)
-    return attn.out_proj(out.transpose(0, 1).reshape(b, t, h * d))
-
-
-def _projected_values(attn, v: torch.Tensor) -> torch.Tensor:
-    """v (B, H, T, d) -> per-head values through out_proj, (B, H*T, C)."""
-    b, h, t, d = v.shape
-    c = attn.out_proj.out_features
-    wo = attn.out_proj.weight.view(c, h, d)
-    return torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, h * t, c)
-
-
-def _image_update(
-    a: torch.Tensor,
-    vo: torch.Tensor,
-    keys: torch.Tensor,
-    norm: torch.nn.Module,
-    pe: torch.Tensor | None,
-    out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finish an image -> token attention block: ``keys' = norm(keys + a^T vo)``.
-
-    a (B, H*T, L) attention, vo (B, H*T, C) (:func:`_projected_values` plus
-    out_proj's bias / H: each head's attention sums to 1 over the tokens, so
-    a^T (vo + bias / H) = a^T vo + bias), keys (B|1, L, C), pe (1, L, C).
-    Returns keys' and keys' + pe, both (B, L, C), written to ``out`` if given
-    (must not alias ``keys``; an entry None skips that output, as does pe None
-    for the second). With ``stats`` (two (B, L) tensors; ``norm``
-    must then be a LayerNorm), the norm's per-token mean and reciprocal std
-    are written there. Runs in chunks of rows so the intermediates stay in cache.
-    """
-    b, _, n = a.shape
-    c = vo.shape[-1]
-    a_t = a.transpose(1, 2)
-    new, new_pe = out if out is not None else (keys.new_empty((b, n, c)), keys.new_empty((b, n, c)))
-    if pe is None:
-        new_pe = None
-    step = max(16, _UPDATE_CHUNK // (b * c))
-    for s in range(0, n, step):
-        z = torch.baddbmm(keys[:, s : s + step], a_t[:, s : s + step], vo)
-        if stats is None:
-            z = norm(z)
-        else:
-            z, mean, rstd = torch.native_layer_norm(z, (c,), norm.weight, norm.bias, norm.eps)
-            stats[0][:, s : s + step] = mean[..., 0]
-            stats[1][:, s : s + step] = rstd[..., 0]
-        if new is not None:
-            new[:, s : s + step] = z
-        if new_pe is not None:
-            torch.add(z, pe[:, s : s + step], out=new_pe[:, s : s + step])
-    return new, new_pe
-
-
-def _i2t(attn, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> tuple:
-    """Image -> token attention. q_in (B, L, C) image (with PE); k_in, v_in (B, T, C) tokens.
-
-    Returns the attention a (B, H*T, L) and projected values vo (B, H*T, C);
-    the image update is ``a^T vo + out_proj.bias`` (see :func:`_image_update`).
-    """
-    b, t, c = k_in.shape
-    n = q_in.shape[1]
-    h = attn.num_heads
-    d = attn.q_proj.out_features // h
-    k = attn.k_proj(k_in).view(b, t, h, d).transpose(1, 2) * d**-0.5  # (B, H, T, d)
-    kq = torch.matmul(k, _head_weights(attn.q_proj, h)).reshape(b, h * t, c)
-    bias = torch.matmul(k, attn.q_proj.bias.view(h, d, 1)).reshape(b, h * t, 1)
-    logits = torch.baddbmm(bias, kq, q_in.transpose(1, 2))  # (B, H*T, L)
-    a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
-    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-    return a, _projected_values(attn, v)
-
-
-def _i2t_cached(attn, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> tuple:
-    """:func:`_i2t` with projected, pre-scaled queries q (H, d, L) shared by the batch."""
-    b, t, _ = k_in.shape
-    h, d, n = q.shape
-    k = attn.k_proj(k_in).view(b * t, h, d).transpose(0, 1)  # (H, B*T, d)
-    logits = torch.matmul(k, q).view(h, b, t, n)
-    a = torch.softmax(logits, dim=2).transpose(0, 1).reshape(b, h * t, n)
-    v = attn.v_proj(v_in).view(b, t, h, d).transpose(1, 2)
-    return a, _projected_values(attn, v)
-
-
-def _token_self_attention(layer, queries: torch.Tensor, qpe: torch.Tensor) -> torch.Tensor:
-    """A two-way block's token self-attention and first norm on (B, T, C) tokens."""
-    if layer.skip_first_layer_pe:
-        queries = layer.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + qpe
-        queries = queries + layer.self_attn(q=q, k=q, v=queries)
-    return layer.norm1(queries)
-
-
-def _map_chain(
-    layers, w: torch.Tensor, last_bias: torch.Tensor | None = None
-) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """For ``keys_D @ w`` after the blocks ``layers`` (D of them), the maps
-    ``M_i = diag(g_i) ... diag(g_D) w`` (i = 1..D, then w itself) and per block the
-    rows of B' for its mean term (column sums of M_i) and its norm bias
-    (``b_i M_{i+1}``, plus ``last_bias`` for the last block), each (1, w.shape[1])."""
-    maps = [w]
-    for layer in reversed(layers):
-        maps.insert(0, layer.norm4.weight[:, None] * maps[0])
-    rows = []
-    for i, layer in enumerate(layers):
-        bias = layer.norm4.bias @ maps[i + 1]
-        if last_bias is not None and i == len(layers) - 1:
-            bias = bias + last_bias
-        rows.append((maps[i].sum(0, keepdim=True), bias[None]))
-    return maps, rows
-
-
-def _factor_rows(
-    values: list[torch.Tensor],
-    maps: list[torch.Tensor],
-    rows: list[tuple[torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """B' (B, K, n) of a factored map (see :func:`_map_chain`): per block, its
-    projected values (B, H T, C) through M_i, then its mean and bias rows."""
-    b = values[0].shape[0]
-    out = []
-    for v, m, (col_sums, bias) in zip(values, maps, rows, strict=False):
-        out += [v @ m, col_sums.expand(b, 1, -1), bias.expand(b, 1, -1)]
-    return torch.cat(out, 1)
-
-
-def _fill_factor_rows(
-    a_aug: torch.Tensor, q: torch.Tensor, i: int, attn: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor,
-) -> torch.Tensor:
-    """Write block i's columns of A' (B, L, K): its attention (B, H T, L) and mean
-    (B, L) scaled by q (the product of 1 / rstd over the earlier blocks), and
-    q / rstd for its bias term. Returns q / rstd."""
-    ht = attn.shape[1]
-    off = i * (ht + 2)
-    torch.mul(attn, q[:, None, :], out=a_aug[..., off : off + ht].transpose(1, 2))
-    torch.mul(mean, -q, out=a_aug[..., off + ht])
-    q = q / rstd
-    a_aug[..., off + ht + 1] = q
-    return q
-
-
-def _factored_logits(
-    qh: torch.Tensor, fm: FactoredMap, b_aug: torch.Tensor, a_aug: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """qh (B, H, T, d) against the image tokens' projection ``keys W + P W`` given in
-    factored form (xm (H, d, L), b_aug (B, K, H d), a_aug (B, L, K), scale (B, L)).
-    Returns (B, H T, L) logits, without W's bias."""
-    b, h, t, d = qh.shape
-    n, k = a_aug.shape[1:]
-    logits = qh.new_empty((b, h, t, n))
-    for i in range(b):  # per prompt: a batched matmul would copy the shared xm B times
-        torch.bmm(qh[i], fm.xm, out=logits[i])
-    qb = torch.matmul(qh, b_aug.view(b, k, h, d).permute(0, 2, 3, 1)).view(b, h * t, k)
-    logits.view(b, h * t, n).baddbmm_(qb, a_aug.transpose(1, 2)).mul_(scale[:, None, :])
-    for i in range(b):
-        logits[i].baddbmm_(qh[i], fm.pe)
-    return logits.view(b, h * t, n)
-
-
-def _factored_values(
-    a: torch.Tensor, fm: FactoredMap, b_aug: torch.Tensor, a_aug: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """Attention a (B, H T, L) times the image tokens' value projection ``keys W``
-    given in factored form (xm (H, L, d)). Returns (B, H, T, d), without W's bias."""
-    b, ht, n = a.shape
-    h, _, d = fm.xm.shape
-    k = a_aug.shape[2]
-    a = a * scale[:, None, :]
-    out = a.new_empty((b, h, ht // h, d))
-    for i in range(b):  # per prompt, as in _factored_logits
-        torch.bmm(a[i].view(h, ht // h, n), fm.xm, out=out[i])
-    g = torch.bmm(a, a_aug).view(b, h, ht // h, k)
-    return out.add_(torch.matmul(g, b_aug.view(b, k, h, d).transpose(1, 2)))

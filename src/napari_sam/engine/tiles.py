@@ -41,17 +41,45 @@ three fractions in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from napari_sam.engine.everything import AutomaticMaskGenerator, record_mask
+from napari_sam.engine.everything import record_mask
 from napari_sam.engine.everything_settings import MIN_TILE_SIZE, TilingSettings
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.errors import CancelledError, InvalidInputError
 
-__all__ = ["MIN_TILE_SIZE", "generate_tiled", "tile_boxes"]
+__all__ = [
+    "MIN_TILE_SIZE",
+    "ProgressiveTileGenerator",
+    "TileGenerator",
+    "generate_tiled",
+    "iter_tiled",
+    "tile_boxes",
+]
+
+
+class TileGenerator(Protocol):
+    """What :func:`generate_tiled` needs: records of one (h, w, 3) uint8 tile, with
+    ``segmentation`` (full-tile bool mask, RLE, or a cropped mask with ``bbox_rc``)
+    and optionally ``predicted_iou``, ``stability_score``, ``point_coords``,
+    ``crop_box``."""
+
+    def generate(self, rgb: np.ndarray) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ProgressiveTileGenerator(Protocol):
+    """A tile generator that reports progress while it works and can be cancelled
+    (:class:`~napari_sam.engine.everything.AutomaticMaskGenerator`): ``iter_tile``
+    yields progress objects and returns the tile's records. Preferred over
+    ``generate`` when present."""
+
+    def iter_tile(
+        self, rgb: np.ndarray, cancel: Callable[[], bool] | None = None
+    ) -> Generator[Any, None, list[dict[str, Any]]]: ...
 
 
 def _starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -151,29 +179,62 @@ def _merge(group: list[_Piece]) -> _Piece:
 
 
 def generate_tiled(
-    generator: Any,
+    generator: TileGenerator | ProgressiveTileGenerator,
+    image: np.ndarray,
+    progress: Callable[[int, int], Any] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Everything-mode over overlapping tiles of a large image: :func:`iter_tiled` run
+    to the end.
+
+    ``progress`` is called as ``progress(done_tiles, n_tiles)``; ``options`` are
+    the keyword arguments of :func:`iter_tiled` (``tile_size``, ``overlap``,
+    ``contrast_limits``, ``channel_axis``, ``cancel``, ``edge_margin``,
+    ``contain_thresh``, ``merge_iou``, ``dup_iou``), documented there.
+
+    Returns:
+      records in full-image coordinates with cropped masks (module docstring).
+    """
+    steps = iter_tiled(generator, image, **options)
+    try:
+        while True:
+            done_tile, n_tiles, step = next(steps)
+            if step is None and progress is not None:
+                progress(done_tile, n_tiles)
+    except StopIteration as stop:
+        return stop.value
+
+
+def iter_tiled(
+    generator: TileGenerator | ProgressiveTileGenerator,
     image: np.ndarray,
     tile_size: int = 1024,
     overlap: int = 128,
     contrast_limits: tuple[float, float] | None = None,
     channel_axis: int | None = None,
-    progress: Callable[[int, int], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
     edge_margin: int = 2,
     contain_thresh: float = 0.9,
     merge_iou: float = 0.5,
     dup_iou: float = 0.5,
-) -> list[dict[str, Any]]:
-    """Everything-mode over overlapping tiles of a large image.
+) -> Generator[tuple[int, int, Any], None, list[dict[str, Any]]]:
+    """Everything-mode over overlapping tiles of a large image, as a generator.
+
+    Yields ``(k, n_tiles, step)``: each progress object ``step`` of tile ``k``
+    (0-based) that a :class:`ProgressiveTileGenerator` reports, and
+    ``(k + 1, n_tiles, None)`` when tile ``k`` is done. Returns the records
+    (``StopIteration.value``; ``yield from`` hands them over).
+    :func:`generate_tiled` runs it to the end.
 
     Arguments:
       generator: an :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`
-        or any object whose ``generate(tile)`` takes an (h, w, 3) uint8 tile and
-        returns records with ``segmentation`` (full-tile bool mask, RLE, or a
-        cropped mask with ``bbox_rc``) and optionally ``predicted_iou``,
-        ``stability_score``, ``point_coords``, ``crop_box``. An
-        ``AutomaticMaskGenerator`` segments each tile in one piece (it does not
-        tile the tiles) and hands over cropped masks.
+        or any :class:`TileGenerator` (an object whose ``generate(tile)`` takes an
+        (h, w, 3) uint8 tile and returns records with ``segmentation`` (full-tile
+        bool mask, RLE, or a cropped mask with ``bbox_rc``) and optionally
+        ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``).
+        A :class:`ProgressiveTileGenerator` (``AutomaticMaskGenerator``) is run
+        through ``iter_tile``: each tile in one piece (it does not tile the
+        tiles), cropped masks handed over.
       image: (H, W) or (H, W, C) image data (numpy, memmap or dask; tiles are
         read one at a time), or channels on ``channel_axis``.
       tile_size, overlap: see :func:`tile_boxes` (``tile_size >= 16``). The
@@ -182,7 +243,6 @@ def generate_tiled(
       contrast_limits: intensity range mapped to 0..255 for every tile; when
         None, the image's global min / max (uint8 data is used as is), so all
         tiles share one mapping.
-      progress: called as ``progress(done_tiles, n_tiles)``.
       cancel: returns True to stop (:class:`~napari_sam.errors.CancelledError`).
       edge_margin: a mask within this many pixels of an interior tile edge
         counts as touching it.
@@ -251,8 +311,13 @@ def generate_tiled(
         tile = np.asarray(data[tr0:tr1, tc0:tc1])
         rgb = to_rgb_uint8(tile, contrast_limits=contrast_limits,
                            channel_axis=-1 if channel_axis is not None else None)
-        if isinstance(generator, AutomaticMaskGenerator):
-            records = generator._plain_records(rgb, None, cancel, use_cache=False)
+        if isinstance(generator, ProgressiveTileGenerator):
+            steps = generator.iter_tile(rgb, cancel)
+            try:
+                while True:
+                    yield t, len(tiles), next(steps)
+            except StopIteration as stop:
+                records = stop.value
         else:
             records = generator.generate(rgb)
         th, tw = tr1 - tr0, tc1 - tc0
@@ -292,8 +357,7 @@ def generate_tiled(
                 )
             )
         del records
-        if progress is not None:
-            progress(t + 1, len(tiles))
+        yield t + 1, len(tiles), None
 
     pieces = _stitch(pieces, tiles, contain_thresh, merge_iou, dup_iou)
     return [_to_record(p) for p in pieces]

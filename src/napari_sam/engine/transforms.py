@@ -81,6 +81,14 @@ class ImageTransform:
         xy[..., 1] = points_rc[..., 0] * (new_h / old_h)
         return xy
 
+    def xy_to_model(self, points_xy: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) (x, y) = (col, row) image pixels -> (..., 2) float64 (x, y) in the model
+        frame (SAM's own point order, as everything-mode's grids use it)."""
+        points_xy = np.asarray(points_xy, dtype=np.float64)
+        old_h, old_w = original_size
+        new_h, new_w = self.input_size(original_size)
+        return points_xy * np.array([new_w / old_w, new_h / old_h])
+
     def boxes_to_model(self, boxes_rc: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 4) (row0, col0, row1, col1) -> (..., 4) float64 (x0, y0, x1, y1), model frame."""
         boxes_rc = np.asarray(boxes_rc, dtype=np.float64)

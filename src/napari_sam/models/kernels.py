@@ -11,11 +11,17 @@ there, with a ReLU or exact (erf) GELU fused in where asked, and falls back to
 float32 on the CPU, autograd recording, or ``NAPARI_SAM_ONEDNN=0`` in the
 environment. Results are float32 products either way; only the summation
 order differs.
+
+It also holds the other CPU runtime helpers of the decoders: reusable scratch
+tensors (:func:`scratch`) and the thread policy for few-prompt decodes
+(:func:`threads_for_small_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
@@ -87,3 +93,59 @@ def linear(
     if activation == "gelu":
         return F.gelu(y)
     return F.relu(y) if activation == "relu" else y
+
+
+#: prompt batches up to this size decode on one thread under a passive OpenMP
+#: wait policy (see :func:`threads_for_small_batches`)
+SINGLE_THREAD_MAX_BATCH = 4
+
+
+def openmp_threads_sleep() -> bool:
+    """True when ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep at once."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+@contextlib.contextmanager
+def threads_for_small_batches(batch: int) -> Iterator[None]:
+    """Under a passive OpenMP wait policy, run a few-prompt decode on one intra-op
+    thread, then restore the thread count.
+
+    The decoder's operations on one or a few prompts are small (tens of
+    microseconds each). With the default policy idle OpenMP threads spin for a
+    moment before sleeping, so splitting even small operations over threads
+    pays. With ``OMP_WAIT_POLICY=PASSIVE`` every parallel region wakes sleeping
+    threads, which costs more than it gains. Measured on 2 cores (ViT-B click at
+    1200 x 1600 / embedded model at 512 x 512): default policy, 2 threads 21 /
+    4.9 ms vs 1 thread 40 / 6.3 ms (``benchmarks/bench_click.py --threads N``);
+    passive policy, 2 threads 45 / 10.9 ms vs 1 thread 38 / 6.3 ms (a one-off
+    timing, session 3). Only the calling thread's pool is affected (OpenMP
+    thread counts are per thread); large prompt batches keep every thread.
+    """
+    n = torch.get_num_threads()
+    if n == 1 or batch > SINGLE_THREAD_MAX_BATCH or not openmp_threads_sleep():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def scratch(
+    work: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """A scratch tensor of ``shape`` (contents undefined) like ``like``, kept in ``work``.
+
+    Reused from the dict ``work`` when one of the same name, device, dtype and
+    shape is there, else made (and stored); a new tensor when ``work`` is None.
+    Fresh multi-MB allocations cost page faults (about 1 us per 4 KiB page), a
+    noticeable part of a click.
+    """
+    if work is None:
+        return like.new_empty(shape)
+    key = (name, like.device, like.dtype)
+    buf = work.get(key)
+    if buf is None or buf.shape != shape:
+        buf = work[key] = like.new_empty(shape)
+    return buf

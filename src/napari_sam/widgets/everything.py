@@ -15,7 +15,6 @@ Scripting API: ``set_model(...)``, ``set_image_layer(layer)``, ``set_params(**kw
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -110,51 +109,35 @@ def _everything_job(
     Yields ``("model", model)`` after loading a named model, ``("progress", k, n,
     done, total)`` per decoded batch of slice ``k`` of ``n``, and ``("slice", k,
     index, labels)`` with each finished (H, W) uint32 label image. The mask
-    generator runs in a helper thread because it reports progress through a
-    callback; the messages travel through a queue.
+    generator's own generator (``iter_generate``) reports the progress, so this
+    runs entirely in the worker's thread.
     """
-    msgs: queue.Queue = queue.Queue()
+    from napari_sam.engine.everything import (
+        AutomaticMaskGenerator,
+        EverythingProgress,
+        records_to_labels,
+    )
 
-    def body() -> None:
-        try:
-            from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+    sam = model
+    if isinstance(sam, str):
+        from napari_sam.models.zoo import load_model
 
-            sam = model
-            if isinstance(sam, str):
-                from napari_sam.models.zoo import load_model
-
-                sam = load_model(sam, device=device)
-                msgs.put(("model", sam))
-            amg = AutomaticMaskGenerator(sam, output_mode="cropped_mask", **params)
-            n = len(slices)
-            for k, index in enumerate(slices):
-                if cancel.is_set():
-                    raise CancelledError("Segment Everything was cancelled.")
-                plane = np.asarray(data[index] if index else data)
-                records = amg.generate(
-                    plane,
-                    contrast_limits=contrast_limits,
-                    progress=lambda done, total, k=k: msgs.put(("progress", k, n, done, total)),
-                    cancel=cancel.is_set,
-                )
-                shape = plane.shape[:2]
-                msgs.put(("slice", k, index, records_to_labels(records, shape)))
-        except BaseException as err:  # forwarded to the worker thread, raised there
-            msgs.put(("error", err))
-        finally:
-            msgs.put(("done",))
-
-    thread = threading.Thread(target=body, name="napari-sam-everything", daemon=True)
-    thread.start()
-    while True:
-        msg = msgs.get()
-        if msg[0] == "done":
-            break
-        if msg[0] == "error":
-            thread.join()
-            raise msg[1]
-        yield msg
-    thread.join()
+        sam = load_model(sam, device=device)
+        yield ("model", sam)
+    amg = AutomaticMaskGenerator(sam, output_mode="cropped_mask", **params)
+    n = len(slices)
+    for k, index in enumerate(slices):
+        if cancel.is_set():
+            raise CancelledError("Segment Everything was cancelled.")
+        plane = np.asarray(data[index] if index else data)
+        records: list = []
+        for item in amg.iter_generate(plane, contrast_limits=contrast_limits,
+                                      cancel=cancel.is_set):
+            if isinstance(item, EverythingProgress):
+                yield ("progress", k, n, item.done, item.total)
+            else:
+                records = item
+        yield ("slice", k, index, records_to_labels(records, plane.shape[:2]))
 
 
 class SegmentEverythingWidget(QWidget):
