@@ -27,7 +27,7 @@ the rules live in Qt-free modules (:mod:`.prompting`, :mod:`.preview`, :mod:`.ke
 Keys (while ``SAM points`` or ``SAM boxes`` is the selected layer): see :mod:`.keys`.
 
 Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scores``,
-``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
+``last_request``, ``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
 ``set_polarity(b)``, ``set_prompt_mode(m)``, ``set_model(...)``,
 ``set_image_layer(layer)``, ``wait_for_embedding(timeout)``,
 ``wait_for_prediction(timeout)``.
@@ -40,7 +40,7 @@ import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
@@ -60,6 +60,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.engine.session import InteractiveSession, PromptRequest
 from napari_sam.errors import InvalidInputError, NapariSamError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets import preview as P
@@ -74,8 +75,11 @@ from napari_sam.widgets._common import (
     unwrap,
 )
 from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
-from napari_sam.widgets.prompting import DecodePlan, Prompts, mask_bbox, plan_decode
+from napari_sam.widgets.prompting import Prompts, mask_bbox
 from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
+
+if TYPE_CHECKING:
+    from napari_sam.engine.predictor import Prediction
 
 __all__ = ["SegmentAnythingWidget"]
 
@@ -123,24 +127,24 @@ def _load(name: str, device: str | None) -> Any:
 class _Prediction:
     """What a prediction job hands to the main thread (masks in image data pixels)."""
 
-    predictor: Any
-    prompts: Prompts
-    plan: DecodePlan
+    session: InteractiveSession
+    request: PromptRequest
+    prediction: Prediction
     masks: np.ndarray  # (C, H, W) bool
-    scores: np.ndarray  # (C,)
-    logits: np.ndarray  # (C, 4E, 4E) low-res logits
     boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate
     crops: list[np.ndarray | None]  # preview pixels of each candidate's box
     style: str
 
+    @property
+    def prompts(self) -> Prompts:
+        return self.request.prompts
+
 
 def _predict_job(
-    predictor: Any,
+    session: InteractiveSession,
     applied: dict[str, Any],
     entry: Any,
-    prompts: Prompts,
-    plan: DecodePlan,
-    mask_input: np.ndarray | None,
+    request: PromptRequest,
     style: str,
     width: int,
 ) -> _Prediction:
@@ -149,25 +153,16 @@ def _predict_job(
     ``applied`` remembers which embedding the predictor holds (only this thread
     touches the predictor, so setting the embedding here is race-free).
     """
+    predictor = session.predictor
     if applied.get("entry") is not entry:
         predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
         applied["entry"] = entry
-    has_points = len(prompts.points) > 0
-    pred = predictor.predict(
-        points=prompts.points if has_points else None,
-        labels=prompts.labels if has_points else None,
-        box=prompts.box,
-        mask_input=mask_input,
-        multimask=plan.multimask,
-    )
+    pred = session.decode(request)
     masks = np.asarray(pred.masks, dtype=bool)
     boxes = [mask_bbox(m) for m in masks]
     crops = [None if b is None else P.render_preview(m[b], style, width)
              for m, b in zip(masks, boxes, strict=True)]
-    return _Prediction(
-        predictor, prompts, plan, masks, np.asarray(pred.scores, dtype=float).reshape(-1),
-        np.asarray(pred.logits), boxes, crops, style,
-    )
+    return _Prediction(session, request, pred, masks, boxes, crops, style)
 
 
 @contextlib.contextmanager
@@ -222,7 +217,7 @@ class SegmentAnythingWidget(QWidget):
         self.masks: np.ndarray | None = None  # (C, H, W) bool
         self.candidate: int | None = None
         self.slice_index: tuple[int, ...] = ()
-        self.last_prompts: dict[str, Any] | None = None  # what predict() last received
+        self.session: InteractiveSession | None = None  # the decoding rule and its state
 
         self._model: Any = None
         self._model_label = ""
@@ -238,9 +233,7 @@ class SegmentAnythingWidget(QWidget):
         self._image_ok = False
         self._plane_shown = False  # the viewer shows a 2D plane of the image
         self._embed_limits: tuple[float, ...] | None = None  # contrast of the last embedding
-        self._logits: np.ndarray | None = None
         self._result: _Prediction | None = None
-        self._last_prompts: Prompts | None = None  # prompts of the shown prediction
         self._requested: Prompts | None = None  # prompts of the latest request
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
@@ -503,6 +496,7 @@ class SegmentAnythingWidget(QWidget):
         self._model_label = label
         self._instance_label = None
         self._predictor = Predictor(model, cache=self.cache)
+        self.session = InteractiveSession(self._predictor)
         self._predictor_state = {}
         self.model_picker.show_model(label)
         self._reset_prediction()
@@ -1025,14 +1019,11 @@ class SegmentAnythingWidget(QWidget):
             return
         if prompts.same_as(self._requested):
             return  # e.g. an older rectangle was removed: nothing the model sees changed
-        plan = plan_decode(
-            prompts, self._last_prompts, self._logits is not None and self.candidate is not None
-        )
-        mask_input = self._logits[self.candidate][None] if plan.refine else None
+        request = self.session.request(prompts.points, prompts.labels, prompts.box)
         self._requested = prompts
         job = partial(
-            _predict_job, self._predictor, self._predictor_state, self._entry, prompts, plan,
-            mask_input, self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
+            _predict_job, self.session, self._predictor_state, self._entry, request,
+            self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
         )
         self._runner.submit(job)
 
@@ -1049,22 +1040,18 @@ class SegmentAnythingWidget(QWidget):
                 self._set_status(msg)
                 show_error(msg)
             return
-        if result is None or result.predictor is not self._predictor:
+        if result is None or result.session is not self.session:
             return
-        prompts = result.prompts
-        self.last_prompts = {
-            "points": prompts.points.copy(),
-            "labels": prompts.labels.copy(),
-            "box": None if prompts.box is None else prompts.box.copy(),
-            "mask_input": result.plan.refine,
-            "multimask": result.plan.multimask,
-        }
-        self._last_prompts = prompts
+        self.session.accept(result.request, result.prediction)
         self._result = result
         self.masks = result.masks
-        self.scores = result.scores
-        self._logits = result.logits
-        self._show_candidate(int(np.argmax(self.scores)))
+        self.scores = self.session.scores
+        self._show_candidate(self.session.candidate)
+
+    @property
+    def last_request(self) -> PromptRequest | None:
+        """The request of the shown prediction (prompts, multimask, refine), or None."""
+        return None if self.session is None else self.session.last_request
 
     def select_candidate(self, i: int) -> None:
         """Show candidate mask ``i`` (0-based) as the preview."""
@@ -1079,6 +1066,8 @@ class SegmentAnythingWidget(QWidget):
 
     def _show_candidate(self, i: int) -> None:
         self.candidate = i
+        if self.session is not None and self.session.masks is not None:
+            self.session.select(i)
         self.preview = self.masks[i]
         for k, b in enumerate(self.candidate_buttons):
             has = self.scores is not None and k < len(self.scores)
@@ -1151,13 +1140,12 @@ class SegmentAnythingWidget(QWidget):
         self._runner.invalidate()
         self._requested = None
         self._result = None
-        self._last_prompts = None
+        if self.session is not None:
+            self.session.reset()
         self.preview = None
         self.scores = None
         self.masks = None
         self.candidate = None
-        self._logits = None
-        self.last_prompts = None
         self.candidate_group.setExclusive(False)
         for k, b in enumerate(self.candidate_buttons):
             b.setChecked(False)
