@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.engine.stack import StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets._common import (
@@ -351,7 +352,7 @@ class SegmentEverythingWidget(QWidget):
             "slices": slices,
             "done_slices": 0,
             "layer": None,
-            "offset": 0,
+            "labeller": StackLabeller(),
             "cancelled": False,
             "name": L.unique_name((x.name for x in self.viewer.layers), f"{image.name} everything"),
         }
@@ -451,12 +452,8 @@ class SegmentEverythingWidget(QWidget):
             self.viewer.add_layer(layer)
             state["layer"] = layer
             self.result_layer = layer
-        labels = np.asarray(labels).astype(layer.data.dtype, copy=False)
-        objects = labels > 0
-        out = np.zeros_like(labels)
-        out[objects] = labels[objects] + state["offset"]  # ids unique over the stack
-        if objects.any():
-            state["offset"] = int(out.max())
+        # ids unique over the stack: the rule of napari_sam.engine.stack (as the CLI)
+        out = state["labeller"].add(labels)[0].astype(layer.data.dtype, copy=False)
         if index:
             layer.data[index] = out
         else:
