@@ -79,7 +79,9 @@ from napari_sam.widgets.prompting import Prompts, mask_bbox
 from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
 
 if TYPE_CHECKING:
-    from napari_sam.engine.predictor import Prediction
+    from napari_sam.engine.cache import CacheEntry
+    from napari_sam.engine.predictor import Prediction, Predictor
+    from napari_sam.models.sam import Sam
 
 __all__ = ["SegmentAnythingWidget"]
 
@@ -219,12 +221,12 @@ class SegmentAnythingWidget(QWidget):
         self.slice_index: tuple[int, ...] = ()
         self.session: InteractiveSession | None = None  # the decoding rule and its state
 
-        self._model: Any = None
+        self._model: Sam | None = None
         self._model_label = ""
         self._instance_label: str | None = None  # label of a model given as an object
-        self._predictor: Any = None
+        self._predictor: Predictor | None = None
         self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
-        self._entry: Any = None  # embedding (CacheEntry) of the shown plane
+        self._entry: CacheEntry | None = None  # embedding of the shown plane
         self._model_gen = 0  # bumps on every model change: stale loads are dropped
         self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
         self._loading = True  # the default model is loaded as soon as the widget shows
@@ -404,7 +406,7 @@ class SegmentAnythingWidget(QWidget):
     # ---------------------------------------------------------------- model
 
     @property
-    def model(self) -> Any:
+    def model(self) -> Sam | None:
         """The current Sam model (or None while none is loaded)."""
         return self._model
 
@@ -1233,22 +1235,20 @@ class SegmentAnythingWidget(QWidget):
         The same as Ctrl+Z with that layer selected (napari's undo history), without
         changing the selected layer. Returns False when no layer received a commit.
         """
-        layer = self._undo_target()
-        if layer is None:
-            show_info("Nothing to undo: no object was committed yet.")
-            return False
-        layer.undo()
-        self._set_status(f"Undid the last change of {layer.name!r} (Ctrl+Shift+Z redoes).")
-        return True
+        return self._history("undo", "Undid the last change of {name!r} (Ctrl+Shift+Z redoes).")
 
     def redo(self) -> bool:
         """Redo what :meth:`undo` (or Ctrl+Z on the labels layer) undid last."""
+        return self._history("redo", "Redid the last undone change of {name!r}.")
+
+    def _history(self, step: str, done: str) -> bool:
+        """Run ``layer.undo``/``layer.redo`` (``step``) on the last commit's layer."""
         layer = self._undo_target()
         if layer is None:
-            show_info("Nothing to redo: no object was committed yet.")
+            show_info(f"Nothing to {step}: no object was committed yet.")
             return False
-        layer.redo()
-        self._set_status(f"Redid the last undone change of {layer.name!r}.")
+        getattr(layer, step)()
+        self._set_status(done.format(name=layer.name))
         return True
 
     def _clear_prompt_data(self) -> None:
