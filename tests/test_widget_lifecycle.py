@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     import napari
     from qtpy.QtWidgets import QApplication
     from reference_utils import build_random_sam, tiny_vit_sam_config
-    import napari_sam.widgets.interactive as wi
+    import napari_sam.widgets._model_control as wi
 
     model = build_random_sam(tiny_vit_sam_config(), seed=0)
 
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         time.sleep(2.0)
         return model
 
-    wi._load = slow_load
+    wi.load_model_by_name = slow_load
 
     def pump(seconds):
         end = time.time() + seconds

@@ -51,6 +51,7 @@ from napari_sam.widgets._common import (
     process_events_until,
     scrollable,
 )
+from napari_sam.widgets._model_control import ModelController
 
 __all__ = ["PARAMS", "SegmentEverythingWidget"]
 
@@ -166,8 +167,8 @@ class SegmentEverythingWidget(QWidget):
         self.viewer = napari_viewer
         self.result_layer: Any = None
         self.last_error: BaseException | None = None
-        self._model: Any = None
-        self._instance_label: str | None = None  # label of a model given as an object
+        # the model given or loaded by the last run (a named one is loaded on Run)
+        self.models = ModelController(self)
         self._worker: Any = None
         self._cancel = threading.Event()
         self._run_state: dict[str, Any] = {}
@@ -288,21 +289,17 @@ class SegmentEverythingWidget(QWidget):
         ``label`` names a Sam instance in the model box (default: its class name).
         """
         if isinstance(model, (str, Path)):
-            self._model = None
-            self._instance_label = None
+            self.models.forget()
             self.model_picker.show_model(str(model))
             self._apply_recommended(str(model))
         else:
-            if device is not None and hasattr(model, "to"):
-                model = model.to(device)
-            self._model = model
-            self._instance_label = label or f"<{type(model).__name__} object>"
-            self.model_picker.show_model(self._instance_label)
+            self.models.set_model(model, device, label)
+            self.model_picker.show_model(self.models.instance_label)
 
     def _on_model_picked(self, name: str, device: str) -> None:
-        if self._model is not None and name == self._instance_label:
+        if self.models.model is not None and name == self.models.instance_label:
             return  # the same object; it is moved to the chosen device on Run
-        self._model = None  # loaded (in the worker) on the next run
+        self.models.forget()  # loaded (in the worker) on the next run
         self._apply_recommended(name)
 
     def _apply_recommended(self, name: str) -> None:
@@ -334,13 +331,13 @@ class SegmentEverythingWidget(QWidget):
             show_error(str(err))
             self._set_status(str(err))
             return None
-        model: Any = self._model
+        model: Any = self.models.model
         device = self.model_picker.device
         if model is None:
             model = self.model_picker.name or DEFAULT_MODEL
-        elif self._instance_label is not None and device is not None:
+        elif self.models.instance_label is not None and device is not None:
             try:
-                model = self._model = model.to(device)
+                model = self.models.model = model.to(device)
             except Exception as err:
                 show_error(f"Could not move the model to {device}: {error_message(err)}")
                 return None
@@ -422,7 +419,8 @@ class SegmentEverythingWidget(QWidget):
         kind = msg[0]
         state = self._run_state
         if kind == "model":
-            self._model = msg[1]  # reused by later runs until another model is picked
+            # reused by later runs until another model is picked
+            self.models.install(msg[1], self.model_picker.name or DEFAULT_MODEL)
         elif kind == "progress":
             if state.get("cancelled"):
                 return  # the bar was reset; the last batch is finishing

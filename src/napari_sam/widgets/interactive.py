@@ -39,7 +39,6 @@ import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +73,7 @@ from napari_sam.widgets._common import (
     scrollable,
     unwrap,
 )
+from napari_sam.widgets._model_control import ModelController
 from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
 from napari_sam.widgets.prompting import Prompts, mask_bbox
 from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
@@ -117,12 +117,6 @@ def _embed_plane(
 
     plane = np.asarray(data[slice_index] if slice_index else data)
     return predictor.embed(to_rgb_uint8(plane, contrast_limits))
-
-
-def _load(name: str, device: str | None) -> Any:
-    from napari_sam.models.zoo import load_model
-
-    return load_model(name, device=device)
 
 
 @dataclass
@@ -221,15 +215,10 @@ class SegmentAnythingWidget(QWidget):
         self.slice_index: tuple[int, ...] = ()
         self.session: InteractiveSession | None = None  # the decoding rule and its state
 
-        self._model: Sam | None = None
-        self._model_label = ""
-        self._instance_label: str | None = None  # label of a model given as an object
         self._predictor: Predictor | None = None
         self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
         self._entry: CacheEntry | None = None  # embedding of the shown plane
-        self._model_gen = 0  # bumps on every model change: stale loads are dropped
         self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
-        self._loading = True  # the default model is loaded as soon as the widget shows
         self._ready = False
         self._image: Image | None = None
         self._image_ok = False
@@ -250,6 +239,10 @@ class SegmentAnythingWidget(QWidget):
         self._life = {"closed": False}
         life = self._life
         self.destroyed.connect(lambda *_: life.update(closed=True))
+        self.models = ModelController(self)  # the model, its loading and its generation
+        self.models.loading = True  # the default model is loaded as soon as the widget shows
+        self.models.ready.connect(self._on_model_ready)
+        self.models.failed.connect(self._on_model_failed)
         self._runner = LatestJobRunner(self, name="napari-sam-predict")
         self._runner.done.connect(self._on_prediction)
         self._build_ui()
@@ -401,14 +394,14 @@ class SegmentAnythingWidget(QWidget):
             self.status.setText(text)
 
     def _ready_text(self) -> str:
-        return f"Ready ({self._model_label}): click on the object."
+        return f"Ready ({self.models.label}): click on the object."
 
     # ---------------------------------------------------------------- model
 
     @property
     def model(self) -> Sam | None:
         """The current Sam model (or None while none is loaded)."""
-        return self._model
+        return self.models.model
 
     def set_model(self, model: Any, device: str | None = None, label: str | None = None) -> None:
         """Use ``model``: a Sam instance, a zoo name or a checkpoint path (loaded now).
@@ -419,84 +412,34 @@ class SegmentAnythingWidget(QWidget):
         DownloadError) after showing them as a notification; the previous model
         stays in use.
         """
-        if isinstance(model, (str, Path)):
-            try:
-                loaded = _load(str(model), device)
-            except Exception as err:
-                self._model_failed(str(model), err)
-                raise
-            self._install_model(loaded, str(model))
-        else:
-            if device is not None and hasattr(model, "to"):
-                model = model.to(device)
-            label = label or f"<{type(model).__name__} object>"
-            self._install_model(model, label)
-            self._instance_label = label
+        self.models.set_model(model, device, label)
 
     def _autoload_default_model(self) -> None:
-        if self._model_gen == 0 and self._model is None and not self._closed:
+        models = self.models
+        if models.generation == 0 and models.model is None and not self._closed:
             self._load_model_async(DEFAULT_MODEL, self.model_picker.device)
 
     def _on_model_picked(self, name: str, device: str) -> None:
-        if self._model is not None and name == self._instance_label:
-            # a model given as an object (no name to reload): move it to the new device
-            try:
-                from napari_sam.models.zoo import resolve_device
-
-                model = self._model.to(resolve_device(device or None))
-            except Exception as err:
-                show_error(f"Could not move the model to {device or 'auto'}: {error_message(err)}")
-                return
-            self._install_model(model, name)
-            self._instance_label = name
+        if self.models.model is not None and name == self.models.instance_label:
+            error = self.models.pick(name, device or None)
+            if error is not None:
+                show_error(error)
             return
         self._load_model_async(name, device or None)
 
     def _load_model_async(self, name: str, device: str | None) -> None:
-        self._model_gen += 1
-        gen = self._model_gen
-        self._loading = True
         self._set_status(f"Loading model {name!r}…")
-        worker = create_worker(
-            _load, name, device, _progress={"desc": f"SAM: loading {name}"}, _ignore_errors=True
-        )
-        worker.returned.connect(partial(self._on_model_loaded, gen, name))
-        worker.errored.connect(partial(self._on_model_error, gen, name))
-        self._start(worker)
+        self.models.load_async(name, device)
 
-    def _on_model_loaded(self, gen: int, name: str, model: Any) -> None:
-        if gen != self._model_gen or self._closed:
-            return
-        self._loading = False
-        self._install_model(model, name)
+    def _on_model_failed(self, name: str, message: str) -> None:
+        if self.models.model is not None:
+            self.model_picker.show_model(self.models.label)
+        (show_warning if name == DEFAULT_MODEL else show_error)(message)
+        self._set_status(message)
 
-    def _on_model_error(self, gen: int, name: str, err: BaseException) -> None:
-        if gen != self._model_gen or self._closed:
-            return
-        self._loading = False
-        self._model_failed(name, err)
-
-    def _model_failed(self, name: str, err: BaseException) -> None:
-        msg = f"Could not load model {name!r}: {error_message(err)}"
-        if name == DEFAULT_MODEL:
-            msg += (
-                " The plugin's embedded default model is missing or broken; pick another model "
-                "(vit_t is small and downloads once) or 'Browse…' to a local checkpoint."
-            )
-        if self._model is not None:
-            msg += f" Still using {self._model_label}."
-            self.model_picker.show_model(self._model_label)
-        (show_warning if name == DEFAULT_MODEL else show_error)(msg)
-        self._set_status(msg)
-
-    def _install_model(self, model: Any, label: str) -> None:
+    def _on_model_ready(self, model: Sam, label: str) -> None:
         from napari_sam.engine.predictor import Predictor
 
-        self._model_gen += 1
-        self._loading = False
-        self._model = model
-        self._model_label = label
-        self._instance_label = None
         self._predictor = Predictor(model, cache=self.cache)
         self.session = InteractiveSession(self._predictor)
         self._predictor_state = {}
@@ -885,7 +828,7 @@ class SegmentAnythingWidget(QWidget):
         if self._predictor is None or self._image is None or not self._image_ok:
             if self._predictor is None:
                 self._set_status(
-                    f"Loading model {self.model_picker.name!r}…" if self._loading
+                    f"Loading model {self.model_picker.name!r}…" if self.models.loading
                     else "No model loaded: pick one in the model box."
                 )
             return
@@ -1281,7 +1224,7 @@ class SegmentAnythingWidget(QWidget):
         self._embed_timer.stop()
         self._runner.stop()
         self._emb_gen += 1
-        self._model_gen += 1
+        self.models.close()
         ev = self.viewer.layers.events
         for sig, slot in (
             (ev.inserted, self._on_layers_changed),
