@@ -278,3 +278,33 @@ def test_everything_job_runs_in_the_workers_own_thread(tiny_sam, monkeypatch):
     kinds = [m[0] for m in msgs]
     assert kinds == ["progress", "progress", "slice"]
     assert msgs[-1][3].shape == _image().shape[:2]
+
+
+def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path):
+    """The widget and ``napari-sam everything`` number the same stack the same way."""
+    import tifffile
+
+    from napari_sam.cli import main
+    from napari_sam.engine.io import read_labels
+    from napari_sam.models.checkpoint import save_model
+
+    stack = np.stack([_image(seed=s) for s in range(3)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    model_path = save_model(tiny_sam, tmp_path / "tiny.safetensors")
+    out = tmp_path / "stack_labels.tif"
+    assert main(["everything", str(tmp_path / "stack.tif"), "--out", str(out),
+                 "--model", str(model_path), "--device", "cpu", "--points-per-side", "4",
+                 "--points-per-batch", "8", "--pred-iou-thresh", "0",
+                 "--stability-score-thresh", "0"]) == 0
+    cli = read_labels(out)
+
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="stack", contrast_limits=(0, 255))  # uint8: as the CLI
+    widget = _open(viewer, tiny_sam)
+    widget.set_scope("whole stack")
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    got = widget.result_layer.data
+    assert cli.shape == got.shape == (3, 48, 64)
+    assert len(np.unique(cli[1])) > 1  # not vacuous: later planes hold objects
+    np.testing.assert_array_equal(got, cli)

@@ -102,7 +102,7 @@ def test_click_preview_candidates_commit_undo_clear(make_napari_viewer, tiny_sam
     # a second object: a negative point refines; existing object preserved
     _click(widget, 10, 70)
     _click(widget, 50, 10, positive=False)
-    assert widget.last_prompts["labels"].tolist() == [1, 0]
+    assert widget.last_request.labels.tolist() == [1, 0]
     preview2 = widget.preview.copy()
     id2 = widget.commit()
     assert id2 == 2
@@ -127,16 +127,16 @@ def test_refinement_uses_previous_logits_and_box(make_napari_viewer, tiny_sam):
     viewer.add_image(_blob_image(), name="img")
     widget = _open(viewer, tiny_sam)
     _click(widget, 30, 25)
-    assert widget.last_prompts["multimask"] and not widget.last_prompts["mask_input"]
+    assert widget.last_request.multimask and not widget.last_request.refine
     _click(widget, 32, 28)
     # a correction point on the same object: previous logits fed back, one mask
-    assert widget.last_prompts["mask_input"] and not widget.last_prompts["multimask"]
+    assert widget.last_request.refine and not widget.last_request.multimask
     assert widget.scores.shape == (1,)
     # a box prompt (rectangle in world = data coords here)
     widget.boxes_layer.add_rectangles(np.array([[5, 10], [40, 60]]))
     assert widget.wait_for_prediction(TIMEOUT)
-    np.testing.assert_allclose(widget.last_prompts["box"], [5, 10, 40, 60])
-    assert not widget.last_prompts["mask_input"]
+    np.testing.assert_allclose(widget.last_request.box, [5, 10, 40, 60])
+    assert not widget.last_request.refine
     assert widget.preview.shape == (64, 80)
 
 
@@ -195,7 +195,7 @@ def test_nd_stack_commit_lands_in_shown_slice(make_napari_viewer, tiny_sam):
     assert widget.slice_index == (1,)
     assert widget.preview is None  # the point is on slice 2
     _click(widget, 20, 40)
-    assert len(widget.last_prompts["points"]) == 1
+    assert len(widget.last_request.points) == 1
     id2 = widget.commit()
     assert (labels.data[1] == id2).any() and not (labels.data[2] == id2).any()
     # two embeddings were cached (slices 2 and 1)
@@ -539,11 +539,11 @@ def test_predictions_run_off_the_main_thread_and_the_latest_wins(
     assert all(opened for _, _, opened in calls)
     # only the latest result reached the widget
     assert len(shown) == 1 and len(shown[0].prompts.points) == 3
-    assert len(widget.last_prompts["points"]) == 3
+    assert len(widget.last_request.points) == 3
     ref = real_predict(points=np.array([[30, 25], [32, 27], [28, 24]]),
                        labels=np.ones(3, dtype=np.int32), multimask=False)
     # (the widget refines with the shown mask only when points were added after it)
-    assert not widget.last_prompts["mask_input"]
+    assert not widget.last_request.refine
     np.testing.assert_array_equal(widget.preview, ref.masks[0])
 
 

@@ -115,7 +115,7 @@ def test_plugin_keys_work_through_napari_key_handling(make_napari_viewer, tiny_s
 
         # one click: 3 candidates; 1/2/3 choose
         _mouse_click(viewer, widget, 30, 25)
-        np.testing.assert_allclose(widget.last_prompts["points"], [[30, 25]], atol=0.6)
+        np.testing.assert_allclose(widget.last_request.points, [[30, 25]], atol=0.6)
         assert widget.scores.shape == (3,)
         for key, index in ((Qt.Key.Key_2, 1), (Qt.Key.Key_3, 2), (Qt.Key.Key_1, 0)):
             _press(viewer, key)
@@ -285,12 +285,12 @@ def test_box_mode_button_and_drawn_rectangles(make_napari_viewer, tiny_sam):
         _mouse_drag(viewer, widget, (5, 5), (40, 40))
         assert boxes.nshapes == 1
         assert widget.wait_for_prediction(TIMEOUT)
-        np.testing.assert_allclose(widget.last_prompts["box"], [5, 5, 40, 40], atol=1)
+        np.testing.assert_allclose(widget.last_request.box, [5, 5, 40, 40], atol=1)
         _mouse_drag(viewer, widget, (20, 30), (60, 75))
         process_events_until(lambda: boxes.nshapes == 1, 5)
         assert boxes.nshapes == 1  # the older rectangle is gone
         assert widget.wait_for_prediction(TIMEOUT)
-        np.testing.assert_allclose(widget.last_prompts["box"], [20, 30, 60, 75], atol=1)
+        np.testing.assert_allclose(widget.last_request.box, [20, 30, 60, 75], atol=1)
         mask = widget.preview.copy()
         QTest.mouseClick(widget.commit_button, Qt.MouseButton.LeftButton)
         labels = widget.labels_layer

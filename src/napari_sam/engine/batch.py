@@ -320,18 +320,19 @@ def everything_labels(
     Returns:
       ``(labels, records)``: ``labels`` is ``(*stack, H, W)`` uint32. Within a
       plane, masks are painted largest first (a small mask on a large one stays
-      visible) and numbered in that order; ids continue from plane to plane, so
-      a 2D object in slice 2 never shares an id with one in slice 1.
+      visible) and numbered in that order; ids are unique over the stack and
+      consecutive from 1 in plane order (:mod:`napari_sam.engine.stack`).
       ``records`` lists ``(plane_index, mask_records)`` per plane, in painting
       order, each record's ``"label"`` set to its id (0 if later masks cover it
       completely).
     """
     from napari_sam.engine.everything import records_to_labels
+    from napari_sam.engine.stack import StackLabeller
 
     h, w = image.plane_shape
     labels = np.zeros(image.stack_shape + (h, w), dtype=np.uint32)
     all_records: list[tuple[tuple[int, ...], list[dict]]] = []
-    next_id = 0
+    labeller = StackLabeller()  # the stack's id rule (napari_sam.engine.stack)
     for index, plane in image.planes():
         if cancel is not None and cancel():
             raise CancelledError("Everything-mode was cancelled.")
@@ -347,14 +348,10 @@ def everything_labels(
         records = sorted(records, key=lambda r: -int(r["area"]))  # stable: ties keep order
         plane_labels = np.asarray(records_to_labels(records, (h, w), order="input"),
                                   dtype=np.uint32)
-        visible = set(np.unique(plane_labels).tolist())
+        labels[index], new_ids = labeller.add(plane_labels)
         for k, rec in enumerate(records, start=1):
-            rec["label"] = next_id + k if k in visible else 0
-        if next_id:
-            plane_labels[plane_labels > 0] += np.uint32(next_id)
-        labels[index] = plane_labels
+            rec["label"] = int(new_ids[k]) if k < len(new_ids) else 0
         all_records.append((index, records))
-        next_id += len(records)
     return labels, all_records
 
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from napari_sam.engine.session import InteractiveSession
 from napari_sam.errors import InvalidInputError
 from napari_sam.evaluation.metrics import paired_mask_iou
 from napari_sam.training.prompts import boxes_from_masks, correction_points, innermost_points
@@ -48,16 +49,6 @@ class PredictorLike(Protocol):
         mask_input: np.ndarray | None = None,
         multimask: bool = True,
     ) -> Any: ...
-
-
-def _best(pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Batched prediction -> (K, H, W) masks and (K, 4E, 4E) logits of the top-scored output."""
-    masks = np.asarray(pred.masks)
-    scores = np.asarray(pred.scores)
-    logits = np.asarray(pred.logits)
-    idx = scores.argmax(1)
-    rows = np.arange(len(idx))
-    return masks[rows, idx].astype(bool), logits[rows, idx]
 
 
 def evaluate_image_interactive(
@@ -113,34 +104,36 @@ def evaluate_image_interactive(
 
 
 def _clicks(predictor: PredictorLike, gt: np.ndarray, n_clicks: int) -> np.ndarray:
-    """IoU (K, 1 + n_clicks) of the click protocol for (K, H, W) ground-truth masks."""
+    """IoU (K, 1 + n_clicks) of the click protocol for (K, H, W) ground-truth masks.
+
+    The decoding rule (multimask for the first click, the selected candidate's
+    logits fed back for each appended click) is :class:`InteractiveSession`'s.
+    """
     K = len(gt)
     out = np.ones((K, 1 + n_clicks))
+    session = InteractiveSession(predictor)
     points = innermost_points(gt)[:, None, :].astype(np.float64)  # (K, 1, 2) row, col
     plabels = np.ones((K, 1), dtype=np.int64)
-    masks, logits = _best(predictor.predict(points=points, labels=plabels, multimask=True))
-    out[:, 0] = paired_mask_iou(masks, gt)
+    session.update(points, plabels)
+    out[:, 0] = paired_mask_iou(session.mask, gt)
     active = np.flatnonzero(out[:, 0] < 1.0)
-    points, plabels = points[active], plabels[active]  # rows follow ``active``
+    session.keep(active)  # the session's rows follow ``active``
+    points, plabels = points[active], plabels[active]
     for k in range(1, n_clicks + 1):
         if active.size == 0:
             break
         xy, lab = correction_points(
-            torch.from_numpy(masks[active]), torch.from_numpy(gt[active]), mode="center"
+            torch.from_numpy(session.mask), torch.from_numpy(gt[active]), mode="center"
         )
         rc = xy.numpy()[:, ::-1].astype(np.float64)
         points = np.concatenate([points, rc[:, None]], 1)
         plabels = np.concatenate([plabels, lab.numpy()[:, None]], 1)
-        pred = predictor.predict(
-            points=points, labels=plabels, mask_input=logits[active][:, None], multimask=False
-        )
-        new_masks = np.asarray(pred.masks)[:, 0].astype(bool)
-        new_logits = np.asarray(pred.logits)[:, 0]
-        iou = paired_mask_iou(new_masks, gt[active])
+        session.update(points, plabels)  # points appended: refines, one mask
+        iou = paired_mask_iou(session.mask, gt[active])
         out[active, k] = iou
         out[active, k + 1 :] = iou[:, None]  # kept when the object is done before the end
-        masks[active], logits[active] = new_masks, new_logits
         keep = iou < 1.0
         points, plabels, active = points[keep], plabels[keep], active[keep]
+        session.keep(keep)
     # objects perfect after the first click keep IoU 1 in later columns (ones)
     return out

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.engine.stack import StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets._common import (
@@ -49,6 +50,7 @@ from napari_sam.widgets._common import (
     process_events_until,
     scrollable,
 )
+from napari_sam.widgets._model_control import ModelController
 
 __all__ = ["PARAMS", "SegmentEverythingWidget"]
 
@@ -148,8 +150,8 @@ class SegmentEverythingWidget(QWidget):
         self.viewer = napari_viewer
         self.result_layer: Any = None
         self.last_error: BaseException | None = None
-        self._model: Any = None
-        self._instance_label: str | None = None  # label of a model given as an object
+        # the model given or loaded by the last run (a named one is loaded on Run)
+        self.models = ModelController(self)
         self._worker: Any = None
         self._cancel = threading.Event()
         self._run_state: dict[str, Any] = {}
@@ -270,21 +272,17 @@ class SegmentEverythingWidget(QWidget):
         ``label`` names a Sam instance in the model box (default: its class name).
         """
         if isinstance(model, (str, Path)):
-            self._model = None
-            self._instance_label = None
+            self.models.forget()
             self.model_picker.show_model(str(model))
             self._apply_recommended(str(model))
         else:
-            if device is not None and hasattr(model, "to"):
-                model = model.to(device)
-            self._model = model
-            self._instance_label = label or f"<{type(model).__name__} object>"
-            self.model_picker.show_model(self._instance_label)
+            self.models.set_model(model, device, label)
+            self.model_picker.show_model(self.models.instance_label)
 
     def _on_model_picked(self, name: str, device: str) -> None:
-        if self._model is not None and name == self._instance_label:
+        if self.models.model is not None and name == self.models.instance_label:
             return  # the same object; it is moved to the chosen device on Run
-        self._model = None  # loaded (in the worker) on the next run
+        self.models.forget()  # loaded (in the worker) on the next run
         self._apply_recommended(name)
 
     def _apply_recommended(self, name: str) -> None:
@@ -316,13 +314,13 @@ class SegmentEverythingWidget(QWidget):
             show_error(str(err))
             self._set_status(str(err))
             return None
-        model: Any = self._model
+        model: Any = self.models.model
         device = self.model_picker.device
         if model is None:
             model = self.model_picker.name or DEFAULT_MODEL
-        elif self._instance_label is not None and device is not None:
+        elif self.models.instance_label is not None and device is not None:
             try:
-                model = self._model = model.to(device)
+                model = self.models.model = model.to(device)
             except Exception as err:
                 show_error(f"Could not move the model to {device}: {error_message(err)}")
                 return None
@@ -334,7 +332,7 @@ class SegmentEverythingWidget(QWidget):
             "slices": slices,
             "done_slices": 0,
             "layer": None,
-            "offset": 0,
+            "labeller": StackLabeller(),
             "cancelled": False,
             "name": L.unique_name((x.name for x in self.viewer.layers), f"{image.name} everything"),
         }
@@ -404,7 +402,8 @@ class SegmentEverythingWidget(QWidget):
         kind = msg[0]
         state = self._run_state
         if kind == "model":
-            self._model = msg[1]  # reused by later runs until another model is picked
+            # reused by later runs until another model is picked
+            self.models.install(msg[1], self.model_picker.name or DEFAULT_MODEL)
         elif kind == "progress":
             if state.get("cancelled"):
                 return  # the bar was reset; the last batch is finishing
@@ -434,12 +433,8 @@ class SegmentEverythingWidget(QWidget):
             self.viewer.add_layer(layer)
             state["layer"] = layer
             self.result_layer = layer
-        labels = np.asarray(labels).astype(layer.data.dtype, copy=False)
-        objects = labels > 0
-        out = np.zeros_like(labels)
-        out[objects] = labels[objects] + state["offset"]  # ids unique over the stack
-        if objects.any():
-            state["offset"] = int(out.max())
+        # ids unique over the stack: the rule of napari_sam.engine.stack (as the CLI)
+        out = state["labeller"].add(labels)[0].astype(layer.data.dtype, copy=False)
         if index:
             layer.data[index] = out
         else:

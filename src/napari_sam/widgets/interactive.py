@@ -27,7 +27,7 @@ the rules live in Qt-free modules (:mod:`.prompting`, :mod:`.preview`, :mod:`.ke
 Keys (while ``SAM points`` or ``SAM boxes`` is the selected layer): see :mod:`.keys`.
 
 Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scores``,
-``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
+``last_request``, ``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
 ``set_polarity(b)``, ``set_prompt_mode(m)``, ``set_model(...)``,
 ``set_image_layer(layer)``, ``wait_for_embedding(timeout)``,
 ``wait_for_prediction(timeout)``.
@@ -39,8 +39,7 @@ import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
@@ -60,6 +59,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.engine.session import InteractiveSession, PromptRequest
 from napari_sam.errors import InvalidInputError, NapariSamError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets import preview as P
@@ -73,9 +73,15 @@ from napari_sam.widgets._common import (
     scrollable,
     unwrap,
 )
+from napari_sam.widgets._model_control import ModelController
 from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
-from napari_sam.widgets.prompting import DecodePlan, Prompts, mask_bbox, plan_decode
+from napari_sam.widgets.prompting import Prompts, mask_bbox
 from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
+
+if TYPE_CHECKING:
+    from napari_sam.engine.cache import CacheEntry
+    from napari_sam.engine.predictor import Prediction, Predictor
+    from napari_sam.models.sam import Sam
 
 __all__ = ["SegmentAnythingWidget"]
 
@@ -113,34 +119,28 @@ def _embed_plane(
     return predictor.embed(to_rgb_uint8(plane, contrast_limits))
 
 
-def _load(name: str, device: str | None) -> Any:
-    from napari_sam.models.zoo import load_model
-
-    return load_model(name, device=device)
-
-
 @dataclass
 class _Prediction:
     """What a prediction job hands to the main thread (masks in image data pixels)."""
 
-    predictor: Any
-    prompts: Prompts
-    plan: DecodePlan
+    session: InteractiveSession
+    request: PromptRequest
+    prediction: Prediction
     masks: np.ndarray  # (C, H, W) bool
-    scores: np.ndarray  # (C,)
-    logits: np.ndarray  # (C, 4E, 4E) low-res logits
     boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate
     crops: list[np.ndarray | None]  # preview pixels of each candidate's box
     style: str
 
+    @property
+    def prompts(self) -> Prompts:
+        return self.request.prompts
+
 
 def _predict_job(
-    predictor: Any,
+    session: InteractiveSession,
     applied: dict[str, Any],
     entry: Any,
-    prompts: Prompts,
-    plan: DecodePlan,
-    mask_input: np.ndarray | None,
+    request: PromptRequest,
     style: str,
     width: int,
 ) -> _Prediction:
@@ -149,25 +149,16 @@ def _predict_job(
     ``applied`` remembers which embedding the predictor holds (only this thread
     touches the predictor, so setting the embedding here is race-free).
     """
+    predictor = session.predictor
     if applied.get("entry") is not entry:
         predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
         applied["entry"] = entry
-    has_points = len(prompts.points) > 0
-    pred = predictor.predict(
-        points=prompts.points if has_points else None,
-        labels=prompts.labels if has_points else None,
-        box=prompts.box,
-        mask_input=mask_input,
-        multimask=plan.multimask,
-    )
+    pred = session.decode(request)
     masks = np.asarray(pred.masks, dtype=bool)
     boxes = [mask_bbox(m) for m in masks]
     crops = [None if b is None else P.render_preview(m[b], style, width)
              for m, b in zip(masks, boxes, strict=True)]
-    return _Prediction(
-        predictor, prompts, plan, masks, np.asarray(pred.scores, dtype=float).reshape(-1),
-        np.asarray(pred.logits), boxes, crops, style,
-    )
+    return _Prediction(session, request, pred, masks, boxes, crops, style)
 
 
 @contextlib.contextmanager
@@ -222,25 +213,18 @@ class SegmentAnythingWidget(QWidget):
         self.masks: np.ndarray | None = None  # (C, H, W) bool
         self.candidate: int | None = None
         self.slice_index: tuple[int, ...] = ()
-        self.last_prompts: dict[str, Any] | None = None  # what predict() last received
+        self.session: InteractiveSession | None = None  # the decoding rule and its state
 
-        self._model: Any = None
-        self._model_label = ""
-        self._instance_label: str | None = None  # label of a model given as an object
-        self._predictor: Any = None
+        self._predictor: Predictor | None = None
         self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
-        self._entry: Any = None  # embedding (CacheEntry) of the shown plane
-        self._model_gen = 0  # bumps on every model change: stale loads are dropped
+        self._entry: CacheEntry | None = None  # embedding of the shown plane
         self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
-        self._loading = True  # the default model is loaded as soon as the widget shows
         self._ready = False
         self._image: Image | None = None
         self._image_ok = False
         self._plane_shown = False  # the viewer shows a 2D plane of the image
         self._embed_limits: tuple[float, ...] | None = None  # contrast of the last embedding
-        self._logits: np.ndarray | None = None
         self._result: _Prediction | None = None
-        self._last_prompts: Prompts | None = None  # prompts of the shown prediction
         self._requested: Prompts | None = None  # prompts of the latest request
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
@@ -255,6 +239,10 @@ class SegmentAnythingWidget(QWidget):
         self._life = {"closed": False}
         life = self._life
         self.destroyed.connect(lambda *_: life.update(closed=True))
+        self.models = ModelController(self)  # the model, its loading and its generation
+        self.models.loading = True  # the default model is loaded as soon as the widget shows
+        self.models.ready.connect(self._on_model_ready)
+        self.models.failed.connect(self._on_model_failed)
         self._runner = LatestJobRunner(self, name="napari-sam-predict")
         self._runner.done.connect(self._on_prediction)
         self._build_ui()
@@ -406,14 +394,14 @@ class SegmentAnythingWidget(QWidget):
             self.status.setText(text)
 
     def _ready_text(self) -> str:
-        return f"Ready ({self._model_label}): click on the object."
+        return f"Ready ({self.models.label}): click on the object."
 
     # ---------------------------------------------------------------- model
 
     @property
-    def model(self) -> Any:
+    def model(self) -> Sam | None:
         """The current Sam model (or None while none is loaded)."""
-        return self._model
+        return self.models.model
 
     def set_model(self, model: Any, device: str | None = None, label: str | None = None) -> None:
         """Use ``model``: a Sam instance, a zoo name or a checkpoint path (loaded now).
@@ -424,85 +412,36 @@ class SegmentAnythingWidget(QWidget):
         DownloadError) after showing them as a notification; the previous model
         stays in use.
         """
-        if isinstance(model, (str, Path)):
-            try:
-                loaded = _load(str(model), device)
-            except Exception as err:
-                self._model_failed(str(model), err)
-                raise
-            self._install_model(loaded, str(model))
-        else:
-            if device is not None and hasattr(model, "to"):
-                model = model.to(device)
-            label = label or f"<{type(model).__name__} object>"
-            self._install_model(model, label)
-            self._instance_label = label
+        self.models.set_model(model, device, label)
 
     def _autoload_default_model(self) -> None:
-        if self._model_gen == 0 and self._model is None and not self._closed:
+        models = self.models
+        if models.generation == 0 and models.model is None and not self._closed:
             self._load_model_async(DEFAULT_MODEL, self.model_picker.device)
 
     def _on_model_picked(self, name: str, device: str) -> None:
-        if self._model is not None and name == self._instance_label:
-            # a model given as an object (no name to reload): move it to the new device
-            try:
-                from napari_sam.models.zoo import resolve_device
-
-                model = self._model.to(resolve_device(device or None))
-            except Exception as err:
-                show_error(f"Could not move the model to {device or 'auto'}: {error_message(err)}")
-                return
-            self._install_model(model, name)
-            self._instance_label = name
+        if self.models.model is not None and name == self.models.instance_label:
+            error = self.models.pick(name, device or None)
+            if error is not None:
+                show_error(error)
             return
         self._load_model_async(name, device or None)
 
     def _load_model_async(self, name: str, device: str | None) -> None:
-        self._model_gen += 1
-        gen = self._model_gen
-        self._loading = True
         self._set_status(f"Loading model {name!r}…")
-        worker = create_worker(
-            _load, name, device, _progress={"desc": f"SAM: loading {name}"}, _ignore_errors=True
-        )
-        worker.returned.connect(partial(self._on_model_loaded, gen, name))
-        worker.errored.connect(partial(self._on_model_error, gen, name))
-        self._start(worker)
+        self.models.load_async(name, device)
 
-    def _on_model_loaded(self, gen: int, name: str, model: Any) -> None:
-        if gen != self._model_gen or self._closed:
-            return
-        self._loading = False
-        self._install_model(model, name)
+    def _on_model_failed(self, name: str, message: str) -> None:
+        if self.models.model is not None:
+            self.model_picker.show_model(self.models.label)
+        (show_warning if name == DEFAULT_MODEL else show_error)(message)
+        self._set_status(message)
 
-    def _on_model_error(self, gen: int, name: str, err: BaseException) -> None:
-        if gen != self._model_gen or self._closed:
-            return
-        self._loading = False
-        self._model_failed(name, err)
-
-    def _model_failed(self, name: str, err: BaseException) -> None:
-        msg = f"Could not load model {name!r}: {error_message(err)}"
-        if name == DEFAULT_MODEL:
-            msg += (
-                " The plugin's embedded default model is missing or broken; pick another model "
-                "(vit_t is small and downloads once) or 'Browse…' to a local checkpoint."
-            )
-        if self._model is not None:
-            msg += f" Still using {self._model_label}."
-            self.model_picker.show_model(self._model_label)
-        (show_warning if name == DEFAULT_MODEL else show_error)(msg)
-        self._set_status(msg)
-
-    def _install_model(self, model: Any, label: str) -> None:
+    def _on_model_ready(self, model: Sam, label: str) -> None:
         from napari_sam.engine.predictor import Predictor
 
-        self._model_gen += 1
-        self._loading = False
-        self._model = model
-        self._model_label = label
-        self._instance_label = None
         self._predictor = Predictor(model, cache=self.cache)
+        self.session = InteractiveSession(self._predictor)
         self._predictor_state = {}
         self.model_picker.show_model(label)
         self._reset_prediction()
@@ -889,7 +828,7 @@ class SegmentAnythingWidget(QWidget):
         if self._predictor is None or self._image is None or not self._image_ok:
             if self._predictor is None:
                 self._set_status(
-                    f"Loading model {self.model_picker.name!r}…" if self._loading
+                    f"Loading model {self.model_picker.name!r}…" if self.models.loading
                     else "No model loaded: pick one in the model box."
                 )
             return
@@ -1025,14 +964,11 @@ class SegmentAnythingWidget(QWidget):
             return
         if prompts.same_as(self._requested):
             return  # e.g. an older rectangle was removed: nothing the model sees changed
-        plan = plan_decode(
-            prompts, self._last_prompts, self._logits is not None and self.candidate is not None
-        )
-        mask_input = self._logits[self.candidate][None] if plan.refine else None
+        request = self.session.request(prompts.points, prompts.labels, prompts.box)
         self._requested = prompts
         job = partial(
-            _predict_job, self._predictor, self._predictor_state, self._entry, prompts, plan,
-            mask_input, self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
+            _predict_job, self.session, self._predictor_state, self._entry, request,
+            self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
         )
         self._runner.submit(job)
 
@@ -1049,22 +985,18 @@ class SegmentAnythingWidget(QWidget):
                 self._set_status(msg)
                 show_error(msg)
             return
-        if result is None or result.predictor is not self._predictor:
+        if result is None or result.session is not self.session:
             return
-        prompts = result.prompts
-        self.last_prompts = {
-            "points": prompts.points.copy(),
-            "labels": prompts.labels.copy(),
-            "box": None if prompts.box is None else prompts.box.copy(),
-            "mask_input": result.plan.refine,
-            "multimask": result.plan.multimask,
-        }
-        self._last_prompts = prompts
+        self.session.accept(result.request, result.prediction)
         self._result = result
         self.masks = result.masks
-        self.scores = result.scores
-        self._logits = result.logits
-        self._show_candidate(int(np.argmax(self.scores)))
+        self.scores = self.session.scores
+        self._show_candidate(self.session.candidate)
+
+    @property
+    def last_request(self) -> PromptRequest | None:
+        """The request of the shown prediction (prompts, multimask, refine), or None."""
+        return None if self.session is None else self.session.last_request
 
     def select_candidate(self, i: int) -> None:
         """Show candidate mask ``i`` (0-based) as the preview."""
@@ -1079,6 +1011,8 @@ class SegmentAnythingWidget(QWidget):
 
     def _show_candidate(self, i: int) -> None:
         self.candidate = i
+        if self.session is not None and self.session.masks is not None:
+            self.session.select(i)
         self.preview = self.masks[i]
         for k, b in enumerate(self.candidate_buttons):
             has = self.scores is not None and k < len(self.scores)
@@ -1151,13 +1085,12 @@ class SegmentAnythingWidget(QWidget):
         self._runner.invalidate()
         self._requested = None
         self._result = None
-        self._last_prompts = None
+        if self.session is not None:
+            self.session.reset()
         self.preview = None
         self.scores = None
         self.masks = None
         self.candidate = None
-        self._logits = None
-        self.last_prompts = None
         self.candidate_group.setExclusive(False)
         for k, b in enumerate(self.candidate_buttons):
             b.setChecked(False)
@@ -1245,22 +1178,20 @@ class SegmentAnythingWidget(QWidget):
         The same as Ctrl+Z with that layer selected (napari's undo history), without
         changing the selected layer. Returns False when no layer received a commit.
         """
-        layer = self._undo_target()
-        if layer is None:
-            show_info("Nothing to undo: no object was committed yet.")
-            return False
-        layer.undo()
-        self._set_status(f"Undid the last change of {layer.name!r} (Ctrl+Shift+Z redoes).")
-        return True
+        return self._history("undo", "Undid the last change of {name!r} (Ctrl+Shift+Z redoes).")
 
     def redo(self) -> bool:
         """Redo what :meth:`undo` (or Ctrl+Z on the labels layer) undid last."""
+        return self._history("redo", "Redid the last undone change of {name!r}.")
+
+    def _history(self, step: str, done: str) -> bool:
+        """Run ``layer.undo``/``layer.redo`` (``step``) on the last commit's layer."""
         layer = self._undo_target()
         if layer is None:
-            show_info("Nothing to redo: no object was committed yet.")
+            show_info(f"Nothing to {step}: no object was committed yet.")
             return False
-        layer.redo()
-        self._set_status(f"Redid the last undone change of {layer.name!r}.")
+        getattr(layer, step)()
+        self._set_status(done.format(name=layer.name))
         return True
 
     def _clear_prompt_data(self) -> None:
@@ -1293,7 +1224,7 @@ class SegmentAnythingWidget(QWidget):
         self._embed_timer.stop()
         self._runner.stop()
         self._emb_gen += 1
-        self._model_gen += 1
+        self.models.close()
         ev = self.viewer.layers.events
         for sig, slot in (
             (ev.inserted, self._on_layers_changed),
