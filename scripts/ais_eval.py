@@ -31,8 +31,12 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=None)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--click-iou", action="store_true",
+                        help="also score 'click = the AIS instance under the innermost pixel' "
+                             "(objects of at least 10 px, as napari-sam evaluate prompts them)")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
 
     from napari_sam.engine.ais import AisSettings, InstanceSegmenter, instances_from_maps
@@ -54,6 +58,7 @@ def main() -> None:
     data = InstanceDataset(args.data, ids=ids)
     grid = list(itertools.product(args.foreground, args.center))
     scores: dict[tuple[float, float], list] = {pair: [] for pair in grid}
+    clicks: dict[tuple[float, float], list] = {pair: [] for pair in grid}
     seconds = []
     for i in range(len(data)):
         image, labels = data.load(i)
@@ -69,17 +74,42 @@ def main() -> None:
             n = int(pred.max())
             masks = [pred == k for k in range(1, n + 1)]
             scores[(fg, ct)].append(matching_metrics(labels, masks))
+            if args.click_iou:
+                clicks[(fg, ct)].extend(_click_ious(pred, labels))
         seconds.append(time.perf_counter() - tic)
     rows = []
     for (fg, ct), per_image in scores.items():
         m = mean_metrics(per_image)
         rows.append({"foreground": fg, "center": ct, "ap50": m["ap50"], "ap75": m["ap75"],
-                     "ap_dsb": m["ap_dsb"], "n_pred": m["n_pred"], "n_gt": m["n_gt"]})
+                     "ap_dsb": m["ap_dsb"], "n_pred": m["n_pred"], "n_gt": m["n_gt"],
+                     **({"click_miou": float(np.mean(clicks[(fg, ct)]))} if args.click_iou
+                        else {})})
     rows.sort(key=lambda r: r["ap50"])
     for r in rows:
         print(json.dumps(r))
     print(json.dumps({"images": len(data), "seconds_per_image": sum(seconds) / len(seconds),
                       "settings": dataclasses.asdict(AisSettings())}))
+
+
+def _click_ious(pred, labels, min_area: int = 10) -> list[float]:
+    """IoU of the predicted instance under each object's innermost pixel (0 on background)."""
+    import numpy as np
+
+    from napari_sam.training.prompts import innermost_points
+
+    ids = [i for i in np.unique(labels) if i and (labels == i).sum() >= min_area]
+    if not ids:
+        return []
+    gt = np.stack([labels == i for i in ids])
+    out = []
+    for mask, (r, c) in zip(gt, innermost_points(gt), strict=True):
+        k = pred[r, c]
+        if k == 0:
+            out.append(0.0)
+            continue
+        p = pred == k
+        out.append(float((p & mask).sum() / (p | mask).sum()))
+    return out
 
 
 if __name__ == "__main__":
