@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from napari_sam._files import atomic_path
 from napari_sam.errors import CheckpointError, InvalidInputError
 
 from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
 
 __all__ = ["AUX_HEAD_FILE", "append_log", "load_aux_head", "load_state", "load_weights",
-           "prepare_output_dir", "save_aux_head", "save_model"]
+           "prepare_output_dir", "save_aux_head", "save_model", "save_state"]
 
 log = logging.getLogger("napari_sam.training")
 
@@ -105,7 +105,7 @@ def load_state(path: Path) -> dict[str, Any]:
         )
     return state
 
-#: files a run writes into its folder
+#: files a run writes into its folder (``last_state.pt.tmp``: left by older versions)
 _RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "last_state.pt",
               "last_state.pt.tmp", "best.safetensors")
 
@@ -203,10 +203,21 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool) -> bool:
 AUX_HEAD_FILE = "aux_head.pt"
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`napari_sam._files.atomic_path`):
+    ``path`` holds the previous file or the new one, never a partial one."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Write a ``last_state.pt`` (step, best score, optimizer state; atomic)."""
+    save_torch(state, path)
+
+
 def save_aux_head(head: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(head.state_dict(), tmp)
-    os.replace(tmp, path)
+    """Write the ``aux_dense`` head's weights to ``path`` (atomic)."""
+    save_torch(head.state_dict(), path)
 
 
 def load_aux_head(head: torch.nn.Module, path: Path) -> None:
