@@ -35,6 +35,18 @@ def save_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> 
     checkpoint.save_model(model, path, extra_metadata=metadata)
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`napari_sam._files.atomic_path`):
+    ``path`` holds the previous file or the new one, never a partial one."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Write a ``last_state.pt`` (step, best score, optimizer state; atomic)."""
+    save_torch(state, path)
+
+
 def _names(keys: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(sorted(keys)[:n])
     return shown + (", ..." if len(keys) > n else "")
@@ -105,7 +117,7 @@ def load_state(path: Path) -> dict[str, Any]:
         )
     return state
 
-#: files a run writes into its folder (``last_state.pt.tmp``: left by older versions)
+#: files a run writes into its folder
 _RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "last_state.pt",
               "last_state.pt.tmp", "best.safetensors")
 
@@ -201,18 +213,6 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool) -> bool:
 
 
 AUX_HEAD_FILE = "aux_head.pt"
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (:func:`napari_sam._files.atomic_path`):
-    ``path`` holds the previous file or the new one, never a partial one."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_state(state: dict[str, Any], path: Path) -> None:
-    """Write a ``last_state.pt`` (step, best score, optimizer state; atomic)."""
-    save_torch(state, path)
 
 
 def save_aux_head(head: torch.nn.Module, path: Path) -> None:
