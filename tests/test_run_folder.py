@@ -19,35 +19,37 @@ def _failing_save(obj, f, *args, **kwargs):
     raise DiskFull("No space left on device")
 
 
-@pytest.mark.parametrize("write", ["aux_head", "state"])
+def _state(step: int) -> dict:
+    return {"step": step, "best": 0.5, "optimizer": {"state": {}, "param_groups": []}}
+
+
+@pytest.mark.parametrize("write", ["torch", "state"])
 def test_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_temp(
         tmp_path, monkeypatch, write):
-    head = torch.nn.Conv2d(2, 4, 1)
-    path = tmp_path / ("aux_head.pt" if write == "aux_head" else "last_state.pt")
+    """A write that fails half-way (the old code left ``<name>.tmp`` behind)."""
+    path = tmp_path / ("head.pt" if write == "torch" else "last_state.pt")
 
-    def save():
-        if write == "aux_head":
-            run_folder.save_aux_head(head, path)
+    def save(step):
+        if write == "torch":
+            run_folder.save_torch(torch.nn.Conv2d(2, 4, 1).state_dict(), path)
         else:
-            run_folder.save_state({"step": 3, "best": 0.5, "optimizer": {"state": {}}}, path)
+            run_folder.save_state(_state(step), path)
 
-    save()
+    save(3)
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", _failing_save)
     with pytest.raises(DiskFull):
-        save()
+        save(4)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_checkpoint_files_round_trip_with_normal_permissions(tmp_path):
     head = torch.nn.Conv2d(2, 4, 1)
-    run_folder.save_aux_head(head, tmp_path / "aux_head.pt")
-    copy = torch.nn.Conv2d(2, 4, 1)
-    run_folder.load_aux_head(copy, tmp_path / "aux_head.pt")
-    assert torch.equal(copy.weight, head.weight)
-    run_folder.save_state({"step": 7, "best": -1.0, "optimizer": {"state": {}}},
-                          tmp_path / "last_state.pt")
+    run_folder.save_torch(head.state_dict(), tmp_path / "head.pt")
+    saved = torch.load(tmp_path / "head.pt", weights_only=True)
+    assert torch.equal(saved["weight"], head.weight)
+    run_folder.save_state(_state(7), tmp_path / "last_state.pt")
     assert run_folder.load_state(tmp_path / "last_state.pt")["step"] == 7
     # atomic_path publishes with 0o666 less the umask, like a plainly created file
     plain = tmp_path / "plain"
