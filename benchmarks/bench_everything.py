@@ -22,7 +22,7 @@ fraction of reference masks matched by one of ours from the same prompt point
 at mask IoU >= 0.95.
 
     python benchmarks/bench_everything.py [--model vit_b] [--points-per-side 32]
-        [--sets default,lowered,recommended] [--encoder-depth N]   # N: shallower encoder
+        [--sets default,lowered,recommended] [--encoder-depth N]   # a shallower encoder
         [--weights default|PATH]   # trained weights (the embedded model): real masks survive
         [--ours-only]   # skip the reference; also prints the process's peak RSS
 
@@ -74,6 +74,18 @@ def load_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[4:516, 92:604])
 
 
+def shallower_encoder(encoder, depth: int):
+    """``encoder``'s config with at most ``depth`` blocks: a ViT keeps its first ``depth``
+    blocks (the last one global), a TinyViT (vit_t) at most ``depth`` blocks per stage."""
+    from napari_sam.models.build import TinyViTEncoderConfig
+
+    if depth < 1:
+        raise SystemExit(f"--encoder-depth must be at least 1, got {depth}.")
+    if isinstance(encoder, TinyViTEncoderConfig):
+        return dataclasses.replace(encoder, depths=tuple(min(d, depth) for d in encoder.depths))
+    return dataclasses.replace(encoder, depth=depth, global_attn_indexes=(depth - 1,))
+
+
 def build_models(model: str, encoder_depth: int | None, weights: str | None = None,
                  reference: bool = True):
     """Our model and the reference with the same weights (None with ``reference=False``)."""
@@ -92,10 +104,7 @@ def build_models(model: str, encoder_depth: int | None, weights: str | None = No
         return ours, ref.eval()
     cfg = MODEL_CONFIGS[model]
     if encoder_depth is not None:
-        enc = dataclasses.replace(
-            cfg.encoder, depth=encoder_depth, global_attn_indexes=(encoder_depth - 1,)
-        )
-        cfg = dataclasses.replace(cfg, encoder=enc)
+        cfg = dataclasses.replace(cfg, encoder=shallower_encoder(cfg.encoder, encoder_depth))
     torch.manual_seed(0)
     ours = build_sam(cfg).eval()
     if not reference:
@@ -167,7 +176,8 @@ def main() -> None:
     ap.add_argument("--model", default="vit_b")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--sets", default="default,lowered")
-    ap.add_argument("--encoder-depth", type=int, default=None)
+    ap.add_argument("--encoder-depth", type=int, default=None,
+                    help="a shallower encoder: N blocks (vit_b/l/h), at most N per stage (vit_t)")
     ap.add_argument(
         "--weights",
         default=None,

@@ -6,7 +6,8 @@ prompts into masks. It speaks the engine's coordinate convention:
 * points are ``(row, col)`` in image-data pixels, ``0 <= row < H`` and
   ``0 <= col < W`` (a point outside raises; round or clip napari click
   coordinates first), with labels 1 (foreground) or 0 (background);
-* boxes are ``(row0, col0, row1, col1)`` in image-data pixels; corners given in
+* boxes are ``(row0, col0, row1, col1)`` in image-data pixels, both corners
+  inclusive (the object's first and last row/column); corners given in
   the wrong order are sorted, a box of zero height or width raises, and a box
   reaching beyond the image is clipped to it (rows ``0..H``, columns ``0..W``:
   SAM draws no mask where the model sees no image, so a box far larger than the
@@ -78,7 +79,8 @@ class Predictor:
         ``mask_decoder``, ``preprocess``, ``mask_threshold``).
       cache: embedding cache to use (may be shared between predictors);
         a private one of ``cache_bytes`` is made when None.
-      cache_bytes: capacity of the private cache.
+      cache_bytes: capacity of the private cache (default
+        :attr:`EmbeddingCache.DEFAULT_BYTES`, 512 MiB).
       decoder: the mask-decoder backend: ``"auto"`` (default: the factored
         backend when the model's decoder has SAM's standard layout, else the
         reference), ``"reference"`` (``model.mask_decoder`` itself),
@@ -101,7 +103,7 @@ class Predictor:
         self,
         model: torch.nn.Module,
         cache: EmbeddingCache | None = None,
-        cache_bytes: int = 512 * 2**20,
+        cache_bytes: int = EmbeddingCache.DEFAULT_BYTES,
         decoder: str | MaskDecoderBackend = "auto",
     ) -> None:
         self.model = model
@@ -241,7 +243,11 @@ class Predictor:
           points: (N, 2) (row, col) points, or (B, N, 2) for a batch of prompts.
           labels: (N,) or (B, N) labels, 1 = foreground, 0 = background;
             all 1 when None.
-          box: (4,) (row0, col0, row1, col1), or (B, 4).
+          box: (4,) (row0, col0, row1, col1), or (B, 4). The corners are pixel
+            indices, **both inclusive**: the first and the last row/column of the
+            object (``row1 = max row``, not a slice end), as SAM was trained; a box
+            with exclusive ends (``bbox_rc``, numpy slice bounds) is one pixel larger
+            at the bottom right, which SAM tolerates.
           mask_input: (1, 4E, 4E) low-res logits of an earlier prediction
             (``pred.logits[i][None]``), or (B, 1, 4E, 4E).
           multimask: return 3 candidate masks (best for a single ambiguous

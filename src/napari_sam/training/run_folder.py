@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from napari_sam._files import atomic_path
 from napari_sam.errors import CheckpointError, InvalidInputError
 
 from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
 
 __all__ = ["AUX_HEAD_FILE", "append_log", "load_aux_head", "load_state", "load_weights",
-           "prepare_output_dir", "save_aux_head", "save_model"]
+           "prepare_output_dir", "save_aux_head", "save_model", "save_state"]
 
 log = logging.getLogger("napari_sam.training")
 
@@ -33,6 +33,18 @@ def save_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> 
     from napari_sam.models import checkpoint
 
     checkpoint.save_model(model, path, extra_metadata=metadata)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`napari_sam._files.atomic_path`):
+    ``path`` holds the previous file or the new one, never a partial one."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Write a ``last_state.pt`` (step, best score, optimizer state; atomic)."""
+    save_torch(state, path)
 
 
 def _names(keys: Sequence[str], n: int = 3) -> str:
@@ -204,9 +216,8 @@ AUX_HEAD_FILE = "aux_head.pt"
 
 
 def save_aux_head(head: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(head.state_dict(), tmp)
-    os.replace(tmp, path)
+    """Write the ``aux_dense`` head's weights to ``path`` (atomic)."""
+    save_torch(head.state_dict(), path)
 
 
 def load_aux_head(head: torch.nn.Module, path: Path) -> None:

@@ -56,6 +56,7 @@ from .run_folder import (
     prepare_output_dir,
     save_aux_head,
     save_model,
+    save_state,
 )
 from .simulation import collect_objects, merge_metrics, run_rounds, split_first_prompt
 
@@ -225,13 +226,11 @@ class _Run:
         """Write the checkpoint of ``step``: the optimiser state last, so that a crash in
         between leaves the previous ``last_state.pt`` (and a step mismatch that is refused)."""
         meta = {"step": str(step), "train_config": json.dumps(self.config.to_dict())}
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        torch.save({"step": step, "best": self.best, "optimizer": self.optimizer.state_dict()},
-                   tmp)
         save_model(self.model, self.last, meta)
         if self.aux_head is not None:
             save_aux_head(self.aux_head, self.out / AUX_HEAD_FILE)
-        tmp.replace(self.state_path)
+        save_state({"step": step, "best": self.best, "optimizer": self.optimizer.state_dict()},
+                   self.state_path)
 
     def train_mode(self) -> None:
         self.model.train()

@@ -94,7 +94,6 @@ PROMPT_BOX = "box"
 # embedding requests are debounced: dragging a contrast slider or scrolling a stack
 # starts one encoder run when the user pauses, not one per event
 EMBED_DELAY_MS = 150
-CACHE_BYTES = 512 * 2**20
 # commit() waits at most this long for a prediction still being computed
 PREDICTION_WAIT_S = 60.0
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
@@ -204,7 +203,7 @@ class SegmentAnythingWidget(QWidget):
         self.viewer = napari_viewer
         from napari_sam.engine.cache import EmbeddingCache
 
-        self.cache = EmbeddingCache(CACHE_BYTES)
+        self.cache = EmbeddingCache(EmbeddingCache.DEFAULT_BYTES)
         self.points_layer: Points | None = None
         self.boxes_layer: Shapes | None = None
         self.preview_layer: Labels | None = None
