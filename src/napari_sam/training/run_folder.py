@@ -3,14 +3,15 @@
 Files (in ``config.output_dir``): ``last.safetensors`` (model, with its config
 and the step in the metadata), ``last_state.pt`` (optimizer state and step;
 loaded with ``weights_only=True``), ``best.safetensors`` (best validation IoU),
-``aux_head.pt`` (the ``aux_dense`` head), ``config.json`` and ``log.jsonl``.
+``config.json`` and ``log.jsonl``. The AIS head, when the model has one, is
+inside the model files; runs written before that kept the ``aux_dense`` head
+in ``aux_head.pt``, which is read once on resume and then removed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from napari_sam.errors import CheckpointError, InvalidInputError
 from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
 
-__all__ = ["AUX_HEAD_FILE", "append_log", "load_aux_head", "load_state", "load_weights",
-           "prepare_output_dir", "save_aux_head", "save_model"]
+__all__ = ["AUX_HEAD_FILE", "append_log", "load_state", "load_weights", "prepare_output_dir",
+           "save_model"]
 
 log = logging.getLogger("napari_sam.training")
 
@@ -58,12 +59,14 @@ def _state_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple
     return "; ".join(parts)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
+def load_weights(model: torch.nn.Module, path: Path, legacy_head: Path | None = None
+                 ) -> dict[str, str]:
     """Load a ``last.safetensors`` written by this loop; returns its metadata.
 
     The tensors' names and shapes are compared with the model's first, so a
     file of another architecture gives a one-line summary, not a list of
-    every parameter.
+    every parameter. ``legacy_head``: an ``aux_head.pt`` of an older run, read
+    as the model's ``ais_head.*`` tensors when the file has none.
     """
     from napari_sam.models import checkpoint
 
@@ -74,6 +77,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
     except CheckpointError:
         raise CheckpointError(f"Cannot resume from {path}: unreadable (truncated, or not a "
                               f"safetensors file); {advice}") from None
+    if legacy_head is not None and legacy_head.is_file() and not any(
+            k.startswith("ais_head.") for k in state_dict):
+        state_dict.update(_legacy_head_tensors(legacy_head))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mismatch = _state_mismatch(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if mismatch:
@@ -83,6 +89,22 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
         )
     checkpoint.load_weights(model, state_dict, source=str(path))
     return meta
+
+
+def _legacy_head_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``ais_head.*`` tensors of an older run's ``aux_head.pt`` (the head's state dict)."""
+    from napari_sam.models.checkpoint import load_torch_file
+
+    try:
+        head = load_torch_file(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"Cannot resume: {path} (the AIS head of this run) is unreadable "
+                              f"({_short(str(err), 200)}); pass --overwrite to start over "
+                              "there.") from None
+    if not isinstance(head, dict) or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        raise CheckpointError(f"Cannot resume: {path} is not the head state that napari-sam "
+                              "train wrote; pass --overwrite to start over there.")
+    return {f"ais_head.{k}": v for k, v in head.items()}
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -107,7 +129,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 #: files a run writes into its folder
 _RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "last_state.pt",
-              "last_state.pt.tmp", "best.safetensors")
+              "last_state.pt.tmp", "best.safetensors", "aux_head.pt", "aux_head.pt.tmp")
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -201,21 +223,6 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool) -> bool:
 
 
 AUX_HEAD_FILE = "aux_head.pt"
-
-
-def save_aux_head(head: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(head.state_dict(), tmp)
-    os.replace(tmp, path)
-
-
-def load_aux_head(head: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise CheckpointError(
-            f"Cannot resume: {path} (the --aux-dense head) is missing; delete the output "
-            "folder's last.* files to restart, or resume without --aux-dense."
-        )
-    head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:
