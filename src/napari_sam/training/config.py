@@ -414,7 +414,9 @@ def config_problems(config: TrainConfig) -> list[tuple[str, str]]:
     ):
         out.append(("mask_only_rounds", f"must be less than rounds ({config.rounds}), got "
                                         f"{config.mask_only_rounds}"))
-    if _is_int(config.ais_head_hidden) and config.ais_head_hidden % 2:
+    trains_head = bool(config.head_only) or (_is_number(config.aux_dense)
+                                             and config.aux_dense > 0)
+    if trains_head and _is_int(config.ais_head_hidden) and config.ais_head_hidden % 2:
         out.append(("ais_head_hidden", f"must be an even number, got {config.ais_head_hidden}"))
     if config.head_only and config.aux_dense != 0:
         out.append(("aux_dense", "weighs the dense loss against SAM's mask losses, which "

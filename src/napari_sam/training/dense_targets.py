@@ -45,6 +45,7 @@ from napari_sam.models.ais_head import AisHead
 __all__ = [
     "DENSE_CHANNELS",
     "DenseHead",
+    "add_ais_head",
     "attach_ais_head",
     "aux_backward",
     "dense_loss",
@@ -170,6 +171,17 @@ def dense_loss(
     return (bce + dice).mean()
 
 
+def add_ais_head(model: nn.Module, hidden: int) -> AisHead:
+    """Give ``model`` (which has no head) a new AIS head of width ``hidden`` on its device;
+    ``model.config`` records the width, so that its saved weights load with the head."""
+    head = AisHead(int(model.prompt_encoder.embed_dim), hidden)
+    head.to(next(model.parameters()).device)
+    model.ais_head = head
+    if getattr(model, "config", None) is not None:
+        model.config = dataclasses.replace(model.config, ais_head_hidden=hidden)
+    return head
+
+
 def attach_ais_head(
     model: nn.Module, config: Any, optimizer: torch.optim.Optimizer,
 ) -> nn.Module | None:
@@ -195,12 +207,7 @@ def attach_ais_head(
             head.requires_grad_(False)
         return None
     if head is None:
-        hidden = int(config.ais_head_hidden)
-        head = AisHead(int(model.prompt_encoder.embed_dim), hidden)
-        head.to(next(model.parameters()).device)
-        model.ais_head = head
-        if getattr(model, "config", None) is not None:
-            model.config = dataclasses.replace(model.config, ais_head_hidden=hidden)
+        head = add_ais_head(model, int(config.ais_head_hidden))
     head.requires_grad_(True)
     optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
     return head

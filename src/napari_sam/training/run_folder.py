@@ -22,6 +22,7 @@ from napari_sam.errors import CheckpointError, InvalidInputError
 
 from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
+from .dense_targets import add_ais_head
 
 __all__ = ["AUX_HEAD_FILE", "append_log", "load_state", "load_weights", "prepare_output_dir",
            "save_model"]
@@ -65,8 +66,14 @@ def load_weights(model: torch.nn.Module, path: Path, legacy_head: Path | None = 
 
     The tensors' names and shapes are compared with the model's first, so a
     file of another architecture gives a one-line summary, not a list of
-    every parameter. ``legacy_head``: an ``aux_head.pt`` of an older run, read
-    as the model's ``ais_head.*`` tensors when the file has none.
+    every parameter. ``legacy_head`` (given when the run trains the model's AIS
+    head): an older run's ``aux_head.pt``, read as the ``ais_head.*`` tensors
+    when the file has none.
+
+    Raises:
+      CheckpointError: the file is unreadable or of another architecture.
+      InvalidInputError: the run trains a head, but neither the file nor
+        ``legacy_head`` has one (it was trained without).
     """
     from napari_sam.models import checkpoint
 
@@ -77,9 +84,21 @@ def load_weights(model: torch.nn.Module, path: Path, legacy_head: Path | None = 
     except CheckpointError:
         raise CheckpointError(f"Cannot resume from {path}: unreadable (truncated, or not a "
                               f"safetensors file); {advice}") from None
-    if legacy_head is not None and legacy_head.is_file() and not any(
-            k.startswith("ais_head.") for k in state_dict):
+    has_head = any(k.startswith("ais_head.") for k in state_dict)
+    if legacy_head is not None and not has_head:
+        if not legacy_head.is_file():
+            raise InvalidInputError(
+                f"Cannot resume the run in {path.parent}: it was trained without --aux-dense "
+                f"or --head-only ({path.name} has no AIS head and there is no "
+                f"{legacy_head.name}): leave --aux-dense out (or 0), or pass --overwrite to "
+                "start over there.")
         state_dict.update(_legacy_head_tensors(legacy_head))
+    elif has_head and getattr(model, "ais_head", None) is None:
+        # a head this run does not train (e.g. config.json from another run): keep it frozen,
+        # so that the optimizer-state check below names the real difference
+        hidden = _head_width(meta)
+        if hidden:
+            add_ais_head(model, hidden).requires_grad_(False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mismatch = _state_mismatch(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if mismatch:
@@ -89,6 +108,16 @@ def load_weights(model: torch.nn.Module, path: Path, legacy_head: Path | None = 
         )
     checkpoint.load_weights(model, state_dict, source=str(path))
     return meta
+
+
+def _head_width(meta: dict[str, str]) -> int:
+    """``ais_head_hidden`` of the model config in a checkpoint's metadata (0: none or unknown)."""
+    from napari_sam.models.checkpoint import CONFIG_METADATA_KEY
+
+    try:
+        return int(json.loads(meta[CONFIG_METADATA_KEY]).get("ais_head_hidden", 0))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _legacy_head_tensors(path: Path) -> dict[str, torch.Tensor]:
