@@ -87,6 +87,25 @@ def test_head_only_changes_only_the_ais_head(tmp_path, tiny_sam_config, with_hea
     assert not (path.parent / "aux_head.pt").exists()
 
 
+def test_head_only_validates_the_dense_loss_and_keeps_the_best_head(tmp_path, tiny_sam_config):
+    """``--val-every`` in head-only mode scores the head (dense loss on whole validation
+    images); best.safetensors is the model with the head of the lowest loss."""
+    write_dataset(tmp_path / "data", n=4, size=64)
+    (tmp_path / "ids.json").write_text(json.dumps({"val": ["im3"]}))
+    init = _init_file(tmp_path, tiny_sam_config)
+    path = _train(_cfg(tmp_path, init, head_only=True, val_every=1,
+                       val_ids=str(tmp_path / "ids.json")))
+    log = [json.loads(x) for x in (path.parent / "log.jsonl").read_text().splitlines()]
+    val = [r["val_aux_dense"] for r in log]
+    assert len(val) == 3 and "val_iou_mean" not in log[0]
+    best_step = 1 + val.index(min(val))
+    best = path.parent / "best.safetensors"
+    assert read_metadata(best)["step"] == str(best_step)
+    head, rest = _split(load_file(str(best)))
+    assert head
+    _assert_identical(_split(load_file(str(init)))[1], rest)
+
+
 def test_head_only_resume_equals_an_uninterrupted_run(tmp_path, tiny_sam_config):
     write_dataset(tmp_path / "data", n=3, size=64)
     init = _init_file(tmp_path, tiny_sam_config)
@@ -178,8 +197,6 @@ def test_bad_head_settings_are_typed_errors(tmp_path, tiny_sam_config):
     init = _init_file(tmp_path, tiny_sam_config)
     with pytest.raises(InvalidInputError, match="aux_dense weighs the dense loss.*--head-only"):
         _train(_cfg(tmp_path, init, head_only=True, aux_dense=1.0))
-    with pytest.raises(InvalidInputError, match="val_every must be 0 with --head-only"):
-        _train(_cfg(tmp_path, init, head_only=True, val_every=1))
     with pytest.raises(InvalidInputError, match="ais_head_hidden must be an even number"):
         _train(_cfg(tmp_path, init, aux_dense=1.0, ais_head_hidden=15))
     assert not (tmp_path / "run").exists()  # refused before anything was written

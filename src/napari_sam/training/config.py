@@ -421,9 +421,6 @@ def config_problems(config: TrainConfig) -> list[tuple[str, str]]:
     if config.head_only and config.aux_dense != 0:
         out.append(("aux_dense", "weighs the dense loss against SAM's mask losses, which "
                                  "--head-only skips: leave --aux-dense out (0)"))
-    if config.head_only and _is_int(config.val_every) and config.val_every > 0:
-        out.append(("val_every", "must be 0 with --head-only: validation scores the prompted "
-                                 "masks, which --head-only does not train"))
     for name, low in _OPTIONAL_INT.items():
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < low):

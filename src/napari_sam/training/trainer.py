@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +51,7 @@ from napari_sam.errors import CancelledError, CheckpointError, InvalidInputError
 from .augment import AugmentConfig
 from .config import TrainConfig, validate_config
 from .datasets import InstanceDataset, find_pairs, load_ids
-from .dense_targets import attach_ais_head, aux_backward
+from .dense_targets import attach_ais_head, aux_backward, dense_loss, dense_targets_batch
 from .losses import SamLoss
 from .optim import build_optimizer, learning_rate
 from .run_folder import (
@@ -176,7 +177,7 @@ class _Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     head: torch.nn.Module | None  # the AIS head this run trains (model.ais_head), if any
-    best: float = -1.0
+    best: float = -math.inf  # best validation score so far (none yet)
 
     @property
     def last(self) -> Path:
@@ -202,7 +203,7 @@ class _Run:
                 "do not match (interrupted while saving?); pass --overwrite to start over there."
             )
         self._load_optimizer(state["optimizer"])
-        self.best = float(state.get("best", -1.0))
+        self.best = float(state.get("best", -math.inf))
         start = int(state["step"])
         log.info("resuming from step %d (%s)", start, last)
         return start
@@ -366,8 +367,10 @@ def _fit(
         if val is not None and (done % config.val_every == 0 or done == config.steps):
             v = validate(model, val, config)
             metrics.update({f"val_{k}": x for k, x in v.items()})
-            if v["iou_mean"] > run.best:
-                run.best = v["iou_mean"]
+            # head-only runs keep the head of the lowest validation dense loss
+            score = -v["aux_dense"] if config.head_only else v["iou_mean"]
+            if score > run.best:
+                run.best = score
                 save_model(model, run.out / "best.safetensors", {"step": str(done)})
             run.train_mode()
         if done % config.log_every == 0 or done == config.steps or "val_loss" in metrics:
@@ -474,6 +477,19 @@ def train_step(
     return metrics
 
 
+def _validate_head(model: torch.nn.Module, data: InstanceDataset) -> dict[str, float]:
+    """Mean dense loss of ``model.ais_head`` over the whole images of ``data`` (no grad)."""
+    total = 0.0
+    for i in range(len(data)):
+        s = data[i]
+        emb = model.image_encoder(s.image[None].to(_device_of(model)))
+        targets, valid = dense_targets_batch([s.labels], [s.input_size], data.low_res_size)
+        total += float(dense_loss(model.ais_head(emb), targets.to(emb.device),
+                                  valid.to(emb.device)))
+    mean = total / max(len(data), 1)
+    return {"loss": mean, "aux_dense": mean}
+
+
 def _head_only_step(
     model: torch.nn.Module,
     head: torch.nn.Module,
@@ -512,9 +528,13 @@ def validate(
 
     Returns the mean loss, IoU after the first point (``iou_first``), after the
     last round (``iou_last``), their mean over rounds (``iou_mean``) and the IoU
-    of a tight box (``iou_box``), all at low resolution.
+    of a tight box (``iou_box``), all at low resolution. With ``config.head_only``
+    (nothing else learns) only the AIS head's dense loss on each whole image,
+    averaged over images: ``aux_dense`` (and ``loss``, the same).
     """
     model.eval()
+    if config.head_only:
+        return _validate_head(model, data)
     weights = config.loss_kwargs()
     totals: dict[str, float] = {}
     n = 0
