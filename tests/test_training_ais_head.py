@@ -87,6 +87,25 @@ def test_head_only_changes_only_the_ais_head(tmp_path, tiny_sam_config, with_hea
     assert not (path.parent / "aux_head.pt").exists()
 
 
+def test_head_only_keeps_the_batch_norm_statistics_of_a_tiny_vit(tmp_path):
+    """TinyViT encoders have BatchNorm: head-only runs them in eval mode, so their running
+    statistics (saved buffers) stay bit-identical too."""
+    from napari_sam.models.build import SamConfig, TinyViTEncoderConfig
+
+    config = SamConfig(TinyViTEncoderConfig(img_size=128, embed_dims=(16, 32, 48, 64),
+                                            depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
+                                            window_sizes=(7, 7, 7, 7)),
+                       prompt_embed_dim=64, decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    write_dataset(tmp_path / "data", n=2, size=64)
+    init = _init_file(tmp_path, config)
+    before = load_file(str(init))
+    assert any(k.endswith("running_mean") for k in before)
+    path = _train(_cfg(tmp_path, init, head_only=True, steps=2))
+    head, rest = _split(load_file(str(path)))
+    assert head
+    _assert_identical(before, rest)
+
+
 def test_head_only_validates_the_dense_loss_and_keeps_the_best_head(tmp_path, tiny_sam_config):
     """``--val-every`` in head-only mode scores the head (dense loss on whole validation
     images); best.safetensors is the model with the head of the lowest loss."""
