@@ -1,26 +1,45 @@
-"""Train an AIS head on a frozen model (experiment driver for issue 15; resumable).
+"""Train an AIS head on a frozen model: a thin wrapper of ``napari-sam train --head-only``.
 
     python scripts/train_ais_head.py MODEL DATA -o RUN --ids splits/dsb2018.json \
-        [--steps 600] [--batch-size 8] [--lr 1e-3] [--hidden 64] [--init-head aux_head.pt]
+        [--steps 600] [--batch-size 8] [--lr 1e-3] [--hidden 64]
 
-Only the head learns: the image encoder runs under ``no_grad``, so a step costs one encoder
-forward pass of the batch. The loss is that of ``--aux-dense`` (BCE + Dice on the four maps
-of :mod:`napari_sam.training.dense_targets`). ``RUN/head_state.pt`` is written every
-``--checkpoint-every`` steps (head, optimiser, step) and a run resumes from it;
-``RUN/model.safetensors`` is the model with the head inside (``load_model`` reads it).
+Kept so that the commands of docs/training.md's ablation section still run; new work should call
+the CLI directly (docs/training.md, "Adding AIS to your model"). It runs::
+
+    napari-sam train DATA -o RUN --model MODEL --head-only --val-ids IDS --steps N \
+        --batch-size B --lr LR --ais-head-hidden H --warmup-steps 0 --min-lr-ratio 0 \
+        --grad-clip 0 --scale-range MIN MAX --full-view-prob P --checkpoint-every C --seed S
+
+(lr: cosine from LR to 0 without warm-up, as this script had) and then copies
+``RUN/last.safetensors`` (the model with its head inside) to ``RUN/model.safetensors``, the
+name this script used to write. Differences from the old script: the head's AdamW has no weight
+decay (it had 0.01), images are drawn in seeded epochs rather than with replacement, and
+``--init-head`` is gone: pass a MODEL that already has a head and that head is trained further.
+A RUN folder of the old script (``head_state.pt``) does not resume; use a new folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
-import time
+import shutil
+import sys
 from pathlib import Path
 
 
-def main() -> None:
+def cli_arguments(args: argparse.Namespace) -> list[str]:
+    """The ``napari-sam train`` command line of this script's parsed ``args``."""
+    out = ["train", args.data, "-o", str(args.out), "--model", args.model, "--head-only",
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
+           str(args.lr), "--ais-head-hidden", str(args.hidden), "--warmup-steps", "0",
+           "--min-lr-ratio", "0", "--grad-clip", "0", "--scale-range", str(args.scale_min),
+           str(args.scale_max), "--full-view-prob", str(args.full_view_prob),
+           "--checkpoint-every", str(args.checkpoint_every), "--seed", str(args.seed)]
+    if args.ids:
+        out += ["--val-ids", args.ids]
+    return out
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("data")
@@ -30,7 +49,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--init-head", default=None)
     parser.add_argument("--scale-min", type=float, default=0.5)
     parser.add_argument("--scale-max", type=float, default=2.0)
     parser.add_argument("--full-view-prob", type=float, default=0.3)
@@ -38,74 +56,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
+    from napari_sam.cli import main as napari_sam
 
-    from napari_sam.models.ais_head import AisHead
-    from napari_sam.models.checkpoint import save_model
-    from napari_sam.models.zoo import load_model
-    from napari_sam.training.datasets import InstanceDataset
-    from napari_sam.training.dense_targets import dense_loss, dense_targets_batch
-    from napari_sam.training.loop import load_ids
-
-    torch.manual_seed(args.seed)
-    model = load_model(args.model).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    dim = int(model.prompt_encoder.embed_dim)
-    head = AisHead(dim, args.hidden)
-    if args.init_head:
-        head.load_state_dict(torch.load(args.init_head, weights_only=True))
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
-    args.out.mkdir(parents=True, exist_ok=True)
-    state_path = args.out / "head_state.pt"
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-    train_ids = load_ids(args.ids)[0] if args.ids else None
-    low = int(model.prompt_encoder.mask_input_size[0])
-    data = InstanceDataset(
-        args.data, ids=train_ids, img_size=model.img_size, low_res_size=low,
-        pixel_mean=model.pixel_mean.flatten().tolist(),
-        pixel_std=model.pixel_std.flatten().tolist(),
-        full_view_prob=args.full_view_prob, scale_range=(args.scale_min, args.scale_max),
-        cache=True,
-    )
-    log = (args.out / "log.jsonl").open("a")
-    while step < args.steps:
-        tic = time.perf_counter()
-        rng = np.random.default_rng([args.seed, step])
-        picks = rng.integers(0, len(data), args.batch_size)
-        samples = [data.sample(int(i), rng=rng) for i in picks]
-        images = torch.stack([s.image for s in samples])
-        targets, valid = dense_targets_batch([s.labels for s in samples],
-                                             [s.input_size for s in samples], low)
-        with torch.no_grad():
-            emb = model.image_encoder(images)
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = dense_loss(head(emb), targets, valid)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        log.write(json.dumps({"step": step, "loss": float(loss.detach()), "lr": lr,
-                              "sec": time.perf_counter() - tic}) + "\n")
-        log.flush()
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-            tmp.replace(state_path)
-    head.eval()
-    model.ais_head = head
-    model.config = dataclasses.replace(model.config, ais_head_hidden=args.hidden)
-    save_model(model, args.out / "model.safetensors")
-    torch.save(head.state_dict(), args.out / "aux_head.pt")
+    code = napari_sam(cli_arguments(args))
+    if code == 0:
+        shutil.copyfile(args.out / "last.safetensors", args.out / "model.safetensors")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sam.models.ais_head import AisHead
 from napari_sam.training import TrainConfig, train
 from napari_sam.training.dense_targets import (
     DenseHead,
@@ -104,7 +105,7 @@ def test_head_overfits_one_embedding():
     lab = torch.from_numpy(_two_touching_squares_and_a_dot())
     targets, valid = dense_targets_batch([lab], [(16, 16)], 16)
     emb = torch.randn(1, 32, 4, 4)
-    head = DenseHead(32, hidden=32)
+    head = AisHead(32, hidden=32)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     losses = []
     for _ in range(150):
@@ -129,7 +130,15 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_with_aux_dense_learns_and_saves_a_plain_model(tmp_path, tiny_sam_config):
+def test_the_dense_head_is_the_ais_head():
+    """One definition: the training's old name is the model's AIS head class."""
+    assert DenseHead is AisHead
+
+
+def test_training_with_aux_dense_learns_and_saves_the_head_in_the_model(tmp_path,
+                                                                       tiny_sam_config):
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from napari_sam.models.build import build_sam
@@ -142,11 +151,12 @@ def test_training_with_aux_dense_learns_and_saves_a_plain_model(tmp_path, tiny_s
     aux = [r["aux_dense"] for r in _log(path.parent)]
     assert len(aux) == 30 and all(math.isfinite(a) for a in aux)
     assert np.mean(aux[-5:]) < 0.8 * np.mean(aux[:5])
-    # the head lives beside the checkpoint; the model file is a plain SAM state dict
-    assert (path.parent / "aux_head.pt").is_file()
-    assert set(load_file(str(path))) == set(build_sam(tiny_sam_config).state_dict())
+    # the head is the model's AIS head, saved inside its weights (nothing beside them)
+    assert not (path.parent / "aux_head.pt").exists()
+    with_head = dataclasses.replace(tiny_sam_config, ais_head_hidden=64)
+    assert set(load_file(str(path))) == set(build_sam(with_head).state_dict())
     model = model_from_checkpoint(path)
-    assert not any("aux" in k or "dense_head" in k for k in model.state_dict())
+    assert model.ais_head is not None and model.config.ais_head_hidden == 64
 
 
 def test_aux_dense_resume_restores_the_head(tmp_path, tiny_sam_config):
@@ -170,10 +180,7 @@ def test_aux_dense_resume_restores_the_head(tmp_path, tiny_sam_config):
     a, b = load_file(str(one)), load_file(str(two))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    ha = torch.load(tmp_path / "a" / "aux_head.pt", weights_only=True)
-    hb = torch.load(tmp_path / "b" / "aux_head.pt", weights_only=True)
-    for k in ha:
-        torch.testing.assert_close(ha[k], hb[k], rtol=1e-4, atol=1e-6)
+    assert any(k.startswith("ais_head.") for k in a)  # the head was compared with the rest
     la = [r["aux_dense"] for r in _log(tmp_path / "a")]
     lb = [r["aux_dense"] for r in _log(tmp_path / "b")]
     assert la == pytest.approx(lb, rel=1e-4)
@@ -191,7 +198,9 @@ def test_cli_aux_dense_option(tmp_path, tiny_sam_config):
     assert "Traceback" not in bad.stderr
     ok = run_cli(*common, "-o", str(tmp_path / "ok"), "--aux-dense", "0.5", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "ok" / "aux_head.pt").is_file()
+    from napari_sam.models.zoo import load_model
+
+    assert load_model(tmp_path / "ok" / "last.safetensors").ais_head is not None
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["aux_dense"] == 0.5
     assert "aux_dense=" in ok.stderr  # logged with the other metrics
 

@@ -30,6 +30,8 @@ OLD_CONFIG_KEYS = [
     "full_view_prob", "scale_range", "augment", "min_area", "seed", "checkpoint_every",
     "log_every", "val_every", "val_images", "num_threads", "cache_images", "aux_dense",
 ]
+#: settings added since (issue 15: training the AIS head); an old config.json lacks them
+NEW_CONFIG_KEYS = ["head_only", "ais_head_hidden"]
 
 
 def test_flat_names_reach_their_section_and_sections_are_copied():
@@ -55,7 +57,7 @@ def test_flat_and_nested_dicts_round_trip(tiny_sam_config):
     cfg = TrainConfig(data="d", model=tiny_sam_config, lr=1e-4, scale_range=(1.0, 3.0),
                       train_ids=["a", "b"], aux_dense=0.5)
     flat, nested = cfg.to_dict(), cfg.to_nested_dict()
-    assert sorted(flat) == sorted(OLD_CONFIG_KEYS)  # config.json keeps the old keys
+    assert sorted(flat) == sorted(OLD_CONFIG_KEYS + NEW_CONFIG_KEYS)  # the old keys stay
     assert set(nested) == set(SECTIONS) and nested["optim"]["lr"] == 1e-4
     for d in (flat, nested, json.loads(json.dumps(flat)), json.loads(json.dumps(nested))):
         back = TrainConfig.from_dict(d)
@@ -68,7 +70,7 @@ def test_flat_and_nested_dicts_round_trip(tiny_sam_config):
 
 def test_every_setting_documents_itself_and_its_range_is_checked():
     names = [f.name for _, f in setting_fields()]
-    assert sorted(names) == sorted(OLD_CONFIG_KEYS)
+    assert sorted(names) == sorted(OLD_CONFIG_KEYS + NEW_CONFIG_KEYS)
     for _, f in setting_fields():
         assert f.metadata["help"], f.name
         low, kind = f.metadata["min"], f.metadata["kind"]
@@ -102,7 +104,7 @@ def test_a_run_folder_with_an_old_flat_config_json_resumes(tmp_path, tiny_sam_co
     saved = json.loads((run / "config.json").read_text())
     # rewrite it as the old code wrote it: flat keys in the old order
     old = {key: saved[key] for key in OLD_CONFIG_KEYS}
-    assert set(saved) == set(old)
+    assert set(saved) == set(old) | set(NEW_CONFIG_KEYS)
     text = old if layout == "old_flat" else TrainConfig.from_dict(old).to_nested_dict()
     (run / "config.json").write_text(json.dumps(text, indent=1))
     with caplog.at_level(logging.INFO, logger="napari_sam.training"), \

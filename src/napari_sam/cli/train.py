@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 __all__ = ["add_train_arguments", "check_train_arguments", "config_from_args", "run_train"]
 
 DESCRIPTION = ("Fine-tune a model on a folder of images and label images (or train one "
-               "from scratch with --arch). Checkpoints, config.json and log.jsonl go to "
+               "from scratch with --arch), or add an AIS head to it (--head-only, "
+               "--aux-dense). Checkpoints, config.json and log.jsonl go to "
                "--out; rerunning the same command resumes there. A run folder holding "
                "another run is refused unless --overwrite (which starts over).")
 
@@ -109,10 +110,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.aux_dense,
         metavar="WEIGHT",
-        help="weight of a dense auxiliary loss on the image embedding (foreground, boundary, "
-        "centre and boundary distances of every object; 0 = off). Its head is saved as "
-        "aux_head.pt in the output folder, not in the model (default: 0, off)",
+        help="train the model's AIS head (automatic instance segmentation; one is added to a "
+        "model that has none) beside SAM's losses, with this weight on its dense loss "
+        "(foreground, boundary, centre and boundary distances of every object). The head is "
+        "saved inside the model's weights; 0 = off, a head the model has stays unchanged "
+        "(default: 0, off)",
     )
+    parser.add_argument("--head-only", action="store_true",
+                        help="train the AIS head only (one is added to a model that has none): "
+                             "the encoder runs without gradients, the prompt encoder and mask "
+                             "decoder stay as they are, the only loss is the dense one and no "
+                             "prompts are simulated; e.g. to add AIS to --model vit_b "
+                             "(default: off)")
     parser.add_argument(
         "--cache-images",
         action="store_true",

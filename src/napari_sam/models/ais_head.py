@@ -16,7 +16,7 @@ objects at once:
 ====  ====================  ==========================================================
 
 The head is ours (SAM has no such part). It is trained by ``napari-sam train
---aux-dense`` (:mod:`napari_sam.training.dense_targets` builds the targets) and
+--aux-dense`` or ``--head-only`` (:mod:`napari_sam.training.dense_targets` builds the targets) and
 stored in a model's weights under the ``ais_head.`` prefix; a model without
 those keys (every official checkpoint) has no head and loads unchanged.
 :mod:`napari_sam.engine.ais` turns the maps into instances with a seeded

@@ -144,6 +144,10 @@ class OptimConfig:
                                    "fraction of --lr", min=0.0, max=1.0)
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", min=0.0)
     freeze_encoder: bool = _setting(False, "train the prompt encoder and mask decoder only")
+    head_only: bool = _setting(False, "train the AIS head only (one is added to a model that "
+                               "has none): the encoder runs without gradients, the prompt "
+                               "encoder and mask decoder stay as they are, and the only loss "
+                               "is the dense one (no prompt simulation)")
 
 
 @dataclasses.dataclass
@@ -173,8 +177,9 @@ class LossConfig:
     a window of ``loss_window`` x each object's box (0: off, SAM's whole-map
     loss); with ``loss_window_end`` > 0 the factor grows geometrically to it.
     ``aux_dense`` weighs the dense auxiliary loss on the image embedding
-    (:mod:`napari_sam.training.dense_targets`; 0: off); its head is saved as
-    ``aux_head.pt`` beside the checkpoints, not in the model.
+    (:mod:`napari_sam.training.dense_targets`; 0: off). Its head is the model's
+    AIS head, saved inside the model's weights; a model without one gets one of
+    width ``ais_head_hidden``.
     """
 
     focal_weight: float = _setting(20.0, "weight of the focal loss", min=0.0)
@@ -193,8 +198,10 @@ class LossConfig:
                                       "--loss-window-steps (0: fixed)", min=0.0)
     # checked when training starts (train() raises InvalidInputError), as before: not a
     # usage error of the CLI
-    aux_dense: float = _setting(0.0, "weight of a dense auxiliary loss on the image embedding "
-                                "(0: off)")
+    aux_dense: float = _setting(0.0, "weight of the dense loss of the AIS head on the image "
+                                "embedding, beside SAM's losses (0: off)")
+    ais_head_hidden: int = _setting(64, "width of the AIS head added to a model that has none "
+                                    "(an even number; with --aux-dense or --head-only)", min=2)
 
 
 #: TrainConfig's sections: attribute name -> section class, in their order
@@ -407,6 +414,13 @@ def config_problems(config: TrainConfig) -> list[tuple[str, str]]:
     ):
         out.append(("mask_only_rounds", f"must be less than rounds ({config.rounds}), got "
                                         f"{config.mask_only_rounds}"))
+    trains_head = bool(config.head_only) or (_is_number(config.aux_dense)
+                                             and config.aux_dense > 0)
+    if trains_head and _is_int(config.ais_head_hidden) and config.ais_head_hidden % 2:
+        out.append(("ais_head_hidden", f"must be an even number, got {config.ais_head_hidden}"))
+    if config.head_only and config.aux_dense != 0:
+        out.append(("aux_dense", "weighs the dense loss against SAM's mask losses, which "
+                                 "--head-only skips: leave --aux-dense out (0)"))
     for name, low in _OPTIONAL_INT.items():
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < low):

@@ -18,15 +18,20 @@ Targets are computed at model resolution S (row, col) and area-averaged down
 to L, so they are soft values in [0, 1]. The loss is binary cross-entropy
 plus soft Dice per channel, over the valid (unpadded) region only.
 
-The head is a training aid: it is saved beside the checkpoints
-(``aux_head.pt``), never inside the SAM weights, and no inference path needs
-it, so a model trained with it loads and runs exactly like any other.
+The head is the model's AIS head (:class:`~napari_sam.models.ais_head.AisHead`,
+``model.ais_head``): it is trained inside the model and saved with its weights
+(``ais_head.*`` keys), so a run's ``last.safetensors`` has automatic instance
+segmentation at once. :func:`attach_ais_head` decides whether a run trains it
+(``aux_dense > 0`` beside SAM's losses, or ``head_only``) and adds one to a
+model that has none; a model whose head is not trained keeps it unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +40,13 @@ from scipy import ndimage
 from torch import nn
 
 from napari_sam.errors import InvalidInputError
+from napari_sam.models.ais_head import AisHead
 
 __all__ = [
     "DENSE_CHANNELS",
     "DenseHead",
-    "attach_aux_head",
+    "add_ais_head",
+    "attach_ais_head",
     "aux_backward",
     "dense_loss",
     "dense_targets",
@@ -133,27 +140,8 @@ def dense_targets_batch(
     return targets, valid[:, None]
 
 
-class DenseHead(nn.Module):
-    """Light head: (B, C, E, E) image embedding -> (B, 4, 4E, 4E) logits.
-
-    Two stride-2 transposed convolutions (as SAM's mask decoder upscales) and
-    a 1x1 convolution. Deliberately small, so that the information has to be
-    in the embedding itself.
-    """
-
-    def __init__(self, embed_dim: int, hidden: int = 64, out_channels: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(embed_dim, hidden, kernel_size=2, stride=2),
-            nn.GroupNorm(1, hidden),
-            nn.GELU(),
-            nn.ConvTranspose2d(hidden, hidden // 2, kernel_size=2, stride=2),
-            nn.GELU(),
-            nn.Conv2d(hidden // 2, out_channels, kernel_size=1),
-        )
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.net(embedding)
+#: the old name of :class:`~napari_sam.models.ais_head.AisHead` (one definition, kept importable)
+DenseHead = AisHead
 
 
 def dense_loss(
@@ -183,21 +171,44 @@ def dense_loss(
     return (bce + dice).mean()
 
 
-def attach_aux_head(
-    model: nn.Module, weight: float, optimizer: torch.optim.Optimizer,
-    device: torch.device | str = "cpu",
-) -> DenseHead | None:
-    """The dense auxiliary head of a run with ``aux_dense = weight`` (None when 0), on
-    ``device``; its parameters join ``optimizer`` as a group without weight decay.
+def add_ais_head(model: nn.Module, hidden: int) -> AisHead:
+    """Give ``model`` (which has no head) a new AIS head of width ``hidden`` on its device;
+    ``model.config`` records the width, so that its saved weights load with the head."""
+    head = AisHead(int(model.prompt_encoder.embed_dim), hidden)
+    head.to(next(model.parameters()).device)
+    model.ais_head = head
+    if getattr(model, "config", None) is not None:
+        model.config = dataclasses.replace(model.config, ais_head_hidden=hidden)
+    return head
+
+
+def attach_ais_head(
+    model: nn.Module, config: Any, optimizer: torch.optim.Optimizer,
+) -> nn.Module | None:
+    """The AIS head that a run trains (``model.ais_head``), or None when it trains none.
+
+    A run trains the head when ``config.aux_dense > 0`` (the dense loss beside
+    SAM's, weighted) or ``config.head_only``. A model without a head then gets a
+    new :class:`~napari_sam.models.ais_head.AisHead` of width
+    ``config.ais_head_hidden`` on the model's device (``model.config`` records
+    it, so the saved weights load with the head). The trained head's parameters
+    join ``optimizer`` as one group without weight decay; an existing head that
+    is not trained is frozen, so it is saved unchanged.
 
     Raises:
-      InvalidInputError: ``weight`` is negative or not finite.
+      InvalidInputError: ``config.aux_dense`` is negative or not finite.
     """
+    weight = float(config.aux_dense)
     if not math.isfinite(weight) or weight < 0:
         raise InvalidInputError(f"aux_dense must be a finite weight >= 0 (0 = off), got {weight}.")
-    if weight == 0:
+    head = getattr(model, "ais_head", None)
+    if weight == 0 and not config.head_only:
+        if head is not None:
+            head.requires_grad_(False)
         return None
-    head = DenseHead(int(model.prompt_encoder.embed_dim)).to(device)
+    if head is None:
+        head = add_ais_head(model, int(config.ais_head_hidden))
+    head.requires_grad_(True)
     optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
     return head
 

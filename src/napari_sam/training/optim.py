@@ -29,10 +29,12 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``model``; norms, biases, position tables and
     prompt embeddings get no weight decay (group 1), the rest ``config.weight_decay`` (group 0).
+    The AIS head (``ais_head.*``) is left out: when a run trains it,
+    :func:`~napari_sam.training.dense_targets.attach_ais_head` adds it as group 2.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name.startswith("ais_head."):
             continue
         # no weight decay on norms, biases, position tables and prompt embeddings
         if p.ndim < 2 or "pos" in name or "embed.weight" in name or name.endswith("_embed"):

@@ -3,7 +3,9 @@
 Files (in ``config.output_dir``): ``last.safetensors`` (model, with its config
 and the step in the metadata), ``last_state.pt`` (optimizer state and step;
 loaded with ``weights_only=True``), ``best.safetensors`` (best validation IoU),
-``aux_head.pt`` (the ``aux_dense`` head), ``config.json`` and ``log.jsonl``.
+``config.json`` and ``log.jsonl``. The AIS head, when the model has one, is
+inside the model files; runs written before that kept the ``aux_dense`` head
+in ``aux_head.pt``, which is read once on resume and then removed.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from napari_sam.errors import CheckpointError, InvalidInputError
 
 from .config import RESUMABLE_CHANGES, SECTIONS, TrainConfig, _is_int, flat_settings
 from .datasets import _short
+from .dense_targets import add_ais_head
 
-__all__ = ["AUX_HEAD_FILE", "append_log", "load_aux_head", "load_state", "load_weights",
-           "prepare_output_dir", "save_aux_head", "save_model", "save_state"]
+__all__ = ["AUX_HEAD_FILE", "append_log", "load_state", "load_weights", "prepare_output_dir",
+           "save_model", "save_state"]
 
 log = logging.getLogger("napari_sam.training")
 
@@ -70,12 +73,20 @@ def _state_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple
     return "; ".join(parts)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
+def load_weights(model: torch.nn.Module, path: Path, legacy_head: Path | None = None
+                 ) -> dict[str, str]:
     """Load a ``last.safetensors`` written by this loop; returns its metadata.
 
     The tensors' names and shapes are compared with the model's first, so a
     file of another architecture gives a one-line summary, not a list of
-    every parameter.
+    every parameter. ``legacy_head`` (given when the run trains the model's AIS
+    head): an older run's ``aux_head.pt``, read as the ``ais_head.*`` tensors
+    when the file has none.
+
+    Raises:
+      CheckpointError: the file is unreadable or of another architecture.
+      InvalidInputError: the run trains a head, but neither the file nor
+        ``legacy_head`` has one (it was trained without).
     """
     from napari_sam.models import checkpoint
 
@@ -86,6 +97,21 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
     except CheckpointError:
         raise CheckpointError(f"Cannot resume from {path}: unreadable (truncated, or not a "
                               f"safetensors file); {advice}") from None
+    has_head = any(k.startswith("ais_head.") for k in state_dict)
+    if legacy_head is not None and not has_head:
+        if not legacy_head.is_file():
+            raise InvalidInputError(
+                f"Cannot resume the run in {path.parent}: it was trained without --aux-dense "
+                f"or --head-only ({path.name} has no AIS head and there is no "
+                f"{legacy_head.name}): leave --aux-dense out (or 0), or pass --overwrite to "
+                "start over there.")
+        state_dict.update(_legacy_head_tensors(legacy_head))
+    elif has_head and getattr(model, "ais_head", None) is None:
+        # a head this run does not train (e.g. config.json from another run): keep it frozen,
+        # so that the optimizer-state check below names the real difference
+        hidden = _head_width(meta)
+        if hidden:
+            add_ais_head(model, hidden).requires_grad_(False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mismatch = _state_mismatch(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if mismatch:
@@ -95,6 +121,32 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
         )
     checkpoint.load_weights(model, state_dict, source=str(path))
     return meta
+
+
+def _head_width(meta: dict[str, str]) -> int:
+    """``ais_head_hidden`` of the model config in a checkpoint's metadata (0: none or unknown)."""
+    from napari_sam.models.checkpoint import CONFIG_METADATA_KEY
+
+    try:
+        return int(json.loads(meta[CONFIG_METADATA_KEY]).get("ais_head_hidden", 0))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _legacy_head_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``ais_head.*`` tensors of an older run's ``aux_head.pt`` (the head's state dict)."""
+    from napari_sam.models.checkpoint import load_torch_file
+
+    try:
+        head = load_torch_file(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"Cannot resume: {path} (the AIS head of this run) is unreadable "
+                              f"({_short(str(err), 200)}); pass --overwrite to start over "
+                              "there.") from None
+    if not isinstance(head, dict) or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        raise CheckpointError(f"Cannot resume: {path} is not the head state that napari-sam "
+                              "train wrote; pass --overwrite to start over there.")
+    return {f"ais_head.{k}": v for k, v in head.items()}
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -119,7 +171,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 #: files a run writes into its folder
 _RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "last_state.pt",
-              "last_state.pt.tmp", "best.safetensors")
+              "last_state.pt.tmp", "best.safetensors", "aux_head.pt", "aux_head.pt.tmp")
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -213,20 +265,6 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool) -> bool:
 
 
 AUX_HEAD_FILE = "aux_head.pt"
-
-
-def save_aux_head(head: torch.nn.Module, path: Path) -> None:
-    """Write the ``aux_dense`` head's weights to ``path`` (atomic)."""
-    save_torch(head.state_dict(), path)
-
-
-def load_aux_head(head: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise CheckpointError(
-            f"Cannot resume: {path} (the --aux-dense head) is missing; delete the output "
-            "folder's last.* files to restart, or resume without --aux-dense."
-        )
-    head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:

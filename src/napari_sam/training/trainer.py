@@ -13,6 +13,12 @@ One step:
    the accumulated embedding gradient is back-propagated through the image
    encoder once at the end.
 
+With ``aux_dense > 0`` the model's AIS head (added when it has none) learns
+the dense loss of :mod:`.dense_targets` beside SAM's losses, from the same
+embeddings. With ``head_only`` a step is one encoder forward pass under
+``no_grad`` and the AIS head's dense loss: no prompts, and every other
+tensor of the model stays as it was.
+
 Checkpoints and the run folder: :mod:`.run_folder`. Resume: a run resumes
 from ``last.*`` when the folder holds a run with the same settings
 (``config.json``; only :data:`~.config.RESUMABLE_CHANGES` such as ``steps``
@@ -29,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,17 +51,15 @@ from napari_sam.errors import CancelledError, CheckpointError, InvalidInputError
 from .augment import AugmentConfig
 from .config import TrainConfig, validate_config
 from .datasets import InstanceDataset, find_pairs, load_ids
-from .dense_targets import attach_aux_head, aux_backward
+from .dense_targets import attach_ais_head, aux_backward, dense_loss, dense_targets_batch
 from .losses import SamLoss
 from .optim import build_optimizer, learning_rate
 from .run_folder import (
     AUX_HEAD_FILE,
     append_log,
-    load_aux_head,
     load_state,
     load_weights,
     prepare_output_dir,
-    save_aux_head,
     save_model,
     save_state,
 )
@@ -172,8 +177,8 @@ class _Run:
     out: Path
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    aux_head: torch.nn.Module | None
-    best: float = -1.0
+    head: torch.nn.Module | None  # the AIS head this run trains (model.ais_head), if any
+    best: float = -math.inf  # best validation score so far (none yet)
 
     @property
     def last(self) -> Path:
@@ -184,9 +189,14 @@ class _Run:
         return self.out / "last_state.pt"
 
     def resume(self) -> int:
-        """Load ``last.*`` (and the aux head) into the run; returns the step to continue at."""
+        """Load ``last.*`` into the run; returns the step to continue at.
+
+        A run written before the head lived in the model (``aux_head.pt`` beside
+        a head-less ``last.safetensors``) has its head read from that file.
+        """
         last, state_path = self.last, self.state_path
-        meta = load_weights(self.model, last)
+        legacy = self.out / AUX_HEAD_FILE if self.head is not None else None
+        meta = load_weights(self.model, last, legacy_head=legacy)
         state = load_state(state_path)
         if str(meta.get("step", "")) != str(state["step"]):
             raise CheckpointError(
@@ -194,9 +204,7 @@ class _Run:
                 "do not match (interrupted while saving?); pass --overwrite to start over there."
             )
         self._load_optimizer(state["optimizer"])
-        if self.aux_head is not None:
-            load_aux_head(self.aux_head, self.out / AUX_HEAD_FILE)
-        self.best = float(state.get("best", -1.0))
+        self.best = float(state.get("best", -math.inf))
         start = int(state["step"])
         log.info("resuming from step %d (%s)", start, last)
         return start
@@ -207,7 +215,7 @@ class _Run:
         ours = len(self.optimizer.param_groups)
         if isinstance(groups, list) and {len(groups), ours} == {2, 3}:  # the head: group 3
             if len(groups) > ours:
-                fix = ("it was trained with --aux-dense (its dense head is in aux_head.pt): "
+                fix = ("it was trained with --aux-dense (it trains the AIS head): "
                        "pass --aux-dense WEIGHT with that run's weight")
             else:
                 fix = "it was trained without --aux-dense: leave --aux-dense out (or 0)"
@@ -227,15 +235,26 @@ class _Run:
         between leaves the previous ``last_state.pt`` (and a step mismatch that is refused)."""
         meta = {"step": str(step), "train_config": json.dumps(self.config.to_dict())}
         save_model(self.model, self.last, meta)
-        if self.aux_head is not None:
-            save_aux_head(self.aux_head, self.out / AUX_HEAD_FILE)
         save_state({"step": step, "best": self.best, "optimizer": self.optimizer.state_dict()},
                    self.state_path)
+        legacy = self.out / AUX_HEAD_FILE
+        if self.head is not None and legacy.is_file():  # superseded: the head is in last.*
+            legacy.unlink()
+            log.info("the AIS head is now saved in %s; removed the old %s", self.last.name,
+                     legacy.name)
 
     def train_mode(self) -> None:
-        self.model.train()
-        if self.config.freeze_encoder:
-            self.model.image_encoder.eval()
+        """Training mode for what learns; eval mode (fixed norm statistics) for what is frozen."""
+        if self.config.head_only:
+            self.model.eval()
+        else:
+            self.model.train()
+            if self.config.freeze_encoder:
+                self.model.image_encoder.eval()
+        if self.head is not None:
+            self.head.train()
+        elif getattr(self.model, "ais_head", None) is not None:
+            self.model.ais_head.eval()
 
 
 def _datasets(
@@ -300,15 +319,15 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.init).to(device)
-    model.train()
-    if config.freeze_encoder:
-        for p in model.image_encoder.parameters():
-            p.requires_grad_(False)
-        model.image_encoder.eval()
+    if config.head_only:
+        model.requires_grad_(False)
+    elif config.freeze_encoder:
+        model.image_encoder.requires_grad_(False)
     data, val = _datasets(config, model)
     optimizer = build_optimizer(model, config)
-    aux_head = attach_aux_head(model, config.aux_dense, optimizer, device)
-    run = _Run(config, out, model, optimizer, aux_head)
+    head = attach_ais_head(model, config, optimizer)
+    run = _Run(config, out, model, optimizer, head)
+    run.train_mode()
     start = run.resume() if resume else 0
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     _fit(run, data, val, start, progress, cancel)
@@ -327,9 +346,7 @@ def _fit(
 ) -> None:
     """Train ``run`` from step ``start`` to ``config.steps``: log, validate and checkpoint."""
     config, model, optimizer = run.config, run.model, run.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if run.aux_head is not None:
-        params += list(run.aux_head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # the AIS head too, if trained
     log_path = run.out / "log.jsonl"
     tic = time.perf_counter()
     for step in range(start, config.steps):
@@ -341,7 +358,7 @@ def _fit(
             g["lr"] = lr
         weights = config.loss_kwargs(step)
         metrics = train_step(
-            model, data, config, step, params, optimizer, weights, aux_head=run.aux_head
+            model, data, config, step, params, optimizer, weights, aux_head=run.head
         )
         metrics.update(step=step + 1, lr=lr, sec=time.perf_counter() - tic)
         tic = time.perf_counter()
@@ -349,8 +366,10 @@ def _fit(
         if val is not None and (done % config.val_every == 0 or done == config.steps):
             v = validate(model, val, config)
             metrics.update({f"val_{k}": x for k, x in v.items()})
-            if v["iou_mean"] > run.best:
-                run.best = v["iou_mean"]
+            # head-only runs keep the head of the lowest validation dense loss
+            score = -v["aux_dense"] if config.head_only else v["iou_mean"]
+            if score > run.best:
+                run.best = score
                 save_model(model, run.out / "best.safetensors", {"step": str(done)})
             run.train_mode()
         if done % config.log_every == 0 or done == config.steps or "val_loss" in metrics:
@@ -376,13 +395,20 @@ def train_step(
     """One optimisation step (see the module doc); returns its metrics.
 
     With ``aux_head`` (and ``config.aux_dense > 0``) the dense auxiliary loss
-    of :mod:`.dense_targets` is added, weighted by ``config.aux_dense``.
+    of :mod:`.dense_targets` is added, weighted by ``config.aux_dense``; with
+    ``config.head_only`` it is the only loss (:func:`_head_only_step`).
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng([config.seed, step, 2])
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     indices = _image_order(len(data), config.seed, step, config.batch_size)
     samples = [data.sample(i, rng, augment=config.augment) for i in indices]
+    if config.head_only:
+        if aux_head is None:
+            raise InvalidInputError("TrainConfig.head_only needs the model's AIS head "
+                                    "(attach_ais_head adds it).")
+        return _head_only_step(model, aux_head, samples, data.low_res_size, config, params,
+                               optimizer, time.perf_counter() - t0)
     objects = collect_objects(
         samples, config.instances_per_image, data.low_res_size, gen, config.min_area
     )
@@ -450,6 +476,49 @@ def train_step(
     return metrics
 
 
+def _validate_head(model: torch.nn.Module, data: InstanceDataset) -> dict[str, float]:
+    """Mean dense loss of ``model.ais_head`` over the whole images of ``data`` (no grad)."""
+    total = 0.0
+    for i in range(len(data)):
+        s = data[i]
+        emb = model.image_encoder(s.image[None].to(_device_of(model)))
+        targets, valid = dense_targets_batch([s.labels], [s.input_size], data.low_res_size)
+        total += float(dense_loss(model.ais_head(emb), targets.to(emb.device),
+                                  valid.to(emb.device)))
+    mean = total / max(len(data), 1)
+    return {"loss": mean, "aux_dense": mean}
+
+
+def _head_only_step(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    samples: list[Any],
+    low_res_size: int,
+    config: TrainConfig,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    t_data: float,
+) -> dict[str, float]:
+    """One step of ``head_only``: encode ``samples`` under ``no_grad``, fit the AIS head to the
+    dense targets of their labels (unweighted dense loss); returns the metrics."""
+    optimizer.zero_grad(set_to_none=True)
+    t1 = time.perf_counter()
+    images = torch.stack([s.image for s in samples]).to(_device_of(model))
+    with torch.no_grad():
+        emb = model.image_encoder(images)
+    t2 = time.perf_counter()
+    value = aux_backward(head, emb, [s.labels for s in samples], [s.input_size for s in samples],
+                         low_res_size, 1.0)
+    t3 = time.perf_counter()
+    if config.grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    else:
+        gnorm = float("nan")
+    optimizer.step()
+    return {"loss": value, "aux_dense": value, "grad_norm": gnorm, "t_data": t_data,
+            "t_encoder": t2 - t1, "t_aux": t3 - t2, "t_backward": time.perf_counter() - t3}
+
+
 @torch.no_grad()
 def validate(
     model: torch.nn.Module, data: InstanceDataset, config: TrainConfig
@@ -458,9 +527,13 @@ def validate(
 
     Returns the mean loss, IoU after the first point (``iou_first``), after the
     last round (``iou_last``), their mean over rounds (``iou_mean``) and the IoU
-    of a tight box (``iou_box``), all at low resolution.
+    of a tight box (``iou_box``), all at low resolution. With ``config.head_only``
+    (nothing else learns) only the AIS head's dense loss on each whole image,
+    averaged over images: ``aux_dense`` (and ``loss``, the same).
     """
     model.eval()
+    if config.head_only:
+        return _validate_head(model, data)
     weights = config.loss_kwargs()
     totals: dict[str, float] = {}
     n = 0
