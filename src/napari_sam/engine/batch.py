@@ -259,14 +259,14 @@ def cached_generator(
     model_spec: str | None,
     device: str | None,
     generator_kwargs: Mapping[str, Any],
-    mode: str = "auto",
+    mode: str = "amg",
     ais_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
     """The segmenter of ``mode`` for this process and thread (cached).
 
     Built by :func:`~napari_sam.engine.ais.make_segmenter`: an
-    ``AutomaticMaskGenerator`` from ``generator_kwargs`` (mode ``"amg"``, or
-    ``"auto"`` on a model without an AIS head) or an
+    ``AutomaticMaskGenerator`` from ``generator_kwargs`` (mode ``"amg"``, the
+    default, as before AIS; or ``"auto"`` on a model without an AIS head) or an
     :class:`~napari_sam.engine.ais.InstanceSegmenter` from ``ais_kwargs`` (mode
     ``"ais"``, or ``"auto"`` on a model with a head).
 
@@ -515,8 +515,10 @@ def process_image(
             overlay_file, note = _overlay_target(output, image.is_stack, overwrite, input_path)
             if note:
                 notes.append(note)
-        generator = cached_generator(model_spec, device, dict(generator_kwargs or {}), mode,
-                                     ais_kwargs)
+        if mode == "amg":
+            generator = cached_generator(model_spec, device, dict(generator_kwargs or {}))
+        else:
+            generator = cached_generator(model_spec, device, {}, "ais", ais_kwargs)
         labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel)
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
