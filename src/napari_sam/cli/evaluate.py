@@ -99,18 +99,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     kwargs, _ = generator_kwargs(args)  # the model's recommended settings, as `everything` does
     ais = ais_kwargs(args)
     model: Any = args.model
-    mode = args.mode
+    mode, reason = args.mode, ""
     if args.everything:
         mode, reason = resolve_cli_mode(args)
         check_mode_options(args, mode, reason)
-        print(reason, file=sys.stderr)
         if args.mode != "amg":  # loaded by resolve_cli_mode: reuse it
             from napari_sam.engine.batch import _resolve_model_spec, cached_model
 
             model = cached_model(_resolve_model_spec(args.model), getattr(args, "device", None))
 
     def progress(done: int, total: int) -> None:
-        print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+        # the mode line comes with the first progress, after the dataset has been checked
+        head = f"{reason}\n" if reason and done == 1 else ""
+        print(f"{head}\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
     results = evaluate(
         model,
