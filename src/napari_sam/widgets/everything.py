@@ -206,10 +206,11 @@ def _everything_job(
 ) -> Iterator[tuple]:
     """Worker body (generator).
 
-    Yields ``("model", model)`` after loading a named model, ``("mode", mode)`` with
-    the mode that runs (``"amg"``/``"ais"``; ``mode`` may be ``"auto"``), or
+    Yields ``("model", model)`` after loading a named model, then ``("mode", mode)``
+    with the mode that runs (``"amg"``/``"ais"``; ``mode`` may be ``"auto"``), or
     ``("refused", message)`` and nothing more when the model cannot run it (AIS
-    without a head); for AIS ``("tiles", k, tile_size, n_tiles)`` per slice;
+    without a head); a model given as an object must come with its mode resolved
+    (see :func:`resolve_mode`). For AIS ``("tiles", k, tile_size, n_tiles)`` per slice;
     ``("progress", k, n, done, total)`` per decoded batch (AMG) or AIS step of slice
     ``k`` of ``n``, and ``("slice", k, index, labels)`` with each finished (H, W)
     uint32 label image. The generators of the engine report the progress, so this
@@ -227,12 +228,14 @@ def _everything_job(
 
         sam = load_model(sam, device=device)
         yield ("model", sam)
-    try:
-        mode = resolve_mode(sam, mode)
-    except InvalidInputError as err:
-        yield ("refused", str(err))
-        return
-    yield ("mode", mode)
+        try:
+            mode = resolve_mode(sam, mode)
+        except InvalidInputError as err:
+            yield ("refused", str(err))
+            return
+        yield ("mode", mode)
+    elif mode not in ("amg", "ais"):
+        raise InvalidInputError(f"Resolve the mode of a given model first, got {mode!r}.")
     if mode == "ais":
         from napari_sam.engine.ais import InstanceSegmenter
 
@@ -517,9 +520,13 @@ class SegmentEverythingWidget(QWidget):
             self._set_status(str(err))
             return None
         model: Any = self.models.model
-        if model is not None and self.mode == "ais" and not has_ais_head(model):
-            self._refuse(NO_HEAD)
-            return None
+        mode = self.mode  # a named model's is resolved in the worker, once it is loaded
+        if model is not None:
+            try:
+                mode = resolve_mode(model, mode)
+            except InvalidInputError as err:
+                self._refuse(str(err))
+                return None
         device = self.model_picker.device
         if model is None:
             model = self.model_picker.name or DEFAULT_MODEL
@@ -539,14 +546,14 @@ class SegmentEverythingWidget(QWidget):
             "layer": None,
             "labeller": StackLabeller(),
             "cancelled": False,
-            "mode": None,
+            "mode": mode if model is not None else None,  # named: said by the worker
             "tiles": None,
             "name": L.unique_name((x.name for x in self.viewer.layers), f"{image.name} everything"),
         }
         limits = tuple(float(v) for v in image.contrast_limits)
         worker = create_worker(
             _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
-            self.mode, self.ais_params,
+            mode, self.ais_params,
             _progress={"desc": "SAM: segment everything"},
             _ignore_errors=True,
         )
