@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from napari_sam.engine.ais import AisSettings, InstanceSegmenter, instances_from_maps
 from napari_sam.errors import InvalidInputError
@@ -140,3 +141,189 @@ def test_tiled_maps_equal_untiled_maps_and_objects_across_tile_borders_stay_whol
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
     labels = instances_from_maps(tiled, seg.settings)
     assert len(np.unique(labels[maps[0] > 0])) == 2
+
+
+# ---------------------------------------- issue 15.2: AIS wherever AMG is
+# One rule decides the mode (resolve_mode), one factory builds the segmenter (make_segmenter);
+# `napari-sam everything` / `evaluate` and the batch go through them.
+
+
+def test_mode_is_resolved_in_one_place(tiny_sam, tiny_sam_with_head):
+    from napari_sam.engine.ais import make_segmenter, mode_reason, resolve_mode
+    from napari_sam.engine.everything import AutomaticMaskGenerator
+    from napari_sam.engine.predictor import Predictor
+
+    assert resolve_mode(tiny_sam_with_head) == "ais"
+    assert resolve_mode(Predictor(tiny_sam_with_head), "auto") == "ais"
+    assert resolve_mode(tiny_sam) == "amg"
+    assert resolve_mode(tiny_sam_with_head, "amg") == "amg"
+    assert mode_reason(tiny_sam_with_head) == "mode ais (the model has an AIS head)"
+    assert mode_reason(tiny_sam) == "mode amg (the model has no AIS head)"
+    with pytest.raises(InvalidInputError, match="no AIS head"):
+        resolve_mode(tiny_sam, "ais")
+    with pytest.raises(InvalidInputError, match="mode must be one of auto, amg, ais"):
+        resolve_mode(tiny_sam, "everything")
+    seg = make_segmenter(tiny_sam_with_head, "auto", {"points_per_side": 4}, {"min_size": 3})
+    assert isinstance(seg, InstanceSegmenter) and seg.settings.min_size == 3
+    gen = make_segmenter(tiny_sam_with_head, "amg", {"points_per_side": 4}, {"min_size": 3})
+    assert isinstance(gen, AutomaticMaskGenerator)
+    import napari_sam
+    import napari_sam.engine
+
+    assert napari_sam.InstanceSegmenter is InstanceSegmenter
+    assert napari_sam.engine.AisSettings is AisSettings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"tile_size": 8}, "tile_size"), ({"tile_size": "big"}, "tile_size"),
+     ({"tile_size": True}, "tile_size"), ({"overlap": -1}, "overlap"),
+     ({"tile_size": 64, "overlap": 64}, "overlap"), ({"min_sise": 3}, "min_sise")],
+)
+def test_tiling_arguments_are_checked(tiny_sam_with_head, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        InstanceSegmenter(tiny_sam_with_head, **kwargs)
+
+
+def test_images_larger_than_the_model_input_are_tiled_by_default(tiny_sam_with_head):
+    from napari_sam.engine.everything import EverythingProgress
+    from napari_sam.errors import CancelledError
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)  # > 128 px, the model input
+    seg = InstanceSegmenter(tiny_sam_with_head, output_mode="cropped_mask")
+    assert seg.tile_size_for((150, 200)) == 128 and seg.tile_size_for((128, 100)) is None
+    calls = []
+    labels = seg.generate_labels(image, progress=lambda d, t: calls.append((d, t)))
+    n = seg.n_tiles((150, 200))
+    assert n == 6 and calls == [(k, n) for k in range(1, n + 1)]
+    # the same maps as the explicit tiled call at native scale, decoded the same
+    expected = instances_from_maps(seg.maps(image, tile_size=128, overlap=64), seg.settings)
+    np.testing.assert_array_equal(labels, expected)
+    assert labels.max() > 0
+    # records agree with the labels; iter_generate yields progress per tile, then them
+    steps = list(seg.iter_generate(image))
+    assert [s for s in steps[:-1]] == [EverythingProgress(k, n) for k in range(1, n + 1)]
+    records = steps[-1]
+    assert len(records) == labels.max()
+    for k, r in enumerate(records, start=1):
+        r0, c0, r1, c1 = r["bbox_rc"]
+        np.testing.assert_array_equal(r["segmentation"], labels[r0:r1, c0:c1] == k)
+    # untiled on request: one embedding of the whole image
+    calls.clear()
+    InstanceSegmenter(tiny_sam_with_head, tile_size=None).generate_labels(
+        image, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 1)]
+    # cancel is polled between tiles
+    polls = []
+
+    def cancel_after_two() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    with pytest.raises(CancelledError):
+        seg.generate(image, cancel=cancel_after_two)
+    assert len(polls) == 3
+
+
+# ---------- the command line, as a user runs it (subprocess, real files)
+
+def _cli(*args, timeout: int = 300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__import__("napari_sam").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "napari_sam.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _blobs(size: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((*size, 3), 30, dtype=np.uint8)
+    rr, cc = np.mgrid[:size[0], :size[1]]
+    for _ in range(6):
+        r, c = rng.integers(12, min(size) - 12, size=2)
+        img[(rr - r) ** 2 + (cc - c) ** 2 < 60] = rng.integers(120, 255, size=3)
+    return img
+
+
+@pytest.fixture
+def head_model_path(tiny_sam_with_head, tmp_path):
+    return save_model(tiny_sam_with_head, tmp_path / "head.safetensors")
+
+
+def test_cli_everything_runs_ais_on_a_model_with_a_head_and_tiles_stacks(
+        head_model_path, tiny_sam_with_head, tmp_path):
+    import tifffile
+
+    from napari_sam.engine.io import read_labels
+
+    planes = np.stack([_blobs((140, 170), seed) for seed in range(3)])  # > 128 px: tiled
+    tifffile.imwrite(tmp_path / "stack.tif", planes[..., 0], photometric="minisblack")
+    res = _cli("everything", tmp_path / "stack.tif", "--out", tmp_path / "out",
+               "-m", head_model_path, "--min-size", "5")
+    assert res.returncode == 0, res.stderr
+    assert "mode ais (the model has an AIS head)" in res.stderr
+    assert "recommended settings" not in res.stderr  # AMG's thresholds do not apply
+    labels = read_labels(tmp_path / "out" / "stack_labels.tif")
+    assert labels.shape == (3, 140, 170) and labels.max() > 0
+    # ids: unique over the stack, consecutive from 1 in plane order (engine/stack.py), and
+    # each plane holds exactly the objects of the segmenter run on that plane alone
+    seg = InstanceSegmenter(tiny_sam_with_head, min_size=5)
+    start = 0
+    for k in range(3):
+        direct = seg.generate_labels(planes[k, ..., 0])
+        ids = np.unique(labels[k][labels[k] > 0])
+        np.testing.assert_array_equal(ids, np.arange(start + 1, start + len(ids) + 1))
+        start += len(ids)
+        pairs = np.unique(np.stack([labels[k].ravel(), direct.ravel()]), axis=1)
+        assert len(pairs[0]) == len(set(pairs[0])) == len(set(pairs[1]))  # one-to-one
+        assert ((labels[k] > 0) == (direct > 0)).all()
+
+
+def test_cli_everything_mode_switch_and_refusals(head_model_path, tiny_sam, tmp_path):
+    Image.fromarray(_blobs((96, 96), 0)).save(tmp_path / "a.png")
+    res = _cli("everything", tmp_path / "a.png", "--out", tmp_path / "amg", "-m",
+               head_model_path, "--mode", "amg", "--points-per-side", "4")
+    assert res.returncode == 0, res.stderr
+    assert "mode amg (--mode amg)" in res.stderr
+    assert (tmp_path / "amg" / "a_labels.tif").is_file()
+    # AMG-only options are refused when AIS runs (not silently ignored)
+    res = _cli("everything", tmp_path / "a.png", "--out", tmp_path / "x", "-m",
+               head_model_path, "--points-per-side", "4")
+    assert res.returncode == 2
+    assert ("--points-per-side applies to mode amg only, but this run uses mode ais "
+            "(the model has an AIS head)") in res.stderr
+    # --mode ais on a model without a head: a usage error saying what to do
+    plain = save_model(tiny_sam, tmp_path / "plain.safetensors")
+    res = _cli("everything", tmp_path / "a.png", "--out", tmp_path / "y", "-m", plain,
+               "--mode", "ais")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--mode ais: This model has no AIS head" in res.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_evaluate_mode_ais_writes_ap50(head_model_path, tmp_path):
+    import json
+
+    import tifffile
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    img = _blobs((96, 96), 1)
+    Image.fromarray(img).save(ds / "cell.png")
+    from scipy import ndimage
+
+    tifffile.imwrite(ds / "cell_labels.tif", ndimage.label(img[..., 0] > 100)[0].astype(np.uint16))
+    out = tmp_path / "res.json"
+    res = _cli("evaluate", ds, "-m", head_model_path, "--mode", "ais", "--n-clicks", "0",
+               "--no-box", "-o", out)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(out.read_text())
+    assert results["everything_mode"] == "ais" and results["settings"]["mode"] == "ais"
+    assert 0.0 <= results["everything"]["ap50"] <= 1.0
+    assert results["model"] == str(head_model_path)
+    assert "everything mode" in res.stdout and "ais" in res.stdout

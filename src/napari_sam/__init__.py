@@ -4,6 +4,7 @@ Public API (imported lazily, so ``import napari_sam`` stays cheap and never
 imports napari)::
 
     from napari_sam import load_model, list_models, Predictor, AutomaticMaskGenerator
+    from napari_sam import InstanceSegmenter, AisSettings  # automatic instance segmentation
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _LAZY = {
     "list_models": "napari_sam.models.zoo",
     "Predictor": "napari_sam.engine.predictor",
     "AutomaticMaskGenerator": "napari_sam.engine.everything",
+    "InstanceSegmenter": "napari_sam.engine.ais",
+    "AisSettings": "napari_sam.engine.ais",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,13 +11,21 @@ from typing import Any
 from napari_sam.errors import InvalidInputError
 
 from ._common import Console, add_forwarded_parser, parse_forwarded
-from .everything import add_generator_options, generator_kwargs
+from .everything import (
+    add_generator_options,
+    add_mode_options,
+    ais_kwargs,
+    check_mode_options,
+    generator_kwargs,
+    resolve_cli_mode,
+)
 
 __all__ = ["add_evaluate_arguments", "run_evaluate"]
 
 DESCRIPTION = ("Evaluate a model on a folder of images and label images: point and box "
-               "prompts (mIoU after each simulated click) and everything-mode (AP), as a "
-               "table on stdout and optionally a JSON file.")
+               "prompts (mIoU after each simulated click) and automatic segmentation (AP; "
+               "--mode: AIS where the model has an AIS head, else AMG), as a table on stdout "
+               "and optionally a JSON file.")
 
 
 def add_parser(sub: Any) -> None:
@@ -75,6 +83,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results as JSON to FILE (default: table only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out file (default: refuse)")
+    add_mode_options(parser)
     add_generator_options(parser)
 
 
@@ -88,12 +97,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if output is not None and output.exists() and not overwrite:  # before hours of work
         raise InvalidInputError(f"{output} exists; pass --overwrite to replace it.")
     kwargs, _ = generator_kwargs(args)  # the model's recommended settings, as `everything` does
+    ais = ais_kwargs(args)
+    model: Any = args.model
+    mode = args.mode
+    if args.everything:
+        mode, reason = resolve_cli_mode(args)
+        check_mode_options(args, mode, reason)
+        print(reason, file=sys.stderr)
+        if args.mode != "amg":  # loaded by resolve_cli_mode: reuse it
+            from napari_sam.engine.batch import _resolve_model_spec, cached_model
+
+            model = cached_model(_resolve_model_spec(args.model), getattr(args, "device", None))
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
     results = evaluate(
-        args.model,
+        model,
         args.data,
         ids=args.ids,
         n_clicks=args.n_clicks,
@@ -104,7 +124,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         everything_kwargs=kwargs,
         device=getattr(args, "device", None),
+        mode=mode,
+        ais_kwargs=ais,
     )
+    results["model"] = str(args.model)
     print(file=sys.stderr)
     print(format_results(results))
     if output is not None:

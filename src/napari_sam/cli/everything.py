@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
+from napari_sam.engine.ais import AIS_TILE_OVERLAP, MODES, AisSettings
 from napari_sam.engine.everything_settings import (
     SAM_THRESHOLDS,
     EverythingSettings,
@@ -25,6 +27,9 @@ from ._common import (
     positive_int,
     with_valid_names,
 )
+
+#: AMG's tile overlap when --tile-overlap is not given
+AMG_TILE_OVERLAP = 128
 
 
 def _option(field: Any) -> tuple[str, str, type, Any, str]:
@@ -92,6 +97,95 @@ def generator_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         raise UsageError(str(err)) from None
 
 
+#: AIS options, generated from AisSettings' fields: (option, keyword, type, default, help)
+AIS_OPTIONS = tuple(
+    ("--" + f.name.replace("_", "-"), f.name, type(f.default), f.default, f.metadata["help"])
+    for f in dataclasses.fields(AisSettings)
+)
+
+_MODE_HELP = ("automatic segmentation mode: ais (the model's AIS head + watershed), amg (a grid "
+              "of point prompts, SAM's everything-mode), or auto: ais where the model has an AIS "
+              "head, else amg (default: auto; the start line says which runs and why)")
+
+
+def add_mode_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add ``--mode`` and the AIS options (:data:`AIS_OPTIONS`, default None: not given)."""
+    parser.add_argument("--mode", choices=MODES, default="auto", help=_MODE_HELP)
+    g = parser.add_argument_group(
+        "automatic instance segmentation (AIS) parameters (mode ais only)")
+    for option, _key, typ, default, text in AIS_OPTIONS:
+        g.add_argument(option, type=typ, default=None, metavar="N" if typ is int else "X",
+                       help=f"{text} (default: {default:g})")
+    return g
+
+
+def ais_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The AIS options given on the command line, checked by :class:`AisSettings`
+    (an out-of-range value is a usage error naming the option)."""
+    from napari_sam.errors import InvalidInputError
+
+    given = {key: getattr(args, key) for _opt, key, *_ in AIS_OPTIONS
+             if getattr(args, key, None) is not None}
+    try:
+        AisSettings(**given)
+    except InvalidInputError as err:
+        option = next(opt for opt, key, *_ in AIS_OPTIONS if f".{key} " in str(err))
+        raise UsageError(f"{option}: {err}") from None
+    return given
+
+
+def given_options(args: argparse.Namespace, mode: str) -> list[str]:
+    """The options of ``mode`` ("amg" or "ais") given on the command line."""
+    if mode == "ais":
+        return [opt for opt, key, *_ in AIS_OPTIONS if getattr(args, key, None) is not None]
+    shown = [opt for opt, key, *_ in GENERATOR_OPTIONS if getattr(args, key, None) is not None]
+    if getattr(args, "auto_tile", None) is not None:
+        shown.append("--no-auto-tile")
+    return shown
+
+
+def check_mode_options(args: argparse.Namespace, mode: str, reason: str) -> None:
+    """A usage error when options of the mode that does not run were given.
+
+    ``mode`` is the mode that runs ("amg" or "ais"); ``reason`` the start line's
+    ``"mode ais (the model has an AIS head)"``. An option that would be ignored
+    is refused rather than silently dropped.
+    """
+    other = "amg" if mode == "ais" else "ais"
+    wrong = given_options(args, other)
+    if wrong:
+        raise UsageError(
+            f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to mode {other} "
+            f"only, but this run uses {reason}: pass --mode {other}, or leave "
+            f"{'it' if len(wrong) == 1 else 'them'} out."
+        )
+
+
+def resolve_cli_mode(args: argparse.Namespace, load: bool = True) -> tuple[str, str]:
+    """``(mode, reason)`` of a run: the mode that runs and the start line that says why.
+
+    ``--mode auto`` loads the model (cached for the run, see
+    :func:`~napari_sam.engine.batch.cached_model`) to see whether it has an AIS
+    head; so does ``--mode ais`` when ``load`` (a head-less model is then a usage
+    error before any image). With ``load`` False an explicit mode is taken as given.
+    """
+    from napari_sam.engine.ais import mode_reason, resolve_mode
+    from napari_sam.engine.batch import _resolve_model_spec, cached_model
+    from napari_sam.errors import InvalidInputError
+
+    mode = getattr(args, "mode", "auto")
+    if mode == "amg" or (mode == "ais" and not load):
+        return mode, f"mode {mode} (--mode {mode})"
+    try:
+        model = cached_model(_resolve_model_spec(args.model), getattr(args, "device", None))
+    except ModelNotFoundError as err:
+        raise with_valid_names(err) from err
+    try:
+        return resolve_mode(model, mode), mode_reason(model, mode)
+    except InvalidInputError as err:
+        raise UsageError(f"--mode {mode}: {err}") from None
+
+
 def _tile_size(text: str) -> int:
     value = positive_int(text)
     if value < 16:
@@ -112,7 +206,9 @@ def add_parser(sub: Any) -> None:
                     "input's outputs (x_labels.tif, x_overlay.png beside x.png) are not taken as "
                     "inputs. Files that cannot be read are reported and skipped; the exit code "
                     "is 1 if any failed. The default model runs with its own thresholds "
-                    "(shown in the options' help) unless you give them.",
+                    "(shown in the options' help) unless you give them. Mode auto runs AIS "
+                    "(the model's instance head) where the model has one, else AMG (grid "
+                    "prompts); options of the mode that does not run are refused.",
         epilog="Resume, overwrite rules, formats and Dask: docs/cli.md in the napari-sam source "
                "repository.",
     )
@@ -125,12 +221,15 @@ def add_parser(sub: Any) -> None:
                    help="tif: uint32 label image (stacks ok); png: 16-bit label image (2D); "
                         "coco: COCO JSON with RLE masks (default: tif, or from --out's suffix)")
     model_options(p)
-    g = add_generator_options(p)
-    g.add_argument("--tile-size", type=_tile_size, default=None, metavar="PX",
-                   help="split images larger than PX pixels into overlapping tiles "
-                        "(default: no tiling)")
-    g.add_argument("--tile-overlap", type=non_negative_int, default=128, metavar="PX",
-                   help="overlap between tiles in pixels, less than --tile-size (default: 128)")
+    add_mode_options(p)
+    add_generator_options(p)
+    t = p.add_argument_group("tiles (both modes)")
+    t.add_argument("--tile-size", type=_tile_size, default=None, metavar="PX",
+                   help="split images larger than PX pixels into overlapping tiles (default: "
+                        "amg: no tiling; ais: the model's input size, at native scale)")
+    t.add_argument("--tile-overlap", type=non_negative_int, default=None, metavar="PX",
+                   help="overlap between tiles in pixels, less than the tile size (default: "
+                        f"amg: {AMG_TILE_OVERLAP}; ais: {AIS_TILE_OVERLAP})")
     o = p.add_argument_group("outputs and execution")
     o.add_argument("--overlay", action="store_true",
                    help="also write <stem>_overlay.png (image with coloured object outlines; "
@@ -170,11 +269,22 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
     if args.scheduler and args.workers:
         raise UsageError("--workers starts a local cluster; it cannot be combined with "
                           "--scheduler (start workers with 'dask worker' instead)")
-    if args.tile_size is not None and args.tile_overlap >= args.tile_size:
-        raise UsageError(f"--tile-overlap ({args.tile_overlap}) must be smaller than "
+    mode, reason = resolve_cli_mode(args, load=args.scheduler is None)
+    check_mode_options(args, mode, reason)
+    overlap = args.tile_overlap
+    if overlap is None:
+        overlap = AIS_TILE_OVERLAP if mode == "ais" else AMG_TILE_OVERLAP
+    if args.tile_size is not None and overlap >= args.tile_size:
+        raise UsageError(f"--tile-overlap ({overlap}) must be smaller than "
                           f"--tile-size ({args.tile_size})")
+    console.info(reason)
     kwargs, recommended = generator_kwargs(args)
-    if recommended:
+    ais = ais_kwargs(args)
+    if mode == "ais":
+        if args.tile_size is not None:
+            ais["tile_size"] = args.tile_size
+        ais["overlap"] = overlap
+    elif recommended:
         shown = ", ".join(f"{k}={v:g}" for k, v in recommended.items())
         console.info(f"model {args.model or 'default'}: recommended settings {shown} "
                      "(options given on the command line win)")
@@ -190,8 +300,10 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
             args.inputs, out.parent if out_file is not None else out,
             model_spec=args.model, generator_kwargs=kwargs, fmt=fmt, overwrite=args.overwrite,
             scheduler=args.scheduler, n_workers=args.workers, progress=progress,
-            device=args.device, overlay=args.overlay, tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap, torch_threads=args.torch_threads, out_file=out_file,
+            device=args.device, overlay=args.overlay,
+            tile_size=args.tile_size if mode == "amg" else None,
+            tile_overlap=overlap if mode == "amg" else AMG_TILE_OVERLAP,
+            torch_threads=args.torch_threads, out_file=out_file, mode=mode, ais_kwargs=ais,
             channels_as_planes=args.channels_as_planes,
             notify=lambda _path, text: console.note(text),
         )

@@ -22,6 +22,8 @@ _LAZY = {
     "image_key": "napari_sam.engine.cache",
     "Predictor": "napari_sam.engine.predictor",
     "Prediction": "napari_sam.engine.predictor",
+    "InstanceSegmenter": "napari_sam.engine.ais",
+    "AisSettings": "napari_sam.engine.ais",
 }
 
 __all__ = list(_LAZY)

@@ -25,21 +25,36 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = [
+    "MODES",
     "AisSettings",
     "InstanceSegmenter",
     "has_ais_head",
     "instances_from_maps",
+    "make_segmenter",
+    "mode_reason",
+    "resolve_mode",
 ]
+
+#: the automatic-segmentation modes a caller may ask for ("auto": the model's best)
+MODES = ("auto", "amg", "ais")
+
+#: the error of mode "ais" on a model without an AIS head
+NO_HEAD_MESSAGE = (
+    "This model has no AIS head (official SAM checkpoints have none): use "
+    "everything-mode's grid prompts (mode 'amg' or 'auto'), or add a head with "
+    "`napari-sam train --aux-dense 1 --init MODEL ...`."
+)
+
+#: default overlap of AIS tiles, in pixels
+AIS_TILE_OVERLAP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +179,13 @@ class InstanceSegmenter:
         applied on top, e.g. ``InstanceSegmenter(model, center_threshold=0.6)``.
       output_mode: ``"binary_mask"`` (full-size masks) or ``"cropped_mask"``,
         as in everything-mode.
+      tile_size: ``"auto"`` (default): an image whose longest side exceeds the
+        model's input size (``model.img_size``) is cut into tiles of that size at
+        native scale, a smaller one is embedded whole; an int (>= 16): tiles of
+        that many pixels for images larger than it; None: never tile (the whole
+        image is resized to the model input, small objects may be lost).
+      overlap: overlap of neighbouring tiles in pixels (>= 0, less than the
+        tile size; default 64). Tiled maps are blended as :meth:`maps` does.
     """
 
     def __init__(
@@ -171,30 +193,52 @@ class InstanceSegmenter:
         model: Any,
         settings: AisSettings | None = None,
         output_mode: str = "binary_mask",
+        tile_size: int | str | None = "auto",
+        overlap: int = AIS_TILE_OVERLAP,
         **overrides: Any,
     ) -> None:
         from napari_sam.engine.predictor import Predictor
 
         predictor = model if isinstance(model, Predictor) else Predictor(model)
         if not has_ais_head(predictor.model):
-            raise InvalidInputError(
-                "This model has no AIS head (official SAM checkpoints have none): use "
-                "everything-mode's grid prompts (mode 'amg'), or add a head with "
-                "`napari-sam train --aux-dense 1 --init MODEL ...`."
-            )
+            raise InvalidInputError(NO_HEAD_MESSAGE)
         if output_mode not in ("binary_mask", "cropped_mask"):
             raise InvalidInputError(
                 f"output_mode must be 'binary_mask' or 'cropped_mask', got {output_mode!r}."
             )
+        _check_tiling(tile_size, overlap)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(AisSettings)}
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown AIS setting(s) {sorted(unknown)}; valid: "
+                f"{[f.name for f in dataclasses.fields(AisSettings)]}."
+            )
         self.predictor = predictor
         self.settings = dataclasses.replace(settings or AisSettings(), **overrides)
         self.output_mode = output_mode
+        self.tile_size = tile_size
+        self.overlap = int(overlap)
+
+    def tile_size_for(self, shape: tuple[int, int]) -> int | None:
+        """Tile size used for an (H, W) image under :attr:`tile_size`, or None (whole image)."""
+        size = self.model.img_size if self.tile_size == "auto" else self.tile_size
+        if size is None or max(int(shape[0]), int(shape[1])) <= size:
+            return None
+        return int(size)
+
+    def n_tiles(self, shape: tuple[int, int]) -> int:
+        """How many embeddings an (H, W) image takes (1 when it is not tiled)."""
+        from napari_sam.engine.tiles import tile_boxes
+
+        size = self.tile_size_for(shape)
+        if size is None:
+            return 1
+        return len(tile_boxes(shape, tile_size=size, overlap=min(self.overlap, size - 1)))
 
     @property
     def model(self) -> Any:
         return self.predictor.model
 
-    @torch.no_grad()
     def maps(
         self,
         rgb: np.ndarray,
@@ -215,23 +259,43 @@ class InstanceSegmenter:
         """
         if tile_size is None and scale == 1.0:
             return self._image_maps(rgb, use_cache)
-        return self._tiled_maps(rgb, tile_size or self.model.img_size, overlap, scale)
+        return _drain(self._iter_tiled_maps(rgb, tile_size or self.model.img_size, overlap,
+                                            scale))
 
     def _image_maps(self, rgb: np.ndarray, use_cache: bool) -> np.ndarray:
+        """(4, H, W) maps of the whole image, embedded at the model's input size."""
+        import torch
+
         p = self.predictor
         original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        # embed() leaves the predictor's current image alone
-        features = p.embed(rgb).features if use_cache else p.compute_embedding(rgb)
-        return self._decode(features, p.transform.input_size(original_size), original_size)
+        with torch.no_grad():
+            # embed() leaves the predictor's current image alone
+            features = p.embed(rgb).features if use_cache else p.compute_embedding(rgb)
+            return self._decode(features, p.transform.input_size(original_size), original_size)
 
-    def _decode(self, features: torch.Tensor, input_size, original_size) -> np.ndarray:
+    def _decode(self, features: Any, input_size, original_size) -> np.ndarray:
+        import torch
+
         head = self.model.ais_head
         dtype = next(head.parameters()).dtype
         logits = head(features.to(dtype))
         logits = self.model.postprocess_masks(logits.float(), input_size, original_size)
         return torch.sigmoid(logits[0]).cpu().numpy()
 
-    def _tiled_maps(self, rgb: np.ndarray, tile: int, overlap: int, scale: float) -> np.ndarray:
+    def _iter_tiled_maps(
+        self,
+        rgb: np.ndarray,
+        tile: int,
+        overlap: int,
+        scale: float,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Generator[Any, None, np.ndarray]:
+        """Blended tiled maps (see :meth:`maps`); yields ``EverythingProgress`` per tile
+        and returns the maps. ``cancel`` is polled before each tile."""
+        import torch
+        import torch.nn.functional as F
+
+        from napari_sam.engine.everything import EverythingProgress
         from napari_sam.engine.tiles import tile_boxes
 
         H, W = rgb.shape[:2]
@@ -246,7 +310,9 @@ class InstanceSegmenter:
         total = np.zeros((4, h, w), dtype=np.float32)
         weight = np.zeros((h, w), dtype=np.float32)
         ramp = max(1, overlap // 2)
-        for r0, c0, r1, c1 in tile_boxes((h, w), tile_size=tile, overlap=min(overlap, tile - 1)):
+        boxes = tile_boxes((h, w), tile_size=tile, overlap=min(overlap, tile - 1))
+        for done, (r0, c0, r1, c1) in enumerate(boxes):
+            _check_cancel(cancel)
             piece = np.ascontiguousarray(work[r0:r1, c0:c1])
             tile_maps = self._image_maps(piece, use_cache=False)
             wr = _edge_weights(r1 - r0, ramp, r0 > 0, r1 < h)
@@ -254,12 +320,61 @@ class InstanceSegmenter:
             wt = wr[:, None] * wc[None, :]
             total[:, r0:r1, c0:c1] += tile_maps * wt
             weight[r0:r1, c0:c1] += wt
+            yield EverythingProgress(done + 1, len(boxes))
         total /= np.maximum(weight, 1e-6)
         if (h, w) != (H, W):
             t = F.interpolate(torch.from_numpy(total)[None], (H, W), mode="bilinear",
                               align_corners=False)
             total = t[0].numpy()
         return total
+
+    def _iter_maps(
+        self, rgb: np.ndarray, cancel: Callable[[], bool] | None, use_cache: bool
+    ) -> Generator[Any, None, np.ndarray]:
+        """The maps of an (H, W, 3) uint8 image under :attr:`tile_size` / :attr:`overlap`;
+        yields ``EverythingProgress`` per embedding (tile) and returns the maps."""
+        from napari_sam.engine.everything import EverythingProgress
+
+        tile = self.tile_size_for(rgb.shape[:2])
+        if tile is None:
+            _check_cancel(cancel)
+            maps = self._image_maps(rgb, use_cache)
+            yield EverythingProgress(1, 1)
+            return maps
+        return (yield from self._iter_tiled_maps(rgb, tile, self.overlap, 1.0, cancel))
+
+    def _iter_labels(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None,
+        channel_axis: int | None,
+        cancel: Callable[[], bool] | None,
+        use_cache: bool,
+    ) -> Generator[Any, None, tuple[np.ndarray, np.ndarray]]:
+        from napari_sam.engine.image import to_rgb_uint8
+
+        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
+        maps = yield from self._iter_maps(rgb, cancel, use_cache)
+        _check_cancel(cancel)
+        return instances_from_maps(maps, self.settings), maps
+
+    def iter_generate(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channel_axis: int | None = None,
+        cancel: Callable[[], bool] | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[Any]:
+        """:meth:`generate` as a generator, like
+        :meth:`AutomaticMaskGenerator.iter_generate
+        <napari_sam.engine.everything.AutomaticMaskGenerator.iter_generate>`: yields an
+        :class:`~napari_sam.engine.everything.EverythingProgress` after each tile
+        (``total`` = number of tiles, 1 when the image is not tiled), and last the
+        list of records. ``close()`` stops the work between tiles."""
+        labels, maps = yield from self._iter_labels(
+            image, contrast_limits, channel_axis, cancel, use_cache)
+        yield self._records(labels, maps)
 
     def generate(
         self,
@@ -270,16 +385,17 @@ class InstanceSegmenter:
         cancel: Callable[[], bool] | None = None,
         use_cache: bool = True,
     ) -> list[dict[str, Any]]:
-        """Records of every object in ``image`` (everything-mode's record format)."""
-        from napari_sam.engine.image import to_rgb_uint8
+        """Records of every object in ``image`` (everything-mode's record format).
 
-        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        if cancel is not None and cancel():
-            raise CancelledError("Automatic instance segmentation was cancelled.")
-        maps = self.maps(rgb, use_cache=use_cache)
-        labels = instances_from_maps(maps, self.settings)
-        if progress is not None:
-            progress(1, 1)
+        ``progress(done, total)`` is called after each tile (once when the image is
+        not tiled); ``cancel`` is polled before each tile and raises
+        :class:`~napari_sam.errors.CancelledError`.
+        """
+        steps = self._iter_labels(image, contrast_limits, channel_axis, cancel, use_cache)
+        labels, maps = _drain(steps, progress)
+        return self._records(labels, maps)
+
+    def _records(self, labels: np.ndarray, maps: np.ndarray) -> list[dict[str, Any]]:
         records = _labels_to_records(labels, maps)
         if self.output_mode == "binary_mask":
             H, W = labels.shape
@@ -298,16 +414,104 @@ class InstanceSegmenter:
         progress: Callable[[int, int], Any] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray:
-        """(H, W) uint32 instance labels, ids 1..N (see :func:`instances_from_maps`)."""
-        from napari_sam.engine.image import to_rgb_uint8
-
-        rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        if cancel is not None and cancel():
-            raise CancelledError("Automatic instance segmentation was cancelled.")
-        labels = instances_from_maps(self.maps(rgb), self.settings)
-        if progress is not None:
-            progress(1, 1)
+        """(H, W) uint32 instance labels, ids 1..N (see :func:`instances_from_maps`);
+        tiles, ``progress`` and ``cancel`` as in :meth:`generate`."""
+        steps = self._iter_labels(image, contrast_limits, channel_axis, cancel, True)
+        labels, _maps = _drain(steps, progress)
         return labels.astype(np.uint32)
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise CancelledError("Automatic instance segmentation was cancelled.")
+
+
+def _drain(steps: Generator[Any, None, Any], progress: Callable[[int, int], Any] | None = None
+           ) -> Any:
+    """Run a generator of ``EverythingProgress`` to its return value, reporting progress."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(step.done, step.total)
+
+
+def _check_tiling(tile_size: Any, overlap: Any) -> None:
+    """Typed errors for InstanceSegmenter's ``tile_size`` / ``overlap``."""
+    if not (tile_size is None or tile_size == "auto" or (
+        isinstance(tile_size, int | np.integer) and not isinstance(tile_size, bool)
+        and tile_size >= 16
+    )):
+        raise InvalidInputError(
+            f"tile_size must be 'auto', None or a whole number >= 16 pixels, got {tile_size!r}."
+        )
+    if isinstance(overlap, bool) or not isinstance(overlap, int | np.integer) or overlap < 0:
+        raise InvalidInputError(f"overlap must be a whole number >= 0, got {overlap!r}.")
+    if isinstance(tile_size, int | np.integer) and overlap >= tile_size:
+        raise InvalidInputError(
+            f"overlap ({overlap}) must be smaller than tile_size ({tile_size})."
+        )
+
+
+def _model_of(model_or_predictor: Any) -> Any:
+    from napari_sam.engine.predictor import Predictor
+
+    if isinstance(model_or_predictor, Predictor):
+        return model_or_predictor.model
+    return model_or_predictor
+
+
+def resolve_mode(model_or_predictor: Any, mode: str = "auto") -> str:
+    """The mode that runs: ``"ais"`` or ``"amg"``.
+
+    ``"auto"`` gives ``"ais"`` when the model has an AIS head, else ``"amg"``;
+    ``"amg"`` and ``"ais"`` are kept as asked (``"ais"`` on a model without a head
+    raises :class:`~napari_sam.errors.InvalidInputError`, as
+    :class:`InstanceSegmenter` does). Any other value is an InvalidInputError.
+    """
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    has_head = has_ais_head(_model_of(model_or_predictor))
+    if mode == "auto":
+        return "ais" if has_head else "amg"
+    if mode == "ais" and not has_head:
+        raise InvalidInputError(NO_HEAD_MESSAGE)
+    return mode
+
+
+def mode_reason(model_or_predictor: Any, mode: str = "auto") -> str:
+    """One line saying which mode runs and why, e.g. ``"mode ais (the model has an AIS head)"``."""
+    resolved = resolve_mode(model_or_predictor, mode)
+    if mode != "auto":
+        why = f"--mode {mode}"
+    elif resolved == "ais":
+        why = "the model has an AIS head"
+    else:
+        why = "the model has no AIS head"
+    return f"mode {resolved} ({why})"
+
+
+def make_segmenter(
+    model_or_predictor: Any,
+    mode: str = "auto",
+    amg_kwargs: Mapping[str, Any] | None = None,
+    ais_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """An ``AutomaticMaskGenerator`` (mode amg) or an :class:`InstanceSegmenter` (mode ais).
+
+    ``mode`` is resolved by :func:`resolve_mode`; ``amg_kwargs`` go to
+    ``AutomaticMaskGenerator``, ``ais_kwargs`` to :class:`InstanceSegmenter`
+    (settings fields, ``tile_size``, ``overlap``, ``output_mode``); the other
+    mode's keywords are ignored. Both return everything-mode records from
+    ``generate`` / ``iter_generate`` and labels from ``generate_labels``.
+    """
+    if resolve_mode(model_or_predictor, mode) == "ais":
+        return InstanceSegmenter(model_or_predictor, **dict(ais_kwargs or {}))
+    from napari_sam.engine.everything import AutomaticMaskGenerator
+
+    return AutomaticMaskGenerator(model_or_predictor, **dict(amg_kwargs or {}))
 
 
 def _edge_weights(n: int, ramp: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:

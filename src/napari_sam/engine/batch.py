@@ -256,22 +256,36 @@ def cached_model(model_spec: str | None, device: str | None = None) -> Any:
 
 
 def cached_generator(
-    model_spec: str | None, device: str | None, generator_kwargs: Mapping[str, Any]
+    model_spec: str | None,
+    device: str | None,
+    generator_kwargs: Mapping[str, Any],
+    mode: str = "auto",
+    ais_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
-    """An ``AutomaticMaskGenerator`` for this process and thread (cached).
+    """The segmenter of ``mode`` for this process and thread (cached).
 
-    Generators hold per-image state, so each thread gets its own; all share the
+    Built by :func:`~napari_sam.engine.ais.make_segmenter`: an
+    ``AutomaticMaskGenerator`` from ``generator_kwargs`` (mode ``"amg"``, or
+    ``"auto"`` on a model without an AIS head) or an
+    :class:`~napari_sam.engine.ais.InstanceSegmenter` from ``ais_kwargs`` (mode
+    ``"ais"``, or ``"auto"`` on a model with a head).
+
+    Segmenters hold per-image state, so each thread gets its own; all share the
     process's model from :func:`cached_model`. The cache keeps the
-    :data:`GENERATOR_CACHE_SIZE` most recently used generators. Unless
-    ``generator_kwargs`` say otherwise, the generators give cropped masks
-    (``output_mode="cropped_mask"``): the batch only paints them.
+    :data:`GENERATOR_CACHE_SIZE` most recently used ones. Unless the keywords
+    say otherwise, they give cropped masks (``output_mode="cropped_mask"``):
+    the batch only paints them.
     """
-    from napari_sam.engine.everything import AutomaticMaskGenerator
+    from napari_sam.engine.ais import make_segmenter, resolve_mode
 
-    kwargs = {"output_mode": "cropped_mask", **dict(generator_kwargs)}
+    model = cached_model(model_spec, device)
+    mode = resolve_mode(model, mode)
+    kwargs = {"output_mode": "cropped_mask",
+              **dict(generator_kwargs if mode == "amg" else ais_kwargs or {})}
     key = (
         None if model_spec is None else str(model_spec),
         device,
+        mode,
         tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
         threading.get_ident(),
     )
@@ -280,7 +294,7 @@ def cached_generator(
         if gen is not None:
             _GENERATORS[key] = gen  # most recently used last
     if gen is None:
-        gen = AutomaticMaskGenerator(cached_model(model_spec, device), **kwargs)
+        gen = make_segmenter(model, mode, amg_kwargs=kwargs, ais_kwargs=kwargs)
         with _MODELS_LOCK:
             _GENERATORS[key] = gen
             while len(_GENERATORS) > GENERATOR_CACHE_SIZE:
@@ -307,10 +321,12 @@ def everything_labels(
     tile_overlap: int = 128,
     cancel: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, list[tuple[tuple[int, ...], list[dict]]]]:
-    """Run everything-mode on every plane of ``image``.
+    """Run everything-mode (AMG or AIS) on every plane of ``image``.
 
     Arguments:
-      generator: an ``AutomaticMaskGenerator``.
+      generator: an ``AutomaticMaskGenerator`` or an
+        :class:`~napari_sam.engine.ais.InstanceSegmenter` (which tiles by its own
+        ``tile_size`` / ``overlap``: the two arguments below are for AMG only).
       image: from :func:`~napari_sam.engine.io.read_image`.
       tile_size: tile planes larger than this (longest side) with
         ``generate_tiled``; None never tiles.
@@ -326,9 +342,11 @@ def everything_labels(
       order, each record's ``"label"`` set to its id (0 if later masks cover it
       completely).
     """
+    from napari_sam.engine.ais import InstanceSegmenter
     from napari_sam.engine.everything import records_to_labels
     from napari_sam.engine.stack import StackLabeller
 
+    ais = isinstance(generator, InstanceSegmenter)
     h, w = image.plane_shape
     labels = np.zeros(image.stack_shape + (h, w), dtype=np.uint32)
     all_records: list[tuple[tuple[int, ...], list[dict]]] = []
@@ -337,7 +355,7 @@ def everything_labels(
         if cancel is not None and cancel():
             raise CancelledError("Everything-mode was cancelled.")
         rgb = image.plane_rgb(plane)
-        if tile_size is not None and max(h, w) > tile_size:
+        if tile_size is not None and max(h, w) > tile_size and not ais:
             from napari_sam.engine.tiles import generate_tiled
 
             records = generate_tiled(
@@ -448,6 +466,8 @@ def process_image(
     tile_overlap: int = 128,
     torch_threads: int | None = None,
     cancel: Callable[[], bool] | None = None,
+    mode: str = "auto",
+    ais_kwargs: Mapping[str, Any] | None = None,
 ) -> ImageResult:
     """Segment one input file and write its outputs (the task run by workers).
 
@@ -455,7 +475,9 @@ def process_image(
     finished), then the overlay. Without ``overwrite`` an existing file is
     never replaced (the write fails instead, also against a concurrent
     writer); an existing overlay is kept with a note unless ``overwrite`` is
-    set and napari-sam wrote it.
+    set and napari-sam wrote it. ``mode``, ``generator_kwargs`` and
+    ``ais_kwargs`` choose the segmenter (:func:`cached_generator`);
+    ``tile_size`` / ``tile_overlap`` tile AMG only (AIS tiles by ``ais_kwargs``).
 
     Returns:
       ``ImageResult("done", output_path, notes)`` or
@@ -474,7 +496,10 @@ def process_image(
             torch.set_num_threads(int(torch_threads))
     input_path, output = Path(input_path), Path(output)
     fmt = _check_format(fmt)
-    cached_model(model_spec, device)  # model errors propagate on purpose
+    model = cached_model(model_spec, device)  # model errors propagate on purpose
+    from napari_sam.engine.ais import resolve_mode
+
+    mode = resolve_mode(model, mode)  # a head-less model asked for AIS concerns every image
     notes: list[str] = []
     try:
         image = read_image(input_path, channels_as_planes=channels_as_planes)
@@ -490,7 +515,8 @@ def process_image(
             overlay_file, note = _overlay_target(output, image.is_stack, overwrite, input_path)
             if note:
                 notes.append(note)
-        generator = cached_generator(model_spec, device, dict(generator_kwargs or {}))
+        generator = cached_generator(model_spec, device, dict(generator_kwargs or {}), mode,
+                                     ais_kwargs)
         labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel)
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
@@ -703,6 +729,8 @@ def run_batch(
     cancel: Callable[[], bool] | None = None,
     channels_as_planes: bool = False,
     notify: NoteCallback | None = None,
+    mode: str = "auto",
+    ais_kwargs: Mapping[str, Any] | None = None,
 ) -> BatchReport:
     """Run everything-mode on every input and write one output per input.
 
@@ -734,6 +762,11 @@ def run_batch(
         :func:`~napari_sam.engine.io.read_image`).
       notify: called as ``notify(input, text)`` for every note, as it comes
         (notes are also collected in ``report.notes``).
+      mode: ``"auto"`` (AIS where the model has an AIS head, else AMG),
+        ``"amg"`` or ``"ais"`` (:func:`~napari_sam.engine.ais.resolve_mode`).
+      ais_kwargs: :class:`~napari_sam.engine.ais.InstanceSegmenter` keywords
+        (AIS settings, ``tile_size``, ``overlap``), used in mode ais; AIS
+        ignores ``generator_kwargs`` / ``tile_size`` / ``tile_overlap``.
 
     Returns:
       A :class:`BatchReport`; ``report.failed`` lists per-image failures.
@@ -742,7 +775,8 @@ def run_batch(
       ModelNotFoundError, CheckpointError, DownloadError: the model cannot be
         loaded (nothing is processed).
       InvalidInputError: bad arguments (format, worker count, ``out_file``
-        with several inputs).
+        with several inputs, ``mode``; mode ais on a model without a head
+        when it runs in this process).
       CancelledError: cancelled through ``cancel``.
     """
     fmt = _check_format(fmt)
@@ -754,6 +788,10 @@ def run_batch(
         raise InvalidInputError(
             f"tile_overlap must be in [0, tile_size), got {tile_overlap} for tile_size {tile_size}."
         )
+    from napari_sam.engine.ais import MODES
+
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     spec = _resolve_model_spec(model_spec)
     kwargs = dict(generator_kwargs or {})
 
@@ -876,10 +914,14 @@ def run_batch(
         channels_as_planes=channels_as_planes,
         tile_size=None if tile_size is None else int(tile_size),
         tile_overlap=int(tile_overlap),
+        mode=mode,
+        ais_kwargs=dict(ais_kwargs or {}),
     )
 
     if scheduler is None and (n_workers is None or int(n_workers) == 1):
-        cached_model(spec, device)  # model errors before any image
+        from napari_sam.engine.ais import resolve_mode
+
+        resolve_mode(cached_model(spec, device), mode)  # model errors before any image
         if torch_threads:
             task_kwargs["torch_threads"] = int(torch_threads)
         for path, out in todo:

@@ -7,7 +7,8 @@ and returns a JSON-able dict::
 
     {
       "model": str, "data": str, "n_images": int, "n_objects": int,
-      "settings": {...},
+      "settings": {...},                # with "mode" as asked ("auto", "amg", "ais")
+      "everything_mode": "ais" | "amg",  # the mode that ran (when everything ran)
       "interactive": {"point_miou": [after 1 click, after 2, ...],
                       "box_miou": float},            # means over all objects
       "everything": {"ap50": ..., "ap75": ..., "ap_dsb": ...,
@@ -83,6 +84,8 @@ def evaluate(
     everything_kwargs: dict[str, Any] | None = None,
     cancel: Callable[[], bool] | None = None,
     device: str | None = None,
+    mode: str = "auto",
+    ais_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the dataset in ``root`` (layouts: :mod:`napari_sam.training.datasets`).
 
@@ -99,7 +102,12 @@ def evaluate(
       min_area: objects with fewer pixels are not prompted (interactive only;
         everything mode is scored against all objects).
       everything_kwargs: options of
-        :class:`~napari_sam.engine.everything.AutomaticMaskGenerator`.
+        :class:`~napari_sam.engine.everything.AutomaticMaskGenerator` (mode amg).
+      mode: automatic segmentation mode, ``"auto"`` (AIS where the model has an
+        AIS head, else AMG), ``"amg"`` or ``"ais"``
+        (:func:`~napari_sam.engine.ais.resolve_mode`).
+      ais_kwargs: options of :class:`~napari_sam.engine.ais.InstanceSegmenter`
+        (mode ais).
       cancel: polled before each image; True raises CancelledError.
       device: torch device for a model given by name or path (None: the
         zoo's default).
@@ -110,7 +118,7 @@ def evaluate(
     Raises:
       InvalidInputError: no images to evaluate (an empty ids list,
         ``max_images`` < 1), negative ``n_clicks`` or ``min_area``, a bad ids
-        file or dataset.
+        file or dataset, a bad ``mode`` or mode ais on a model without a head.
     """
     import torch
 
@@ -140,11 +148,13 @@ def evaluate(
     n = len(data) if max_images is None else min(len(data), int(max_images))
     if n == 0:
         raise InvalidInputError(f"{root}: no images to evaluate.")
+    from napari_sam.engine.ais import make_segmenter, resolve_mode
+
+    # a bad mode fails before any work
+    resolved_mode = resolve_mode(predictor, mode) if everything else None
     generator = None
     if everything:
-        from napari_sam.engine.everything import AutomaticMaskGenerator
-
-        generator = AutomaticMaskGenerator(predictor, **(everything_kwargs or {}))
+        generator = make_segmenter(predictor, resolved_mode, everything_kwargs, ais_kwargs)
     per_image: list[dict[str, Any]] = []
     point_all, box_all = [], []
     for i in range(n):
@@ -184,6 +194,8 @@ def evaluate(
             "min_area": min_area,
             "everything": everything,
             "everything_kwargs": everything_kwargs or {},
+            "mode": mode,
+            "ais_kwargs": ais_kwargs or {},
         },
         "interactive": {
             "point_miou": [float(v) for v in np.atleast_1d(_nanmean(points, 0))],
@@ -191,6 +203,7 @@ def evaluate(
         },
     }
     if generator is not None:
+        results["everything_mode"] = resolved_mode
         results["everything"] = mean_metrics([e["everything"] for e in per_image])
     results["per_image"] = per_image
     return results
@@ -209,6 +222,8 @@ def format_results(results: dict[str, Any]) -> str:
     if inter.get("box_miou") is not None:
         rows.append(("mIoU box", f"{inter['box_miou']:.4f}"))
     ev = results.get("everything")
+    if results.get("everything_mode"):
+        rows.append(("everything mode", str(results["everything_mode"])))
     if ev:
         for key, name in (
             ("ap50", "everything AP@0.5 = TP/(TP+FP+FN)"),
