@@ -416,10 +416,9 @@ def test_auto_runs_ais_with_a_head_and_amg_on_request(make_napari_viewer, tiny_s
 
 
 def test_ais_tiles_planes_larger_than_the_model_input(make_napari_viewer, tiny_sam_with_head):
-    """A 200 x 300 plane with a 128 px model: tiles of 128 px at native scale, said in the
-    status line; the labels are those of the engine's tiled maps."""
-    from napari_sam.engine.ais import InstanceSegmenter, instances_from_maps
-    from napari_sam.engine.image import to_rgb_uint8
+    """A 200 x 300 plane with a 128 px model: tiles of 128 px at native scale, progress per
+    tile, said in the status line; the labels are the engine's (which tiles the same way)."""
+    from napari_sam.engine.ais import InstanceSegmenter
     from napari_sam.engine.tiles import tile_boxes
 
     viewer = make_napari_viewer()
@@ -435,10 +434,11 @@ def test_ais_tiles_planes_larger_than_the_model_input(make_napari_viewer, tiny_s
     n_tiles = len(tile_boxes((200, 300), tile_size=128, overlap=64))
     assert n_tiles > 1
     assert f"Done (AIS, {n_tiles} tiles of 128 px)" in widget.status.text()
-    assert any(s.startswith(f"AIS, {n_tiles} tiles of 128 px: slice 1 of 1") for s in statuses)
-    segmenter = InstanceSegmenter(tiny_sam_with_head, **widget.ais_params)
-    maps = segmenter.maps(to_rgb_uint8(data, contrast_limits=(0, 255)), tile_size=128)
-    expected = instances_from_maps(maps, segmenter.settings)
+    tiles_seen = [s for s in statuses if s.startswith(f"AIS, {n_tiles} tiles of 128 px: slice 1")]
+    assert [s.rsplit(", ", 1)[1] for s in dict.fromkeys(tiles_seen)] == [
+        f"tile {i} of {n_tiles}" for i in range(1, n_tiles + 1)]  # progress per tile
+    expected = InstanceSegmenter(tiny_sam_with_head, **widget.ais_params).generate_labels(
+        data, contrast_limits=(0, 255))
     assert expected.max() >= 2
     np.testing.assert_array_equal(widget.result_layer.data, expected)
 
@@ -481,42 +481,49 @@ def test_ais_without_a_head_is_explained_not_an_error(make_napari_viewer, tiny_s
 
 
 def test_cancel_during_ais(make_napari_viewer, tiny_sam_with_head, monkeypatch):
-    """Cancel pressed while AIS computes a slice's maps: that slice is dropped and no other
-    starts (single slice: no layer; stack: the finished slices, marked partial)."""
+    """Cancel pressed while AIS embeds a tile: that tile finishes, no other starts (a single
+    slice leaves no layer; a stack keeps the finished slices, marked partial)."""
     import threading
 
     from napari_sam.engine import ais as engine
     from napari_sam.widgets._common import process_events_until
 
     viewer = make_napari_viewer()
+    big = viewer.add_image(_image((200, 300)), name="big", contrast_limits=(0, 255))
     viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack",
                      contrast_limits=(0, 255))
     widget = _open(viewer, tiny_sam_with_head)
     widget.set_params(**_ais_thresholds(tiny_sam_with_head, _image(seed=0)))
-    real_maps = engine.InstanceSegmenter.maps
+    real_tile = engine.InstanceSegmenter._image_maps  # one embedding: a tile or a small plane
     calls = []
+    wait_at = {2}
 
-    def maps(self, *args, **kwargs):
+    def tile(self, *args, **kwargs):
         calls.append(threading.current_thread())
-        if len(calls) in (1, 3):  # the user presses Cancel while these maps are computed
+        if len(calls) in wait_at:  # the user presses Cancel while this one is computed
             widget._cancel.wait(30)
-        return real_maps(self, *args, **kwargs)
+        return real_tile(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.InstanceSegmenter, "maps", maps)
+    monkeypatch.setattr(engine.InstanceSegmenter, "_image_maps", tile)
     n_layers = len(viewer.layers)
-    widget.run()  # the current slice
-    assert process_events_until(lambda: len(calls) == 1, TIMEOUT)
+    widget.set_image_layer(big)  # tiled: cancel stops between tiles
+    widget.run()
+    assert process_events_until(lambda: len(calls) == 2, TIMEOUT)
     _click(widget.cancel_button)
+    assert widget.progress_bar.value() == 0
     assert widget.wait(TIMEOUT)
-    assert len(calls) == 1 and widget.result_layer is None and len(viewer.layers) == n_layers
+    assert len(calls) == 2  # the tile running at Cancel finished; no third started
+    assert widget.result_layer is None and len(viewer.layers) == n_layers
     assert "Cancelled; no layer" in widget.status.text()
 
+    calls.clear()
+    widget.set_image_layer(viewer.layers["stack"])
     widget.set_scope("whole stack")
     widget.run()
-    assert process_events_until(lambda: len(calls) == 3, TIMEOUT)  # slice 2 of 3
+    assert process_events_until(lambda: len(calls) == 2, TIMEOUT)  # slice 2 of 3
     _click(widget.cancel_button)
     assert widget.wait(TIMEOUT)
-    assert len(calls) == 3  # no third slice started
+    assert len(calls) == 2  # no third slice started
     layer = widget.result_layer
     assert layer.name == "stack everything (partial)"
     assert layer.data[0].any() and not layer.data[1:].any()

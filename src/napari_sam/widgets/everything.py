@@ -5,9 +5,9 @@ Two modes (the "mode" choice): AMG, :class:`napari_sam.engine.everything.Automat
 model's AIS head + a seeded watershed; planes larger than the model's input are cut into
 tiles of that size at native scale). "Auto" runs AIS when the model has a head, else AMG.
 Either runs in a napari ``thread_worker`` that yields progress (per batch of prompt points,
-per AIS step) and one label image per finished slice; the main thread writes them into a
+per AIS tile) and one label image per finished slice; the main thread writes them into a
 NEW Labels layer (``"<image> everything"``, made unique), never into a user's layer.
-Cancel stops the run at the next batch (AIS: before or after the maps): a single slice
+Cancel stops the run at the next batch (AIS: the next tile): a single slice
 then leaves no layer, a stack keeps the finished slices in a layer named ``... (partial)``
 with ``metadata["complete"] = False``.
 
@@ -45,7 +45,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sam.engine.ais import AisSettings, has_ais_head
+from napari_sam.engine.ais import MODES as MODE_NAMES
+from napari_sam.engine.ais import (
+    NO_HEAD_MESSAGE,
+    AisSettings,
+    has_ais_head,
+    make_segmenter,
+    resolve_mode,
+)
 from napari_sam.engine.stack import StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
@@ -63,16 +70,11 @@ __all__ = ["AIS_PARAMS", "MODES", "PARAMS", "SegmentEverythingWidget"]
 
 CURRENT_SLICE = "current slice"
 WHOLE_STACK = "whole stack"
-# mode value -> the text shown in the "mode" box
-MODES: dict[str, str] = {
-    "auto": "Auto (the model's best)",
-    "amg": "AMG (grid of prompts)",
-    "ais": "AIS (instance head)",
-}
-NO_HEAD = (
-    "This model has no AIS head (official SAM checkpoints have none): choose AMG or Auto, "
-    "or add a head with `napari-sam train`."
-)
+# mode value (engine.ais.MODES) -> the text shown in the "mode" box
+MODES: dict[str, str] = dict(zip(MODE_NAMES, (
+    "Auto (the model's best)", "AMG (grid of prompts)", "AIS (instance head)"), strict=True))
+# what the widget says when AIS is chosen for a model without a head (the engine's error)
+NO_HEAD = NO_HEAD_MESSAGE
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
 MIN_FORM_HEIGHT = 200
 
@@ -119,78 +121,14 @@ def _ais_param(field: dataclasses.Field) -> tuple[type, float, float, float, flo
     sizes in pixels)."""
     kind = int if field.type in (int, "int") else float
     high, step = (1_000_000, 5) if kind is int else (1.0, 0.05)
-    return (kind, field.default, 0, high, step, str(field.metadata.get("help", "")).capitalize()
-            + ".")
+    tip = str(field.metadata.get("help", field.name.replace("_", " ")))
+    return (kind, field.default, 0, high, step, f"{tip[:1].upper()}{tip[1:]}.")
 
 
 # the AIS decoding thresholds, generated from AisSettings (its fields and their help)
 AIS_PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
     f.name: _ais_param(f) for f in dataclasses.fields(AisSettings)
 }
-
-
-def resolve_mode(model: Any, mode: str) -> str:
-    """``"amg"`` or ``"ais"`` for ``mode`` (``"auto"``, ``"amg"`` or ``"ais"``) and a loaded model.
-
-    Auto is AIS when the model has an AIS head, else AMG.
-
-    Raises:
-      InvalidInputError: an unknown mode, or AIS for a model without a head.
-    """
-    try:  # the engine's rule once it has one (helper ``aiscli``)
-        from napari_sam.engine.ais import resolve_mode as engine_resolve
-    except ImportError:
-        engine_resolve = None
-    if mode not in MODES:
-        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    if mode == "ais" and not has_ais_head(model):
-        raise InvalidInputError(NO_HEAD)
-    if engine_resolve is not None:
-        return engine_resolve(model, mode)
-    if mode == "auto":
-        return "ais" if has_ais_head(model) else "amg"
-    return mode
-
-
-def _ais_tile_size(segmenter: Any, shape: tuple[int, int]) -> int | None:
-    """The tile size AIS uses on an (H, W) plane: the model's input size when the plane is
-    larger (tiles at native scale), else None (the whole plane at once)."""
-    size_for = getattr(segmenter, "tile_size_for", None)  # the engine's rule, when it has one
-    if size_for is not None:
-        return size_for(shape)
-    img_size = int(segmenter.model.img_size)
-    return img_size if max(shape) > img_size else None
-
-
-def _iter_ais_labels(
-    segmenter: Any,
-    plane: np.ndarray,
-    contrast_limits: tuple[float, float] | None,
-    cancel: threading.Event,
-) -> Iterator[tuple]:
-    """AIS on one (H, W[, C]) plane, as the worker's messages.
-
-    Yields ``("tiles", tile_size, n_tiles)`` (tile_size None: untiled), then
-    ``("step", done, total)`` before and after the maps, and returns the (H, W)
-    uint32 labels (ids 1..N as :meth:`InstanceSegmenter.generate_labels` gives).
-    ``cancel`` is checked before and after the maps (the maps themselves run to the end).
-    """
-    from napari_sam.engine.ais import instances_from_maps
-    from napari_sam.engine.image import to_rgb_uint8
-    from napari_sam.engine.tiles import tile_boxes
-
-    rgb = to_rgb_uint8(plane, contrast_limits=contrast_limits)
-    tile = _ais_tile_size(segmenter, rgb.shape[:2])
-    n_tiles = len(tile_boxes(rgb.shape[:2], tile_size=tile, overlap=64)) if tile else 1
-    yield ("tiles", tile, n_tiles)
-    yield ("step", 0, 1)
-    if cancel.is_set():
-        raise CancelledError("Segment Everything was cancelled.")
-    maps = segmenter.maps(rgb, tile_size=tile)
-    if cancel.is_set():
-        raise CancelledError("Segment Everything was cancelled.")
-    yield ("step", 1, 1)
-    return instances_from_maps(maps, segmenter.settings).astype(np.uint32)
 
 
 def _everything_job(
@@ -210,17 +148,16 @@ def _everything_job(
     with the mode that runs (``"amg"``/``"ais"``; ``mode`` may be ``"auto"``), or
     ``("refused", message)`` and nothing more when the model cannot run it (AIS
     without a head); a model given as an object must come with its mode resolved
-    (see :func:`resolve_mode`). For AIS ``("tiles", k, tile_size, n_tiles)`` per slice;
-    ``("progress", k, n, done, total)`` per decoded batch (AMG) or AIS step of slice
-    ``k`` of ``n``, and ``("slice", k, index, labels)`` with each finished (H, W)
-    uint32 label image. The generators of the engine report the progress, so this
-    runs entirely in the worker's thread.
+    (see :func:`~napari_sam.engine.ais.resolve_mode`). For AIS ``("tiles", k,
+    tile_size, n_tiles)`` per slice (tile_size None: untiled);
+    ``("progress", k, n, done, total)`` per decoded batch of prompts (AMG) or tile
+    (AIS) of slice ``k`` of ``n``, and ``("slice", k, index, labels)`` with each
+    finished (H, W) uint32 label image (AIS: the ids of
+    :meth:`InstanceSegmenter.generate_labels`). The engine's generators
+    (``iter_generate``) report the progress, so this runs entirely in the worker's
+    thread.
     """
-    from napari_sam.engine.everything import (
-        AutomaticMaskGenerator,
-        EverythingProgress,
-        records_to_labels,
-    )
+    from napari_sam.engine.everything import EverythingProgress, records_to_labels
 
     sam = model
     if isinstance(sam, str):
@@ -236,30 +173,20 @@ def _everything_job(
         yield ("mode", mode)
     elif mode not in ("amg", "ais"):
         raise InvalidInputError(f"Resolve the mode of a given model first, got {mode!r}.")
-    if mode == "ais":
-        from napari_sam.engine.ais import InstanceSegmenter
-
-        runner: Any = InstanceSegmenter(sam, AisSettings(**(ais_params or {})))
-    else:
-        runner = AutomaticMaskGenerator(sam, output_mode="cropped_mask", **params)
+    runner = make_segmenter(
+        sam, mode, amg_kwargs={**params, "output_mode": "cropped_mask"},
+        ais_kwargs={**(ais_params or {}), "output_mode": "cropped_mask"},
+    )
+    # AIS records come in id order (ids 1..N of generate_labels); AMG paints largest first
+    order = "input" if mode == "ais" else "area_desc"
     n = len(slices)
     for k, index in enumerate(slices):
         if cancel.is_set():
             raise CancelledError("Segment Everything was cancelled.")
         plane = np.asarray(data[index] if index else data)
         if mode == "ais":
-            steps = _iter_ais_labels(runner, plane, contrast_limits, cancel)
-            try:
-                while True:
-                    msg = next(steps)
-                    if msg[0] == "tiles":
-                        yield ("tiles", k, *msg[1:])
-                    else:
-                        yield ("progress", k, n, *msg[1:])
-            except StopIteration as stop:
-                labels = stop.value
-            yield ("slice", k, index, labels)
-            continue
+            shape = plane.shape[:2]
+            yield ("tiles", k, runner.tile_size_for(shape), runner.n_tiles(shape))
         records: list = []
         for item in runner.iter_generate(plane, contrast_limits=contrast_limits,
                                          cancel=cancel.is_set):
@@ -267,7 +194,7 @@ def _everything_job(
                 yield ("progress", k, n, item.done, item.total)
             else:
                 records = item
-        yield ("slice", k, index, records_to_labels(records, plane.shape[:2]))
+        yield ("slice", k, index, records_to_labels(records, plane.shape[:2], order=order))
 
 
 class SegmentEverythingWidget(QWidget):
@@ -655,7 +582,7 @@ class SegmentEverythingWidget(QWidget):
                 with contextlib.suppress(Exception):
                     pbar.n = value
                     pbar.refresh()
-            step = "batch" if state.get("mode") == "amg" else "step"
+            step = "batch" if state.get("mode") == "amg" else "tile"
             self._set_status(
                 f"{self._mode_text()}: slice {k + 1} of {n}, {step} {done} of {total}"
             )
