@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+
+from qtpy.QtCore import Qt  # noqa: E402
 
 pytestmark = pytest.mark.napari
 
@@ -308,3 +312,220 @@ def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path):
     assert cli.shape == got.shape == (3, 48, 64)
     assert len(np.unique(cli[1])) > 1  # not vacuous: later planes hold objects
     np.testing.assert_array_equal(got, cli)
+
+
+# ---------------------------------------------------------------- modes: AMG / AIS
+
+
+@pytest.fixture
+def tiny_sam_with_head(tiny_sam_config):
+    """The tiny model with a random AIS head (as tests/test_ais.py builds it)."""
+    import dataclasses
+
+    import torch
+
+    from napari_sam.models.build import build_sam
+
+    torch.manual_seed(1)
+    return build_sam(dataclasses.replace(tiny_sam_config, ais_head_hidden=16)).eval()
+
+
+def _ais_thresholds(model, image):
+    """Thresholds at which the random head finds several objects in ``image`` (2 decimals,
+    as the form holds them)."""
+    from napari_sam.engine.ais import InstanceSegmenter
+    from napari_sam.engine.image import to_rgb_uint8
+
+    maps = InstanceSegmenter(model).maps(to_rgb_uint8(image, contrast_limits=(0, 255)))
+    return dict(
+        foreground_threshold=round(float(np.quantile(maps[0], 0.4)), 2),
+        center_threshold=round(float(np.quantile(maps[2], 0.8)), 2),
+        min_size=3,
+    )
+
+
+def _visible(widget, names):
+    boxes = {**widget.param_widgets, **widget.ais_param_widgets}
+    return {name: not boxes[name].isHidden() for name in names}
+
+
+def _click(button):
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    QTest.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+@contextlib.contextmanager
+def _notifications():
+    """napari's notification hooks installed (as in the app); yields (problems, infos):
+    functions listing the warning/error and the info notifications since entering."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    with notification_manager:
+        start = len(notification_manager.records)
+
+        def of(*severities):
+            return lambda: [n.message for n in notification_manager.records[start:]
+                            if n.severity in severities]
+
+        yield (of(NotificationSeverity.ERROR, NotificationSeverity.WARNING),
+               of(NotificationSeverity.INFO))
+
+
+def test_auto_runs_ais_with_a_head_and_amg_on_request(make_napari_viewer, tiny_sam_with_head):
+    from napari_sam.engine.ais import InstanceSegmenter
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_image(), name="img", contrast_limits=(0, 255))
+    widget = _open(viewer, tiny_sam_with_head)
+    assert widget.mode == "auto"
+    # Auto with a head: the AIS parameters show, the grid ones do not
+    assert _visible(widget, ["foreground_threshold", "min_size", "points_per_side"]) == {
+        "foreground_threshold": True, "min_size": True, "points_per_side": False}
+    thresholds = _ais_thresholds(tiny_sam_with_head, image.data)
+    widget.set_params(**thresholds)
+    assert widget.ais_params == thresholds
+    with _notifications() as (problems, _):
+        _click(widget.run_button)
+        assert widget.wait(TIMEOUT)
+    assert problems() == []
+    layer = widget.result_layer
+    expected = InstanceSegmenter(tiny_sam_with_head, **thresholds).generate_labels(
+        image.data, contrast_limits=(0, 255))
+    assert expected.max() >= 2  # not vacuous: several objects
+    np.testing.assert_array_equal(layer.data, expected)
+    assert layer.metadata["napari_sam"]["mode"] == "ais"
+    assert layer.metadata["napari_sam"]["params"] == thresholds
+    assert widget.status.text().startswith("Done (AIS):")  # untiled: 48 x 64 < 128 px
+
+    # AMG chosen: the grid prompts run, as AutomaticMaskGenerator gives
+    widget.mode_combo.setCurrentIndex(list(widget.mode_combo.itemData(i) for i in range(3))
+                                      .index("amg"))
+    assert _visible(widget, ["foreground_threshold", "points_per_side"]) == {
+        "foreground_threshold": False, "points_per_side": True}
+    _click(widget.run_button)
+    assert widget.wait(TIMEOUT)
+    records = AutomaticMaskGenerator(tiny_sam_with_head, **FAST).generate(
+        image.data, contrast_limits=(0, 255))
+    assert widget.result_layer is not layer
+    np.testing.assert_array_equal(widget.result_layer.data, records_to_labels(records, (48, 64)))
+    assert widget.result_layer.metadata["napari_sam"]["mode"] == "amg"
+    assert widget.status.text().startswith("Done (AMG):")
+
+
+def test_ais_tiles_planes_larger_than_the_model_input(make_napari_viewer, tiny_sam_with_head):
+    """A 200 x 300 plane with a 128 px model: tiles of 128 px at native scale, progress per
+    tile, said in the status line; the labels are the engine's (which tiles the same way)."""
+    from napari_sam.engine.ais import InstanceSegmenter
+    from napari_sam.engine.tiles import tile_boxes
+
+    viewer = make_napari_viewer()
+    data = _image((200, 300))
+    viewer.add_image(data, name="big", contrast_limits=(0, 255))
+    widget = _open(viewer, tiny_sam_with_head)
+    widget.set_mode("ais")
+    widget.set_params(**_ais_thresholds(tiny_sam_with_head, data))
+    statuses = []
+    worker = widget.run()
+    worker.yielded.connect(lambda _msg: statuses.append(widget.status.text()))
+    assert widget.wait(TIMEOUT)
+    n_tiles = len(tile_boxes((200, 300), tile_size=128, overlap=64))
+    assert n_tiles > 1
+    assert f"Done (AIS, {n_tiles} tiles of 128 px)" in widget.status.text()
+    tiles_seen = [s for s in statuses if s.startswith(f"AIS, {n_tiles} tiles of 128 px: slice 1")]
+    assert [s.rsplit(", ", 1)[1] for s in dict.fromkeys(tiles_seen)] == [
+        f"tile {i} of {n_tiles}" for i in range(1, n_tiles + 1)]  # progress per tile
+    expected = InstanceSegmenter(tiny_sam_with_head, **widget.ais_params).generate_labels(
+        data, contrast_limits=(0, 255))
+    assert expected.max() >= 2
+    np.testing.assert_array_equal(widget.result_layer.data, expected)
+
+
+def test_ais_without_a_head_is_explained_not_an_error(make_napari_viewer, tiny_sam, tmp_path):
+    from napari_sam.models.checkpoint import save_model
+    from napari_sam.widgets.everything import NO_HEAD
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    widget = _open(viewer, tiny_sam)
+    ais = list(widget.mode_combo.itemData(i) for i in range(3)).index("ais")
+    assert "no AIS head" in widget.mode_combo.itemData(ais, Qt.ItemDataRole.ToolTipRole)
+    # Auto on a head-less model: the grid parameters only
+    assert _visible(widget, ["points_per_side", "center_threshold"]) == {
+        "points_per_side": True, "center_threshold": False}
+    n_layers = len(viewer.layers)
+    with _notifications() as (problems, infos):
+        widget.mode_combo.setCurrentIndex(ais)
+        assert widget.status.text() == NO_HEAD  # said on choosing, before any run
+        _click(widget.run_button)
+        assert not widget.running
+        assert widget.status.text() == NO_HEAD
+        # a named model is loaded in the worker: refused there, the same way
+        widget.set_model(str(save_model(tiny_sam, tmp_path / "tiny.safetensors")))
+        assert widget.mode == "ais"
+        _click(widget.run_button)
+        assert widget.wait(TIMEOUT)
+    assert problems() == []
+    assert infos() == [NO_HEAD, NO_HEAD]
+    assert widget.status.text() == NO_HEAD and widget.last_error is None
+    assert len(viewer.layers) == n_layers and widget.result_layer is None
+    assert widget.run_button.isEnabled() and widget.progress_bar.value() == 0
+    # Auto then runs AMG with the loaded model
+    widget.set_mode("auto")
+    assert widget.status.text() == ""
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert widget.result_layer.metadata["napari_sam"]["mode"] == "amg"
+
+
+def test_cancel_during_ais(make_napari_viewer, tiny_sam_with_head, monkeypatch):
+    """Cancel pressed while AIS embeds a tile: that tile finishes, no other starts (a single
+    slice leaves no layer; a stack keeps the finished slices, marked partial)."""
+    import threading
+
+    from napari_sam.engine import ais as engine
+    from napari_sam.widgets._common import process_events_until
+
+    viewer = make_napari_viewer()
+    big = viewer.add_image(_image((200, 300)), name="big", contrast_limits=(0, 255))
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="stack",
+                     contrast_limits=(0, 255))
+    widget = _open(viewer, tiny_sam_with_head)
+    widget.set_params(**_ais_thresholds(tiny_sam_with_head, _image(seed=0)))
+    real_tile = engine.InstanceSegmenter._image_maps  # one embedding: a tile or a small plane
+    calls = []
+    wait_at = {2}
+
+    def tile(self, *args, **kwargs):
+        calls.append(threading.current_thread())
+        if len(calls) in wait_at:  # the user presses Cancel while this one is computed
+            widget._cancel.wait(30)
+        return real_tile(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.InstanceSegmenter, "_image_maps", tile)
+    n_layers = len(viewer.layers)
+    widget.set_image_layer(big)  # tiled: cancel stops between tiles
+    widget.run()
+    assert process_events_until(lambda: len(calls) == 2, TIMEOUT)
+    _click(widget.cancel_button)
+    assert widget.progress_bar.value() == 0
+    assert widget.wait(TIMEOUT)
+    assert len(calls) == 2  # the tile running at Cancel finished; no third started
+    assert widget.result_layer is None and len(viewer.layers) == n_layers
+    assert "Cancelled; no layer" in widget.status.text()
+
+    calls.clear()
+    widget.set_image_layer(viewer.layers["stack"])
+    widget.set_scope("whole stack")
+    widget.run()
+    assert process_events_until(lambda: len(calls) == 2, TIMEOUT)  # slice 2 of 3
+    _click(widget.cancel_button)
+    assert widget.wait(TIMEOUT)
+    assert len(calls) == 2  # no third slice started
+    layer = widget.result_layer
+    assert layer.name == "stack everything (partial)"
+    assert layer.data[0].any() and not layer.data[1:].any()
+    assert "Cancelled after 1 of 3" in widget.status.text()
+    assert widget.run_button.isEnabled()

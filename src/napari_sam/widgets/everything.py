@@ -1,20 +1,25 @@
 """The "Segment Everything" dock widget: automatic masks for a slice or a whole stack.
 
-Runs :class:`napari_sam.engine.everything.AutomaticMaskGenerator` in a napari
-``thread_worker`` that yields progress per batch of prompt points and one label
-image per finished slice; the main thread writes them into a NEW Labels layer
-(``"<image> everything"``, made unique), never into a user's layer. Cancel stops
-the run at the next batch: a single slice then leaves no layer, a stack keeps the
-finished slices in a layer named ``... (partial)`` with ``metadata["complete"] = False``.
+Two modes (the "mode" choice): AMG, :class:`napari_sam.engine.everything.AutomaticMaskGenerator`
+(a grid of point prompts), and AIS, :class:`napari_sam.engine.ais.InstanceSegmenter` (the
+model's AIS head + a seeded watershed; planes larger than the model's input are cut into
+tiles of that size at native scale). "Auto" runs AIS when the model has a head, else AMG.
+Either runs in a napari ``thread_worker`` that yields progress (per batch of prompt points,
+per AIS tile) and one label image per finished slice; the main thread writes them into a
+NEW Labels layer (``"<image> everything"``, made unique), never into a user's layer.
+Cancel stops the run at the next batch (AIS: the next tile): a single slice
+then leaves no layer, a stack keeps the finished slices in a layer named ``... (partial)``
+with ``metadata["complete"] = False``.
 
 Scripting API: ``set_model(...)``, ``set_image_layer(layer)``, ``set_params(**kw)``,
-``params``, ``scope``, ``run()``, ``cancel()``, ``wait(timeout)``, ``running``,
-``result_layer``.
+``params`` (AMG), ``ais_params`` (AIS), ``mode``/``set_mode(...)``, ``scope``, ``run()``,
+``cancel()``, ``wait(timeout)``, ``running``, ``result_layer``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -26,6 +31,7 @@ import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -39,6 +45,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.engine.ais import MODES as MODE_NAMES
+from napari_sam.engine.ais import (
+    NO_HEAD_MESSAGE,
+    AisSettings,
+    has_ais_head,
+    make_segmenter,
+    resolve_mode,
+)
 from napari_sam.engine.stack import StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
@@ -52,10 +66,15 @@ from napari_sam.widgets._common import (
 )
 from napari_sam.widgets._model_control import ModelController
 
-__all__ = ["PARAMS", "SegmentEverythingWidget"]
+__all__ = ["AIS_PARAMS", "MODES", "PARAMS", "SegmentEverythingWidget"]
 
 CURRENT_SLICE = "current slice"
 WHOLE_STACK = "whole stack"
+# mode value (engine.ais.MODES) -> the text shown in the "mode" box
+MODES: dict[str, str] = dict(zip(MODE_NAMES, (
+    "Auto (the model's best)", "AMG (grid of prompts)", "AIS (instance head)"), strict=True))
+# what the widget says when AIS is chosen for a model without a head (the engine's error)
+NO_HEAD = NO_HEAD_MESSAGE
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
 MIN_FORM_HEIGHT = 200
 
@@ -97,6 +116,21 @@ PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
 }
 
 
+def _ais_param(field: dataclasses.Field) -> tuple[type, float, float, float, float, str]:
+    """A :data:`PARAMS`-style row of one :class:`AisSettings` field (probabilities in [0, 1],
+    sizes in pixels)."""
+    kind = int if field.type in (int, "int") else float
+    high, step = (1_000_000, 5) if kind is int else (1.0, 0.05)
+    tip = str(field.metadata.get("help", field.name.replace("_", " ")))
+    return (kind, field.default, 0, high, step, f"{tip[:1].upper()}{tip[1:]}.")
+
+
+# the AIS decoding thresholds, generated from AisSettings (its fields and their help)
+AIS_PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
+    f.name: _ais_param(f) for f in dataclasses.fields(AisSettings)
+}
+
+
 def _everything_job(
     model: Any,
     device: str | None,
@@ -105,20 +139,25 @@ def _everything_job(
     contrast_limits: tuple[float, float] | None,
     params: dict[str, Any],
     cancel: threading.Event,
+    mode: str = "amg",
+    ais_params: dict[str, Any] | None = None,
 ) -> Iterator[tuple]:
     """Worker body (generator).
 
-    Yields ``("model", model)`` after loading a named model, ``("progress", k, n,
-    done, total)`` per decoded batch of slice ``k`` of ``n``, and ``("slice", k,
-    index, labels)`` with each finished (H, W) uint32 label image. The mask
-    generator's own generator (``iter_generate``) reports the progress, so this
-    runs entirely in the worker's thread.
+    Yields ``("model", model)`` after loading a named model, then ``("mode", mode)``
+    with the mode that runs (``"amg"``/``"ais"``; ``mode`` may be ``"auto"``), or
+    ``("refused", message)`` and nothing more when the model cannot run it (AIS
+    without a head); a model given as an object must come with its mode resolved
+    (see :func:`~napari_sam.engine.ais.resolve_mode`). For AIS ``("tiles", k,
+    tile_size, n_tiles)`` per slice (tile_size None: untiled);
+    ``("progress", k, n, done, total)`` per decoded batch of prompts (AMG) or tile
+    (AIS) of slice ``k`` of ``n``, and ``("slice", k, index, labels)`` with each
+    finished (H, W) uint32 label image (AIS: the ids of
+    :meth:`InstanceSegmenter.generate_labels`). The engine's generators
+    (``iter_generate``) report the progress, so this runs entirely in the worker's
+    thread.
     """
-    from napari_sam.engine.everything import (
-        AutomaticMaskGenerator,
-        EverythingProgress,
-        records_to_labels,
-    )
+    from napari_sam.engine.everything import EverythingProgress, records_to_labels
 
     sam = model
     if isinstance(sam, str):
@@ -126,20 +165,36 @@ def _everything_job(
 
         sam = load_model(sam, device=device)
         yield ("model", sam)
-    amg = AutomaticMaskGenerator(sam, output_mode="cropped_mask", **params)
+        try:
+            mode = resolve_mode(sam, mode)
+        except InvalidInputError as err:
+            yield ("refused", str(err))
+            return
+        yield ("mode", mode)
+    elif mode not in ("amg", "ais"):
+        raise InvalidInputError(f"Resolve the mode of a given model first, got {mode!r}.")
+    runner = make_segmenter(
+        sam, mode, amg_kwargs={**params, "output_mode": "cropped_mask"},
+        ais_kwargs={**(ais_params or {}), "output_mode": "cropped_mask"},
+    )
+    # AIS records come in id order (ids 1..N of generate_labels); AMG paints largest first
+    order = "input" if mode == "ais" else "area_desc"
     n = len(slices)
     for k, index in enumerate(slices):
         if cancel.is_set():
             raise CancelledError("Segment Everything was cancelled.")
         plane = np.asarray(data[index] if index else data)
+        if mode == "ais":
+            shape = plane.shape[:2]
+            yield ("tiles", k, runner.tile_size_for(shape), runner.n_tiles(shape))
         records: list = []
-        for item in amg.iter_generate(plane, contrast_limits=contrast_limits,
-                                      cancel=cancel.is_set):
+        for item in runner.iter_generate(plane, contrast_limits=contrast_limits,
+                                         cancel=cancel.is_set):
             if isinstance(item, EverythingProgress):
                 yield ("progress", k, n, item.done, item.total)
             else:
                 records = item
-        yield ("slice", k, index, records_to_labels(records, plane.shape[:2]))
+        yield ("slice", k, index, records_to_labels(records, plane.shape[:2], order=order))
 
 
 class SegmentEverythingWidget(QWidget):
@@ -165,6 +220,7 @@ class SegmentEverythingWidget(QWidget):
         active = self.viewer.layers.selection.active
         if isinstance(active, Image):
             self.image_combo.set_layer(active)
+        self._update_mode_ui()
 
     # ------------------------------------------------------------------ UI
 
@@ -181,23 +237,24 @@ class SegmentEverythingWidget(QWidget):
             "nD image, one after the other (objects get ids unique in the whole stack, but are "
             "not linked between slices)."
         )
+        self.mode_combo = QComboBox(content)
+        for value, text in MODES.items():
+            self.mode_combo.addItem(text, value)
+        self.mode_combo.setToolTip(
+            "Auto: AIS when the model has an AIS head, else AMG. AMG: SAM's grid of point "
+            "prompts (any model; slower, tunable). AIS: the model's instance head and a "
+            "watershed (one pass, tiles on large images; needs a head)."
+        )
+        self.mode_combo.currentIndexChanged.connect(lambda *_: self._update_mode_ui())
         form = QFormLayout()
         form.addRow("model", self.model_picker)
         form.addRow("image", self.image_combo)
         form.addRow("scope", self.scope_combo)
-        self.param_widgets: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        for name, (kind, default, lo, hi, step, tip) in PARAMS.items():
-            box = QSpinBox(content) if kind is int else QDoubleSpinBox(content)
-            if kind is float:
-                box.setDecimals(2)
-            box.setRange(kind(lo), kind(hi))
-            box.setSingleStep(kind(step))
-            box.setValue(kind(default))
-            box.setToolTip(tip)
-            label = QLabel(name.replace("_", " "), content)
-            label.setToolTip(tip)
-            form.addRow(label, box)
-            self.param_widgets[name] = box
+        form.addRow("mode", self.mode_combo)
+        # (label, box) of each row, to show the rows of the mode that runs
+        self._rows: dict[str, list[tuple[QLabel, QWidget]]] = {"amg": [], "ais": []}
+        self.param_widgets = self._add_param_rows(form, content, PARAMS, "amg")
+        self.ais_param_widgets = self._add_param_rows(form, content, AIS_PARAMS, "ais")
 
         self.run_button = QPushButton("Run", content)
         self.run_button.clicked.connect(self.run)
@@ -220,6 +277,25 @@ class SegmentEverythingWidget(QWidget):
         lay.addStretch(1)
         self.scroll_area = scrollable(content, self, MIN_FORM_HEIGHT)
 
+    def _add_param_rows(
+        self, form: QFormLayout, parent: QWidget, specs: dict[str, tuple], mode: str
+    ) -> dict[str, QSpinBox | QDoubleSpinBox]:
+        boxes: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        for name, (kind, default, lo, hi, step, tip) in specs.items():
+            box = QSpinBox(parent) if kind is int else QDoubleSpinBox(parent)
+            if kind is float:
+                box.setDecimals(2)
+            box.setRange(kind(lo), kind(hi))
+            box.setSingleStep(kind(step))
+            box.setValue(kind(default))
+            box.setToolTip(tip)
+            label = QLabel(name.replace("_", " "), parent)
+            label.setToolTip(tip)
+            form.addRow(label, box)
+            boxes[name] = box
+            self._rows[mode].append((label, box))
+        return boxes
+
     def _refresh_layers(self, event: Any = None) -> None:
         if not self._life["closed"]:
             self.image_combo.refresh()
@@ -232,21 +308,75 @@ class SegmentEverythingWidget(QWidget):
 
     @property
     def params(self) -> dict[str, Any]:
-        """The AutomaticMaskGenerator keyword arguments set in the form."""
-        out: dict[str, Any] = {}
-        for name, box in self.param_widgets.items():
-            kind = PARAMS[name][0]
-            out[name] = kind(box.value())
-        return out
+        """The AutomaticMaskGenerator keyword arguments set in the form (AMG)."""
+        return {name: PARAMS[name][0](box.value()) for name, box in self.param_widgets.items()}
+
+    @property
+    def ais_params(self) -> dict[str, Any]:
+        """The :class:`~napari_sam.engine.ais.AisSettings` fields set in the form (AIS)."""
+        return {
+            name: AIS_PARAMS[name][0](box.value()) for name, box in self.ais_param_widgets.items()
+        }
 
     def set_params(self, **kwargs: Any) -> None:
-        """Set form parameters by name (see :data:`PARAMS`)."""
+        """Set form parameters by name (see :data:`PARAMS` and :data:`AIS_PARAMS`)."""
+        boxes = {**self.param_widgets, **self.ais_param_widgets}
         for name, value in kwargs.items():
-            if name not in self.param_widgets:
+            if name not in boxes:
                 raise InvalidInputError(
-                    f"Unknown parameter {name!r}; choose from {', '.join(self.param_widgets)}."
+                    f"Unknown parameter {name!r}; choose from {', '.join(boxes)}."
                 )
-            self.param_widgets[name].setValue(value)
+            boxes[name].setValue(value)
+
+    @property
+    def mode(self) -> str:
+        """The chosen mode: ``"auto"``, ``"amg"`` or ``"ais"``."""
+        return str(self.mode_combo.currentData())
+
+    def set_mode(self, mode: str) -> None:
+        """Choose ``"auto"`` (AIS when the model has a head, else AMG), ``"amg"`` or ``"ais"``."""
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+        self.mode_combo.setCurrentIndex(list(MODES).index(mode))
+
+    def _model_has_head(self) -> bool | None:
+        """Whether the model has an AIS head (None: a named model, known once loaded)."""
+        model = self.models.model
+        return None if model is None else has_ais_head(model)
+
+    def _update_mode_ui(self) -> None:
+        """Show the parameters of the mode that will run; explain AIS without a head."""
+        if self._life["closed"]:
+            return
+        head = self._model_has_head()
+        mode = self.mode
+        shown = {"amg", "ais"} if (mode == "auto" and head is None) else (
+            {mode} if mode != "auto" else {"ais" if head else "amg"})
+        for group, rows in self._rows.items():
+            for label, box in rows:
+                label.setVisible(group in shown)
+                box.setVisible(group in shown)
+        ais_index = list(MODES).index("ais")
+        auto_index = list(MODES).index("auto")
+        if head is False:
+            self.mode_combo.setItemData(ais_index, NO_HEAD, Qt.ItemDataRole.ToolTipRole)
+            self.mode_combo.setItemData(auto_index, "This model has no AIS head: Auto runs AMG.",
+                                        Qt.ItemDataRole.ToolTipRole)
+            if mode == "ais":
+                self._set_status(NO_HEAD)
+            elif self.status.text() == NO_HEAD:
+                self._set_status("")
+        else:
+            self.mode_combo.setItemData(ais_index, "The model's AIS head and a watershed.",
+                                        Qt.ItemDataRole.ToolTipRole)
+            self.mode_combo.setItemData(
+                auto_index,
+                "AIS: this model has an AIS head." if head else
+                "AIS when the model has an AIS head, else AMG (known once it is loaded).",
+                Qt.ItemDataRole.ToolTipRole,
+            )
+            if self.status.text() == NO_HEAD:
+                self._set_status("")
 
     @property
     def scope(self) -> str:
@@ -278,12 +408,14 @@ class SegmentEverythingWidget(QWidget):
         else:
             self.models.set_model(model, device, label)
             self.model_picker.show_model(self.models.instance_label)
+        self._update_mode_ui()
 
     def _on_model_picked(self, name: str, device: str) -> None:
         if self.models.model is not None and name == self.models.instance_label:
             return  # the same object; it is moved to the chosen device on Run
         self.models.forget()  # loaded (in the worker) on the next run
         self._apply_recommended(name)
+        self._update_mode_ui()
 
     def _apply_recommended(self, name: str) -> None:
         """Set the thresholds a zoo model recommends (the official defaults otherwise)."""
@@ -315,6 +447,13 @@ class SegmentEverythingWidget(QWidget):
             self._set_status(str(err))
             return None
         model: Any = self.models.model
+        mode = self.mode  # a named model's is resolved in the worker, once it is loaded
+        if model is not None:
+            try:
+                mode = resolve_mode(model, mode)
+            except InvalidInputError as err:
+                self._refuse(str(err))
+                return None
         device = self.model_picker.device
         if model is None:
             model = self.model_picker.name or DEFAULT_MODEL
@@ -334,11 +473,14 @@ class SegmentEverythingWidget(QWidget):
             "layer": None,
             "labeller": StackLabeller(),
             "cancelled": False,
+            "mode": mode if model is not None else None,  # named: said by the worker
+            "tiles": None,
             "name": L.unique_name((x.name for x in self.viewer.layers), f"{image.name} everything"),
         }
         limits = tuple(float(v) for v in image.contrast_limits)
         worker = create_worker(
             _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
+            mode, self.ais_params,
             _progress={"desc": "SAM: segment everything"},
             _ignore_errors=True,
         )
@@ -358,6 +500,22 @@ class SegmentEverythingWidget(QWidget):
         self._set_status(f"Running on {len(slices)} slice(s)…")
         worker.start()
         return worker
+
+    def _refuse(self, message: str) -> None:
+        """Say why the chosen mode cannot run (a notice, not an error: nothing failed)."""
+        show_info(message)
+        self._set_status(message)
+
+    def _mode_text(self) -> str:
+        """``"AMG"``, ``"AIS"`` or ``"AIS, 12 tiles of 256 px"`` for the status line."""
+        state = self._run_state
+        mode = state.get("mode")
+        if mode != "ais":
+            return "AMG" if mode == "amg" else "?"
+        tiles = state.get("tiles")
+        if tiles and tiles[0]:
+            return f"AIS, {tiles[1]} tile{'s' * (tiles[1] != 1)} of {tiles[0]} px"
+        return "AIS"
 
     def _slices(self, image: Image) -> list[tuple[int, ...]]:
         lead = L.spatial_shape(image)[:-2]
@@ -404,6 +562,14 @@ class SegmentEverythingWidget(QWidget):
         if kind == "model":
             # reused by later runs until another model is picked
             self.models.install(msg[1], self.model_picker.name or DEFAULT_MODEL)
+            self._update_mode_ui()
+        elif kind == "refused":
+            state["refused"] = True
+            self._refuse(msg[1])
+        elif kind == "mode":
+            state["mode"] = msg[1]
+        elif kind == "tiles":
+            state["tiles"] = msg[2:]
         elif kind == "progress":
             if state.get("cancelled"):
                 return  # the bar was reset; the last batch is finishing
@@ -416,7 +582,10 @@ class SegmentEverythingWidget(QWidget):
                 with contextlib.suppress(Exception):
                     pbar.n = value
                     pbar.refresh()
-            self._set_status(f"Slice {k + 1} of {n}: batch {done} of {total}")
+            step = "batch" if state.get("mode") == "amg" else "tile"
+            self._set_status(
+                f"{self._mode_text()}: slice {k + 1} of {n}, {step} {done} of {total}"
+            )
         elif kind == "slice":
             _, k, index, labels = msg
             self._write_slice(state, index, labels)
@@ -429,7 +598,10 @@ class SegmentEverythingWidget(QWidget):
         layer = state["layer"]
         if layer is None or layer not in self.viewer.layers:
             layer = L.make_labels_layer(image, state["name"])
-            layer.metadata["napari_sam"] = {"params": self.params, "complete": False}
+            params = self.params if state.get("mode") == "amg" else self.ais_params
+            layer.metadata["napari_sam"] = {
+                "mode": state.get("mode"), "params": params, "complete": False
+            }
             self.viewer.add_layer(layer)
             state["layer"] = layer
             self.result_layer = layer
@@ -477,10 +649,11 @@ class SegmentEverythingWidget(QWidget):
                 self.result_layer = None
                 self._set_status("Cancelled; no layer was created.")
             return
-        if self.last_error is not None:
+        if self.last_error is not None or state.get("refused"):
+            self.progress_bar.setValue(0)
             return
         if layer is not None:
             layer.metadata["napari_sam"]["complete"] = True
             count = len(np.unique(layer.data)) - 1
             self.progress_bar.setValue(1000)
-            self._set_status(f"Done: {count} object(s) in {layer.name!r}.")
+            self._set_status(f"Done ({self._mode_text()}): {count} object(s) in {layer.name!r}.")
