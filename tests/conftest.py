@@ -53,7 +53,7 @@ def _plugin_manifest_from_this_checkout():
     ``napari-sam-kit``) therefore hides the plugin until it is reinstalled
     (``pip install -e . --no-deps``). The widget tests open the plugin by name
     as a user does, so the manifest of this checkout is registered here when
-    discovery did not find it; ``tests/test_manifest.py`` checks the installed
+    discovery did not find it; ``tests/widgets/test_manifest.py`` checks the installed
     entry point itself.
     """
     try:

@@ -23,7 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIST = "napari-sam-kit"  # the distribution, hence the npe2 plugin name
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

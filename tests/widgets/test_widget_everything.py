@@ -319,7 +319,7 @@ def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path):
 
 @pytest.fixture
 def tiny_sam_with_head(tiny_sam_config):
-    """The tiny model with a random AIS head (as tests/test_ais.py builds it)."""
+    """The tiny model with a random AIS head (as tests/engine/test_ais.py builds it)."""
     import dataclasses
 
     import torch

@@ -129,7 +129,7 @@ def test_key_table_help_and_docs_agree():
     assert "P: add points" in K.layer_help(K.POINTS) and "3" not in K.layer_help(K.POINTS)[-60:]
     assert "R: rectangle" in K.layer_help(K.BOXES)
     # the user guide's keyboard table names every key the widget binds
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "user_guide.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "user_guide.md").read_text()
     table = guide[guide.index("### Keyboard shortcuts"):guide.index("### Committing")]
     for shown in ("**T**", "**1**, **2**, **3**", "**C**", "**Enter**", "**X**", "**Escape**",
                   "**Ctrl+Z**", "**Ctrl+Shift+Z**"):

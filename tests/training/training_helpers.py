@@ -12,7 +12,7 @@ from PIL import Image
 
 from napari_sam.training import TrainConfig
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def disk_image(size: int = 64, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(
 def test_closing_the_viewer_while_the_model_loads(tmp_path, after_close):
     script = tmp_path / "close_during_load.py"
     script.write_text(SCRIPT)
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")]
     ))

@@ -20,7 +20,7 @@ from napari_sam.models import zoo
 from napari_sam.models.build import SamConfig
 from napari_sam.models.checkpoint import load_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(zoo.__file__).resolve().parent.parent / "data"
 
 

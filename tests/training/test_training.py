@@ -497,7 +497,7 @@ def test_load_ids_rejects_malformed_files(tmp_path, name, text, match):
 @pytest.mark.parametrize("name", ["dsb2018.json", "dsb2018_val20.json"])
 def test_load_ids_reads_the_repository_splits_with_their_notes(name):
     """The shipped split files carry "dataset"/"rule"/"seed" notes beside the id lists."""
-    path = Path(__file__).resolve().parents[1] / "splits" / name
+    path = Path(__file__).resolve().parents[2] / "splits" / name
     train_ids, val_ids = load_ids(path)
     assert len(val_ids) >= 20 and all(isinstance(i, str) for i in val_ids)
     assert train_ids is None or not set(train_ids) & set(val_ids)

@@ -700,7 +700,7 @@ def test_cli_usage_error_exit_code_in_a_real_process(tmp_path):
     from pathlib import Path
 
     _write_png(tmp_path / "a.png", np.zeros((32, 32), np.uint8))
-    src = str(Path(__file__).resolve().parent.parent / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "napari_sam.cli", "everything", str(tmp_path / "a.png"),
