@@ -162,10 +162,10 @@ def test_default_model_matches_reference(default_model, reference_default, sampl
 def test_default_model_everything_matches_reference(default_model, reference_default, sample):
     """Everything-mode with the shipped weights: same masks as SamAutomaticMaskGenerator."""
     from segment_anything import SamAutomaticMaskGenerator
+    from test_everything_equivalence import _compare
 
     from napari_sam.engine.everything import AutomaticMaskGenerator
     from napari_sam.engine.image import to_rgb_uint8
-    from test_everything_equivalence import _compare
 
     image = to_rgb_uint8(sample[0][:220, :300])
     kw = dict(points_per_side=12, **zoo.recommended_everything_settings("default"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import run_cli, run_config, write_dataset
 
 from napari_sam.models.ais_head import AisHead
 from napari_sam.training import TrainConfig, train
@@ -20,7 +21,6 @@ from napari_sam.training.dense_targets import (
     dense_targets_batch,
     valid_mask,
 )
-from training_helpers import run_cli, run_config, write_dataset
 
 
 def _two_touching_squares_and_a_dot() -> np.ndarray:

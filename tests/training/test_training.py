@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from training_helpers import disk_image, run_config, write_dataset
 
 from napari_sam.errors import InvalidInputError
 from napari_sam.training.augment import AugmentConfig, augment_geometry, augment_intensity
@@ -34,7 +35,6 @@ from napari_sam.training.prompts import (
     sample_points_in_masks,
 )
 from napari_sam.training.trainer import train
-from training_helpers import disk_image, run_config, write_dataset
 
 # ------------------------------------------------------------------------ helpers
 

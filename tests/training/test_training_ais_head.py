@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from training_helpers import run_cli, write_dataset
 
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.models.checkpoint import (
@@ -22,7 +23,6 @@ from napari_sam.models.checkpoint import (
 from napari_sam.models.zoo import load_model
 from napari_sam.training import TrainConfig, train
 from reference_utils import build_random_sam
-from training_helpers import run_cli, write_dataset
 
 HEAD = "ais_head."
 

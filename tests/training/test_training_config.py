@@ -8,6 +8,7 @@ import logging
 import warnings
 
 import pytest
+from training_helpers import write_dataset
 
 from napari_sam.errors import InvalidInputError
 from napari_sam.training import TrainConfig, train
@@ -18,7 +19,6 @@ from napari_sam.training.config import (
     config_problems,
     setting_fields,
 )
-from training_helpers import write_dataset
 
 #: the keys of config.json as napari-sam wrote them before the settings were nested
 OLD_CONFIG_KEYS = [
