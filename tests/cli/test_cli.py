@@ -351,6 +351,13 @@ def test_evaluate_runs_through_the_cli(tiny_model_path, tmp_path, capsys):
     assert main(["evaluate", "--bogus"]) == 2
 
 
+def _first_seen_ids(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered in order of first appearance (row-major): equal iff same partition."""
+    values, first = np.unique(labels.ravel(), return_index=True)
+    rank = np.argsort(np.argsort(first))  # each value's rank by its first pixel
+    return rank[np.searchsorted(values, labels)]
+
+
 def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, capsys):
     from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
     from napari_sam.engine.io import read_labels as read
@@ -360,8 +367,20 @@ def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, caps
     img = np.asarray(nuclei()[0][0])[:160, :200]
     Image.fromarray(img).save(tmp_path / "crop.png")
     out = tmp_path / "crop_labels.tif"
-    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out),
-                 "--points-per-side", "8"]) == 0
+    # the default model has an AIS head: with no option it runs AIS
+    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out)]) == 0
+    assert "mode ais (the model has an AIS head)" in capsys.readouterr().err
+    from napari_sam.engine.ais import InstanceSegmenter
+
+    # the same instances (the batch numbers them largest first)
+    np.testing.assert_array_equal(_first_seen_ids(read(out)),
+                                  _first_seen_ids(InstanceSegmenter(load_model()).generate_labels(img)))
+    # AMG options need --mode amg (the grid run with the model's recommended thresholds)
+    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out), "--overwrite",
+                 "--points-per-side", "8"]) == 2
+    assert "pass --mode amg" in capsys.readouterr().err
+    assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out), "--overwrite",
+                 "--mode", "amg", "--points-per-side", "8"]) == 0
     err = capsys.readouterr().err
     assert "recommended settings pred_iou_thresh=0.6, stability_score_thresh=0.85" in err
     kw = dict(recommended_everything_settings("default"), points_per_side=8)
@@ -369,7 +388,7 @@ def test_everything_default_model_uses_its_recommended_thresholds(tmp_path, caps
     np.testing.assert_array_equal(read(out), want)
     # an option given on the command line wins
     assert main(["everything", str(tmp_path / "crop.png"), "--out", str(out), "--overwrite",
-                 "--points-per-side", "8", "--pred-iou-thresh", "0.99"]) == 0
+                 "--mode", "amg", "--points-per-side", "8", "--pred-iou-thresh", "0.99"]) == 0
     assert read(out).max() == 0
 
 

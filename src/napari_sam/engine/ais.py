@@ -64,7 +64,7 @@ class AisSettings:
     foreground_threshold: float = dataclasses.field(
         default=0.5, metadata={"help": "pixels above this foreground probability are objects"})
     center_threshold: float = dataclasses.field(
-        default=0.5, metadata={"help": "seeds: connected regions where the centre map is above"})
+        default=0.6, metadata={"help": "seeds: connected regions where the centre map is above"})
     min_size: int = dataclasses.field(
         default=10, metadata={"help": "objects smaller than this many pixels are dropped"})
 
