@@ -191,7 +191,8 @@ def test_images_larger_than_the_model_input_are_tiled_by_default(tiny_sam_with_h
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)  # > 128 px, the model input
-    seg = InstanceSegmenter(tiny_sam_with_head, output_mode="cropped_mask")
+    # random weights: a centre threshold at which the tiny model finds objects
+    seg = InstanceSegmenter(tiny_sam_with_head, output_mode="cropped_mask", center_threshold=0.5)
     assert seg.tile_size_for((150, 200)) == 128 and seg.tile_size_for((128, 100)) is None
     calls = []
     labels = seg.generate_labels(image, progress=lambda d, t: calls.append((d, t)))
@@ -264,7 +265,7 @@ def test_cli_everything_runs_ais_on_a_model_with_a_head_and_tiles_stacks(
     planes = np.stack([_blobs((140, 170), seed) for seed in range(3)])  # > 128 px: tiled
     tifffile.imwrite(tmp_path / "stack.tif", planes[..., 0], photometric="minisblack")
     res = _cli("everything", tmp_path / "stack.tif", "--out", tmp_path / "out",
-               "-m", head_model_path, "--min-size", "5")
+               "-m", head_model_path, "--min-size", "5", "--center-threshold", "0.5")
     assert res.returncode == 0, res.stderr
     assert "mode ais (the model has an AIS head)" in res.stderr
     assert "recommended settings" not in res.stderr  # AMG's thresholds do not apply
@@ -272,7 +273,7 @@ def test_cli_everything_runs_ais_on_a_model_with_a_head_and_tiles_stacks(
     assert labels.shape == (3, 140, 170) and labels.max() > 0
     # ids: unique over the stack, consecutive from 1 in plane order (engine/stack.py), and
     # each plane holds exactly the objects of the segmenter run on that plane alone
-    seg = InstanceSegmenter(tiny_sam_with_head, min_size=5)
+    seg = InstanceSegmenter(tiny_sam_with_head, min_size=5, center_threshold=0.5)
     start = 0
     for k in range(3):
         direct = seg.generate_labels(planes[k, ..., 0])
