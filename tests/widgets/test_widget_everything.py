@@ -431,7 +431,9 @@ def test_ais_tiles_planes_larger_than_the_model_input(make_napari_viewer, tiny_s
     worker = widget.run()
     worker.yielded.connect(lambda _msg: statuses.append(widget.status.text()))
     assert widget.wait(TIMEOUT)
-    n_tiles = len(tile_boxes((200, 300), tile_size=128, overlap=64))
+    from napari_sam.engine.ais import AIS_TILE_OVERLAP
+
+    n_tiles = len(tile_boxes((200, 300), tile_size=128, overlap=AIS_TILE_OVERLAP))
     assert n_tiles > 1
     assert f"Done (AIS, {n_tiles} tiles of 128 px)" in widget.status.text()
     tiles_seen = [s for s in statuses if s.startswith(f"AIS, {n_tiles} tiles of 128 px: slice 1")]

@@ -244,7 +244,7 @@ class InstanceSegmenter:
         rgb: np.ndarray,
         use_cache: bool = True,
         tile_size: int | None = None,
-        overlap: int = 64,
+        overlap: int = AIS_TILE_OVERLAP,
         scale: float = 1.0,
     ) -> np.ndarray:
         """(4, H, W) float32 probability maps of an (H, W, 3) uint8 RGB image.
