@@ -130,9 +130,7 @@ def instances_from_maps(maps: np.ndarray, settings: AisSettings | None = None) -
     return lut[labels]
 
 
-def _labels_to_records(
-    labels: np.ndarray, maps: np.ndarray, offset: tuple[int, int] = (0, 0)
-) -> list[dict[str, Any]]:
+def _labels_to_records(labels: np.ndarray, maps: np.ndarray) -> list[dict[str, Any]]:
     """Everything-mode records (cropped masks) of (H, W) labels; scores from ``maps``."""
     from scipy import ndimage
 
@@ -158,13 +156,6 @@ def _labels_to_records(
                 "crop_box": [0, 0, W, H],
             }
         )
-    if offset != (0, 0):
-        dr, dc = offset
-        for r in out:
-            r["bbox"][0] += dc
-            r["bbox"][1] += dr
-            r["bbox_rc"] = [r["bbox_rc"][0] + dr, r["bbox_rc"][1] + dc,
-                            r["bbox_rc"][2] + dr, r["bbox_rc"][3] + dc]
     return out
 
 
@@ -396,15 +387,9 @@ class InstanceSegmenter:
         return self._records(labels, maps)
 
     def _records(self, labels: np.ndarray, maps: np.ndarray) -> list[dict[str, Any]]:
-        records = _labels_to_records(labels, maps)
-        if self.output_mode == "binary_mask":
-            H, W = labels.shape
-            for r in records:
-                full = np.zeros((H, W), dtype=bool)
-                r0, c0, r1, c1 = r["bbox_rc"]
-                full[r0:r1, c0:c1] = r["segmentation"]
-                r["segmentation"] = full
-        return records
+        from napari_sam.engine.everything import _finish_records
+
+        return _finish_records(_labels_to_records(labels, maps), labels.shape, self.output_mode)
 
     def generate_labels(
         self,
