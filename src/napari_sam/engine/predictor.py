@@ -38,9 +38,9 @@ import torch
 
 from napari_sam.engine.cache import EmbeddedImage, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.session import limit_prompt_points
 from napari_sam.engine.threads import compute_threads
-from napari_sam.engine.transforms import ImageTransform
-from napari_sam.engine.upsample import upscale_logits
+from napari_sam.engine.transforms import ImageTransform, transform_for
 from napari_sam.errors import InvalidInputError
 from napari_sam.models.fast_decoder import (
     FactoredBackend,
@@ -108,7 +108,8 @@ class Predictor:
     ) -> None:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
-        self.transform = ImageTransform(model.image_encoder.img_size)
+        #: the model family's image convention (resize + pad for SAM, stretch for EfficientSAM)
+        self.transform: ImageTransform = transform_for(model)
         #: the mask-decoder backend (:mod:`napari_sam.models.fast_decoder`)
         self.decoder: MaskDecoderBackend = make_decoder_backend(model, decoder)
         self._decoder_context: Any = None  # the backend's per-image context
@@ -203,10 +204,8 @@ class Predictor:
         Pure: no cache, no state change. Returns (1, C, E, E) features on the
         model's device (C = 256, E = 64 for the official models).
         """
-        resized = self.transform.resize_image(rgb)  # (h, w, 3) uint8
         with torch.inference_mode(), compute_threads():
-            x = torch.from_numpy(resized).to(self.device)
-            x = x.permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h, w), 0..255
+            x = self.transform.model_input(rgb, self.device)  # (1, 3, h, w), 0..255
             return self.model.image_encoder(self.model.preprocess(x))
 
     def set_embedding(
@@ -274,6 +273,13 @@ class Predictor:
                 "No prompt given; add at least one point (points=[[row, col]]) or a box "
                 "(box=[row0, col0, row1, col1])."
             )
+        if masks is not None and not getattr(self.model, "accepts_mask_prompt", True):
+            raise InvalidInputError(
+                "This model (EfficientSAM) takes no mask_input; refine by adding points "
+                "instead (mask_input=None)."
+            )
+        if pts is not None:
+            pts = self._limit_points(pts, boxes is not None)
 
         # agree on a batch size; unbatched prompts are broadcast to it
         given = {"points": pts, "box": boxes, "mask_input": masks}
@@ -357,8 +363,8 @@ class Predictor:
             masks = None
             if upscale:
                 threshold = None if return_logits else float(model.mask_threshold)
-                masks = upscale_logits(
-                    low_res, self.transform.target_length, self.input_size, self.original_size,
+                masks = self.transform.upscale(
+                    low_res, self.input_size, self.original_size,
                     threshold=threshold, work=self._upsample_work,
                 )
         return masks, iou, low_res
@@ -374,9 +380,7 @@ class Predictor:
         if not self.is_image_set:
             raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
         with torch.inference_mode():
-            return upscale_logits(
-                low_res, self.transform.target_length, self.input_size, self.original_size
-            )
+            return self.transform.upscale(low_res, self.input_size, self.original_size)
 
     # ------------------------------------------------------------------ helpers
 
@@ -385,6 +389,20 @@ class Predictor:
         if size is None:
             size = (4 * self.features.shape[-2], 4 * self.features.shape[-1])
         return int(size[0]), int(size[1])
+
+    def _limit_points(self, pts, has_box: bool):
+        """Keep the points the model can take (:func:`limit_prompt_points`); warns when
+        some are dropped. ``pts`` as returned by :meth:`_check_points`."""
+        rc, lab, batched = pts
+        keep, note = limit_prompt_points(
+            rc.shape[-2], has_box, getattr(self.model, "max_prompt_points", None)
+        )
+        if note is None:
+            return pts
+        warnings.warn(note, UserWarning, stacklevel=3)
+        if len(keep) == 0:
+            return None
+        return rc[..., keep, :], lab[..., keep], batched
 
     def _check_points(self, points, labels):
         """-> ((N, 2) | (B, N, 2) rc points, (N,) | (B, N) labels, batched) or None.

@@ -15,7 +15,7 @@ What differs from SAM's :class:`~.prompt_encoder.PromptEncoder`:
   prompts are padded with label -1 at (x, y) = (-1, -1) and the padding tokens
   keep their positional encoding (SAM zeroes it); more tokens than that raise
   (the engine chooses which points to keep, see
-  :func:`napari_sam.engine.predictor.limit_prompt_points`);
+  :func:`napari_sam.engine.session.limit_prompt_points`);
 * a background point (label 0) gets no learnt embedding, only its positional
   encoding.
 """
