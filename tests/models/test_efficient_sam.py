@@ -12,6 +12,7 @@ order.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -271,7 +272,8 @@ def test_official_format_loads_by_path_with_weights_only(tmp_path):
     saved = save_model(model, tmp_path / "tiny.safetensors")
     again = load_model(saved, device="cpu")
     assert isinstance(again, EfficientSam) and again.config == TINY
-    assert config_from_dict(TINY.to_dict()) == TINY
+    for cfg in (TINY, MODEL_CONFIGS["efficientsam_ti"], MODEL_CONFIGS["efficientsam_s"]):
+        assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_checkpoint_missing_a_tensor_is_refused(tmp_path):

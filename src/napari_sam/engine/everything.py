@@ -87,7 +87,7 @@ from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.mask_batch import MaskBatch
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.threads import compute_threads
-from napari_sam.engine.upsample import stability_upper_bound
+from napari_sam.engine.upsample import stability_upper_bound, upscale_logits
 from napari_sam.errors import CancelledError, InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "EverythingProgress", "EverythingSettings",
@@ -456,8 +456,12 @@ class AutomaticMaskGenerator:
         kept_masks: list[tuple[torch.Tensor, tuple[int, int]]] = []
         kept_stab, kept_sel, kept_boxes = [], [], []
         for s in range(0, cand.numel(), chunk):
-            logits = transform.upscale(low[s : s + chunk, None], emb.input_size,
-                                       emb.original_size)[:, 0]  # (s, h_c, w_c)
+            if transform.bilinear_upscale:  # SAM: the banded resize chain
+                logits = upscale_logits(low[s : s + chunk, None], target, emb.input_size,
+                                        emb.original_size)[:, 0]  # (s, h_c, w_c)
+            else:  # EfficientSAM's bicubic resize
+                logits = transform.upscale(low[s : s + chunk, None], emb.input_size,
+                                           emb.original_size)[:, 0]
             stab = M.stability_score(logits, thr, self.stability_score_offset)
             masks = logits > thr
             del logits
