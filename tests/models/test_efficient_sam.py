@@ -34,7 +34,7 @@ from napari_sam.models.build import (
     config_from_state_dict,
 )
 from napari_sam.models.efficient_sam import EfficientSam
-from reference_utils import randomize_
+from reference_utils import build_random_efficient_sam, tiny_efficient_sam_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,16 +68,11 @@ def _reference_module():
     )
 
 
-TINY = EfficientSamConfig(
-    img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, prompt_embed_dim=64,
-    decoder_mlp_dim=128, upscaling_dims=(16, 8), iou_head_hidden_dim=64,
-)
+TINY = tiny_efficient_sam_config()
 
 
 def random_efficient_sam(config: EfficientSamConfig = TINY, seed: int = 0) -> EfficientSam:
-    """Our EfficientSAM with seeded random weights (constant tensors perturbed), eval mode."""
-    torch.manual_seed(seed)
-    return randomize_(build_sam(config), seed=seed).eval()
+    return build_random_efficient_sam(config, seed)
 
 
 def make_reference(config: EfficientSamConfig) -> torch.nn.Module:

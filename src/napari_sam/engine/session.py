@@ -233,6 +233,16 @@ class InteractiveSession:
         self.max_points: int | None = getattr(model, "max_prompt_points", None)
         self.reset()
 
+    @property
+    def limits_note(self) -> str | None:
+        """One line on what the model cannot do that SAM does (for a status line), or None."""
+        parts = []
+        if not self.mask_prompts:
+            parts.append("refines with points only (no mask prompt)")
+        if self.max_points is not None:
+            parts.append(f"takes at most {self.max_points} points (a box counts as 2)")
+        return f"This model {' and '.join(parts)}." if parts else None
+
     def reset(self) -> None:
         """Forget the shown prediction: the next request starts afresh."""
         self.last_request: PromptRequest | None = None
