@@ -74,3 +74,28 @@ def test_clicks_with_efficient_sam_points_only_and_the_six_point_limit(make_napa
         got = problems()
     # the only notification is the warning about the dropped point; no error
     assert got and all(p.startswith("warning") and "at most 6 prompt points" in p for p in got)
+
+
+def test_segment_everything_widget_with_efficient_sam(make_napari_viewer):
+    from napari_sam.engine.everything import AutomaticMaskGenerator, records_to_labels
+
+    model = build_random_efficient_sam()
+    params = dict(points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0,
+                  stability_score_thresh=0.0, box_nms_thresh=0.7, crop_n_layers=0,
+                  min_mask_region_area=0)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_blob_image(), name="img")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Everything")
+    widget.set_model(model)
+    widget.set_params(**params)
+    widget.set_image_layer(image)
+    with napari_notifications() as problems:
+        assert widget.run() is not None
+        assert widget.wait(TIMEOUT)
+        assert problems() == []
+    layer = widget.result_layer
+    assert layer is not None and layer.data.max() >= 1
+    records = AutomaticMaskGenerator(model, **params).generate(
+        image.data, contrast_limits=image.contrast_limits
+    )
+    np.testing.assert_array_equal(layer.data, records_to_labels(records, image.data.shape))
