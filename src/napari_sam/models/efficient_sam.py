@@ -10,7 +10,7 @@ are (x, y) pixels of the stretched frame. Low-res logits (4E x 4E) cover the
 whole stretched frame and are resized bicubically straight to the original
 (H, W).
 
-Not supported by EfficientSAM (see docs/models.md): mask prompts (refinement
+Not supported by EfficientSAM (see docs/api.md): mask prompts (refinement
 uses points only) and more than ``max_prompt_points`` prompt points (6; a box
 counts as 2).
 """
