@@ -381,6 +381,23 @@ def build_sam(config: str | ModelConfig) -> Sam | EfficientSam:
     return builder(config)
 
 
+def _decoder_arguments(config: ModelConfig, transformer: type[nn.Module]) -> dict[str, Any]:
+    """The keyword arguments SAM's and EfficientSAM's mask decoders share, with a
+    ``transformer`` of that class built from ``config``."""
+    return dict(
+        transformer_dim=config.prompt_embed_dim,
+        transformer=transformer(
+            depth=config.decoder_depth,
+            embedding_dim=config.prompt_embed_dim,
+            num_heads=config.decoder_num_heads,
+            mlp_dim=config.decoder_mlp_dim,
+        ),
+        num_multimask_outputs=config.num_multimask_outputs,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+
+
 def _build_segment_anything(config: SamConfig) -> Sam:
     """SAM / MobileSAM from its config."""
     dim = config.prompt_embed_dim
@@ -393,18 +410,7 @@ def _build_segment_anything(config: SamConfig) -> Sam:
         input_image_size=(s, s),
         mask_in_chans=config.mask_in_chans,
     )
-    mask_decoder = MaskDecoder(
-        transformer_dim=dim,
-        transformer=TwoWayTransformer(
-            depth=config.decoder_depth,
-            embedding_dim=dim,
-            num_heads=config.decoder_num_heads,
-            mlp_dim=config.decoder_mlp_dim,
-        ),
-        num_multimask_outputs=config.num_multimask_outputs,
-        iou_head_depth=config.iou_head_depth,
-        iou_head_hidden_dim=config.iou_head_hidden_dim,
-    )
+    mask_decoder = MaskDecoder(**_decoder_arguments(config, TwoWayTransformer))
     ais_head = AisHead(dim, config.ais_head_hidden) if config.ais_head_hidden else None
     return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head)
 
@@ -426,16 +432,7 @@ def build_efficient_sam(config: EfficientSamConfig) -> EfficientSam:
     )
     prompt_encoder = EfficientPromptEncoder(dim, (e, e), (s, s), max_points=config.max_points)
     mask_decoder = EfficientMaskDecoder(
-        transformer_dim=dim,
-        transformer=EfficientTwoWayTransformer(
-            depth=config.decoder_depth,
-            embedding_dim=dim,
-            num_heads=config.decoder_num_heads,
-            mlp_dim=config.decoder_mlp_dim,
-        ),
-        num_multimask_outputs=config.num_multimask_outputs,
-        iou_head_depth=config.iou_head_depth,
-        iou_head_hidden_dim=config.iou_head_hidden_dim,
+        **_decoder_arguments(config, EfficientTwoWayTransformer),
         upscaling_dims=config.upscaling_dims,
     )
     return EfficientSam(encoder, prompt_encoder, mask_decoder, config=config)

@@ -21,23 +21,20 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import InvalidInputError
 from .efficient_sam_decoder import EfficientMaskDecoder
 from .efficient_sam_encoder import EfficientViTEncoder
 from .efficient_sam_prompt_encoder import EfficientPromptEncoder
-from .sam import PIXEL_MEAN, PIXEL_STD
+from .sam import PIXEL_MEAN, PIXEL_STD, PromptableModel
 
 if TYPE_CHECKING:
     from .build import EfficientSamConfig
 
 
-class EfficientSam(nn.Module):
+class EfficientSam(PromptableModel):
     """EfficientSAM. Attribute and parameter names match the official checkpoints."""
 
-    mask_threshold: float = 0.0
-    image_format: str = "RGB"
     #: the engine's image convention (:func:`napari_sam.engine.transforms.transform_for`)
     image_convention: str = "stretch"
     #: EfficientSAM has no mask prompt (no ``mask_input``; refinement adds points)
@@ -52,28 +49,14 @@ class EfficientSam(nn.Module):
         mask_decoder: EfficientMaskDecoder,
         config: EfficientSamConfig | None = None,
     ) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
         # 0..255 constants, equal to ImageNet's (0.485, ...) / (0.229, ...) on 0..1 values
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
-        self.config = config
-
-    @property
-    def img_size(self) -> int:
-        """Side length S of the square model input."""
-        return int(self.image_encoder.img_size)
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, PIXEL_MEAN, PIXEL_STD,
+                         config)
 
     @property
     def max_prompt_points(self) -> int:
         """Prompt points the decoder takes at most (a box counts as 2)."""
         return int(self.prompt_encoder.max_points)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) RGB in 0..255, already stretched to S x S -> normalised (B, 3, S, S)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from .efficient_sam_transformer import StackedMLP
+from .mask_decoder import check_embedding_batch, decode_tokens
 
 
 class EfficientMaskDecoder(nn.Module):
@@ -102,31 +103,11 @@ class EfficientMaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (B, T, 4E, 4E) and IoU predictions (B, T)."""
-        b = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.shape[0] not in (1, b):
-            raise InvalidInputError(
-                f"image_embeddings has batch {image_embeddings.shape[0]}, expected 1 or "
-                f"the number of prompt sets ({b})"
-            )
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
-        )
-        src = image_embeddings.expand(b, -1, -1, -1)
-        pos = image_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
+        check_embedding_batch(image_embeddings, sparse_prompt_embeddings.shape[0])
+        return decode_tokens(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+                             self._upscale)
 
-        hs, src = self.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-
-        upscaled = src.transpose(1, 2).reshape(b, c, h, w)
+    def _upscale(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.final_output_upscaling_layers:
-            upscaled = stage(upscaled)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, T, C_up)
-        _, cu, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, cu, hu * wu)).view(b, -1, hu, wu)
-        return masks, self.iou_prediction_head(iou_token_out)
+            x = stage(x)
+        return x

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import kernels
 from .common import LayerNorm2d
+from .image_encoder import PatchEmbed
 
 
 class EfficientViTEncoder(nn.Module):
@@ -89,17 +90,6 @@ class EfficientViTEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.neck(x.reshape(b, h, w, c).permute(0, 3, 1, 2))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens: (B, 3, S, S) -> (B, S/p, S/p, C) channels-last."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
 
 
 class GlobalBlock(nn.Module):

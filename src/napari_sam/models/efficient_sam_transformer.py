@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError
 from . import kernels
-from .transformer import Attention
+from .transformer import Attention, TwoWayTransformer
 
 
 class StackedMLP(nn.Module):
@@ -43,8 +44,9 @@ class StackedMLP(nn.Module):
         return kernels.linear(x, self.fc.weight, self.fc.bias)
 
 
-class EfficientTwoWayTransformer(nn.Module):
-    """Stack of :class:`EfficientTwoWayBlock` plus a final token-to-image attention."""
+class EfficientTwoWayTransformer(TwoWayTransformer):
+    """SAM's two-way transformer (same ``forward``) with :class:`EfficientTwoWayBlock`
+    layers and GELU MLPs."""
 
     def __init__(
         self,
@@ -54,29 +56,8 @@ class EfficientTwoWayTransformer(nn.Module):
         mlp_dim: int,
         attention_downsample_rate: int = 2,
     ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EfficientTwoWayBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
-                                 first=(i == 0))
-            for i in range(depth)
-        )
-        self.final_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm_final_attn = nn.LayerNorm(embedding_dim)
-
-    def forward(
-        self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """image_embedding and image_pe (B, C, H, W), point_embedding (B, N, C) ->
-        tokens (B, N, C) and image tokens (B, HW, C) (row-major)."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
-        queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
-        return self.norm_final_attn(queries + attn), keys
+        super().__init__(depth, embedding_dim, num_heads, mlp_dim, nn.GELU,
+                         attention_downsample_rate, block=EfficientTwoWayBlock)
 
 
 class EfficientTwoWayBlock(nn.Module):
@@ -87,11 +68,14 @@ class EfficientTwoWayBlock(nn.Module):
         embedding_dim: int,
         num_heads: int,
         mlp_dim: int,
+        activation: type[nn.Module] = nn.GELU,
         attention_downsample_rate: int = 2,
-        first: bool = False,
+        skip_first_layer_pe: bool = False,
     ) -> None:
         super().__init__()
-        self.first = first
+        if activation is not nn.GELU:
+            raise InvalidInputError("EfficientSAM's two-way blocks use GELU MLPs")
+        self.skip_first_layer_pe = skip_first_layer_pe
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.cross_attn_token_to_image = Attention(
@@ -109,7 +93,7 @@ class EfficientTwoWayBlock(nn.Module):
         self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
     ) -> tuple[Tensor, Tensor]:
         """queries (B, N, C), keys (B, HW, C) and their encodings -> updated (queries, keys)."""
-        if not self.first:
+        if not self.skip_first_layer_pe:  # the first layer's tokens already carry their PE
             queries = queries + query_pe
         queries = self.norm1(queries + self.self_attn(q=queries, k=queries, v=queries))
         k = keys + key_pe
