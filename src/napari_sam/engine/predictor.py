@@ -19,6 +19,10 @@ Everything in SAM's model frame ((x, y) in the resized input, batched torch
 tensors) goes through :meth:`Predictor.predict_torch`, which everything-mode
 uses directly.
 
+EfficientSAM models follow their own image convention (stretch to S x S, bicubic
+upscaling; :class:`~napari_sam.engine.transforms.StretchTransform`), take no
+``mask_input`` and at most 6 prompt points.
+
 The mask decoder runs through a backend chosen when the predictor is built
 (``decoder="auto" | "reference" | "factored"``, see
 :mod:`napari_sam.models.fast_decoder`). Masks are computed like the reference
@@ -74,9 +78,12 @@ class Predictor:
     """Predict masks for one image at a time from point, box and mask prompts.
 
     Arguments:
-      model: a ``napari_sam.models.Sam`` (or any module with the same
-        interface: ``image_encoder`` with ``img_size``, ``prompt_encoder``,
-        ``mask_decoder``, ``preprocess``, ``mask_threshold``).
+      model: a ``napari_sam.models.Sam`` or ``EfficientSam`` (or any module with
+        the same interface: ``image_encoder`` with ``img_size``, ``prompt_encoder``,
+        ``mask_decoder``, ``preprocess``, ``mask_threshold``; optionally
+        ``image_convention``, ``accepts_mask_prompt``, ``max_prompt_points``). Its
+        image convention (:func:`~napari_sam.engine.transforms.transform_for`)
+        decides how images are resized and masks upscaled.
       cache: embedding cache to use (may be shared between predictors);
         a private one of ``cache_bytes`` is made when None.
       cache_bytes: capacity of the private cache (default
@@ -248,12 +255,15 @@ class Predictor:
             with exclusive ends (``bbox_rc``, numpy slice bounds) is one pixel larger
             at the bottom right, which SAM tolerates.
           mask_input: (1, 4E, 4E) low-res logits of an earlier prediction
-            (``pred.logits[i][None]``), or (B, 1, 4E, 4E).
+            (``pred.logits[i][None]``), or (B, 1, 4E, 4E). EfficientSAM has no mask
+            prompt: it raises InvalidInputError (refine with more points).
           multimask: return 3 candidate masks (best for a single ambiguous
             click) instead of 1.
           return_logits: return full-size float32 logits instead of bool masks.
 
-        Unbatched prompts are broadcast against batched ones.
+        Unbatched prompts are broadcast against batched ones. A model with a point
+        limit (EfficientSAM: 6, a box counts as 2) uses the box, the first point and
+        the latest ones and warns (:func:`~napari_sam.engine.session.limit_prompt_points`).
 
         Returns:
           :class:`Prediction` (see there for shapes).
