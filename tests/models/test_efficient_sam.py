@@ -412,3 +412,4 @@ def test_cli_segment_and_everything_with_an_efficient_sam_file(tmp_path):
     assert res.returncode == 0, res.stderr
     assert read_labels(out2).max() > 0
 
+
