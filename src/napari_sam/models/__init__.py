@@ -1,7 +1,9 @@
 """napari_sam.models: SAM / MobileSAM / EfficientSAM modules, configs, checkpoints, model zoo.
 
 Models speak SAM's conventions: (x, y) pixel coordinates in the resized model
-input frame, images normalised and padded to ``img_size`` by ``Sam.preprocess``.
+input frame, images normalised and padded to ``img_size`` by ``Sam.preprocess``
+(EfficientSAM stretches the image to ``img_size`` instead; the engine's
+``engine.transforms`` holds both conventions).
 
 Names are imported lazily (as in :mod:`napari_sam.engine`): importing one
 module (``models.kernels`` for the predictor, :data:`DEFAULT_MODEL` for the
