@@ -1,42 +1,54 @@
-"""Model zoo: named checkpoints, hash-checked downloads, device choice, loading.
+"""Model zoo: named checkpoints, downloads through pooch, device choice, loading.
 
 ``load_model()`` with no argument loads the small model embedded in the package
 (``napari_sam/weights/default.safetensors``). The official checkpoints are
-downloaded on first use into :func:`cache_dir` (``$NAPARI_SAM_CACHE``, else the
-user cache folder).
+downloaded on first use with ``pooch.retrieve`` into :func:`cache_dir`
+(``$NAPARI_SAM_CACHE``, else the user cache folder).
 
-The cache only ever holds hash-valid files:
+The cache only ever holds verified files:
 
-* A download streams into ``<file>.part`` (resumed with an HTTP Range request
-  if interrupted), is checked against the published hash, then renamed into
-  place. A response that ends before its Content-Length is an interrupted
-  download: the ``.part`` file is kept for the next try.
+* A download runs in a staging folder of its own process
+  (``.<file>.download-<pid>``): pooch streams it into a temporary file, checks
+  the published hash, and unpacks archives (``pooch.Unzip``); only then is the
+  checkpoint renamed into place. An interrupted or wrong download leaves
+  nothing; the next call starts over.
 * Processes that share the cache take turns: the download holds an exclusive
   lock on ``<file>.lock`` (released by the operating system if the process
   dies; the file is deleted when the download ends); another process wanting
-  the same file says that it waits, then uses the finished file (or resumes the
-  download if the first one failed).
+  the same file says that it waits, then uses the finished file (or downloads
+  it itself if the first one failed). A waiter gives up with DownloadError when
+  the download it waits for makes no progress for ``LOCK_STALL_TIMEOUT_S``.
 * A cached file is verified once: after a successful hash check,
   ``<file>.verified`` records its size, modification time and hash. Later
   calls compare only size and time with that stamp (cheap, even for the 2.4 GB
   ViT-H) and hash the file again when they differ or the stamp is missing (a
   file put there by hand). A cached file whose hash is wrong raises
   DownloadError and is left for the user to delete.
+* Models without a published hash (EfficientSAM) are "trusted on first use":
+  ``<file>.verified`` records the sha256 of the first download (or of a file
+  found in the cache without a record), and every later load, and every later
+  download while the record exists, must match it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import http.client
+import importlib.util
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +70,13 @@ _CHUNK = 1 << 20
 class ModelInfo:
     """A named checkpoint.
 
-    ``hash`` is ``"<algorithm>:<hex digest>"`` (sha256 or md5) of the file;
-    ``config_name`` is a key of ``MODEL_CONFIGS`` ("" when the file stores its
-    own config, as the embedded default model does). ``everything`` holds the
+    ``hash`` is ``"<algorithm>:<hex digest>"`` (sha256 or md5) of the file, or ""
+    for a download without a published hash (trusted on first use: the sha256 of
+    the first download is recorded and checked from then on); ``url`` is "" for
+    the embedded model. ``config_name`` is a key of ``MODEL_CONFIGS`` ("" when the
+    file stores its own config, as the embedded default model does; EfficientSAM
+    entries name their builder, ``efficientsam_ti`` / ``efficientsam_s``).
+    ``unzip``: the URL is a zip archive that holds ``filename``. ``everything`` holds the
     everything-mode settings recommended for the model where they differ from
     the official defaults (the CLI and the widget start from them; the
     ``AutomaticMaskGenerator`` class keeps the official defaults).
@@ -74,9 +90,11 @@ class ModelInfo:
     size_mb: float
     description: str
     everything: tuple[tuple[str, float], ...] = ()
+    unzip: bool = False
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_EFFICIENT_SAM_URL = "https://github.com/yformer/EfficientSAM/raw/main/weights/"
 
 ZOO: dict[str, ModelInfo] = {
     DEFAULT_MODEL: ModelInfo(
@@ -127,6 +145,27 @@ ZOO: dict[str, ModelInfo] = {
         filename="mobile_sam.pt",
         size_mb=38.8,
         description="MobileSAM, TinyViT encoder (10M parameters), Apache-2.0.",
+    ),
+    # EfficientSAM publishes no hashes: trusted on first use (see the module docstring).
+    # Sizes are estimated from the parameter counts (float32).
+    "efficientsam_ti": ModelInfo(
+        name="efficientsam_ti",
+        config_name="efficientsam_ti",
+        url=_EFFICIENT_SAM_URL + "efficient_sam_vitt.pt",
+        hash="",
+        filename="efficient_sam_vitt.pt",
+        size_mb=39.0,
+        description="EfficientSAM ViT-Tiny (10M parameters), Yunyang Xiong et al., Apache-2.0.",
+    ),
+    "efficientsam_s": ModelInfo(
+        name="efficientsam_s",
+        config_name="efficientsam_s",
+        url=_EFFICIENT_SAM_URL + "efficient_sam_vits.pt.zip",
+        hash="",
+        filename="efficient_sam_vits.pt",
+        size_mb=100.7,
+        description="EfficientSAM ViT-Small (26M parameters), Yunyang Xiong et al., Apache-2.0.",
+        unzip=True,
     ),
 }
 
@@ -206,54 +245,6 @@ def _user_cache_dir() -> Path:
     return base / "napari-sam"
 
 
-class _Progress:
-    """tqdm progress bar on stderr if tqdm is installed, else a simple text line."""
-
-    def __init__(self, enabled: bool, total: int | None, initial: int, desc: str) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.done = initial
-        self.desc = desc
-        self._bar = None
-        self._last = 0.0
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return
-        self._bar = tqdm(
-            total=total, initial=initial, unit="B", unit_scale=True, desc=desc, file=sys.stderr
-        )
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last < 0.5:
-            return
-        self._last = now
-        mb = self.done / 2**20
-        if self.total:
-            pct = 100.0 * self.done / self.total
-            line = f"\r{self.desc}: {mb:.1f} / {self.total / 2**20:.1f} MB ({pct:.0f}%)"
-        else:
-            line = f"\r{self.desc}: {mb:.1f} MB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _hasher(expected: str):
     algo, sep, digest = expected.partition(":")
     if not sep or algo not in ("sha256", "md5") or not digest:
@@ -263,18 +254,44 @@ def _hasher(expected: str):
     return hashlib.new(algo), digest.lower()
 
 
-def _download_error(info: ModelInfo, folder: Path, reason: object) -> DownloadError:
-    return DownloadError(
-        f"Could not download {info.filename} from {info.url}: {_short(reason)}. Check the "
-        f"network connection and try again, or download the file by hand and put it in "
-        f"{folder} (set {CACHE_ENV} to use another folder)."
-    )
+def _hash_file(path: Path, h: Any) -> str:
+    """Feed the file ``path`` to the hashlib object ``h``; its hex digest."""
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_digest(path: Path, expected: str) -> tuple[str, str]:
+    """(hex digest of ``path``, expected hex digest) with the algorithm of ``expected``."""
+    h, digest = _hasher(expected)
+    return _hash_file(path, h), digest
+
+
+def _sha256(path: Path) -> str:
+    """``"sha256:<hex>"`` of the file ``path``."""
+    return "sha256:" + _hash_file(path, hashlib.sha256())
 
 
 def _short(text: object, limit: int = 200) -> str:
     """``text`` on one line, at most ``limit`` characters."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _by_hand(info: ModelInfo, dest: Path) -> str:
+    """How to put ``info``'s checkpoint at ``dest`` without napari-sam's download."""
+    if info.unzip:
+        return f"download {info.url} by hand, unzip it and put {info.filename} at {dest}"
+    return f"download {info.url} by hand and put it at {dest}"
+
+
+def _download_error(info: ModelInfo, dest: Path, reason: object) -> DownloadError:
+    return DownloadError(
+        f"Could not download {info.filename} from {info.url}: {_short(reason)}. Check the "
+        f"network connection and try again, or {_by_hand(info, dest)} (set {CACHE_ENV} to use "
+        "another folder)."
+    )
 
 
 def _folder_error(folder: Path, action: str, exc: OSError) -> DownloadError:
@@ -285,97 +302,25 @@ def _folder_error(folder: Path, action: str, exc: OSError) -> DownloadError:
     )
 
 
-def _fetch(info: ModelInfo, part: Path, folder: Path, progress: bool) -> None:
-    """Stream ``info.url`` into ``part``, resuming from its current size if possible.
-
-    Raises DownloadError for network and HTTP errors and when the response ends
-    before its Content-Length (``part`` is kept, so the next call resumes), and
-    a DownloadError naming the folder when ``part`` cannot be written.
-    """
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(info.url, headers={"User-Agent": "napari-sam"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the .part file already holds the whole file
-            return
-        raise _download_error(info, folder, f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _download_error(info, folder, reason) from None
-    with response:
-        status = getattr(response, "status", None) or response.getcode() or 200
-        if offset and (status != 206 or not _range_starts_at(response, offset)):
-            offset = 0  # server ignored the Range request: start over
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        bar = _Progress(progress, None if expected is None else expected + offset, offset,
-                        info.filename)
-        received = 0
-        try:
-            try:
-                f = open(part, "ab" if offset else "wb")  # noqa: SIM115 (closed by the with below)
-            except OSError as exc:
-                raise _folder_error(folder, f"cannot write {part.name}", exc) from None
-            with f:
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                        raise _interrupted(info, part, offset + received, expected, offset,
-                                           getattr(exc, "reason", exc)) from None
-                    if not chunk:
-                        break
-                    try:
-                        f.write(chunk)
-                    except OSError as exc:
-                        raise DownloadError(
-                            f"Could not write {part}: {exc.strerror or exc}. Free some disk "
-                            f"space or set {CACHE_ENV} to another folder, then try again (the "
-                            "download resumes)."
-                        ) from None
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        finally:
-            bar.close()
-        if expected is not None and received < expected:
-            raise _interrupted(info, part, offset + received, expected, offset,
-                               "the server closed the connection early")
+_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\][^'\")]*")
+_SHORT_READ = re.compile(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)")
 
 
-def _range_starts_at(response: Any, offset: int) -> bool:
-    """Whether a 206 response's Content-Range starts at ``offset`` (True if not stated)."""
-    rng = response.headers.get("Content-Range", "")
-    if not rng.startswith("bytes "):
-        return True
-    start = rng[len("bytes "):].split("-", 1)[0].strip()
-    return not start.isdigit() or int(start) == offset
-
-
-def _interrupted(
-    info: ModelInfo, part: Path, have: int, expected: int | None, offset: int, reason: object
-) -> DownloadError:
-    total = f" of {expected + offset:,}" if expected is not None else ""
-    return DownloadError(
-        f"The download of {info.filename} from {info.url} was interrupted after {have:,}"
-        f"{total} bytes ({_short(reason)}). The partial file {part} is kept: call again (or "
-        "load the model again) to resume."
-    )
-
-
-def _file_digest(path: Path, expected: str) -> tuple[str, str]:
-    h, digest = _hasher(expected)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest(), digest
+def _network_reason(exc: BaseException) -> str:
+    """The useful part of a requests error ("[Errno 111] Connection refused"), else all of it."""
+    text = str(exc)
+    short = _SHORT_READ.search(text)
+    if short:
+        have, missing = int(short[1]), int(short[2])
+        return (f"the connection closed after {have:,} of {have + missing:,} bytes")
+    found = _ERRNO_TEXT.findall(text)
+    return found[-1].strip() if found else text
 
 
 # ------------------------------------------------------------------ cache verification
 
 _VERIFIED_SUFFIX = ".verified"
+_STAMP_KEYS = ("hash", "size", "mtime_ns")
 # (path, size, mtime_ns, hash) of files verified by this process, for folders where a
 # stamp cannot be written (e.g. a read-only shared cache)
 _verified_here: set[tuple[str, int, int, str]] = set()
@@ -391,39 +336,47 @@ def _signature(dest: Path, expected: str) -> tuple[str, int, int, str]:
     return (str(dest), st.st_size, st.st_mtime_ns, expected.lower())
 
 
-def _stamp_matches(dest: Path, expected: str) -> bool:
+def _read_stamp(dest: Path) -> dict[str, Any] | None:
+    """The JSON record ``<file>.verified`` beside ``dest``; None if missing or unreadable."""
+    try:
+        stamp = json.loads(_stamp_path(dest).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _stamp_matches(dest: Path, expected: str, stamp: dict[str, Any] | None) -> bool:
     """Whether ``dest`` was verified against ``expected`` and is unchanged since (cheap)."""
     sig = _signature(dest, expected)
     with _verified_lock:
         if sig in _verified_here:
             return True
-    try:
-        stamp = json.loads(_stamp_path(dest).read_text())
-        ok = (
-            isinstance(stamp, dict)
-            and stamp.get("hash") == sig[3]
-            and stamp.get("size") == sig[1]
-            and stamp.get("mtime_ns") == sig[2]
-        )
-    except (OSError, ValueError):
-        return False
+    ok = (
+        stamp is not None
+        and stamp.get("hash") == sig[3]
+        and stamp.get("size") == sig[1]
+        and stamp.get("mtime_ns") == sig[2]
+    )
     if ok:
         with _verified_lock:
             _verified_here.add(sig)
     return ok
 
 
-def _write_stamp(dest: Path, expected: str) -> None:
-    """Record that ``dest`` matches ``expected`` (atomic; skipped where not writable)."""
+def _write_stamp(dest: Path, expected: str, extra: dict[str, Any] | None = None) -> None:
+    """Record that ``dest`` matches ``expected`` (atomic; skipped where not writable).
+
+    ``extra`` holds the trust-on-first-use fields kept from one stamp to the next.
+    """
     sig = _signature(dest, expected)
     with _verified_lock:
         _verified_here.add(sig)
-    stamp = {"hash": sig[3], "size": sig[1], "mtime_ns": sig[2]}
+    stamp = {**(extra or {}), "hash": sig[3], "size": sig[1], "mtime_ns": sig[2]}
     try:
         fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(stamp, f)
+                json.dump(stamp, f, indent=1)
             os.replace(tmp, _stamp_path(dest))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -432,39 +385,120 @@ def _write_stamp(dest: Path, expected: str) -> None:
         pass  # read-only cache: this process remembers it; others hash the file again
 
 
+def _trust_record(dest: Path) -> dict[str, Any] | None:
+    """The recorded first-download hash of a model without a published hash (None: none yet).
+
+    Raises DownloadError when ``<file>.verified`` exists but is not a valid record
+    (edited by hand): without it a changed file could not be told apart.
+    """
+    stamp_file = _stamp_path(dest)
+    stamp = _read_stamp(dest)
+    if stamp is None and not stamp_file.exists():
+        return None
+    recorded = (stamp or {}).get("hash")
+    if not (isinstance(recorded, str) and recorded.startswith("sha256:") and len(recorded) == 71):
+        raise DownloadError(
+            f"The trust record {stamp_file} is unreadable, so {dest.name} cannot be checked. "
+            f"Delete {stamp_file} to trust the file now in the cache, or delete both files to "
+            "download it again."
+        )
+    return stamp
+
+
+def _tofu_fields(info: ModelInfo, how: str) -> dict[str, Any]:
+    """What a trust-on-first-use record says besides the hash: where the file came from."""
+    return {
+        "trust_on_first_use": True,
+        "model": info.name,
+        "source": how,
+        "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _changed_since_first_use(dest: Path, got: str, recorded: dict[str, Any]) -> DownloadError:
+    return DownloadError(
+        f"{dest} is not the file first downloaded for this model (sha256 {got[:16]}..., "
+        f"recorded {recorded['hash'][7:23]}... on {recorded.get('recorded_utc', '?')} in "
+        f"{_stamp_path(dest).name}): it is damaged or was replaced. Delete it to download it "
+        f"again; if you replaced it on purpose with a file you trust, delete "
+        f"{_stamp_path(dest)} instead to record the new one."
+    )
+
+
 def _verify_cached(info: ModelInfo, dest: Path, progress: bool) -> Path:
-    """Return ``dest`` if it is the published file; DownloadError if it is not."""
+    """Return ``dest`` if it is the published (or first-downloaded) file; DownloadError if not.
+
+    A model without a published hash is checked against the sha256 recorded at its
+    first download; a file found without a record (put there by hand) is trusted
+    and its hash recorded now.
+    """
     try:
-        if _stamp_matches(dest, info.hash):
+        extra: dict[str, Any] | None = None
+        if info.hash:
+            expected, stamp = info.hash, _read_stamp(dest)
+        else:
+            stamp = _trust_record(dest)
+            if stamp is None:
+                if progress:
+                    _note(f"Recording the sha256 of {dest} (first use) ...")
+                _write_stamp(dest, _sha256(dest),
+                             _tofu_fields(info, f"found in the cache as {dest.name}"))
+                return dest
+            expected = stamp["hash"]
+            extra = {k: v for k, v in stamp.items() if k not in _STAMP_KEYS}
+        if _stamp_matches(dest, expected, stamp):
             return dest
         if progress:
-            sys.stderr.write(f"Verifying {dest} (once) ...\n")
-            sys.stderr.flush()
-        got, want = _file_digest(dest, info.hash)
+            _note(f"Verifying {dest} (once) ...")
+        got, want = _file_digest(dest, expected)
     except OSError as exc:
+        if isinstance(exc, DownloadError):
+            raise
         raise DownloadError(
             f"Cannot read the cached file {dest}: {exc.strerror or exc}. Check its permissions, "
             f"or set {CACHE_ENV} to another folder."
         ) from None
     if got != want:
+        if stamp is not None and not info.hash:
+            raise _changed_since_first_use(dest, got, stamp)
         algo = info.hash.partition(":")[0]
         raise DownloadError(
             f"The cached file {dest} is not the published {info.name} checkpoint "
             f"({dest.stat().st_size:,} bytes, {algo} {got[:16]}..., expected {want[:16]}...): "
             "it is damaged or incomplete. Delete it and try again to download a fresh copy."
         )
-    _write_stamp(dest, info.hash)
+    _write_stamp(dest, expected, extra)
     return dest
 
 
+def _note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# ------------------------------------------------------------------ processes take turns
+
+# a waiting process gives up when the download it waits for shows no progress this long
+LOCK_STALL_TIMEOUT_S = 300.0
+
+
 @contextlib.contextmanager
-def _exclusive(lock_path: Path, folder: Path, what: str, progress: bool) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (waits, saying so, while another process has it).
+def _exclusive(dest: Path, what: str, progress: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on ``<dest>.lock`` while downloading ``dest``.
+
+    Yields True with the lock held, False where the file system cannot lock (the
+    download then runs uncoordinated: still correct, as each process downloads
+    into its own staging folder, but perhaps twice). While another process holds
+    the lock this one waits, saying so; it raises DownloadError when the holder's
+    staging folder shows no progress for ``LOCK_STALL_TIMEOUT_S`` (a hung process).
 
     The operating system releases the lock when its holder exits, even by a crash,
-    so a left-over lock file never blocks. The holder deletes the file before it
-    lets go; a waiter that then holds the lock of a deleted file opens it anew.
+    so a left-over lock file never blocks (no stale locks). The holder deletes the
+    file before it lets go; a waiter that then holds the lock of a deleted file
+    opens it anew.
     """
+    folder = dest.parent
+    lock_path = dest.with_name(dest.name + ".lock")
     told = False
     while True:
         try:
@@ -472,16 +506,20 @@ def _exclusive(lock_path: Path, folder: Path, what: str, progress: bool) -> Iter
         except OSError as exc:
             raise _folder_error(folder, f"cannot create {lock_path.name}", exc) from None
         try:
-            if not _try_lock(fd):
+            locked = _try_lock(fd)
+            if locked is None:  # no locks on this file system
+                os.close(fd)
+                if progress:
+                    _note(f"Cannot lock {lock_path} (no file locks here); downloading without "
+                          "waiting for other processes.")
+                yield False
+                return
+            if not locked:
                 if progress and not told:
-                    sys.stderr.write(
-                        f"Another process is downloading {what} into {folder}; waiting for it "
-                        f"to finish (lock file {lock_path.name}) ...\n"
-                    )
-                    sys.stderr.flush()
+                    _note(f"Another process is downloading {what} into {folder}; waiting for "
+                          f"it to finish (lock file {lock_path.name}) ...")
                     told = True
-                while not _try_lock(fd):
-                    time.sleep(0.2)
+                _wait_for_lock(fd, dest, lock_path)
             try:
                 current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
             except OSError:
@@ -492,16 +530,43 @@ def _exclusive(lock_path: Path, folder: Path, what: str, progress: bool) -> Iter
         if current:
             break
         os.close(fd)  # the holder deleted this lock file: take the new one
+    with contextlib.suppress(OSError):  # who holds it, for a waiter's message
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     try:
-        yield
+        yield True
     finally:
         with contextlib.suppress(OSError):  # Windows cannot delete an open file: left in place
             lock_path.unlink()
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _try_lock(fd: int) -> bool:
-    """Try once to take an exclusive lock on open file ``fd``."""
+def _wait_for_lock(fd: int, dest: Path, lock_path: Path) -> None:
+    """Block until ``fd`` is locked; DownloadError if the holder stalls (see ``_exclusive``)."""
+    last_state, last_change = None, time.monotonic()
+    while not _try_lock(fd):
+        state = _staging_state(dest)
+        now = time.monotonic()
+        if state != last_state:
+            last_state, last_change = state, now
+        elif now - last_change > LOCK_STALL_TIMEOUT_S:
+            try:
+                holder = " (" + lock_path.read_text().strip() + ")"
+            except OSError:
+                holder = ""
+            raise DownloadError(
+                f"Another process{holder} holds {lock_path} but its download of {dest.name} "
+                f"made no progress for {LOCK_STALL_TIMEOUT_S:.0f} s. If that process hung, end "
+                f"it (or delete {lock_path}) and try again."
+            )
+        time.sleep(0.2)
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Try once to take an exclusive lock on open file ``fd``.
+
+    True: taken; False: another process holds it; None: this file system has no locks.
+    """
     try:
         if sys.platform.startswith("win"):
             import msvcrt
@@ -512,9 +577,173 @@ def _try_lock(fd: int) -> bool:
             import fcntl
 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
+    except OSError as exc:
+        if sys.platform.startswith("win") or exc.errno in (
+            errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK
+        ):
+            return False
+        return None
     return True
+
+
+# ------------------------------------------------------------------ downloads (pooch)
+
+_STAGING = ".{name}.download-"
+
+
+def _staging_dirs(dest: Path) -> list[Path]:
+    """The staging folders of ``dest``'s downloads (this process's and killed ones')."""
+    prefix = _STAGING.format(name=dest.name)
+    try:
+        return [p for p in dest.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return []
+
+
+def _staging_state(dest: Path) -> tuple[tuple[str, int], ...]:
+    """Names and sizes of the files being downloaded for ``dest`` (to see progress)."""
+    state = []
+    for folder in _staging_dirs(dest):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    state.append((path, os.path.getsize(path)))
+    return tuple(sorted(state))
+
+
+def _have_tqdm() -> bool:
+    return importlib.util.find_spec("tqdm") is not None
+
+
+def _file_url_downloader(info: ModelInfo, dest: Path):
+    """A pooch downloader for ``file://`` URLs (a local mirror): copies the file."""
+
+    def copy(url: str, output_file: str, _pooch: object) -> None:
+        source = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+        try:
+            shutil.copyfile(source, output_file)
+        except OSError as exc:
+            raise _download_error(info, dest, f"{source}: {exc.strerror or exc}") from None
+
+    return copy
+
+
+def _retrieve(info: ModelInfo, staging: Path, dest: Path, progress: bool) -> Path:
+    """Download ``info.url`` into ``staging`` with ``pooch.retrieve``; the checkpoint's path.
+
+    pooch streams into a temporary file, checks the published hash (none for
+    trust-on-first-use models) and only then gives the file its name; an archive
+    (``info.unzip``) is unpacked with ``pooch.Unzip``. Every failure becomes a
+    DownloadError that names the file and where to put it by hand.
+    """
+    import pooch
+    import requests
+
+    scheme = urllib.parse.urlsplit(info.url).scheme
+    if scheme == "file":
+        downloader = _file_url_downloader(info, dest)
+    elif scheme in ("http", "https"):
+        downloader = pooch.HTTPDownloader(
+            progressbar=progress and _have_tqdm(), chunk_size=_CHUNK, timeout=60,
+            headers={"User-Agent": "napari-sam"},
+        )
+    else:
+        raise _download_error(info, dest, f"unsupported URL scheme {scheme!r}")
+    archive = Path(urllib.parse.urlsplit(info.url).path).name or info.filename + ".zip"
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # napari-sam says what it does itself
+    try:
+        got = pooch.retrieve(
+            info.url, known_hash=info.hash or None,
+            fname=archive if info.unzip else info.filename, path=staging,
+            processor=pooch.Unzip() if info.unzip else None, downloader=downloader,
+        )
+    except DownloadError:
+        raise
+    except requests.exceptions.HTTPError as exc:
+        response = exc.response
+        reason = f"HTTP {response.status_code} {response.reason}" if response is not None else exc
+        raise _download_error(info, dest, reason) from None
+    except (requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as exc:
+        raise DownloadError(
+            f"The download of {info.filename} from {info.url} was interrupted "
+            f"({_short(_network_reason(exc))}); nothing was kept. Try again, or "
+            f"{_by_hand(info, dest)}."
+        ) from None
+    except requests.exceptions.RequestException as exc:
+        raise _download_error(info, dest, _network_reason(exc)) from None
+    except ValueError:  # pooch: the downloaded file does not have the known hash
+        raise DownloadError(
+            f"{info.filename} downloaded from {info.url} does not have the published hash "
+            f"({info.hash}); the download was deleted. Try again, or {_by_hand(info, dest)}."
+        ) from None
+    except zipfile.BadZipFile as exc:
+        raise DownloadError(
+            f"{archive} downloaded from {info.url} is not a valid zip archive ({_short(exc)}); "
+            f"the download was deleted. Try again, or {_by_hand(info, dest)}."
+        ) from None
+    except OSError as exc:
+        raise DownloadError(
+            f"Could not write the download of {info.filename} into {staging.parent}: "
+            f"{exc.strerror or exc}. Free some disk space or set {CACHE_ENV} to another "
+            "folder, then try again."
+        ) from None
+    finally:
+        logger.setLevel(level)
+    if not info.unzip:
+        return Path(got)
+    found = [Path(p) for p in got if Path(p).name == info.filename]
+    if not found:
+        raise DownloadError(
+            f"The archive {archive} from {info.url} holds no {info.filename} (it holds "
+            f"{_short(', '.join(Path(p).name for p in got) or 'nothing', 120)}). Report this to "
+            f"napari-sam; meanwhile, put a copy of {info.filename} at {dest}."
+        )
+    return found[0]
+
+
+def _download(info: ModelInfo, dest: Path, progress: bool, locked: bool) -> None:
+    """Download ``info``'s checkpoint to ``dest`` (atomic, verified); see download_checkpoint."""
+    record = None if info.hash else _trust_record(dest)  # kept after the file was deleted
+    if locked:  # no other download of dest runs: clear what killed ones left behind
+        for old in _staging_dirs(dest):
+            shutil.rmtree(old, ignore_errors=True)
+        # the resumable partial file of the earlier downloader (pooch does not resume)
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+    staging = dest.with_name(_STAGING.format(name=dest.name) + str(os.getpid()))
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise _folder_error(dest.parent, f"cannot create {staging.name}", exc) from None
+        if progress:
+            _note(f"Downloading {info.filename} from {info.url} to {dest} ...")
+        fetched = _retrieve(info, staging, dest, progress)
+        extra = None
+        if info.hash:
+            expected = info.hash  # pooch checked it
+        else:
+            expected = _sha256(fetched)
+            if record is not None and record["hash"] != expected:
+                raise DownloadError(
+                    f"{info.filename} downloaded from {info.url} is not the file first "
+                    f"downloaded for {info.name} (sha256 {expected[7:23]}..., recorded "
+                    f"{record['hash'][7:23]}... on {record.get('recorded_utc', '?')}); it was "
+                    f"not kept. If the publisher released a new file on purpose, delete "
+                    f"{_stamp_path(dest)} and try again."
+                )
+            extra = (
+                {k: v for k, v in record.items() if k not in _STAMP_KEYS}
+                if record is not None else _tofu_fields(info, f"first download from {info.url}")
+            )
+        os.replace(fetched, dest)
+        _write_stamp(dest, expected, extra)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_checkpoint(
@@ -522,17 +751,21 @@ def download_checkpoint(
 ) -> Path:
     """Return the local path of zoo checkpoint ``name``, downloading it if needed.
 
-    The download is hash-checked and atomic (``<file>.part`` renamed on success);
-    an interrupted download resumes from the ``.part`` file. Processes sharing the
-    cache folder take turns (lock file ``<file>.lock``): a second one waits for the
-    first and returns its file. A cached file is verified (hash) once and then
-    recognised by the size and modification time recorded in ``<file>.verified``.
-    ``progress`` writes a progress bar and the waiting/verifying notes to stderr.
+    The download goes through ``pooch.retrieve`` into a staging folder of this
+    process, is hash-checked and only then renamed into place, so no partial or
+    wrong file is ever in the cache (an interrupted download leaves nothing and
+    the next call starts over). Processes sharing the cache folder take turns
+    (lock file ``<file>.lock``): a second one waits for the first and returns its
+    file. A cached file is verified (hash) once and then recognised by the size
+    and modification time recorded in ``<file>.verified``; for models without a
+    published hash (EfficientSAM) that file records the sha256 of the first
+    download, and a later file that differs is refused ("trust on first use").
+    ``progress`` writes a progress bar (with tqdm) and the notes to stderr.
 
     Raises DownloadError (no network, HTTP error, interrupted download, hash
-    mismatch of the download or of the cached file, cache folder not writable)
-    with the URL and the folder where the file can be put by hand, and
-    InvalidInputError for an unusable ``cache_dir`` / ``$NAPARI_SAM_CACHE``.
+    mismatch of the download or of the cached file, a file changed since its first
+    download, cache folder not writable) naming the file and where to put it by
+    hand, and InvalidInputError for an unusable ``cache_dir`` / ``$NAPARI_SAM_CACHE``.
     """
     info = model_info(name)
     if not info.url:
@@ -554,21 +787,10 @@ def download_checkpoint(
             f"cannot create the cache folder {folder}{origin}: {exc.strerror or exc}. Set "
             f"{CACHE_ENV} to a writable folder."
         ) from None
-    with _exclusive(dest.with_name(dest.name + ".lock"), folder, info.filename, progress):
+    with _exclusive(dest, info.filename, progress) as locked:
         if dest.is_file():  # another process finished it while this one waited
             return _verify_cached(info, dest, progress)
-        part = dest.with_name(dest.name + ".part")
-        _fetch(info, part, folder, progress)
-        got, want = _file_digest(part, info.hash)
-        if got != want:
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{info.filename} downloaded from {info.url} has the wrong hash (expected "
-                f"{want}, got {got}); the partial file was deleted. Try again, or download the "
-                f"file by hand and put it in {folder}."
-            )
-        os.replace(part, dest)
-        _write_stamp(dest, info.hash)
+        _download(info, dest, progress, locked)
     return dest
 
 
@@ -649,8 +871,12 @@ def load_model(
                 raise _missing_embedded(path)
         else:
             path = download_checkpoint(key)
+            # EfficientSAM builders ("efficientsam_ti"/"efficientsam_s") may live outside
+            # MODEL_CONFIGS: then the file's keys say what it is, as for a path
             config = MODEL_CONFIGS.get(info.config_name)
-        trusted = True
+        # files checked against a published hash fit their config; a model trusted on
+        # first use gets the full checks (its first download was not verified)
+        trusted = key == DEFAULT_MODEL or bool(info.hash)
     else:
         try:
             path = Path(key).expanduser()
