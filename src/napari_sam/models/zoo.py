@@ -304,6 +304,7 @@ def _folder_error(folder: Path, action: str, exc: OSError) -> DownloadError:
 
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\][^'\")]*")
 _SHORT_READ = re.compile(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)")
+_OS_ERROR_REPR = re.compile(r"\w+Error\((\d+), '([^']*)'\)")  # ConnectionResetError(104, '...')
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -312,9 +313,12 @@ def _network_reason(exc: BaseException) -> str:
     short = _SHORT_READ.search(text)
     if short:
         have, missing = int(short[1]), int(short[2])
-        return (f"the connection closed after {have:,} of {have + missing:,} bytes")
+        return f"the connection closed after {have:,} of {have + missing:,} bytes"
     found = _ERRNO_TEXT.findall(text)
-    return found[-1].strip() if found else text
+    if found:
+        return found[-1].strip()
+    os_error = _OS_ERROR_REPR.search(text)
+    return f"[Errno {os_error[1]}] {os_error[2]}" if os_error else text
 
 
 # ------------------------------------------------------------------ cache verification
