@@ -501,27 +501,46 @@ def _exclusive(dest: Path, what: str, progress: bool) -> Iterator[bool]:
     file before it lets go; a waiter that then holds the lock of a deleted file
     opens it anew.
     """
-    folder = dest.parent
     lock_path = dest.with_name(dest.name + ".lock")
+    fd = _acquire(dest, lock_path, what, progress)
+    if fd is None:  # no locks on this file system
+        if progress:
+            _note(f"Cannot lock {lock_path} (no file locks here); downloading without waiting "
+                  "for other processes.")
+        yield False
+        return
+    with contextlib.suppress(OSError):  # who holds it, for a waiter's message
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError):  # Windows cannot delete an open file: left in place
+            lock_path.unlink()
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(dest: Path, lock_path: Path, what: str, progress: bool) -> int | None:
+    """Open and lock ``lock_path`` (waiting while another process holds it); its descriptor.
+
+    None where the file system cannot lock. See :func:`_exclusive`.
+    """
     told = False
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise _folder_error(folder, f"cannot create {lock_path.name}", exc) from None
+            raise _folder_error(dest.parent, f"cannot create {lock_path.name}", exc) from None
         try:
             locked = _try_lock(fd)
-            if locked is None:  # no locks on this file system
+            if locked is None:
                 os.close(fd)
-                if progress:
-                    _note(f"Cannot lock {lock_path} (no file locks here); downloading without "
-                          "waiting for other processes.")
-                yield False
-                return
+                return None
             if not locked:
                 if progress and not told:
-                    _note(f"Another process is downloading {what} into {folder}; waiting for "
-                          f"it to finish (lock file {lock_path.name}) ...")
+                    _note(f"Another process is downloading {what} into {dest.parent}; waiting "
+                          f"for it to finish (lock file {lock_path.name}) ...")
                     told = True
                 _wait_for_lock(fd, dest, lock_path)
             try:
@@ -532,17 +551,8 @@ def _exclusive(dest: Path, what: str, progress: bool) -> Iterator[bool]:
             os.close(fd)
             raise
         if current:
-            break
+            return fd
         os.close(fd)  # the holder deleted this lock file: take the new one
-    with contextlib.suppress(OSError):  # who holds it, for a waiter's message
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    try:
-        yield True
-    finally:
-        with contextlib.suppress(OSError):  # Windows cannot delete an open file: left in place
-            lock_path.unlink()
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _wait_for_lock(fd: int, dest: Path, lock_path: Path) -> None:
