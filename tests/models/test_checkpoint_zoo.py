@@ -26,7 +26,7 @@ from napari_sam.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
-from napari_sam.models import checkpoint, zoo
+from napari_sam.models import checkpoint, download, zoo
 from napari_sam.models.checkpoint import (
     CONFIG_METADATA_KEY,
     load_state_dict,
@@ -389,14 +389,14 @@ def test_a_cached_file_is_hashed_once(server, cache, monkeypatch, payload):
     cache.mkdir()
     (cache / "tiny.pth").write_bytes(payload)  # put there by hand: no stamp yet
     hashed = []
-    real_digest = zoo._file_digest
-    monkeypatch.setattr(zoo, "_file_digest", lambda *a: hashed.append(a) or real_digest(*a))
+    real_digest = download._file_digest
+    monkeypatch.setattr(download, "_file_digest", lambda *a: hashed.append(a) or real_digest(*a))
     for _ in range(3):
         assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
     assert len(hashed) == 1 and server.requests == []
     stamp = json.loads((cache / "tiny.pth.verified").read_text())
     assert stamp["size"] == len(payload) and stamp["hash"] == _sha(payload)
-    zoo._verified_here.clear()  # another process: it reads the stamp
+    download._verified_here.clear()  # another process: it reads the stamp
     assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
     assert len(hashed) == 1
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from napari_sam.errors import DownloadError
-from napari_sam.models import zoo
+from napari_sam.models import download, zoo
 from napari_sam.models.zoo import ModelInfo
 
 # ---------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_no_network_names_the_file_and_where_to_put_it(cache, monkeypatch):
 
 _DOWNLOAD_SCRIPT = """
 import sys
-from napari_sam.models import zoo
+from napari_sam.models import download, zoo
 url, hash_, folder, filename, unzip = sys.argv[1:6]
 zoo.ZOO["tiny"] = zoo.ModelInfo("tiny", "", url, hash_, filename, 3.0, "test",
                                 unzip=unzip == "1")
@@ -296,7 +296,7 @@ def test_a_stalled_lock_holder_is_reported_and_a_dead_one_does_not_block(
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        monkeypatch.setattr(zoo, "LOCK_STALL_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(download, "LOCK_STALL_TIMEOUT_S", 1.0)
         with pytest.raises(DownloadError) as exc:
             zoo.download_checkpoint("tiny", progress=False)
         msg = str(exc.value)
@@ -315,7 +315,7 @@ def test_without_file_locks_downloads_stay_correct(server, cache, monkeypatch, p
     # a file system without flock: the download runs uncoordinated, in its own staging folder
     url = server.serve("tiny.pth", payload)
     _register(monkeypatch, url, _sha(payload))
-    monkeypatch.setattr(zoo, "_try_lock", lambda fd: None)
+    monkeypatch.setattr(download, "_try_lock", lambda fd: None)
     assert zoo.download_checkpoint("tiny", progress=True).read_bytes() == payload
     assert "no file locks here" in capsys.readouterr().err
     assert _listing(cache) == ["tiny.pth", "tiny.pth.lock", "tiny.pth.verified"]
