@@ -201,15 +201,29 @@ def test_an_interrupted_transfer_leaves_nothing(server, cache, monkeypatch, payl
     assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == payload
 
 
-def test_no_network_names_the_file_and_where_to_put_it(cache, monkeypatch):
-    url = f"http://127.0.0.1:{_closed_port()}/weights/tiny.pth"
-    _register(monkeypatch, url, "sha256:" + "0" * 64)
-    with pytest.raises(DownloadError) as exc:
-        zoo.download_checkpoint("tiny", progress=False)
-    msg = str(exc.value)
-    assert msg.startswith(f"Could not download tiny.pth from {url}: [Errno")
-    assert f"put it at {cache / 'tiny.pth'}" in msg and "NAPARI_SAM_CACHE" in msg
-    assert "\n" not in msg and len(msg) < 400
+_CLI_OFFLINE_SCRIPT = """
+import dataclasses, sys
+from napari_sam.cli import main
+from napari_sam.models import zoo
+zoo.ZOO["efficientsam_s"] = dataclasses.replace(zoo.ZOO["efficientsam_s"], url=sys.argv[1])
+sys.exit(main(["models", "download", "efficientsam_s"]))
+"""
+
+
+def test_no_network_names_the_file_and_where_to_put_it(tmp_path):
+    # what a user without network sees from `napari-sam models download efficientsam_s`
+    url = f"http://127.0.0.1:{_closed_port()}/weights/efficient_sam_vits.pt.zip"
+    cache = tmp_path / "cache"
+    res = subprocess.run([sys.executable, "-c", _CLI_OFFLINE_SCRIPT, url], capture_output=True,
+                         text=True, env=_src_env() | {"NAPARI_SAM_CACHE": str(cache)},
+                         timeout=300)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = [line for line in res.stderr.splitlines() if "Could not download" in line]
+    assert len(lines) == 1, res.stderr
+    msg = lines[0]
+    assert f"Could not download efficient_sam_vits.pt from {url}: [Errno" in msg
+    assert f"unzip it and put efficient_sam_vits.pt at {cache / 'efficient_sam_vits.pt'}" in msg
+    assert "NAPARI_SAM_CACHE" in msg and "Traceback" not in res.stderr
     assert _listing(cache) == []
 
 
