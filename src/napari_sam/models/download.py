@@ -151,8 +151,9 @@ def _stamp_path(dest: Path) -> Path:
     return dest.with_name(dest.name + _VERIFIED_SUFFIX)
 
 
-def _signature(dest: Path, expected: str) -> tuple[str, int, int, str]:
-    st = dest.stat()
+def _signature(dest: Path, expected: str, file: Path | None = None) -> tuple[str, int, int, str]:
+    """(dest, size, mtime_ns, hash) of ``file`` (default: ``dest``), for the stamp of ``dest``."""
+    st = (file or dest).stat()
     return (str(dest), st.st_size, st.st_mtime_ns, expected.lower())
 
 
@@ -183,12 +184,16 @@ def _stamp_matches(dest: Path, expected: str, stamp: dict[str, Any] | None) -> b
     return ok
 
 
-def _write_stamp(dest: Path, expected: str, extra: dict[str, Any] | None = None) -> None:
+def _write_stamp(
+    dest: Path, expected: str, extra: dict[str, Any] | None = None, file: Path | None = None
+) -> None:
     """Record that ``dest`` matches ``expected`` (atomic; skipped where not writable).
 
     ``extra`` holds the trust-on-first-use fields kept from one stamp to the next.
+    ``file``: the verified file that is about to be renamed to ``dest`` (a rename
+    keeps size and modification time), so that the stamp exists before the file.
     """
-    sig = _signature(dest, expected)
+    sig = _signature(dest, expected, file)
     with _verified_lock:
         _verified_here.add(sig)
     stamp = {**(extra or {}), "hash": sig[3], "size": sig[1], "mtime_ns": sig[2]}
@@ -570,8 +575,12 @@ def _download(info: ModelInfo, dest: Path, progress: bool, locked: bool) -> None
                 {k: v for k, v in record.items() if k not in _STAMP_KEYS}
                 if record is not None else _tofu_fields(info, f"first download from {info.url}")
             )
+            if progress and record is None:
+                _note(f"{info.filename} has no published hash: its sha256 {expected[7:23]}... "
+                      f"is recorded in {_stamp_path(dest)} and checked from now on.")
+        # the stamp first: a process that finds the file then also finds its stamp
+        _write_stamp(dest, expected, extra, file=fetched)
         os.replace(fetched, dest)
-        _write_stamp(dest, expected, extra)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
