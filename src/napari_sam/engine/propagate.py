@@ -17,8 +17,11 @@ and that plane is left empty:
 
 * ``"empty"``: the mask has fewer than ``min_area`` pixels;
 * ``"low_score"``: the model's predicted IoU is below ``min_score``;
-* ``"low_overlap"``: the IoU with the previous plane's mask is below ``min_overlap``;
 * ``"area_change"``: the area grew or shrank by more than ``max_area_ratio``;
+* ``"low_overlap"``: the IoU with the previous plane's mask is below ``min_overlap``
+  (the rules are tested in this order; as the IoU of two masks is at most the
+  ratio of the smaller area to the larger, an area change beyond
+  ``max_area_ratio`` is reported as such rather than as low overlap);
 * ``"max_planes"``: ``max_planes`` planes were added in this direction;
 * ``"end"``: the stack ended (no plane is tested).
 
@@ -322,6 +325,8 @@ def iter_propagate(
     finally:
         if saved is not None:
             predictor.set_embedding(saved.features, saved.original_size, saved.input_size)
+        elif hasattr(predictor, "reset_image"):
+            predictor.reset_image()
     yield PropagationResult(masks, [reports[k] for k in sorted(reports)], stopped)
 
 
@@ -539,10 +544,10 @@ def _judge(index: int, mask: np.ndarray, score: float, prev: np.ndarray,
         status = "empty"
     elif score < settings.min_score:
         status = "low_score"
-    elif overlap < settings.min_overlap:
-        status = "low_overlap"
     elif max(ratio, 1.0 / ratio) > settings.max_area_ratio:
         status = "area_change"
+    elif overlap < settings.min_overlap:
+        status = "low_overlap"
     else:
         status = "kept"
     return PlaneReport(index, status, score, area, overlap, ratio)
