@@ -96,6 +96,7 @@ def test_the_axis_is_explicit_and_other_stack_axes_are_linked_separately():
     (np.zeros((2, 4, 4), np.uint8), {"axis": 1}, "not a stack axis"),
     (np.zeros((2, 4, 4), np.uint8), {"axis": 0.5}, "axis must be an integer"),
     (np.zeros((2, 4, 4), np.uint8), {"iou_threshold": 1.5}, r"\[0, 1\]"),
+    (np.zeros((2, 4, 4), np.uint8), {"iou_threshold": "x"}, r"\[0, 1\]"),
 ])
 def test_bad_input_gets_typed_errors(labels, kwargs, match):
     with pytest.raises(InvalidInputError, match=match):
@@ -109,3 +110,41 @@ def test_linked_ids_maps_old_to_new():
     assert linked_ids(np.zeros((2, 2)), np.zeros((2, 2))) == {}
     with pytest.raises(InvalidInputError, match="shape"):
         linked_ids(before, after[:, :2])
+
+
+class _ShiftingGenerator:
+    """Per plane k: a 4 x 4 object shifted by k columns (overlapping its neighbours), a
+    small one only in plane 0, and an empty record."""
+
+    def __init__(self):
+        self.plane = 0
+
+    def generate(self, image, cancel=None, use_cache=True):
+        k = self.plane
+        self.plane += 1
+        big = np.zeros(image.shape[:2], bool)
+        big[2:6, 2 + k:6 + k] = True
+        recs = [{"segmentation": big, "area": 16}]
+        if k == 0:
+            small = np.zeros_like(big)
+            small[8:10, 8:10] = True
+            recs.append({"segmentation": small, "area": 4})
+        return recs + [{"segmentation": np.zeros_like(big), "area": 0}]
+
+
+def test_everything_labels_links_planes_and_relabels_the_records(tmp_path):
+    import tifffile
+
+    from napari_sam.engine.batch import everything_labels
+    from napari_sam.engine.io import read_image
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 12, 12), np.uint16) + 5,
+                     photometric="minisblack")
+    image = read_image(tmp_path / "s.tif")
+    labels, records = everything_labels(_ShiftingGenerator(), image, link_axis=0)
+    assert [sorted(np.unique(labels[k]).tolist()) for k in range(3)] == [[0, 1, 2], [0, 1],
+                                                                        [0, 1]]
+    assert [[r["label"] for r in recs] for _, recs in records] == [[1, 2, 0], [1, 0], [1, 0]]
+    # unlinked (the library default): plane ids apart
+    labels, records = everything_labels(_ShiftingGenerator(), image)
+    assert [[r["label"] for r in recs] for _, recs in records] == [[1, 2, 0], [3, 0], [4, 0]]

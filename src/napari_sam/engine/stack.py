@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from napari_sam.errors import InvalidInputError
 
-__all__ = ["LINK_IOU", "StackLabeller", "label_planes", "link_planes", "linked_ids"]
+__all__ = [
+    "LINK_IOU", "StackLabeller", "check_link_iou", "label_planes", "link_planes", "linked_ids",
+]
 
 #: default IoU of two objects of neighbouring planes above which they are one object
 LINK_IOU = 0.3
@@ -133,8 +136,7 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
         raise InvalidInputError(
             f"axis {axis} is not a stack axis of labels of shape {lab.shape}; use 0..{n_stack - 1}."
         )
-    if isinstance(iou_threshold, bool) or not 0.0 <= float(iou_threshold) <= 1.0:
-        raise InvalidInputError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}.")
+    iou_threshold = check_link_iou(iou_threshold)
     lines = np.moveaxis(lab, axis % n_stack, 0)  # (L, *rest, H, W)
     out = np.zeros(lines.shape, dtype=np.uint32)
     next_id = 0
@@ -157,6 +159,19 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
             out[(k, *rest)] = lookup[plane]
             prev = (plane, ids, linked)
     return np.moveaxis(out, 0, axis % n_stack)
+
+
+def check_link_iou(value: Any) -> float:
+    """``value`` as a linking IoU threshold in [0, 1]; InvalidInputError otherwise."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if isinstance(value, bool) or not 0.0 <= threshold <= 1.0:
+        raise InvalidInputError(
+            f"The linking IoU threshold must be in [0, 1], got {value!r}; {LINK_IOU} links "
+            "objects that overlap by about a third.")
+    return threshold
 
 
 def _overlap_matches(
