@@ -21,6 +21,7 @@ from napari_sam.engine.propagate import (
     PropagationSettings,
     innermost_pixel,
     iter_propagate,
+    mask_contrast,
     propagate,
     propagate_volume,
     track_object,
@@ -167,6 +168,29 @@ def test_area_change_and_overlap_stop_and_their_thresholds_are_settable():
     moved = disk_stack([5, 5, 5], centres=[(8, 8), (8, 8), (24, 24)])
     res = run(PlantedPredictor(moved), 0, points=[[8, 8]])
     assert res.stopped["forward"] == "low_overlap" and res.planes[2].overlap == 0.0
+
+
+def test_an_object_that_fades_out_stops_on_low_contrast():
+    """The model keeps segmenting the blur where a nucleus ends; the contrast says it ended."""
+    planted = disk_stack([6] * 5)
+    volume = np.full((5, 32, 32), 10, np.uint8)
+    for k, brightness in enumerate([200, 200, 200, 40, 200]):
+        volume[k][planted[k]] = brightness
+    volume[:, 0, 0] = np.arange(5)  # the plane index, read back by PlantedPredictor.embed
+    res = propagate_volume(PlantedPredictor(planted), volume, 1, points=[[16, 16]],
+                           contrast_limits=(0, 255))
+    assert res.stopped == {"forward": "low_contrast", "backward": "end"}
+    assert res.extent == (0, 2) and res.planes[3].status == "low_contrast"
+    res = propagate_volume(PlantedPredictor(planted), volume, 1, points=[[16, 16]],
+                           contrast_limits=(0, 255), settings=PropagationSettings(min_contrast=0))
+    assert res.stopped["forward"] == "end"
+    # a dark object in a bright surround has a negative contrast: judged against the seed's
+    inverted = 255 - volume
+    inverted[:, 0, 0] = np.arange(5)
+    res = propagate_volume(PlantedPredictor(planted), inverted, 1, points=[[16, 16]],
+                           contrast_limits=(0, 255))
+    assert res.stopped["forward"] == "low_contrast"
+    assert mask_contrast(volume[1], planted[1]) > 0 > mask_contrast(inverted[1], planted[1])
 
 
 def test_max_planes_limits_each_direction():
@@ -324,7 +348,8 @@ def test_end_to_end_with_a_tiny_random_model(tiny_sam):
     predictor = Predictor(tiny_sam)
     res = propagate_volume(predictor, volume, 1, box=[10, 12, 29, 35],
                            settings=PropagationSettings(min_score=0.0, min_overlap=0.0,
-                                                        max_area_ratio=1e6, min_area=1))
+                                                        max_area_ratio=1e6, min_area=1,
+                                                        min_contrast=0.0))
     assert res.masks.shape == (4, 40, 48) and res.masks.dtype == bool
     assert res.planes[0].index in (0, 1) and res.planes[-1].index <= 3
     assert {p.status for p in res.planes} <= {"seed", "kept", "empty"}

@@ -22,6 +22,17 @@ and that plane is left empty:
   (the rules are tested in this order; as the IoU of two masks is at most the
   ratio of the smaller area to the larger, an area change beyond
   ``max_area_ratio`` is reported as such rather than as low overlap);
+* ``"low_contrast"``: the object's contrast with its surroundings fell below
+  ``min_contrast`` times the seed plane's (only when the planes' pixels are
+  given, as :func:`propagate_volume` and :func:`track_object` do). Contrast is
+  the mean intensity inside the mask minus that of a ring of
+  :data:`CONTRAST_RING` pixels around it (:func:`mask_contrast`); dividing by
+  the seed's keeps the sign, so dark objects in bright boundaries
+  (cells through a membrane stain) work as bright nuclei do. The model alone
+  does not see where an object ends in z: prompted with the previous plane's
+  box, it keeps segmenting the blur above and below a nucleus with a high
+  predicted IoU and a high overlap, and only the fading contrast says the
+  object has ended;
 * ``"max_planes"``: ``max_planes`` planes were added in this direction;
 * ``"end"``: the stack ended (no plane is tested).
 
@@ -72,7 +83,9 @@ __all__ = [
     "PropagationResult",
     "PropagationSettings",
     "STOP_REASONS",
+    "CONTRAST_RING",
     "innermost_pixel",
+    "mask_contrast",
     "iter_propagate",
     "propagate",
     "propagate_volume",
@@ -81,10 +94,17 @@ __all__ = [
 ]
 
 #: why the walk in one direction stopped (see the module docstring)
-STOP_REASONS = ("empty", "low_score", "low_overlap", "area_change", "max_planes", "end")
+STOP_REASONS = ("empty", "low_score", "area_change", "low_overlap", "low_contrast", "max_planes",
+                "end")
+
+#: width in pixels of the ring around a mask that its contrast is measured against
+CONTRAST_RING = 4
 
 #: a plane's embedding, on demand: ``provider(index) -> EmbeddedImage``
 EmbeddingProvider = Callable[[int], EmbeddedImage]
+
+#: a plane's pixels, for the contrast rule: ``pixels(index) -> (H, W) float``
+PixelProvider = Callable[[int], np.ndarray]
 
 
 def _setting(default: Any, help: str, **limits: Any) -> Any:
@@ -111,6 +131,9 @@ class PropagationSettings:
         "the previous plane's", min=1.0)
     min_area: int = _setting(
         4, "stop when a plane's mask has fewer pixels than this (the object has ended)", min=1)
+    min_contrast: float = _setting(
+        0.35, "stop when the object's contrast with its surroundings falls below this fraction "
+        "of the seed plane's (0: off; needs the planes' pixels)", min=0.0, max=1.0)
     max_planes: int | None = _setting(
         None, "add at most this many planes in each direction (None: no limit)", min=1)
     use_box: bool = _setting(True, "prompt with the previous mask's bounding box")
@@ -226,6 +249,7 @@ def iter_propagate(
     settings: PropagationSettings | None = None,
     directions: Sequence[str] = ("forward", "backward"),
     cancel: Callable[[], bool] | None = None,
+    pixels: PixelProvider | None = None,
 ) -> Iterator[PropagationProgress | PropagationResult]:
     """Propagate an object from plane ``start``; yields progress, last the result.
 
@@ -246,6 +270,8 @@ def iter_propagate(
       directions: ``"forward"`` (increasing index) and/or ``"backward"``, walked in
         this order.
       cancel: polled before each plane; True raises CancelledError.
+      pixels: ``index -> (H, W)`` intensities of a plane, for the contrast rule
+        (``settings.min_contrast``); None turns the rule off.
 
     Raises:
       InvalidInputError: bad arguments, or a seed whose mask is empty.
@@ -293,6 +319,13 @@ def iter_propagate(
         if np.count_nonzero(seed) == 0:
             raise InvalidInputError(
                 f"The object's mask in plane {start} is empty; prompt inside the object.")
+        contrast = None  # (the seed's contrast, pixels) when the rule applies
+        if pixels is not None and settings.min_contrast > 0:
+            seed_pixels = np.asarray(pixels(start), dtype=np.float64)
+            seed_contrast = mask_contrast(seed_pixels, seed)
+            # an object without contrast (a flat plane): the rule cannot judge it
+            if abs(seed_contrast) > 1e-6 * max(float(np.ptp(seed_pixels)), 1e-30):
+                contrast = (seed_contrast, pixels)
         masks = np.zeros((n_planes, *seed.shape), dtype=bool)
         masks[start] = seed
         reports = {start: PlaneReport(start, "seed", seed_score, int(np.count_nonzero(seed)))}
@@ -312,7 +345,7 @@ def iter_propagate(
                 current, score, logits = _predict(predictor, **_prompt(prev, logits, settings))
                 if settings.single_component:
                     current = _component_overlapping(current, prev)
-                report = _judge(index, current, score, prev, settings)
+                report = _judge(index, current, score, prev, settings, contrast)
                 reports[index] = report
                 done += 1
                 yield PropagationProgress(done, total, index)
@@ -404,7 +437,8 @@ def propagate_volume(
     (without colour), ``axis = z_axis``.
     """
     provider, n = volume_embeddings(predictor, volume, z_axis, contrast_limits, rgb)
-    result = propagate(predictor, provider, n, start, progress=progress, **kwargs)
+    result = propagate(predictor, provider, n, start, progress=progress,
+                       pixels=_plane_pixels(volume, z_axis, rgb), **kwargs)
     result.masks = np.moveaxis(result.masks, 0, z_axis)
     result.axis = z_axis
     return result
@@ -432,8 +466,8 @@ def track_object(
     """
     directions = ("forward", "backward") if backward else ("forward",)
     provider, n = volume_embeddings(predictor, frames, t_axis, contrast_limits, rgb)
-    result = propagate(predictor, provider, n, start, progress=progress,
-                       directions=directions, **kwargs)
+    result = propagate(predictor, provider, n, start, progress=progress, directions=directions,
+                       pixels=_plane_pixels(frames, t_axis, rgb), **kwargs)
     result.masks = np.moveaxis(result.masks, 0, t_axis)
     result.axis = t_axis
     return result
@@ -467,6 +501,17 @@ def _stack_first(volume: np.ndarray, axis: int, rgb: bool) -> np.ndarray:
     if not -3 <= axis < 3:
         raise InvalidInputError(f"The stack axis must be 0, 1 or 2, got {axis}.")
     return np.moveaxis(vol, axis % 3, 0)
+
+
+def _plane_pixels(volume: np.ndarray, axis: int, rgb: bool) -> PixelProvider:
+    """``index -> (H, W)`` float32 intensities of a plane (colour samples averaged)."""
+    stack = _stack_first(volume, axis, rgb)
+
+    def pixels(index: int) -> np.ndarray:
+        plane = np.asarray(stack[index], dtype=np.float32)
+        return plane.mean(-1) if rgb else plane
+
+    return pixels
 
 
 def _use(predictor: Any, embedded: EmbeddedImage, index: int) -> None:
@@ -531,8 +576,21 @@ def _component_overlapping(mask: np.ndarray, reference: np.ndarray) -> np.ndarra
     return parts == best + 1
 
 
+def mask_contrast(plane: np.ndarray, mask: np.ndarray, ring: int = CONTRAST_RING) -> float:
+    """Mean of ``plane`` inside ``mask`` minus its mean in a ring of ``ring`` pixels
+    around it, in the plane's intensity units; 0 for an empty mask or ring."""
+    from scipy.ndimage import binary_dilation
+
+    values = np.asarray(plane, dtype=np.float64)
+    around = binary_dilation(mask, iterations=ring) & ~mask
+    if not mask.any() or not around.any():
+        return 0.0
+    return float(values[mask].mean()) - float(values[around].mean())
+
+
 def _judge(index: int, mask: np.ndarray, score: float, prev: np.ndarray,
-           settings: PropagationSettings) -> PlaneReport:
+           settings: PropagationSettings,
+           contrast: tuple[float, PixelProvider] | None = None) -> PlaneReport:
     """The plane's report: ``"kept"`` or the first stop rule it fails."""
     area = int(np.count_nonzero(mask))
     prev_area = int(np.count_nonzero(prev))
@@ -548,6 +606,9 @@ def _judge(index: int, mask: np.ndarray, score: float, prev: np.ndarray,
         status = "area_change"
     elif overlap < settings.min_overlap:
         status = "low_overlap"
+    elif contrast is not None and (
+            mask_contrast(contrast[1](index), mask) / contrast[0] < settings.min_contrast):
+        status = "low_contrast"
     else:
         status = "kept"
     return PlaneReport(index, status, score, area, overlap, ratio)
