@@ -22,7 +22,8 @@ followed forward with :func:`~napari_sam.engine.propagate.track_object`. Reporte
 track: frames of its life followed correctly (IoU >= 0.5 with the truth), the mean IoU
 over its life (a frame after the track was lost counts 0), the stop reason, and what the
 track did after the cell's last frame (at a division: the daughter it went on with, if
-any). Frames are cropped to the colony's bounding box over the frames used, plus
+any); next to it the oracle's mean IoU (every frame of the track's life clicked at the
+cell's innermost pixel). Frames are cropped to the colony's bounding box over the frames used, plus
 ``--margin`` pixels (the colony is small in a large field).
 
 One JSON line per object / track on stdout (and in ``--json``), a summary last.
@@ -48,6 +49,20 @@ VOLUME_SETS = {
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def oracle(predictor, provider, truth: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool: every plane where ``truth`` has pixels clicked at its innermost
+    pixel (multimask, the best-scored mask)."""
+    from napari_sam.engine.propagate import innermost_pixel
+
+    out = np.zeros_like(truth)
+    for k in np.flatnonzero(truth.reshape(len(truth), -1).any(1)):
+        embedded = provider(int(k))
+        predictor.set_embedding(embedded.features, embedded.original_size, embedded.input_size)
+        pred = predictor.predict(points=[innermost_pixel(truth[k])])
+        out[k] = pred.masks[int(np.argmax(pred.scores))]
+    return out
 
 
 def settings_from(args: argparse.Namespace):
@@ -79,14 +94,8 @@ def eval_volumes(args: argparse.Namespace, predictor, emit) -> None:
                 z0 = int(np.argmax(areas))
                 click = innermost_pixel(truth[z0])
                 result = propagate_volume(predictor, raw, z0, points=[click], settings=settings)
-                oracle = np.zeros_like(truth)
-                for z in np.flatnonzero(areas):
-                    embedded = provider(int(z))
-                    predictor.set_embedding(embedded.features, embedded.original_size,
-                                            embedded.input_size)
-                    pred = predictor.predict(points=[innermost_pixel(truth[z])])
-                    oracle[z] = pred.masks[int(np.argmax(pred.scores))]
-                p_iou, o_iou = iou(result.masks, truth), iou(oracle, truth)
+                p_iou = iou(result.masks, truth)
+                o_iou = iou(oracle(predictor, provider, truth), truth)
                 prop_scores.append(p_iou)
                 oracle_scores.append(o_iou)
                 present = np.flatnonzero(areas)
@@ -116,7 +125,7 @@ def read_tracks(path: Path) -> dict[int, tuple[int, int, int]]:
 def eval_tracking(args: argparse.Namespace, predictor, emit) -> None:
     from PIL import Image
 
-    from napari_sam.engine.propagate import innermost_pixel, track_object
+    from napari_sam.engine.propagate import innermost_pixel, track_object, volume_embeddings
 
     root = Path(args.data) / "timelapse" / "bacteria"
     n_frames = len(list((root / "images").glob("t*.png")))
@@ -140,7 +149,8 @@ def eval_tracking(args: argparse.Namespace, predictor, emit) -> None:
     if args.tracks:
         order = order[: args.tracks]
     settings = settings_from(args)
-    correct_all, mean_all = [], []
+    provider, _ = volume_embeddings(predictor, frames)
+    correct_all, mean_all, oracle_all = [], [], []
     for track in order:
         first, last, _parent = tracks[track]
         last = min(last, n_frames - 1)
@@ -148,6 +158,11 @@ def eval_tracking(args: argparse.Namespace, predictor, emit) -> None:
         result = track_object(predictor, frames, first, points=[click], backward=False,
                               settings=settings)
         ious = [iou(result.masks[t], gt[t] == track) for t in range(first, last + 1)]
+        life = np.zeros_like(gt, dtype=bool)
+        life[first:last + 1] = gt[first:last + 1] == track
+        clicked = oracle(predictor, provider, life)
+        oracle_ious = [iou(clicked[t], life[t]) for t in range(first, last + 1)]
+        oracle_all.append(float(np.mean(oracle_ious)))
         after = None
         if last + 1 < n_frames and result.masks[last + 1].any():
             ids, counts = np.unique(gt[last + 1][result.masks[last + 1]], return_counts=True)
@@ -158,12 +173,14 @@ def eval_tracking(args: argparse.Namespace, predictor, emit) -> None:
         mean_all.append(float(np.mean(ious)))
         emit({"track": track, "frames": [first, last], "frames_correct": correct,
               "frames_total": len(ious), "mean_iou": round(float(np.mean(ious)), 4),
+              "oracle_mean_iou": round(oracle_all[-1], 4),
               "stopped": result.stopped, "after_last_frame": after,
               "daughters": children.get(track, [])})
     if mean_all:
         emit({"summary": True, "tracks": len(mean_all),
               "fraction_frames_correct": round(float(np.mean(correct_all)), 4),
-              "mean_iou": round(float(np.mean(mean_all)), 4)})
+              "mean_iou": round(float(np.mean(mean_all)), 4),
+              "oracle_mean_iou": round(float(np.mean(oracle_all)), 4)})
 
 
 def main(argv: list[str] | None = None) -> None:
