@@ -354,3 +354,12 @@ def test_end_to_end_with_a_tiny_random_model(tiny_sam):
     assert res.planes[0].index in (0, 1) and res.planes[-1].index <= 3
     assert {p.status for p in res.planes} <= {"seed", "kept", "empty"}
     assert not predictor.is_image_set  # nothing was set before, nothing is left set
+
+
+@pytest.mark.parametrize("points", [[[1, 2], [3]], [1, 2, 3], [[50, 50]]])
+def test_malformed_seed_points_get_the_predictors_typed_errors(tiny_sam, points):
+    from napari_sam.engine.predictor import Predictor
+
+    volume = np.zeros((3, 20, 20), np.uint8)
+    with pytest.raises(InvalidInputError, match="points|Point"):
+        propagate_volume(Predictor(tiny_sam), volume, 1, points=points)

@@ -148,3 +148,11 @@ def test_everything_labels_links_planes_and_relabels_the_records(tmp_path):
     # unlinked (the library default): plane ids apart
     labels, records = everything_labels(_ShiftingGenerator(), image)
     assert [[r["label"] for r in recs] for _, recs in records] == [[1, 2, 0], [3, 0], [4, 0]]
+
+
+def test_run_batch_checks_the_link_threshold_before_any_image(tmp_path):
+    from napari_sam.engine.batch import run_batch
+
+    with pytest.raises(InvalidInputError, match=r"linking IoU threshold must be in \[0, 1\]"):
+        run_batch([tmp_path / "missing.tif"], tmp_path / "out", link_axis=0, link_iou=2.0)
+    assert not (tmp_path / "out").exists()

@@ -256,7 +256,9 @@ def iter_propagate(
     Arguments:
       predictor: a :class:`~napari_sam.engine.predictor.Predictor` (anything with
         ``set_embedding``, ``predict`` and ``embedding``); its current image is
-        restored at the end.
+        restored at the end. It sets one plane after the other, so no other thread
+        may predict with it meanwhile (a worker gets a Predictor of its own, which
+        can share the embedding cache).
       embeddings: ``index -> EmbeddedImage`` of a plane, called once per plane
         visited, in walking order (computed on demand).
       n_planes: planes along the stack axis.
@@ -315,7 +317,7 @@ def iter_propagate(
         else:
             seed, seed_score, seed_logits = _predict(
                 predictor, points=points, labels=labels, box=box,
-                multimask=box is None and np.asarray(points).reshape(-1, 2).shape[0] == 1)
+                multimask=box is None and _n_points(points) == 1)
         if np.count_nonzero(seed) == 0:
             raise InvalidInputError(
                 f"The object's mask in plane {start} is empty; prompt inside the object.")
@@ -481,6 +483,15 @@ def _index(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise InvalidInputError(f"{name} must be an integer, got {value!r}.") from None
+
+
+def _n_points(points: Any) -> int:
+    """How many (row, col) points ``points`` holds; 0 when malformed (the predictor
+    then says what is wrong)."""
+    try:
+        return int(np.size(np.asarray(points, dtype=np.float64))) // 2
+    except (TypeError, ValueError):
+        return 0
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
