@@ -413,3 +413,15 @@ def test_cli_segment_and_everything_with_an_efficient_sam_file(tmp_path):
     assert read_labels(out2).max() > 0
 
 
+
+
+def test_propagation_through_z_prompts_efficient_sam_without_logits():
+    from napari_sam.engine.propagate import PropagationSettings, propagate_volume
+
+    plane = IMAGES["rgb_uint8_90x150"][..., 0]
+    volume = np.stack([plane, np.roll(plane, 2, axis=1), np.roll(plane, 4, axis=1)])
+    settings = PropagationSettings(min_score=0.0, min_overlap=0.0, max_area_ratio=1e6,
+                                   min_contrast=0.0, use_mask=True)
+    result = propagate_volume(Predictor(random_efficient_sam()), volume, 1, box=[10, 15, 60, 55],
+                              settings=settings)
+    assert result.masks.shape == volume.shape and result.masks[1].any()
