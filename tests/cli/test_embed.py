@@ -60,7 +60,8 @@ def test_embed_writes_beside_the_image_and_a_rerun_is_a_no_op(tiny_model_path, t
     assert res.returncode == 0, res.stderr
     store_path = tmp_path / "stack.tif.sam.zarr"
     assert res.stdout.strip() == str(store_path)
-    assert "embedding [" in res.stderr and "5/5" in res.stderr and "wrote 5 embeddings" in res.stderr
+    assert "embedding [" in res.stderr and "5/5" in res.stderr
+    assert "wrote 5 embeddings" in res.stderr
     store = find_store(image)
     assert store.complete and len(store) == 5 and store.signature.model_name == str(
         tiny_model_path)
@@ -78,10 +79,9 @@ def test_embed_writes_beside_the_image_and_a_rerun_is_a_no_op(tiny_model_path, t
 
 def test_embed_refuses_another_model_or_image_and_overwrite_replaces(
         tiny_model_path, tiny_sam_config, tmp_path, capsys):
-    from reference_utils import build_random_sam
-
     from napari_sam.engine.store import EmbeddingStore
     from napari_sam.models.checkpoint import save_model
+    from reference_utils import build_random_sam
 
     image = tmp_path / "stack.tif"
     _write_stack(image)

@@ -257,3 +257,52 @@ def test_bad_arguments_are_typed_errors(tiny_sam, tmp_path):
     with pytest.raises(InvalidInputError, match="image must be"):
         embed_to_store(predictor, np.zeros(5), tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_precompute_all_planes_in_a_worker_with_progress_and_cancel(tiny_sam, tmp_path):
+    """The widget's "precompute all planes" logic, Qt-free: a worker thread consumes the
+    generator, the user cancels, the next run resumes, then the predictor reads the store
+    for every plane the user visits (as the widget embeds them: plane + contrast limits)."""
+    import threading
+
+    from napari_sam.engine.image import to_rgb_uint8
+    from napari_sam.engine.store import iter_precompute
+
+    data = _stack(6)
+    path = tmp_path / "layer.sam.zarr"
+    predictor = Predictor(tiny_sam)
+    cancelled = threading.Event()
+    progress: list[tuple[int, int]] = []
+    outcome: dict = {}
+
+    def worker() -> None:
+        steps = iter_precompute(predictor, data, path, contrast_limits=LIMITS,
+                                cancel=cancelled.is_set)
+        try:
+            for step in steps:
+                progress.append((step.done, step.total))
+                if step.done == 3:
+                    cancelled.set()  # the user presses Cancel
+        except CancelledError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(120)
+    assert progress == [(1, 6), (2, 6), (3, 6)]
+    assert isinstance(outcome["error"], CancelledError) and predictor.store is None
+    assert EmbeddingStore.open(path).done().sum() == 3
+
+    cancelled.clear()
+    progress.clear()
+    outcome.clear()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(120)
+    assert progress == [(4, 6), (5, 6), (6, 6)] and outcome == {}
+    assert predictor.store is not None and predictor.store.complete
+    counter = _Counting(predictor)
+    for z in range(6):
+        entry = predictor.embed(to_rgb_uint8(data[z], LIMITS))  # what the widget's worker does
+        assert entry.original_size == (100, 90)
+    assert counter.calls == 0 and predictor.store.hits == 6

@@ -68,6 +68,7 @@ __all__ = [
     "image_checksum",
     "iter_embed",
     "iter_planes",
+    "iter_precompute",
     "plan_entries",
     "resolve_tiling",
     "store_path_for",
@@ -103,12 +104,20 @@ def weights_hash(model: Any) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def image_checksum(data: np.ndarray) -> str:
-    """``"blake2b:<hex>"`` of an image array's dtype, shape and pixels (as stored)."""
-    arr = np.ascontiguousarray(data)
+def image_checksum(data: Any) -> str:
+    """``"blake2b:<hex>"`` of an image array's dtype, shape and pixels (as stored).
+
+    ``data`` may be any array-like with ``shape``, ``dtype`` and indexing (numpy,
+    dask, zarr): it is read one leading-axis slice at a time (the bytes hashed are
+    the C-order bytes of the whole array either way).
+    """
+    shape = tuple(int(n) for n in data.shape)
+    dtype = np.dtype(data.dtype)
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr.reshape(-1)).cast("B"))
+    h.update(f"{dtype.str}{shape}".encode())
+    for index in np.ndindex(*shape[:1]) if len(shape) > 2 else [()]:
+        part = np.ascontiguousarray(np.asarray(data[index] if index else data), dtype=dtype)
+        h.update(memoryview(part.reshape(-1)).cast("B"))
     return "blake2b:" + h.hexdigest()
 
 
@@ -452,7 +461,8 @@ def iter_embed(
     Arguments:
       predictor: a :class:`~napari_sam.engine.predictor.Predictor` (its encoder and
         thread policy; its cache is neither read nor filled).
-      data: ``(*stack, H, W)`` or, with ``rgb``, ``(*stack, H, W, C)`` image; each
+      data: ``(*stack, H, W)`` or, with ``rgb``, ``(*stack, H, W, C)`` image (numpy
+        or any array-like read plane by plane: dask, zarr, a napari layer's data); each
         plane is normalised with :func:`~napari_sam.engine.image.to_rgb_uint8` and
         ``contrast_limits`` (None: each plane's own range; pass the stack's range,
         e.g. ``LoadedImage.contrast_limits()``, so that dim planes stay dim).
@@ -472,14 +482,16 @@ def iter_embed(
         replaced, not even with ``overwrite``), or bad arguments.
       CancelledError: ``cancel()`` returned True.
     """
-    data = np.asarray(data)
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+        data = np.asarray(data)
     _check_tiling(tile_size, overlap)
     n_axes = 3 if rgb else 2
-    if data.ndim < n_axes or data.size == 0:
+    if len(data.shape) < n_axes or 0 in tuple(data.shape):
         raise InvalidInputError(
-            f"image must be (*stack, H, W){' x C' if rgb else ''}, got shape {data.shape}."
+            f"image must be (*stack, H, W){' x C' if rgb else ''}, got shape "
+            f"{tuple(data.shape)}."
         )
-    stack_shape = tuple(int(n) for n in data.shape[: data.ndim - n_axes])
+    stack_shape = tuple(int(n) for n in data.shape[: len(data.shape) - n_axes])
     plane_shape = (int(data.shape[len(stack_shape)]), int(data.shape[len(stack_shape) + 1]))
     model = predictor.model
     img_size = int(predictor.transform.target_length)
@@ -518,7 +530,8 @@ def iter_embed(
                     f"in {path}, and the next run computes the rest."
                 )
             if plane_rgb is None:  # normalised once per plane, only when something is missing
-                plane_rgb = to_rgb_uint8(data[index], contrast_limits=contrast_limits)
+                plane = np.asarray(data[index] if index else data)  # one plane read
+                plane_rgb = to_rgb_uint8(plane, contrast_limits=contrast_limits)
             _, r0, c0, r1, c1, _h, _w = (int(v) for v in store.geometry[row])
             pixels = np.ascontiguousarray(plane_rgb[r0:r1, c0:c1])
             features = predictor.compute_embedding(pixels)
@@ -530,6 +543,28 @@ def iter_embed(
     if status is None:
         status = "created"
     return EmbedResult(path, status, computed, total)
+
+
+def iter_precompute(
+    predictor: Any,
+    data: Any,
+    path: str | os.PathLike,
+    **kwargs: Any,
+) -> Generator[EmbedProgress, None, EmbedResult]:
+    """The "precompute all planes" action, free of Qt: :func:`iter_embed` (same
+    arguments, progress and ``cancel``), then ``predictor`` reads the finished store
+    (:meth:`~napari_sam.engine.predictor.Predictor.use_store`), so every plane the
+    user visits afterwards is embedded from disk.
+
+    A widget runs it in a worker (napari's ``thread_worker`` consumes the generator:
+    progress from the yielded steps, the result from the return value) and passes
+    ``cancel`` (e.g. ``threading.Event.is_set``); pass the image layer's data,
+    ``rgb`` and contrast limits, so the store holds exactly the pixels the widget
+    embeds. A cancelled run keeps its finished planes, and the next run resumes.
+    """
+    result = yield from iter_embed(predictor, data, path, **kwargs)
+    predictor.use_store(EmbeddingStore.open(path))
+    return result
 
 
 def embed_to_store(
