@@ -196,3 +196,48 @@ def test_embed_is_listed_in_the_help():
     assert res.returncode == 0 and "embed" in res.stdout
     res = _cli("embed", "--help")
     assert res.returncode == 0 and "--tile-size" in res.stdout and "--overwrite" in res.stdout
+
+
+def test_segment_reads_the_store_beside_the_image(tiny_model_path, tiny_sam_config, tmp_path,
+                                                  capsys, monkeypatch):
+    """`napari-sam segment` finds IMAGE.sam.zarr and never runs the encoder; a store of other
+    weights beside the image is not used (one note) and the result is the same."""
+    from PIL import Image
+
+    from napari_sam.engine.io import read_labels
+    from napari_sam.engine.predictor import Predictor
+    from napari_sam.models.checkpoint import save_model
+    from reference_utils import build_random_sam
+
+    rng = np.random.default_rng(3)
+    image = tmp_path / "cells.png"
+    Image.fromarray(rng.integers(0, 255, size=(70, 80, 3), dtype=np.uint8)).save(image)
+    (tmp_path / "p.csv").write_text("object,row,col,label\na,30,40,1\nb,10,10,1\n")
+    seg = ["segment", str(image), "--prompts", str(tmp_path / "p.csv"), "-m",
+           str(tiny_model_path), "--device", "cpu"]
+    assert main([*seg, "--out", str(tmp_path / "fresh.tif")]) == 0
+    assert "embeddings" not in capsys.readouterr().err  # no store yet
+
+    assert main(["embed", str(image), "-m", str(tiny_model_path)]) == 0
+    capsys.readouterr()
+
+    def no_encoder(self, rgb):
+        raise AssertionError("the encoder ran although the store holds the embedding")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Predictor, "compute_embedding", no_encoder)
+        assert main([*seg, "--out", str(tmp_path / "stored.tif")]) == 0
+    err = capsys.readouterr().err
+    assert f"napari-sam: note: reading embeddings from {image}.sam.zarr (1 of 1 stored)" in err
+    np.testing.assert_array_equal(read_labels(tmp_path / "stored.tif"),
+                                  read_labels(tmp_path / "fresh.tif"))
+
+    other = save_model(build_random_sam(tiny_sam_config, seed=1), tmp_path / "other.safetensors")
+    assert main(["embed", str(image), "-m", str(other), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main([*seg, "--out", str(tmp_path / "again.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "note: not using the embeddings beside the image:" in err
+    assert "was made for model" in err
+    np.testing.assert_array_equal(read_labels(tmp_path / "again.tif"),
+                                  read_labels(tmp_path / "fresh.tif"))

@@ -72,6 +72,7 @@ __all__ = [
     "plan_entries",
     "resolve_tiling",
     "store_path_for",
+    "use_store_beside",
     "weights_hash",
 ]
 
@@ -272,6 +273,25 @@ def find_store(image_path: str | os.PathLike) -> EmbeddingStore | None:
     if not path.exists():
         return None
     return EmbeddingStore.open(path)
+
+
+def use_store_beside(predictor: Any, image_path: str | os.PathLike) -> str | None:
+    """Make ``predictor`` read the store beside an image file, if there is a usable one.
+
+    Returns a one-line remark for the user: which store is read, or why the one found
+    is not used (not a store, another format, made with other weights: then the
+    encoder runs as if there were none; a store is never used for another model).
+    None when there is no store beside the image.
+    """
+    path = store_path_for(image_path)
+    if not path.exists():
+        return None
+    try:
+        store = EmbeddingStore.open(path)
+        predictor.use_store(store)
+    except InvalidInputError as err:  # StoreMismatchError included
+        return f"not using the embeddings beside the image: {err}"
+    return f"reading embeddings from {path} ({int(store.done().sum())} of {len(store)} stored)"
 
 
 class EmbeddingStore:
