@@ -306,3 +306,20 @@ def test_precompute_all_planes_in_a_worker_with_progress_and_cancel(tiny_sam, tm
         entry = predictor.embed(to_rgb_uint8(data[z], LIMITS))  # what the widget's worker does
         assert entry.original_size == (100, 90)
     assert counter.calls == 0 and predictor.store.hits == 6
+
+
+def test_weights_hash_follows_the_weights(tiny_sam, tiny_sam_config):
+    from napari_sam.engine.store import weights_hash
+    from reference_utils import build_random_sam
+
+    first = weights_hash(tiny_sam)
+    assert weights_hash(tiny_sam) == first  # remembered
+    assert weights_hash(build_random_sam(tiny_sam_config, seed=0)) == first  # same values
+    assert weights_hash(build_random_sam(tiny_sam_config, seed=1)) != first
+    with torch.no_grad():  # edited in place (as training does): a new hash
+        next(tiny_sam.parameters()).add_(1e-3)
+    changed = weights_hash(tiny_sam)
+    assert changed != first
+    with torch.no_grad():
+        next(tiny_sam.parameters()).sub_(1e-3)
+    assert weights_hash(tiny_sam) != changed

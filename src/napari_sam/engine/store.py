@@ -42,9 +42,11 @@ written), and refuses one made for anything else with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,21 +90,39 @@ _KEY_BYTES = 16  # image_key: blake2b, 128 bits
 # ----------------------------------------------------------------------------- signature
 
 
+#: model -> (what its tensors looked like when hashed, the hash): see weights_hash
+_WEIGHT_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def weights_hash(model: Any) -> str:
     """``"blake2b:<hex>"`` of a model's state dict (names, dtypes, shapes and values).
 
     Identifies the weights whatever file or name they were loaded from; any
-    change to a parameter or buffer changes it.
+    change to a parameter or buffer changes it. The hash is remembered per model
+    object until one of its tensors is replaced or modified in place (torch's
+    version counter), so attaching stores to predictors of one model costs one pass
+    over the weights.
     """
     import torch
 
+    state = model.state_dict()
+    stamp = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+    try:
+        cached = _WEIGHT_HASHES.get(model)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return "blake2b:" + h.hexdigest()
+    digest = "blake2b:" + h.hexdigest()
+    with contextlib.suppress(TypeError):  # not weak-referenceable: not remembered
+        _WEIGHT_HASHES[model] = (stamp, digest)
+    return digest
 
 
 def image_checksum(data: Any) -> str:
