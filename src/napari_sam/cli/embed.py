@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,12 @@ class _Bar:
 
 def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
     from napari_sam.engine.io import read_image
-    from napari_sam.engine.store import STORE_SUFFIX, iter_embed, store_path_for
+    from napari_sam.engine.store import (
+        STORE_SUFFIX,
+        EmbedProgress,
+        embed_to_store,
+        store_path_for,
+    )
 
     out: Path = args.out if args.out is not None else store_path_for(args.image)
     if out.suffix.lower() != ".zarr":
@@ -107,22 +111,19 @@ def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
     from napari_sam.engine.predictor import Predictor
 
     predictor = Predictor(model, cache_bytes=0)
-    steps = iter_embed(
-        predictor, image.data, out, rgb=image.rgb, contrast_limits=image.contrast_limits(),
-        model_name=args.model or "default", tile_size=args.tile_size,
-        overlap=args.tile_overlap, overwrite=args.overwrite,
+    plane_box = (0, 0, *image.plane_shape)
+    bar: list[_Bar] = []
+
+    def progress(step: EmbedProgress) -> None:
+        if not bar:
+            bar.append(_Bar(console, step.total))
+        bar[0].update(step.done, step.plane, step.box == plane_box)
+
+    result = embed_to_store(
+        predictor, image.data, out, progress=progress, rgb=image.rgb,
+        contrast_limits=image.contrast_limits(), model_name=args.model or "default",
+        tile_size=args.tile_size, overlap=args.tile_overlap, overwrite=args.overwrite,
     )
-    bar = None
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if bar is None:
-            bar = _Bar(console, step.total)
-        plane_h, plane_w = image.plane_shape
-        bar.update(step.done, step.plane, step.box == (0, 0, plane_h, plane_w))
     if result.status == "up to date":
         console.info(f"{out} is up to date ({result.total} embeddings of this model and image); "
                      "nothing to do")
@@ -132,5 +133,4 @@ def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
     else:
         console.info(f"wrote {result.total} embeddings")
     console.result(str(out))
-    sys.stdout.flush()
     return 0

@@ -193,11 +193,10 @@ class StoreSignature:
         elif self.image != other.image:
             out.append(f"image: same shape {self.image_shape} but other pixels (checksum "
                        f"{_short(self.image)} in the store, {_short(other.image)} here)")
-        if self.normalisation != other.normalisation:
-            out.append(f"normalisation: store {_compact(self.normalisation)}, "
-                       f"asked {_compact(other.normalisation)}")
-        if self.tiling != other.tiling:
-            out.append(f"tiling: store {_compact(self.tiling)}, asked {_compact(other.tiling)}")
+        for name in ("normalisation", "tiling"):
+            mine, asked = getattr(self, name), getattr(other, name)
+            if mine != asked:
+                out.append(f"{name}: store {_compact(mine)}, asked {_compact(asked)}")
         return out
 
 
@@ -612,14 +611,15 @@ def embed_to_store(
     progress: Callable[[EmbedProgress], Any] | None = None, **kwargs: Any,
 ) -> EmbedResult:
     """:func:`iter_embed` run to the end; ``progress(step)`` after each entry."""
-    steps = iter_embed(predictor, data, path, **kwargs)
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            return stop.value
+    outcome: list[EmbedResult] = []
+
+    def run() -> Generator[EmbedProgress, None, None]:
+        outcome.append((yield from iter_embed(predictor, data, path, **kwargs)))
+
+    for step in run():
         if progress is not None:
             progress(step)
+    return outcome[0]
 
 
 def _open_for_writing(
