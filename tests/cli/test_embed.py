@@ -111,42 +111,51 @@ def test_embed_refuses_another_model_or_image_and_overwrite_replaces(
     assert torch.equal(store.plane((2,)).features, _fresh_plane(other, image, 2))
 
 
-def test_embed_resumes_after_the_process_is_killed(tiny_model_path, tmp_path):
-    """A run killed (SIGKILL) mid-way keeps its finished planes; the next run computes
-    only the missing ones, and the store ends equal to a fresh computation."""
+def _start_and_stop(args: list[str], sig: int, after: int) -> int:
+    """Run the command, send ``sig`` once ``after`` more planes were reported; its exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "napari_sam.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = 0
+        for line in proc.stderr:  # one progress line per plane (not a terminal)
+            seen += line.startswith("embedding [")
+            if seen == after:
+                break
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def test_embed_resumes_after_the_process_is_terminated_or_killed(tiny_model_path, tmp_path):
+    """A run stopped mid-way (SIGTERM: exit 143; SIGKILL) keeps its finished planes; the
+    next run computes only the missing ones, and the store ends equal to a fresh one."""
     from napari_sam.engine.store import EmbeddingStore
 
     image = tmp_path / "stack.tif"
     n = 60
     _write_stack(image, n=n)
     out = tmp_path / "emb.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "napari_sam.cli", "embed", str(image), "--out", str(out),
-         "-m", str(tiny_model_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        for line in proc.stderr:  # one progress line per plane (not a terminal)
-            if line.startswith("embedding [") and " 3/" in line:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    args = ["embed", str(image), "--out", str(out), "-m", str(tiny_model_path)]
+    assert _start_and_stop(args, signal.SIGTERM, after=3) == 143
+    first = int(EmbeddingStore.open(out).done().sum())
+    assert 3 <= first < n
+    assert _start_and_stop(args, signal.SIGKILL, after=3) == -signal.SIGKILL
     done = EmbeddingStore.open(out).done()
-    assert 3 <= done.sum() < n, done.sum()
+    assert first + 3 <= done.sum() < n, done.sum()
 
-    res = _cli("embed", image, "--out", out, "-m", tiny_model_path)
+    res = _cli(*args)
     assert res.returncode == 0, res.stderr
     assert f"computed the {n - int(done.sum())} missing of {n} embeddings" in res.stderr
     store = EmbeddingStore.open(out)
     assert store.complete
     for z in (0, int(done.sum()) - 1, int(done.sum()), n - 1):
         assert torch.equal(store.plane((z,)).features, _fresh_plane(tiny_model_path, image, z))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_embed_usage_and_runtime_errors(tiny_model_path, tmp_path, capsys):

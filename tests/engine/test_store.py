@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sam.engine.cache import image_key
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.store import (
     EmbeddingStore,
@@ -196,9 +197,14 @@ def test_cancel_keeps_finished_planes_and_the_next_run_resumes(tiny_sam, tmp_pat
     assert store.done().tolist() == [True, True, False, False, False]
     with pytest.raises(InvalidInputError, match="was never computed"):
         store.plane((3,))
+    reader = EmbeddingStore.open(path)  # opened while the store is unfinished
+    assert reader.lookup(image_key(_rgb(data[3]))) is None
     counter = _Counting(predictor)
     result = embed_to_store(predictor, data, path, contrast_limits=LIMITS)
     assert result.status == "resumed" and result.computed == 3 and counter.calls == 3
+    found = reader.lookup(image_key(_rgb(data[3])))  # sees what was written since
+    assert found is not None
+    assert torch.equal(found.features, predictor.compute_embedding(_rgb(data[3])))
     store = EmbeddingStore.open(path)
     assert store.complete
     for z in range(5):

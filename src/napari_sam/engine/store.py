@@ -46,6 +46,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
@@ -377,8 +378,10 @@ class EmbeddingStore:
         """Whether every entry is written."""
         return bool(self.done().all())
 
-    def _keys(self) -> dict[str, int]:
-        if self._index is None:
+    def _keys(self, refresh: bool = False) -> dict[str, int]:
+        """key -> entry of the written entries (read once; ``refresh`` rereads the keys of
+        a store that was not complete, which a running ``embed`` may be filling)."""
+        if self._index is None or (refresh and len(self._index) < len(self)):
             keys = np.asarray(self._group["keys"][:])
             self._index = {bytes(k).hex(): i for i, k in enumerate(keys) if k.any()}
         return self._index
@@ -397,6 +400,8 @@ class EmbeddingStore:
         """The entry whose normalised pixels have :func:`image_key` ``key``, or None."""
         self.lookups += 1
         index = self._keys().get(key)
+        if index is None:
+            index = self._keys(refresh=True).get(key)
         if index is None:
             return None
         self.hits += 1
@@ -658,16 +663,22 @@ def _create(path: Path, signature: StoreSignature, geometry: np.ndarray) -> Embe
     """A new store with its signature and geometry; no entry is written yet."""
     import zarr
 
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    meta = {"version": FORMAT_VERSION, "signature": signature.to_json(),
-            "features_dtype": None}
-    group.attrs[_ATTR] = meta
-    geo = group.create_array("geometry", shape=geometry.shape, chunks=geometry.shape,
-                             dtype="int64")
-    geo[:] = geometry
-    group.create_array("keys", shape=(len(geometry), _KEY_BYTES), chunks=(1, _KEY_BYTES),
-                       dtype="uint8", fill_value=0, compressors=None)
-    return EmbeddingStore(group, path)
+    # made in a hidden folder beside it and renamed into place: a store exists with its
+    # signature and geometry, or not at all (an interrupted start leaves no half store)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        group.attrs[_ATTR] = {"version": FORMAT_VERSION, "signature": signature.to_json(),
+                              "features_dtype": None}
+        geo = group.create_array("geometry", shape=geometry.shape, chunks=geometry.shape,
+                                 dtype="int64")
+        geo[:] = geometry
+        group.create_array("keys", shape=(len(geometry), _KEY_BYTES), chunks=(1, _KEY_BYTES),
+                           dtype="uint8", fill_value=0, compressors=None)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return EmbeddingStore.open(path, mode="r+")
 
 
 def _write_entry(group: Any, row: int, total: int, features: Any, key: str) -> None:
