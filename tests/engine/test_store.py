@@ -262,6 +262,8 @@ def test_bad_arguments_are_typed_errors(tiny_sam, tmp_path):
             embed_to_store(predictor, _stack(1), tmp_path / "s.zarr", **kwargs)
     with pytest.raises(InvalidInputError, match="image must be"):
         embed_to_store(predictor, np.zeros(5), tmp_path / "s.zarr")
+    with pytest.raises(InvalidInputError, match="looks like one RGB"):
+        embed_to_store(predictor, np.zeros((40, 50, 3), np.uint8), tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -458,15 +458,14 @@ def _open_group(path: Path, mode: str) -> Any:
 @dataclass(frozen=True)
 class EmbedProgress:
     """One step of :func:`iter_embed`: ``done`` of ``total`` entries are in the store
-    after entry ``entry`` (stack ``plane`` index, ``box`` ``(row0, col0, row1, col1)``)
-    was ``computed`` (False: it was already there)."""
+    (those of earlier runs included) after entry ``entry`` (stack ``plane`` index,
+    ``box`` ``(row0, col0, row1, col1)`` in the plane) was computed and written."""
 
     done: int
     total: int
     entry: int
     plane: tuple[int, ...]
     box: tuple[int, int, int, int]
-    computed: bool
 
 
 @dataclass(frozen=True)
@@ -535,6 +534,11 @@ def iter_embed(
             f"image must be (*stack, H, W){' x C' if rgb else ''}, got shape "
             f"{tuple(data.shape)}."
         )
+    if not rgb and len(data.shape) == 3 and data.shape[-1] in (3, 4):
+        raise InvalidInputError(
+            f"image of shape {tuple(data.shape)} looks like one RGB(A) image; pass rgb=True "
+            "(a stack of planes 3 or 4 pixels wide cannot be segmented)."
+        )
     stack_shape = tuple(int(n) for n in data.shape[: len(data.shape) - n_axes])
     plane_shape = (int(data.shape[len(stack_shape)]), int(data.shape[len(stack_shape) + 1]))
     model = predictor.model
@@ -583,7 +587,7 @@ def iter_embed(
             del features  # one embedding alive at a time
             computed += 1
             n_done += 1
-            yield EmbedProgress(n_done, total, int(row), index, (r0, c0, r1, c1), True)
+            yield EmbedProgress(n_done, total, int(row), index, (r0, c0, r1, c1))
     if status is None:
         status = "created"
     return EmbedResult(path, status, computed, total)
