@@ -241,6 +241,15 @@ def test_memory_stays_bounded_one_embedding_at_a_time(tiny_sam, tmp_path):
         assert sum(r() is not None for r in refs) == 0, index
         refs.append(weakref.ref(entry.features))
         del entry
+    # a predictor reading the stack plane by plane keeps only the plane it shows
+    reader = Predictor(tiny_sam, store=store)
+    refs = []
+    for z in range(n):
+        reader.set_image(data[z], contrast_limits=LIMITS)
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 0, z  # only the current plane lives
+        refs.append(weakref.ref(reader.features))
+    assert store.hits == n and len(reader.cache) == 0
 
 
 def test_store_beside_the_image(tiny_sam, tmp_path):

@@ -199,7 +199,8 @@ class Predictor:
         Does not change the predictor's current image, so a worker thread can
         call it while the main thread keeps predicting; apply the result with
         :meth:`set_embedding`, or hand it to everything-mode. On a cache miss the
-        :attr:`store` (if any) is read before the encoder runs. ``use_cache=False``
+        :attr:`store` (if any) is read before the encoder runs (what it gives is not
+        put in the cache). ``use_cache=False``
         neither reads nor fills the cache (nor reads the store).
         """
         if not use_cache:
@@ -208,11 +209,12 @@ class Predictor:
             return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
         key = self.cache.key(self.model, rgb)
         entry = self.cache.get(key)
-        if entry is None and self.store is not None:  # read from disk: one chunk
-            entry = self.store.lookup(key[1])
-            if entry is not None:
-                entry = entry._replace(features=entry.features.to(self.device))
-                self.cache.put(key, entry)
+        if entry is None and self.store is not None:
+            # read from disk (one chunk), not cached: reading again is cheap, and a stack
+            # read plane by plane then holds one embedding, not as many as the cache takes
+            stored = self.store.lookup(key[1])
+            if stored is not None:
+                return stored._replace(features=stored.features.to(self.device))
         if entry is None:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
