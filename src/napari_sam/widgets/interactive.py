@@ -36,7 +36,6 @@ Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scor
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -74,9 +73,14 @@ from napari_sam.widgets._common import (
     unwrap,
 )
 from napari_sam.widgets._model_control import ModelController
-from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
+from napari_sam.widgets._prompt_layers import (
+    PREVIEW_NAME,
+    PROMPT_BOX,
+    PROMPT_POINTS,
+    PromptLayers,
+)
+from napari_sam.widgets.keys import widget_help
 from napari_sam.widgets.prompting import Prompts, mask_bbox
-from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
 
 if TYPE_CHECKING:
     from napari_sam.engine.cache import CacheEntry
@@ -85,12 +89,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SegmentAnythingWidget"]
 
-POINTS_NAME = "SAM points"
-BOXES_NAME = "SAM boxes"
-PREVIEW_NAME = "SAM preview"
 N_CANDIDATES = 3
-PROMPT_POINTS = "points"
-PROMPT_BOX = "box"
 # embedding requests are debounced: dragging a contrast slider or scrolling a stack
 # starts one encoder run when the user pauses, not one per event
 EMBED_DELAY_MS = 150
@@ -171,30 +170,6 @@ def _signals_blocked(*widgets: QWidget) -> Any:
             w.blockSignals(was)
 
 
-def _key_handler(widget: SegmentAnythingWidget, key: KeyAction) -> Any:
-    """A function for napari's ``bind_key`` that runs ``key``'s action on the widget.
-
-    * A named function, not a ``functools.partial``: napari reads ``__name__`` of every
-      function bound on the active layer at each key press.
-    * A generator (the action runs on press, the release does nothing): napari keeps
-      the release callback of the last press of each key, and calls it on the next
-      release of that key even when the new press had none. Without a release step
-      of our own, Ctrl+Z after Z (pan/zoom) on *SAM points* would run napari's stale
-      "restore the previous mode" callback.
-    * Holds the widget weakly; does nothing once the widget is closed.
-    """
-    ref = weakref.ref(widget)
-
-    def handler(layer: Any) -> Any:
-        target = ref()
-        if target is not None and not target._closed:
-            target._run_key_action(key.action, key.argument)
-        yield
-
-    handler.__name__ = handler.__qualname__ = f"napari_sam_{key.action}"
-    return handler
-
-
 class SegmentAnythingWidget(QWidget):
     """Interactive SAM segmentation of the shown 2D plane of an image layer."""
 
@@ -204,9 +179,11 @@ class SegmentAnythingWidget(QWidget):
         from napari_sam.engine.cache import EmbeddingCache
 
         self.cache = EmbeddingCache(EmbeddingCache.DEFAULT_BYTES)
-        self.points_layer: Points | None = None
-        self.boxes_layer: Shapes | None = None
-        self.preview_layer: Labels | None = None
+        # the prompt and preview layers, their events and keys
+        self.layers = PromptLayers(
+            napari_viewer, self._shown_plane, self._update_preview, self._run_key_action,
+            self._show_prompt_mode,
+        )
         self.preview: np.ndarray | None = None  # (H, W) bool, chosen candidate
         self.scores: np.ndarray | None = None  # (C,) predicted IoU of each candidate
         self.masks: np.ndarray | None = None  # (C, H, W) bool
@@ -228,10 +205,7 @@ class SegmentAnythingWidget(QWidget):
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
         self._workers: set[Any] = set()
-        self._positive_next = True
-        self._prompt_mode = PROMPT_POINTS
         self._preview_style = P.DEFAULT_STYLE
-        self._updating_layers = False
 
         # Qt deletes the C++ widget when the viewer closes; late worker results then
         # find ``_closed`` set (a plain dict survives the deletion)
@@ -460,7 +434,7 @@ class SegmentAnythingWidget(QWidget):
             self._set_image(layer)
 
     def _labels_acceptable(self, layer: Labels) -> bool:
-        if layer is self.preview_layer or layer.name == PREVIEW_NAME:
+        if self.layers.owns(layer):
             return False
         return self._image is None or L.labels_fit_image(layer, self._image)
 
@@ -514,7 +488,7 @@ class SegmentAnythingWidget(QWidget):
         layer.events.data.connect(self._on_image_content)
         for ev in ("scale", "translate", "rotate", "shear", "affine"):
             getattr(layer.events, ev).connect(self._on_image_transform)
-        self._clear_prompt_data()
+        self.layers.clear_data()
         self._ensure_layers()
         self._update_slice(force=True)
 
@@ -535,15 +509,11 @@ class SegmentAnythingWidget(QWidget):
         self._update_preview()
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        if self._updating_layers or self._closed:
+        if self.layers.updating or self._closed:
             return
         if event is not None and getattr(event, "type", "") == "inserted":
             with contextlib.suppress(Exception):
                 event.value.events.name.connect(self._on_layers_changed)
-            if event.value not in self._owned_layers():
-                # a new image (or any layer) goes on top: put the prompt layers back above
-                # it, once napari has finished inserting it
-                QTimer.singleShot(0, self._raise_owned_layers)
         self.image_combo.refresh()
         self.labels_combo.refresh()
         if self._image is None and self.image_combo.layer is not None:
@@ -551,13 +521,7 @@ class SegmentAnythingWidget(QWidget):
 
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
-        if layer is self.points_layer:
-            self.points_layer = None
-        elif layer is self.boxes_layer:
-            self.boxes_layer = None
-        elif layer is self.preview_layer:
-            self.preview_layer = None
-        elif layer is self._image:
+        if layer is self._image:
             self._set_image(self.image_combo.layer)
         if layer in self._commit_layers:
             self._commit_layers = [x for x in self._commit_layers if x is not layer]
@@ -565,154 +529,46 @@ class SegmentAnythingWidget(QWidget):
 
     def _on_active_layer(self, event: Any = None) -> None:
         active = unwrap(self.viewer.layers.selection.active)
-        if active is not None and active is self.points_layer:
-            self._show_prompt_mode(PROMPT_POINTS)
-        elif active is not None and active is self.boxes_layer:
-            self._show_prompt_mode(PROMPT_BOX)
         if self._image is None and isinstance(active, Image) and active.name != PREVIEW_NAME:
             self.set_image_layer(active)
 
-    # ------------------------------------------------------- owned layers
+    # ------------------------------------------------------- own layers
 
-    def _owned_layers(self) -> list[Any]:
-        """The widget's layers still in the viewer, bottom to top."""
-        return [
-            x for x in (self.preview_layer, self.boxes_layer, self.points_layer)
-            if x is not None and x in self.viewer.layers
-        ]
+    @property
+    def points_layer(self) -> Points | None:
+        """The ``SAM points`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.points
 
-    def _raise_owned_layers(self) -> None:
-        """Move the preview, boxes and points layers to the top (points topmost)."""
-        if self._closed:
-            return
-        layers = self.viewer.layers
-        owned = self._owned_layers()
-        if not owned or list(layers)[-len(owned):] == owned:
-            return
-        self._updating_layers = True
-        try:
-            for layer in owned:
-                layers.move(layers.index(layer), len(layers))
-        finally:
-            self._updating_layers = False
+    @property
+    def boxes_layer(self) -> Shapes | None:
+        """The ``SAM boxes`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.boxes
+
+    @property
+    def preview_layer(self) -> Labels | None:
+        """The ``SAM preview`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.preview
+
+    def _shown_plane(self) -> tuple[Image | None, tuple[int, ...]]:
+        """The image layer and the slice index of the shown plane (read by the layers)."""
+        return self._image, self.slice_index
 
     def _ensure_layers(self) -> None:
         """Create (or re-fit) the prompt and preview layers for the current image."""
         image = self._image
         if image is None or not self._image_ok or self._closed:
             return
-        ndim = len(L.spatial_shape(image))
-        transform = {
-            "scale": image.scale,
-            "translate": image.translate,
-            "rotate": image.rotate,
-            "shear": image.shear,
-            "affine": image.affine.affine_matrix,
-        }
-        h, w = L.image_plane_shape(image)
-        size = max(3.0, max(h, w) / 80)
-        self._updating_layers = True
-        try:
-            active = self.viewer.layers.selection.active
-            created = False
-            if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
-                from napari.utils.colormaps import DirectLabelColormap
-
-                # holds only the preview's bounding box, placed by its affine
-                self.preview_layer = Labels(
-                    np.zeros((1, 1), dtype=np.uint8), name=PREVIEW_NAME,
-                    colormap=DirectLabelColormap(color_dict=P.preview_colors()),
-                    affine=L.plane_affine(image, self.slice_index),
-                )
-                self.viewer.add_layer(self.preview_layer)
-                created = True
-            if (
-                self.boxes_layer is None
-                or self.boxes_layer not in self.viewer.layers
-                or self.boxes_layer.ndim != ndim
-            ):
-                self._remove_owned(self.boxes_layer)
-                self.boxes_layer = Shapes(
-                    ndim=ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
-                    edge_width=max(1.0, size / 4), **transform,
-                )
-                self.viewer.add_layer(self.boxes_layer)
-                self.boxes_layer.mode = "add_rectangle"
-                self.boxes_layer.events.data.connect(self._on_boxes_changed)
-                self._bind_keys(self.boxes_layer, BOXES)
-                created = True
-            else:
-                self._apply_transform(self.boxes_layer, transform)
-            if (
-                self.points_layer is None
-                or self.points_layer not in self.viewer.layers
-                or self.points_layer.ndim != ndim
-            ):
-                self._remove_owned(self.points_layer)
-                self.points_layer = Points(
-                    np.empty((0, ndim)), ndim=ndim, name=POINTS_NAME,
-                    features={L.POSITIVE_FEATURE: np.zeros(0, dtype=bool)},
-                    feature_defaults={L.POSITIVE_FEATURE: self._positive_next},
-                    face_color=L.POSITIVE_FEATURE,
-                    face_color_cycle={True: P.POSITIVE_COLOR, False: P.NEGATIVE_COLOR},
-                    border_color="white", size=size, **transform,
-                )
-                self.viewer.add_layer(self.points_layer)
-                self.points_layer.mode = "add"
-                self.points_layer.events.data.connect(self._on_prompts_changed)
-                self._bind_keys(self.points_layer, POINTS)
-                created = True
-            else:
-                self._apply_transform(self.points_layer, transform)
-                self.points_layer.size = size
-            self._show_preview()
-            if created:
-                self.viewer.layers.selection.active = self._prompt_layer()
-            elif active is not None and active in self.viewer.layers:
-                self.viewer.layers.selection.active = active
-        finally:
-            self._updating_layers = False
-        self._raise_owned_layers()
+        self.layers.ensure(image, self.slice_index)
+        self._show_preview()
         self.image_combo.refresh()
         self.labels_combo.refresh()
 
-    @staticmethod
-    def _apply_transform(layer: Any, transform: dict[str, Any]) -> None:
-        for key, value in transform.items():
-            setattr(layer, key, value)
-
-    def _remove_owned(self, layer: Any) -> None:
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
-
     # ------------------------------------------------------------ keys
-
-    def _bind_keys(self, layer: Any, kind: str) -> None:
-        for key in keys_for(kind):
-            layer.bind_key(key.key, _key_handler(self, key), overwrite=True)
-        # napari rewrites a layer's help line on every mode change, from its own key
-        # table (which advertises digits the plugin rebinds): keep ours
-        text = layer_help(kind)
-        layer.help = text
-
-        def keep_help(event: Any = None, layer: Any = layer, text: str = text) -> None:
-            if not self._closed and layer.help != text:
-                layer.help = text
-
-        layer.events.help.connect(keep_help)
-
-    def _unbind_keys(self) -> None:
-        for layer, kind in ((self.points_layer, POINTS), (self.boxes_layer, BOXES)):
-            if layer is None:
-                continue
-            for key in keys_for(kind):
-                with contextlib.suppress(Exception):
-                    layer.bind_key(key.key, None)
 
     def _run_key_action(self, action: str, argument: int | None) -> None:
         """Run a shortcut's action; "nothing to do" is a message, never an error."""
         if action == "toggle_polarity":
-            self.set_polarity(not self._positive_next)
+            self.set_polarity(not self.layers.positive_next)
         elif action == "candidate":
             self._wait_prediction()
             if self.masks is not None and argument is not None and argument < len(self.masks):
@@ -733,10 +589,8 @@ class SegmentAnythingWidget(QWidget):
 
     def set_polarity(self, positive: bool) -> None:
         """Make the next clicked points positive (True) or negative (False)."""
-        self._positive_next = bool(positive)
-        if self.points_layer is not None:
-            self.points_layer.feature_defaults = {L.POSITIVE_FEATURE: self._positive_next}
-        radio = self.positive_radio if self._positive_next else self.negative_radio
+        self.layers.set_polarity(positive)
+        radio = self.positive_radio if self.layers.positive_next else self.negative_radio
         if not radio.isChecked():
             with _signals_blocked(self.positive_radio, self.negative_radio):
                 radio.setChecked(True)
@@ -746,28 +600,19 @@ class SegmentAnythingWidget(QWidget):
     @property
     def prompt_mode(self) -> str:
         """``"points"`` (clicks add points) or ``"box"`` (drag a rectangle)."""
-        return self._prompt_mode
+        return self.layers.mode
 
     def set_prompt_mode(self, mode: str) -> None:
         """Click points (``"points"``) or draw a box (``"box"``): selects the prompt layer
         and puts it in its drawing mode."""
-        if mode not in (PROMPT_POINTS, PROMPT_BOX):
-            raise InvalidInputError(f"Prompt mode must be {PROMPT_POINTS!r} or {PROMPT_BOX!r}.")
-        self._prompt_mode = mode
+        self.layers.set_mode(mode)
         self._show_prompt_mode(mode)
         if None in (self.points_layer, self.boxes_layer) and self._image_ok:
             self._ensure_layers()
-        layer = self._prompt_layer()
-        if layer is None or layer not in self.viewer.layers:
-            return
-        self._restore_prompt_modes()
-        self.viewer.layers.selection.active = layer
-
-    def _prompt_layer(self) -> Any:
-        return self.boxes_layer if self._prompt_mode == PROMPT_BOX else self.points_layer
+        self.layers.select_prompt_layer(self._plane_shown)
 
     def _show_prompt_mode(self, mode: str) -> None:
-        self._prompt_mode = mode
+        """Check the radio button of prompt mode ``mode``."""
         radio = self.box_radio if mode == PROMPT_BOX else self.points_radio
         if not radio.isChecked():
             with _signals_blocked(self.points_radio, self.box_radio):
@@ -776,13 +621,8 @@ class SegmentAnythingWidget(QWidget):
     def _restore_prompt_modes(self) -> None:
         """Put the prompt layers back in their drawing modes (napari switches them to
         pan/zoom in a 3D view)."""
-        if self._closed or not self._plane_shown:
-            return
-        for layer, mode in ((self.points_layer, "add"), (self.boxes_layer, "add_rectangle")):
-            if layer is None or layer not in self.viewer.layers:
-                continue
-            if getattr(layer, "editable", True) and str(layer.mode) == "pan_zoom":
-                layer.mode = mode
+        if not self._closed:
+            self.layers.restore_draw_modes(self._plane_shown)
 
     # ---------------------------------------------------------- slicing
 
@@ -910,52 +750,13 @@ class SegmentAnythingWidget(QWidget):
             process_events_until(lambda: not self._runner.pending or self._closed,
                                  PREDICTION_WAIT_S)
 
-    def _on_prompts_changed(self, event: Any = None) -> None:
-        action = str(getattr(event, "action", "changed"))
-        if action in ("adding", "removing", "changing"):
-            return
-        self._update_preview()
-
-    def _on_boxes_changed(self, event: Any = None) -> None:
-        action = str(getattr(event, "action", "changed"))
-        if action == "added":
-            # once napari has finished drawing: only the latest rectangle is a prompt
-            QTimer.singleShot(0, self._prune_boxes)
-        self._on_prompts_changed(event)
-
-    def _prune_boxes(self) -> None:
-        """Remove the rectangles of the shown plane that a newer one replaced."""
-        layer, image = self.boxes_layer, self._image
-        if layer is None or image is None or self._closed or layer not in self.viewer.layers:
-            return
-        if getattr(layer, "_is_creating", False):
-            QTimer.singleShot(50, self._prune_boxes)
-            return
-        old = _superseded_boxes(L.shapes_on_plane(layer, image, self.slice_index).tolist())
-        if old:
-            layer.selected_data = set(old)
-            layer.remove_selected()
-
-    def _prompts(self) -> Prompts:
-        image = self._image
-        pts = np.zeros((0, 2))
-        labels = np.zeros((0,), dtype=np.int32)
-        box = None
-        if self.points_layer is not None:
-            pts, labels = L.points_to_prompts(self.points_layer, image, self.slice_index)
-        if self.boxes_layer is not None:
-            boxes = L.shapes_to_boxes(self.boxes_layer, image, self.slice_index)
-            if len(boxes):
-                box = boxes[-1]  # the most recent rectangle
-        return Prompts.make(pts, labels, box)
-
     def _update_preview(self) -> None:
         """Ask the prediction thread for masks of the current prompts."""
         if not self._ready or self._image is None or self._predictor is None:
             return
         if self._entry is None:
             return
-        prompts = self._prompts()
+        prompts = self.layers.prompts()
         if prompts.empty:
             self._requested = None
             self._reset_prediction()
@@ -1077,8 +878,7 @@ class SegmentAnythingWidget(QWidget):
             )
         shift = np.eye(3)
         shift[:2, 2] = offset
-        layer.data = pixels
-        layer.affine = L.plane_affine(image, self.slice_index) @ shift
+        self.layers.show_preview(pixels, L.plane_affine(image, self.slice_index) @ shift)
 
     def _reset_prediction(self) -> None:
         self._runner.invalidate()
@@ -1154,7 +954,7 @@ class SegmentAnythingWidget(QWidget):
         layers = self.viewer.layers
         if image in layers:
             layers.move(layers.index(layer), layers.index(image) + 1)
-        self._raise_owned_layers()
+        self.layers.raise_to_top()
         if active is not None and active in layers:
             layers.selection.active = active
         self.labels_combo.refresh()
@@ -1193,17 +993,11 @@ class SegmentAnythingWidget(QWidget):
         self._set_status(done.format(name=layer.name))
         return True
 
-    def _clear_prompt_data(self) -> None:
-        if self.points_layer is not None and len(self.points_layer.data):
-            self.points_layer.data = np.empty((0, self.points_layer.ndim))
-        if self.boxes_layer is not None and self.boxes_layer.nshapes:
-            self.boxes_layer.data = []
-
     def clear(self) -> None:
         """Remove all prompts and the preview; committed labels are untouched."""
-        self._clear_prompt_data()
+        self.layers.clear_data()
         self._reset_prediction()
-        if None in (self.points_layer, self.boxes_layer, self.preview_layer):
+        if self.layers.missing():
             self._ensure_layers()  # the user deleted one of them: bring it back
         if self._ready:
             self._set_status(self._ready_text())
@@ -1218,7 +1012,7 @@ class SegmentAnythingWidget(QWidget):
         """Disconnect from the viewer, unbind the keys and stop listening to workers."""
         if self._closed:
             return
-        self._unbind_keys()
+        self.layers.close()
         self._life["closed"] = True
         self._embed_timer.stop()
         self._runner.stop()
