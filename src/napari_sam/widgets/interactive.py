@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -72,6 +71,7 @@ from napari_sam.widgets._common import (
     scrollable,
     unwrap,
 )
+from napari_sam.widgets._embedding import EmbeddingScheduler, EmbedJob
 from napari_sam.widgets._model_control import ModelController
 from napari_sam.widgets._prompt_layers import (
     PREVIEW_NAME,
@@ -90,9 +90,6 @@ if TYPE_CHECKING:
 __all__ = ["SegmentAnythingWidget"]
 
 N_CANDIDATES = 3
-# embedding requests are debounced: dragging a contrast slider or scrolling a stack
-# starts one encoder run when the user pauses, not one per event
-EMBED_DELAY_MS = 150
 # commit() waits at most this long for a prediction still being computed
 PREDICTION_WAIT_S = 60.0
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
@@ -102,19 +99,6 @@ MIN_FORM_HEIGHT = 240
 NEW_LABELS_DTYPE = np.uint16
 
 KEYS_HELP = widget_help()
-
-
-def _embed_plane(
-    data: Any,
-    slice_index: tuple[int, ...],
-    contrast_limits: tuple[float, float] | None,
-    predictor: Any,
-) -> Any:
-    """Worker body: read one plane, normalise it, return its (cached or new) CacheEntry."""
-    from napari_sam.engine.image import to_rgb_uint8
-
-    plane = np.asarray(data[slice_index] if slice_index else data)
-    return predictor.embed(to_rgb_uint8(plane, contrast_limits))
 
 
 @dataclass
@@ -193,18 +177,13 @@ class SegmentAnythingWidget(QWidget):
 
         self._predictor: Predictor | None = None
         self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
-        self._entry: CacheEntry | None = None  # embedding of the shown plane
-        self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
-        self._ready = False
         self._image: Image | None = None
         self._image_ok = False
         self._plane_shown = False  # the viewer shows a 2D plane of the image
-        self._embed_limits: tuple[float, ...] | None = None  # contrast of the last embedding
         self._result: _Prediction | None = None
         self._requested: Prompts | None = None  # prompts of the latest request
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
-        self._workers: set[Any] = set()
         self._preview_style = P.DEFAULT_STYLE
 
         # Qt deletes the C++ widget when the viewer closes; late worker results then
@@ -220,10 +199,10 @@ class SegmentAnythingWidget(QWidget):
         self._runner.done.connect(self._on_prediction)
         self._build_ui()
         self._set_status(f"Loading model {DEFAULT_MODEL!r}…")
-        self._embed_timer = QTimer(self)
-        self._embed_timer.setSingleShot(True)
-        self._embed_timer.setInterval(EMBED_DELAY_MS)
-        self._embed_timer.timeout.connect(self._start_embedding)
+        # the shown plane's embedding: debounced runs in a worker, stale ones dropped
+        self.embedding = EmbeddingScheduler(
+            self._embed_job, self._on_embedding, self._on_embedding_error, parent=self
+        )
 
         layers = self.viewer.layers
         layers.events.inserted.connect(self._on_layers_changed)
@@ -469,9 +448,7 @@ class SegmentAnythingWidget(QWidget):
         self._image = layer
         self._image_ok = False
         self._plane_shown = False
-        self._ready = False
-        self._entry = None
-        self._emb_gen += 1
+        self.embedding.invalidate()
         self._reset_prediction()
         self.labels_combo.refresh()
         if layer is None:
@@ -499,7 +476,7 @@ class SegmentAnythingWidget(QWidget):
     def _on_contrast_limits(self, event: Any = None) -> None:
         image = self._image
         limits = None if image is None else tuple(float(v) for v in image.contrast_limits)
-        if limits == self._embed_limits and self._ready:
+        if limits == self.embedding.limits and self._ready:
             return  # e.g. napari's auto-contrast left them as they were
         self._on_image_content(event)
 
@@ -640,9 +617,7 @@ class SegmentAnythingWidget(QWidget):
             # 3D view, rolled axes or off the image: wait; back on a plane, resume
             self._plane_shown = False
             self._reset_prediction()
-            self._ready = False
-            self._entry = None
-            self._emb_gen += 1
+            self.embedding.invalidate()
             self._set_status(str(err))
             return
         was_hidden = not self._plane_shown
@@ -658,11 +633,23 @@ class SegmentAnythingWidget(QWidget):
 
     # -------------------------------------------------------- embedding
 
+    @property
+    def _ready(self) -> bool:
+        return self.embedding.entry is not None
+
+    @property
+    def _entry(self) -> CacheEntry | None:
+        """The shown plane's embedding (the prediction thread gives it to the predictor)."""
+        return self.embedding.entry
+
+    @property
+    def _emb_gen(self) -> int:
+        """Bumps on every embedding request: stale embeddings are dropped."""
+        return self.embedding.generation
+
     def _request_embedding(self, immediate: bool = False) -> None:
         """Invalidate the current embedding and compute the shown plane's (debounced)."""
-        self._ready = False
-        self._entry = None
-        self._emb_gen += 1
+        self.embedding.invalidate()
         self._runner.invalidate()
         if self._predictor is None or self._image is None or not self._image_ok:
             if self._predictor is None:
@@ -674,49 +661,32 @@ class SegmentAnythingWidget(QWidget):
         if not self._plane_shown:
             return
         self._set_status("Computing the image embedding…")
-        if immediate:
-            self._embed_timer.stop()
-            self._start_embedding()
-        else:
-            self._embed_timer.start()
+        self.embedding.schedule(immediate)
 
-    def _start_embedding(self) -> None:
+    def _embed_job(self) -> EmbedJob | None:
+        """What the scheduler embeds now: the shown plane (None: nothing to embed)."""
         image, predictor = self._image, self._predictor
         if image is None or predictor is None or self._closed or not self._image_ok:
-            return
+            return None
         if not self._plane_shown:
-            return
-        gen = self._emb_gen
+            return None
         limits = tuple(float(v) for v in image.contrast_limits)
-        self._embed_limits = limits
-        worker = create_worker(
-            _embed_plane, image.data, self.slice_index, limits, predictor,
-            _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
-        )
-        worker.returned.connect(partial(self._on_embedding, gen, predictor))
-        worker.errored.connect(partial(self._on_embedding_error, gen))
-        self._start(worker)
+        return EmbedJob(image.data, self.slice_index, limits, predictor)
 
-    def _on_embedding(self, gen: int, predictor: Any, entry: Any) -> None:
-        if gen != self._emb_gen or predictor is not self._predictor or self._closed:
-            return  # stale: the image, slice, contrast or model changed meanwhile
-        self._entry = entry  # the prediction thread gives it to the predictor
-        self._ready = True
+    def _on_embedding(self, predictor: Any, entry: Any) -> None:
+        if predictor is not self._predictor or self._closed:
+            return  # stale: the model changed meanwhile
+        self.embedding.entry = entry
         self._set_status(self._ready_text())
         self._requested = None
         self._update_preview()
 
-    def _on_embedding_error(self, gen: int, err: BaseException) -> None:
-        if gen != self._emb_gen or self._closed:
+    def _on_embedding_error(self, err: BaseException) -> None:
+        if self._closed:
             return
         msg = f"Could not compute the image embedding: {error_message(err)}"
         show_error(msg)
         self._set_status(msg)
-
-    def _start(self, worker: Any) -> None:
-        self._workers.add(worker)
-        worker.finished.connect(partial(self._workers.discard, worker))
-        worker.start()
 
     @property
     def ready(self) -> bool:
@@ -725,9 +695,7 @@ class SegmentAnythingWidget(QWidget):
 
     def wait_for_embedding(self, timeout: float = 60.0) -> bool:
         """Process Qt events until the embedding is ready (or ``timeout`` s); for scripts/tests."""
-        if self._embed_timer.isActive():
-            self._embed_timer.stop()
-            self._start_embedding()
+        self.embedding.flush()
         return process_events_until(lambda: self._ready or self._closed, timeout)
 
     # ------------------------------------------------------- prediction
@@ -1014,9 +982,8 @@ class SegmentAnythingWidget(QWidget):
             return
         self.layers.close()
         self._life["closed"] = True
-        self._embed_timer.stop()
+        self.embedding.close()
         self._runner.stop()
-        self._emb_gen += 1
         self.models.close()
         ev = self.viewer.layers.events
         for sig, slot in (
@@ -1030,6 +997,3 @@ class SegmentAnythingWidget(QWidget):
         ):
             with contextlib.suppress(Exception):
                 sig.disconnect(slot)
-        for worker in list(self._workers):
-            with contextlib.suppress(Exception):
-                worker.quit()
