@@ -36,7 +36,6 @@ Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scor
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +79,12 @@ from napari_sam.widgets._prompt_layers import (
     PromptLayers,
 )
 from napari_sam.widgets.keys import widget_help
+from napari_sam.widgets.prediction import CandidateMasks, predict_candidates
 from napari_sam.widgets.prompting import Prompts, mask_bbox
 
 if TYPE_CHECKING:
     from napari_sam.engine.cache import CacheEntry
-    from napari_sam.engine.predictor import Prediction, Predictor
+    from napari_sam.engine.predictor import Predictor
     from napari_sam.models.sam import Sam
 
 __all__ = ["SegmentAnythingWidget"]
@@ -99,48 +99,6 @@ MIN_FORM_HEIGHT = 240
 NEW_LABELS_DTYPE = np.uint16
 
 KEYS_HELP = widget_help()
-
-
-@dataclass
-class _Prediction:
-    """What a prediction job hands to the main thread (masks in image data pixels)."""
-
-    session: InteractiveSession
-    request: PromptRequest
-    prediction: Prediction
-    masks: np.ndarray  # (C, H, W) bool
-    boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate
-    crops: list[np.ndarray | None]  # preview pixels of each candidate's box
-    style: str
-
-    @property
-    def prompts(self) -> Prompts:
-        return self.request.prompts
-
-
-def _predict_job(
-    session: InteractiveSession,
-    applied: dict[str, Any],
-    entry: Any,
-    request: PromptRequest,
-    style: str,
-    width: int,
-) -> _Prediction:
-    """Runs in the prediction thread: decode, upscale, crop and draw the candidates.
-
-    ``applied`` remembers which embedding the predictor holds (only this thread
-    touches the predictor, so setting the embedding here is race-free).
-    """
-    predictor = session.predictor
-    if applied.get("entry") is not entry:
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
-        applied["entry"] = entry
-    pred = session.decode(request)
-    masks = np.asarray(pred.masks, dtype=bool)
-    boxes = [mask_bbox(m) for m in masks]
-    crops = [None if b is None else P.render_preview(m[b], style, width)
-             for m, b in zip(masks, boxes, strict=True)]
-    return _Prediction(session, request, pred, masks, boxes, crops, style)
 
 
 @contextlib.contextmanager
@@ -180,7 +138,7 @@ class SegmentAnythingWidget(QWidget):
         self._image: Image | None = None
         self._image_ok = False
         self._plane_shown = False  # the viewer shows a 2D plane of the image
-        self._result: _Prediction | None = None
+        self._result: CandidateMasks | None = None
         self._requested: Prompts | None = None  # prompts of the latest request
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
@@ -735,12 +693,12 @@ class SegmentAnythingWidget(QWidget):
         request = self.session.request(prompts.points, prompts.labels, prompts.box)
         self._requested = prompts
         job = partial(
-            _predict_job, self.session, self._predictor_state, self._entry, request,
+            predict_candidates, self.session, self._predictor_state, self._entry, request,
             self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
         )
         self._runner.submit(job)
 
-    def _on_prediction(self, ticket: int, result: _Prediction | None, error: Any) -> None:
+    def _on_prediction(self, ticket: int, result: CandidateMasks | None, error: Any) -> None:
         if self._closed:
             return
         if error is not None:
