@@ -7,7 +7,8 @@
   deleted;
 * keeps them on top of the layer list (preview, boxes, points; points topmost), also
   when the user adds a layer;
-* forgets a layer the user removed, and removes its own on :meth:`close`;
+* forgets a layer the user removed (:meth:`ensure` makes it again); :meth:`close` unbinds
+  the keys and stops listening, and leaves the layers in the viewer;
 * listens to their edits: every finished edit of the points or boxes calls
   ``on_change``; after a new rectangle, the older rectangles of the shown plane are
   removed (only the latest one is a prompt);

@@ -1,8 +1,12 @@
 """The "Segment Anything" dock widget: click/box prompts -> live mask preview -> commit.
 
-Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`;
-the rules live in Qt-free modules (:mod:`.prompting`, :mod:`.preview`, :mod:`.keys`,
-:mod:`.layers`).
+Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`:
+the widget's own layers (their creation, events and keys) are managed by
+:class:`~._prompt_layers.PromptLayers`, the embedding runs by
+:class:`~._embedding.EmbeddingScheduler`, model loading by
+:class:`~._model_control.ModelController`; the prediction job
+(:mod:`.prediction`) and the rules (:mod:`.prompting`, :mod:`.preview`, :mod:`.keys`,
+:mod:`.layers`) are Qt-free.
 
 * The widget owns a Points layer ``SAM points`` (lime = positive, red = negative),
   a Shapes layer ``SAM boxes`` (rectangles) and a 2D Labels layer ``SAM preview``.
