@@ -57,8 +57,15 @@ class _Owner:
         self.modes.append(mode)
 
 
-def _make(viewer, owner):
-    return PromptLayers(viewer, owner.plane, owner.on_change, owner.on_key, owner.on_mode)
+def _setup(make_napari_viewer, **transform):
+    """A viewer with a 40 x 60 image ``img`` (``transform``: its scale, translate...) and
+    PromptLayers made for it; returns (viewer, image, owner, layers)."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img", **transform)
+    owner = _Owner(image)
+    layers = PromptLayers(viewer, owner.plane, owner.on_change, owner.on_key, owner.on_mode)
+    layers.ensure(image, ())
+    return viewer, image, owner, layers
 
 
 def _names(viewer):
@@ -66,12 +73,7 @@ def _names(viewer):
 
 
 def test_layers_are_created_on_top_and_follow_the_image_transform(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img", scale=(2, 0.5),
-                             translate=(3, 4))
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer, scale=(2, 0.5), translate=(3, 4))
     assert _names(viewer) == ["img", PREVIEW_NAME, BOXES_NAME, POINTS_NAME]
     assert viewer.layers.selection.active is layers.points
     assert layers.points.mode == "add" and layers.boxes.mode == "add_rectangle"
@@ -87,12 +89,7 @@ def test_layers_are_created_on_top_and_follow_the_image_transform(make_napari_vi
 
 
 def test_a_clicked_point_is_a_prompt_in_image_pixels(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img", scale=(2, 0.5),
-                             translate=(3, 4))
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer, scale=(2, 0.5), translate=(3, 4))
     # a user's click adds a point at a world position; the layer stores its data coords
     world = image.data_to_world([12, 30])
     layers.points.add(layers.points.world_to_data(world))
@@ -114,11 +111,7 @@ def test_a_clicked_point_is_a_prompt_in_image_pixels(make_napari_viewer):
 
 
 def test_only_the_latest_rectangle_stays(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img")
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer)
     layers.boxes.add_rectangles(np.array([[2, 3], [10, 12]]))
     _pump()
     layers.boxes.add_rectangles(np.array([[5, 6], [30, 40]]))
@@ -129,11 +122,7 @@ def test_only_the_latest_rectangle_stays(make_napari_viewer):
 
 
 def test_new_layers_go_below_and_deleted_ones_come_back(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img")
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer)
     viewer.add_image(np.ones((40, 60), np.uint8), name="other")
     process_events_until(lambda: _names(viewer)[-1] == POINTS_NAME, 5)
     assert _names(viewer) == ["img", "other", PREVIEW_NAME, BOXES_NAME, POINTS_NAME]
@@ -146,11 +135,7 @@ def test_new_layers_go_below_and_deleted_ones_come_back(make_napari_viewer):
 
 
 def test_selecting_a_prompt_layer_sets_the_mode(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img")
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer)
     viewer.layers.selection.active = layers.boxes
     assert layers.mode == PROMPT_BOX and owner.modes[-1] == PROMPT_BOX
     viewer.layers.selection.active = layers.points
@@ -161,11 +146,7 @@ def test_selecting_a_prompt_layer_sets_the_mode(make_napari_viewer):
 
 
 def test_keys_on_the_canvas_reach_the_owner_until_closed(make_napari_viewer):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img")
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer)
     canvas = viewer.window._qt_viewer.canvas.native
     commit = next(k for k in keys_for("points") if k.action == "commit")
     assert commit.key.lower() == "c"
@@ -183,11 +164,7 @@ def test_layers_do_not_keep_their_owner_alive(make_napari_viewer):
     import gc
     import weakref
 
-    viewer = make_napari_viewer()
-    image = viewer.add_image(np.zeros((40, 60), np.uint8), name="img")
-    owner = _Owner(image)
-    layers = _make(viewer, owner)
-    layers.ensure(image, ())
+    viewer, image, owner, layers = _setup(make_napari_viewer)
     ref = weakref.ref(owner)
     del owner
     gc.collect()

@@ -210,33 +210,24 @@ class PromptLayers:
                 )
                 self.viewer.add_layer(self.preview)
                 created = True
-            if self.boxes is None or self.boxes not in layers or self.boxes.ndim != ndim:
-                self._remove(self.boxes)
-                self.boxes = Shapes(
+            if self._needs_new(self.boxes, ndim):
+                self.boxes = self._add_prompt_layer(self.boxes, BOXES, self._on_boxes_data, Shapes(
                     ndim=ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
                     edge_width=max(1.0, size / 4), **transform,
-                )
-                self.viewer.add_layer(self.boxes)
-                self.boxes.mode = _DRAW_MODES[BOXES]
-                self.boxes.events.data.connect(self._on_boxes_data)
-                self._bind_keys(self.boxes, BOXES)
+                ))
                 created = True
             else:
                 _apply_transform(self.boxes, transform)
-            if self.points is None or self.points not in layers or self.points.ndim != ndim:
-                self._remove(self.points)
-                self.points = Points(
-                    np.empty((0, ndim)), ndim=ndim, name=POINTS_NAME,
-                    features={L.POSITIVE_FEATURE: np.zeros(0, dtype=bool)},
-                    feature_defaults={L.POSITIVE_FEATURE: self.positive_next},
-                    face_color=L.POSITIVE_FEATURE,
-                    face_color_cycle={True: P.POSITIVE_COLOR, False: P.NEGATIVE_COLOR},
-                    border_color="white", size=size, **transform,
-                )
-                self.viewer.add_layer(self.points)
-                self.points.mode = _DRAW_MODES[POINTS]
-                self.points.events.data.connect(self._on_points_data)
-                self._bind_keys(self.points, POINTS)
+            if self._needs_new(self.points, ndim):
+                self.points = self._add_prompt_layer(
+                    self.points, POINTS, self._on_points_data, Points(
+                        np.empty((0, ndim)), ndim=ndim, name=POINTS_NAME,
+                        features={L.POSITIVE_FEATURE: np.zeros(0, dtype=bool)},
+                        feature_defaults={L.POSITIVE_FEATURE: self.positive_next},
+                        face_color=L.POSITIVE_FEATURE,
+                        face_color_cycle={True: P.POSITIVE_COLOR, False: P.NEGATIVE_COLOR},
+                        border_color="white", size=size, **transform,
+                    ))
                 created = True
             else:
                 _apply_transform(self.points, transform)
@@ -249,9 +240,21 @@ class PromptLayers:
             self.updating = False
         self.raise_to_top()
 
-    def _remove(self, layer: Any) -> None:
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
+    def _needs_new(self, layer: Any, ndim: int) -> bool:
+        """Whether ``layer`` is missing, removed, or of another dimensionality."""
+        return layer is None or layer not in self.viewer.layers or layer.ndim != ndim
+
+    def _add_prompt_layer(self, old: Any, kind: str, on_data: Callable[..., None],
+                          layer: Any) -> Any:
+        """Replace ``old`` by ``layer`` (a prompt layer of ``kind``) in its drawing mode,
+        listening to its edits, with the keys bound."""
+        if old is not None and old in self.viewer.layers:
+            self.viewer.layers.remove(old)
+        self.viewer.add_layer(layer)
+        layer.mode = _DRAW_MODES[kind]
+        layer.events.data.connect(on_data)
+        self._bind_keys(layer, kind)
+        return layer
 
     def raise_to_top(self) -> None:
         """Move the preview, boxes and points layers to the top (points topmost)."""
