@@ -789,7 +789,8 @@ def _(tmp: Path) -> str:
     try:
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=ENV)
-        wait_while_running(first, (cache / "repro.pth.part").is_file, "the first download")
+        wait_while_running(first, lambda: any(cache.glob(".repro.pth.download-*/*")),
+                           "the first download")  # a file in its staging folder
         second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=ENV)
         for line in second.stderr:  # the old code appended to the first one's .part here

@@ -26,7 +26,7 @@ from napari_sam.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
-from napari_sam.models import checkpoint, zoo
+from napari_sam.models import checkpoint, download, zoo
 from napari_sam.models.checkpoint import (
     CONFIG_METADATA_KEY,
     load_state_dict,
@@ -163,18 +163,21 @@ def test_download_md5_hash(server, cache, monkeypatch, tiny_ckpt_bytes):
     assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == tiny_ckpt_bytes
 
 
-@pytest.mark.parametrize("honour_range", [True, False])
-def test_download_resumes_from_part_file(server, cache, monkeypatch, tiny_ckpt_bytes, honour_range):
+def test_download_never_uses_left_over_partial_files(server, cache, monkeypatch,
+                                                     tiny_ckpt_bytes):
+    # pooch does not resume: what an earlier, killed download left (the old downloader's
+    # .part file, a staging folder) is never taken for the file; the download starts over
     server.files["/tiny.pth"] = tiny_ckpt_bytes
-    server.honour_range = honour_range
     _register(monkeypatch, server.url + "/tiny.pth", _sha(tiny_ckpt_bytes))
     half = len(tiny_ckpt_bytes) // 2
     cache.mkdir()
     (cache / "tiny.pth.part").write_bytes(tiny_ckpt_bytes[:half])
+    (cache / ".tiny.pth.download-999999").mkdir()
+    (cache / ".tiny.pth.download-999999" / "tmpabc").write_bytes(tiny_ckpt_bytes[:half])
     path = zoo.download_checkpoint("tiny", progress=False)
     assert path.read_bytes() == tiny_ckpt_bytes
-    assert server.requests == [("/tiny.pth", f"bytes={half}-")]
-    assert not (cache / "tiny.pth.part").exists()
+    assert server.requests == [("/tiny.pth", None)]
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
 
 
 def test_download_complete_part_file(server, cache, monkeypatch, tiny_ckpt_bytes):
@@ -275,6 +278,11 @@ class _StderrWatcher:
         return self.text
 
 
+def _staged_bytes(folder: Path) -> int:
+    """Bytes in the staging folders of downloads into ``folder``."""
+    return sum(f.stat().st_size for f in folder.glob(".*.download-*/*") if f.is_file())
+
+
 def _wait_for(condition, timeout: float = 180.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -286,7 +294,7 @@ def _wait_for(condition, timeout: float = 180.0) -> bool:
 
 @pytest.fixture(scope="module")
 def payload() -> bytes:
-    """2.5 MB of random bytes: the first 1 MB reaches the .part file before the pause."""
+    """2.5 MB of random bytes: the first 1.5 MB reach the staging file before the pause."""
     return os.urandom(5 * 2**19)
 
 
@@ -323,15 +331,14 @@ def test_two_processes_downloading_the_same_model_take_turns(server, tmp_path, p
     assert sorted(p.name for p in folder.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
 
 
-def test_a_killed_download_is_resumed_by_the_waiting_process(server, tmp_path, payload):
+def test_a_killed_download_is_redone_by_the_waiting_process(server, tmp_path, payload):
     server.files["/tiny.pth"] = payload
     server.gate_after = 3 * 2**19
     url, hash_, folder = server.url + "/tiny.pth", _sha(payload), tmp_path / "cache"
     first = _start_download(url, hash_, folder)
     try:
         assert server.paused.wait(180), "the first download never started"
-        part = folder / "tiny.pth.part"
-        assert _wait_for(lambda: part.is_file() and part.stat().st_size >= 2**20, 60)
+        assert _wait_for(lambda: _staged_bytes(folder) >= 2**20, 60)
         second = _start_download(url, hash_, folder)
         watcher = _StderrWatcher(second)
         try:
@@ -349,8 +356,7 @@ def test_a_killed_download_is_resumed_by_the_waiting_process(server, tmp_path, p
     dest = folder / "tiny.pth"
     assert out2.strip() == str(dest)
     assert dest.read_bytes() == payload
-    have = len(payload) - len(payload[2**20:])  # what the killed process had written
-    assert server.requests[1] == ("/tiny.pth", f"bytes={have}-")  # resumed, not restarted
+    assert server.requests[1] == ("/tiny.pth", None)  # downloaded again (pooch: no resume)
     assert sorted(p.name for p in folder.iterdir()) == ["tiny.pth", "tiny.pth.verified"]
 
 
@@ -383,14 +389,14 @@ def test_a_cached_file_is_hashed_once(server, cache, monkeypatch, payload):
     cache.mkdir()
     (cache / "tiny.pth").write_bytes(payload)  # put there by hand: no stamp yet
     hashed = []
-    real_digest = zoo._file_digest
-    monkeypatch.setattr(zoo, "_file_digest", lambda *a: hashed.append(a) or real_digest(*a))
+    real_digest = download._file_digest
+    monkeypatch.setattr(download, "_file_digest", lambda *a: hashed.append(a) or real_digest(*a))
     for _ in range(3):
         assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
     assert len(hashed) == 1 and server.requests == []
     stamp = json.loads((cache / "tiny.pth.verified").read_text())
     assert stamp["size"] == len(payload) and stamp["hash"] == _sha(payload)
-    zoo._verified_here.clear()  # another process: it reads the stamp
+    download._verified_here.clear()  # another process: it reads the stamp
     assert zoo.download_checkpoint("tiny", progress=False) == cache / "tiny.pth"
     assert len(hashed) == 1
 
@@ -404,12 +410,13 @@ def test_a_response_that_ends_early_is_an_interrupted_download(server, cache, mo
     _register(monkeypatch, server.url + "/tiny.pth", _sha(payload))
     with pytest.raises(DownloadError, match="interrupted") as exc:
         zoo.download_checkpoint("tiny", progress=False)
-    assert "resume" in str(exc.value) and "hash" not in str(exc.value)
-    part = cache / "tiny.pth.part"
-    assert part.read_bytes() == payload[: len(payload) - 2**20]  # kept for the next try
+    have = len(payload) - 2**20
+    assert f"after {have:,} of {len(payload):,} bytes" in str(exc.value)
+    assert "Try again" in str(exc.value) and "hash" not in str(exc.value)
+    assert sorted(p.name for p in cache.iterdir()) == []  # nothing partial kept
     server.short_by = 0
     assert zoo.download_checkpoint("tiny", progress=False).read_bytes() == payload
-    assert server.requests[1] == ("/tiny.pth", f"bytes={len(payload) - 2**20}-")
+    assert server.requests[1] == ("/tiny.pth", None)
 
 
 _READ_ONLY_SCRIPT = """

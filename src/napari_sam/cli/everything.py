@@ -14,6 +14,7 @@ from napari_sam.engine.everything_settings import (
     EverythingSettings,
     everything_kwargs,
 )
+from napari_sam.engine.stack import LINK_IOU
 from napari_sam.errors import ModelNotFoundError
 
 from ._common import (
@@ -186,6 +187,44 @@ def resolve_cli_mode(args: argparse.Namespace, load: bool = True) -> tuple[str, 
         raise UsageError(f"--mode {mode}: {err}") from None
 
 
+def _unit_float(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _stack_axis(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer axis, got {text!r}") from None
+
+
+def add_link_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--link-planes/--no-link-planes``, ``--link-axis`` and ``--link-iou``."""
+    g = parser.add_argument_group(
+        "stacks: 3D objects and tracks (linking the planes' objects by overlap)")
+    g.add_argument("--link-planes", action=argparse.BooleanOptionalAction, default=True,
+                   help="give the objects of neighbouring planes of a stack that overlap one id, "
+                        "so a z stack gets 3D objects and a time-lapse gets tracks (at a "
+                        "division the daughter that overlaps the mother most keeps the id); "
+                        "--no-link-planes numbers every plane's objects apart (default: link; "
+                        "2D images are not affected)")
+    g.add_argument("--link-axis", type=_stack_axis, default=-1, metavar="N",
+                   help="the stack axis to link along, 0 = the first; negative counts from the "
+                        "last stack axis, the one next to the planes (z of a TZYX stack); the "
+                        "other stack axes are linked apart (default: -1)")
+    g.add_argument("--link-iou", type=_unit_float, default=LINK_IOU, metavar="X",
+                   help="objects of neighbouring planes are one object when their IoU is at "
+                        "least this, matched one-to-one ([0, 1]; default: %(default)s)")
+    return g
+
+
 def _tile_size(text: str) -> int:
     value = positive_int(text)
     if value < 16:
@@ -208,7 +247,9 @@ def add_parser(sub: Any) -> None:
                     "is 1 if any failed. The default model runs with its own thresholds "
                     "(shown in the options' help) unless you give them. Mode auto runs AIS "
                     "(the model's instance head) where the model has one, else AMG (grid "
-                    "prompts); options of the mode that does not run are refused.",
+                    "prompts); options of the mode that does not run are refused. The "
+                    "objects of a stack's planes are linked into 3D objects (or tracks) by "
+                    "overlap unless --no-link-planes.",
         epilog="Resume, overwrite rules, formats and Dask: docs/cli.md in the napari-sam source "
                "repository.",
     )
@@ -223,6 +264,7 @@ def add_parser(sub: Any) -> None:
     model_options(p)
     add_mode_options(p)
     add_generator_options(p)
+    add_link_options(p)
     t = p.add_argument_group("tiles (both modes)")
     t.add_argument("--tile-size", type=_tile_size, default=None, metavar="PX",
                    help="split images larger than PX pixels into overlapping tiles (default: "
@@ -306,6 +348,7 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
             torch_threads=args.torch_threads, out_file=out_file, mode=mode, ais_kwargs=ais,
             channels_as_planes=args.channels_as_planes,
             notify=lambda _path, text: console.note(text),
+            link_axis=args.link_axis if args.link_planes else None, link_iou=args.link_iou,
         )
     except ModelNotFoundError as err:
         raise with_valid_names(err) from err

@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_models_list)
     p = msub.add_parser("download", help="download a checkpoint; prints its path",
                         description="Download (and hash-check) a checkpoint into the cache; "
-                                    "prints its path. Does nothing if it is already cached.")
+                                    "prints its path. An already cached file is only checked "
+                                    "(models without a published hash, EfficientSAM: against "
+                                    "the sha256 recorded at their first download).")
     common_options(p, suppress=True)
     p.add_argument("name", help="model name (see 'napari-sam models list')")
     p.add_argument("--cache-dir", type=Path, default=None,

@@ -320,6 +320,8 @@ def everything_labels(
     tile_size: int | None = None,
     tile_overlap: int = 128,
     cancel: Callable[[], bool] | None = None,
+    link_axis: int | None = None,
+    link_iou: float = 0.3,
 ) -> tuple[np.ndarray, list[tuple[tuple[int, ...], list[dict]]]]:
     """Run everything-mode (AMG or AIS) on every plane of ``image``.
 
@@ -332,12 +334,17 @@ def everything_labels(
         ``generate_tiled``; None never tiles.
       tile_overlap: overlap of neighbouring tiles in pixels.
       cancel: polled between planes (and passed to the generator).
+      link_axis: a stack axis (negative: from the last stack axis) along which
+        the planes' objects are linked into 3D objects / tracks by overlap
+        (:func:`~napari_sam.engine.stack.link_planes`, at IoU ``link_iou``);
+        None (default), or an image without stack axes, labels planes apart.
 
     Returns:
       ``(labels, records)``: ``labels`` is ``(*stack, H, W)`` uint32. Within a
       plane, masks are painted largest first (a small mask on a large one stays
       visible) and numbered in that order; ids are unique over the stack and
-      consecutive from 1 in plane order (:mod:`napari_sam.engine.stack`).
+      consecutive from 1 in plane order (:mod:`napari_sam.engine.stack`); with
+      ``link_axis``, an id is one linked object over its planes instead.
       ``records`` lists ``(plane_index, mask_records)`` per plane, in painting
       order, each record's ``"label"`` set to its id (0 if later masks cover it
       completely).
@@ -370,6 +377,15 @@ def everything_labels(
         for k, rec in enumerate(records, start=1):
             rec["label"] = int(new_ids[k]) if k < len(new_ids) else 0
         all_records.append((index, records))
+    if link_axis is not None and image.is_stack:
+        from napari_sam.engine.stack import link_planes, linked_ids
+
+        per_plane = labels
+        labels = link_planes(per_plane, axis=link_axis, iou_threshold=link_iou)
+        for index, records in all_records:
+            new_of = linked_ids(per_plane[index], labels[index])
+            for rec in records:
+                rec["label"] = new_of.get(rec["label"], 0)
     return labels, all_records
 
 
@@ -468,6 +484,8 @@ def process_image(
     cancel: Callable[[], bool] | None = None,
     mode: str = "auto",
     ais_kwargs: Mapping[str, Any] | None = None,
+    link_axis: int | None = None,
+    link_iou: float = 0.3,
 ) -> ImageResult:
     """Segment one input file and write its outputs (the task run by workers).
 
@@ -477,7 +495,8 @@ def process_image(
     writer); an existing overlay is kept with a note unless ``overwrite`` is
     set and napari-sam wrote it. ``mode``, ``generator_kwargs`` and
     ``ais_kwargs`` choose the segmenter (:func:`cached_generator`);
-    ``tile_size`` / ``tile_overlap`` tile AMG only (AIS tiles by ``ais_kwargs``).
+    ``tile_size`` / ``tile_overlap`` tile AMG only (AIS tiles by ``ais_kwargs``);
+    ``link_axis`` / ``link_iou`` link a stack's planes (:func:`everything_labels`).
 
     Returns:
       ``ImageResult("done", output_path, notes)`` or
@@ -519,7 +538,8 @@ def process_image(
             generator = cached_generator(model_spec, device, dict(generator_kwargs or {}))
         else:
             generator = cached_generator(model_spec, device, {}, "ais", ais_kwargs)
-        labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel)
+        labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel,
+                                            link_axis=link_axis, link_iou=link_iou)
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
         if fmt == "coco":
@@ -733,6 +753,8 @@ def run_batch(
     notify: NoteCallback | None = None,
     mode: str = "auto",
     ais_kwargs: Mapping[str, Any] | None = None,
+    link_axis: int | None = None,
+    link_iou: float = 0.3,
 ) -> BatchReport:
     """Run everything-mode on every input and write one output per input.
 
@@ -769,6 +791,9 @@ def run_batch(
       ais_kwargs: :class:`~napari_sam.engine.ais.InstanceSegmenter` keywords
         (AIS settings, ``tile_size``, ``overlap``), used in mode ais; AIS
         ignores ``generator_kwargs`` / ``tile_size`` / ``tile_overlap``.
+      link_axis, link_iou: link the objects of a stack's planes along this stack
+        axis into 3D objects / tracks (:func:`everything_labels`); None labels
+        each plane apart; 2D images are not affected.
 
     Returns:
       A :class:`BatchReport`; ``report.failed`` lists per-image failures.
@@ -794,6 +819,10 @@ def run_batch(
 
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    if link_axis is not None:
+        from napari_sam.engine.stack import check_link_iou
+
+        check_link_iou(link_iou)  # before any image
     spec = _resolve_model_spec(model_spec)
     kwargs = dict(generator_kwargs or {})
 
@@ -918,6 +947,8 @@ def run_batch(
         tile_overlap=int(tile_overlap),
         mode=mode,
         ais_kwargs=dict(ais_kwargs or {}),
+        link_axis=link_axis,
+        link_iou=float(link_iou),
     )
 
     if scheduler is None and (n_workers is None or int(n_workers) == 1):

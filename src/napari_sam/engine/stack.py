@@ -12,17 +12,28 @@ and by ``napari-sam everything`` (:func:`napari_sam.engine.batch.everything_labe
   and increase from plane to plane (objects are not linked between planes);
 * a mask that later masks of its plane cover completely has no pixel: its id is
   unused (and, as with ``records_to_labels``, ids may skip it).
+
+:func:`link_planes` then turns such per-plane ids into 3D objects (or tracks):
+objects of neighbouring planes along one stack axis that overlap are given one id
+(see there for the matching rule and its threshold, :data:`LINK_IOU`).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from napari_sam.errors import InvalidInputError
 
-__all__ = ["StackLabeller", "label_planes"]
+__all__ = [
+    "LINK_IOU", "StackLabeller", "check_link_iou", "label_planes", "link_planes", "linked_ids",
+]
+
+#: default IoU of two objects of neighbouring planes above which they are one object
+LINK_IOU = 0.3
 
 
 class StackLabeller:
@@ -75,3 +86,127 @@ def label_planes(
     labeller = StackLabeller(start)
     for index, plane_labels in planes:
         yield index, labeller.add(plane_labels)[0]
+
+
+def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_IOU) -> np.ndarray:
+    """Link the 2D objects of a stack's planes into 3D objects (or tracks) by overlap.
+
+    Walking along ``axis``, the objects of each plane are matched one-to-one with
+    those of the plane before (Hungarian matching maximising the summed IoU, on
+    the pixels of the two planes); a matched pair with ``IoU >= iou_threshold``
+    (and IoU > 0) shares one id, every other object starts a new one. Along a
+    time axis this is tracking by overlap: at a division the daughter that
+    overlaps its mother most keeps the id, the other starts a new one. An object
+    missing from one plane is not bridged: it gets a new id after the gap. Lines
+    along ``axis`` at different indices of the other stack axes (e.g. the time
+    points of a ``(T, Z, H, W)`` stack linked along z) are linked separately.
+
+    Arguments:
+      labels: ``(*stack, H, W)`` non-negative integer labels, 0 = background; the
+        ids of different planes need not be distinct (each plane is read alone).
+      axis: the stack axis to link along (``0 <= axis < len(stack)``, or negative
+        from the last stack axis: -1 is the axis next to the planes).
+      iou_threshold: the least IoU ([0, 1]) of two objects of neighbouring planes
+        that are one object (default :data:`LINK_IOU`).
+
+    Returns:
+      ``(*stack, H, W)`` uint32 labels: ids 1..n, numbered in order of first
+      appearance (lines in C order, then planes along ``axis``, then plane ids).
+
+    Raises:
+      InvalidInputError: not an integer array with at least one stack axis,
+        negative labels, ``axis`` out of range, threshold outside [0, 1].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    lab = np.asarray(labels)
+    if lab.ndim < 3 or lab.dtype.kind not in "iub":
+        raise InvalidInputError(
+            f"labels must be an integer (*stack, H, W) array with a stack axis, got "
+            f"{lab.dtype} of shape {lab.shape}."
+        )
+    if lab.size and lab.min() < 0:
+        raise InvalidInputError("Labels must be >= 0 (0 is background).")
+    n_stack = lab.ndim - 2
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise InvalidInputError(f"axis must be an integer, got {axis!r}.") from None
+    if not -n_stack <= axis < n_stack:
+        raise InvalidInputError(
+            f"axis {axis} is not a stack axis of labels of shape {lab.shape}; use 0..{n_stack - 1}."
+        )
+    iou_threshold = check_link_iou(iou_threshold)
+    lines = np.moveaxis(lab, axis % n_stack, 0)  # (L, *rest, H, W)
+    out = np.zeros(lines.shape, dtype=np.uint32)
+    next_id = 0
+    for rest in np.ndindex(*lines.shape[1:-2]):
+        prev = None  # (plane, its object ids, their linked ids)
+        for k in range(lines.shape[0]):
+            plane = lines[(k, *rest)].astype(np.int64)
+            area = np.bincount(plane.ravel())
+            ids = np.flatnonzero(area[1:]) + 1
+            linked = np.zeros(ids.size, dtype=np.uint32)
+            if prev is not None and ids.size and prev[1].size:
+                rows, cols = _overlap_matches(prev[0], prev[1], plane, ids, iou_threshold,
+                                              linear_sum_assignment)
+                linked[cols] = prev[2][rows]
+            for j in np.flatnonzero(linked == 0):
+                next_id += 1
+                linked[j] = next_id
+            lookup = np.zeros(area.size, dtype=np.uint32)
+            lookup[ids] = linked
+            out[(k, *rest)] = lookup[plane]
+            prev = (plane, ids, linked)
+    return np.moveaxis(out, 0, axis % n_stack)
+
+
+def check_link_iou(value: Any) -> float:
+    """``value`` as a linking IoU threshold in [0, 1]; InvalidInputError otherwise."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if isinstance(value, bool) or not 0.0 <= threshold <= 1.0:
+        raise InvalidInputError(
+            f"The linking IoU threshold must be in [0, 1], got {value!r}; {LINK_IOU} links "
+            "objects that overlap by about a third.")
+    return threshold
+
+
+def _overlap_matches(
+    prev: np.ndarray, prev_ids: np.ndarray, plane: np.ndarray, ids: np.ndarray,
+    threshold: float, assign,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(rows into prev_ids, cols into ids)`` of the objects of ``plane`` matched
+    to those of the previous plane ``prev`` (Hungarian, IoU >= threshold and > 0)."""
+    both = (prev > 0) & (plane > 0)
+    a = np.searchsorted(prev_ids, prev[both])
+    b = np.searchsorted(ids, plane[both])
+    inter = np.bincount(a * ids.size + b, minlength=prev_ids.size * ids.size)
+    inter = inter.reshape(prev_ids.size, ids.size).astype(np.float64)
+    area_prev = np.bincount(prev.ravel())[prev_ids].astype(np.float64)
+    area_cur = np.bincount(plane.ravel())[ids].astype(np.float64)
+    iou = inter / (area_prev[:, None] + area_cur[None, :] - inter)
+    rows, cols = assign(iou, maximize=True)
+    keep = (iou[rows, cols] >= threshold) & (iou[rows, cols] > 0)
+    return rows[keep], cols[keep]
+
+
+def linked_ids(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
+    """``{id before: id after}`` of a relabelling of the same pixels (e.g. by
+    :func:`link_planes`): every object of ``before`` has one id in ``after``.
+
+    Arguments:
+      before, after: integer label arrays of one shape; 0 = background in both.
+    """
+    a = np.asarray(before).ravel().astype(np.int64)
+    b = np.asarray(after).ravel().astype(np.int64)
+    if a.shape != b.shape:
+        raise InvalidInputError(f"label arrays differ in shape: {np.shape(before)} vs "
+                                f"{np.shape(after)}.")
+    fg = a > 0
+    if not fg.any():
+        return {}
+    pairs = np.unique(np.stack([a[fg], b[fg]], 1), axis=0)
+    return {int(old): int(new) for old, new in pairs}

@@ -1,66 +1,43 @@
-"""Model zoo: named checkpoints, hash-checked downloads, device choice, loading.
+"""Model zoo: named checkpoints, downloads through pooch, device choice, loading.
 
 ``load_model()`` with no argument loads the small model embedded in the package
 (``napari_sam/weights/default.safetensors``). The official checkpoints are
-downloaded on first use into :func:`cache_dir` (``$NAPARI_SAM_CACHE``, else the
-user cache folder).
+downloaded on first use with ``pooch.retrieve`` into :func:`cache_dir`
+(``$NAPARI_SAM_CACHE``, else the user cache folder).
 
-The cache only ever holds hash-valid files:
-
-* A download streams into ``<file>.part`` (resumed with an HTTP Range request
-  if interrupted), is checked against the published hash, then renamed into
-  place. A response that ends before its Content-Length is an interrupted
-  download: the ``.part`` file is kept for the next try.
-* Processes that share the cache take turns: the download holds an exclusive
-  lock on ``<file>.lock`` (released by the operating system if the process
-  dies; the file is deleted when the download ends); another process wanting
-  the same file says that it waits, then uses the finished file (or resumes the
-  download if the first one failed).
-* A cached file is verified once: after a successful hash check,
-  ``<file>.verified`` records its size, modification time and hash. Later
-  calls compare only size and time with that stamp (cheap, even for the 2.4 GB
-  ViT-H) and hash the file again when they differ or the stamp is missing (a
-  file put there by hand). A cached file whose hash is wrong raises
-  DownloadError and is left for the user to delete.
+Downloads, the lock between processes and the verification of cached files
+(published hashes, or trust on first use for EfficientSAM) live in
+:mod:`napari_sam.models.download`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import http.client
-import json
 import os
 import sys
-import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..errors import DownloadError, InvalidInputError, ModelNotFoundError
+from ..errors import InvalidInputError, ModelNotFoundError
 from . import DEFAULT_MODEL  # its one definition (torch-free, for the widgets)
 from .build import MODEL_CONFIGS
 from .checkpoint import model_from_checkpoint
+from .download import CACHE_ENV, _short, fetch
 from .sam import Sam
-
-CACHE_ENV = "NAPARI_SAM_CACHE"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """A named checkpoint.
 
-    ``hash`` is ``"<algorithm>:<hex digest>"`` (sha256 or md5) of the file;
-    ``config_name`` is a key of ``MODEL_CONFIGS`` ("" when the file stores its
-    own config, as the embedded default model does). ``everything`` holds the
+    ``hash`` is ``"<algorithm>:<hex digest>"`` (sha256 or md5) of the file, or ""
+    for a download without a published hash (trusted on first use: the sha256 of
+    the first download is recorded and checked from then on); ``url`` is "" for
+    the embedded model. ``config_name`` is a key of ``MODEL_CONFIGS`` ("" when the
+    file stores its own config, as the embedded default model does; EfficientSAM
+    entries name their builder, ``efficientsam_ti`` / ``efficientsam_s``).
+    ``unzip``: the URL is a zip archive that holds ``filename``. ``everything`` holds the
     everything-mode settings recommended for the model where they differ from
     the official defaults (the CLI and the widget start from them; the
     ``AutomaticMaskGenerator`` class keeps the official defaults).
@@ -74,9 +51,11 @@ class ModelInfo:
     size_mb: float
     description: str
     everything: tuple[tuple[str, float], ...] = ()
+    unzip: bool = False
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_EFFICIENT_SAM_URL = "https://github.com/yformer/EfficientSAM/raw/main/weights/"
 
 ZOO: dict[str, ModelInfo] = {
     DEFAULT_MODEL: ModelInfo(
@@ -127,6 +106,27 @@ ZOO: dict[str, ModelInfo] = {
         filename="mobile_sam.pt",
         size_mb=38.8,
         description="MobileSAM, TinyViT encoder (10M parameters), Apache-2.0.",
+    ),
+    # EfficientSAM publishes no hashes: trusted on first use (see the module docstring).
+    # Sizes are estimated from the parameter counts (float32).
+    "efficientsam_ti": ModelInfo(
+        name="efficientsam_ti",
+        config_name="efficientsam_ti",
+        url=_EFFICIENT_SAM_URL + "efficient_sam_vitt.pt",
+        hash="",
+        filename="efficient_sam_vitt.pt",
+        size_mb=39.0,
+        description="EfficientSAM ViT-Tiny (10M parameters), Yunyang Xiong et al., Apache-2.0.",
+    ),
+    "efficientsam_s": ModelInfo(
+        name="efficientsam_s",
+        config_name="efficientsam_s",
+        url=_EFFICIENT_SAM_URL + "efficient_sam_vits.pt.zip",
+        hash="",
+        filename="efficient_sam_vits.pt",
+        size_mb=100.7,
+        description="EfficientSAM ViT-Small (26M parameters), Yunyang Xiong et al., Apache-2.0.",
+        unzip=True,
     ),
 }
 
@@ -206,333 +206,27 @@ def _user_cache_dir() -> Path:
     return base / "napari-sam"
 
 
-class _Progress:
-    """tqdm progress bar on stderr if tqdm is installed, else a simple text line."""
-
-    def __init__(self, enabled: bool, total: int | None, initial: int, desc: str) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.done = initial
-        self.desc = desc
-        self._bar = None
-        self._last = 0.0
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return
-        self._bar = tqdm(
-            total=total, initial=initial, unit="B", unit_scale=True, desc=desc, file=sys.stderr
-        )
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last < 0.5:
-            return
-        self._last = now
-        mb = self.done / 2**20
-        if self.total:
-            pct = 100.0 * self.done / self.total
-            line = f"\r{self.desc}: {mb:.1f} / {self.total / 2**20:.1f} MB ({pct:.0f}%)"
-        else:
-            line = f"\r{self.desc}: {mb:.1f} MB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _hasher(expected: str):
-    algo, sep, digest = expected.partition(":")
-    if not sep or algo not in ("sha256", "md5") or not digest:
-        raise InvalidInputError(
-            f"hash must look like 'sha256:<hex>' or 'md5:<hex>', got {expected!r}"
-        )
-    return hashlib.new(algo), digest.lower()
-
-
-def _download_error(info: ModelInfo, folder: Path, reason: object) -> DownloadError:
-    return DownloadError(
-        f"Could not download {info.filename} from {info.url}: {_short(reason)}. Check the "
-        f"network connection and try again, or download the file by hand and put it in "
-        f"{folder} (set {CACHE_ENV} to use another folder)."
-    )
-
-
-def _short(text: object, limit: int = 200) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _folder_error(folder: Path, action: str, exc: OSError) -> DownloadError:
-    return DownloadError(
-        f"The cache folder {folder} is not writable ({action}: "
-        f"{exc.strerror or type(exc).__name__}). Set {CACHE_ENV} to a writable folder, or "
-        "download the file by hand and put it there."
-    )
-
-
-def _fetch(info: ModelInfo, part: Path, folder: Path, progress: bool) -> None:
-    """Stream ``info.url`` into ``part``, resuming from its current size if possible.
-
-    Raises DownloadError for network and HTTP errors and when the response ends
-    before its Content-Length (``part`` is kept, so the next call resumes), and
-    a DownloadError naming the folder when ``part`` cannot be written.
-    """
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(info.url, headers={"User-Agent": "napari-sam"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the .part file already holds the whole file
-            return
-        raise _download_error(info, folder, f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _download_error(info, folder, reason) from None
-    with response:
-        status = getattr(response, "status", None) or response.getcode() or 200
-        if offset and (status != 206 or not _range_starts_at(response, offset)):
-            offset = 0  # server ignored the Range request: start over
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        bar = _Progress(progress, None if expected is None else expected + offset, offset,
-                        info.filename)
-        received = 0
-        try:
-            try:
-                f = open(part, "ab" if offset else "wb")  # noqa: SIM115 (closed by the with below)
-            except OSError as exc:
-                raise _folder_error(folder, f"cannot write {part.name}", exc) from None
-            with f:
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                        raise _interrupted(info, part, offset + received, expected, offset,
-                                           getattr(exc, "reason", exc)) from None
-                    if not chunk:
-                        break
-                    try:
-                        f.write(chunk)
-                    except OSError as exc:
-                        raise DownloadError(
-                            f"Could not write {part}: {exc.strerror or exc}. Free some disk "
-                            f"space or set {CACHE_ENV} to another folder, then try again (the "
-                            "download resumes)."
-                        ) from None
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        finally:
-            bar.close()
-        if expected is not None and received < expected:
-            raise _interrupted(info, part, offset + received, expected, offset,
-                               "the server closed the connection early")
-
-
-def _range_starts_at(response: Any, offset: int) -> bool:
-    """Whether a 206 response's Content-Range starts at ``offset`` (True if not stated)."""
-    rng = response.headers.get("Content-Range", "")
-    if not rng.startswith("bytes "):
-        return True
-    start = rng[len("bytes "):].split("-", 1)[0].strip()
-    return not start.isdigit() or int(start) == offset
-
-
-def _interrupted(
-    info: ModelInfo, part: Path, have: int, expected: int | None, offset: int, reason: object
-) -> DownloadError:
-    total = f" of {expected + offset:,}" if expected is not None else ""
-    return DownloadError(
-        f"The download of {info.filename} from {info.url} was interrupted after {have:,}"
-        f"{total} bytes ({_short(reason)}). The partial file {part} is kept: call again (or "
-        "load the model again) to resume."
-    )
-
-
-def _file_digest(path: Path, expected: str) -> tuple[str, str]:
-    h, digest = _hasher(expected)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest(), digest
-
-
-# ------------------------------------------------------------------ cache verification
-
-_VERIFIED_SUFFIX = ".verified"
-# (path, size, mtime_ns, hash) of files verified by this process, for folders where a
-# stamp cannot be written (e.g. a read-only shared cache)
-_verified_here: set[tuple[str, int, int, str]] = set()
-_verified_lock = threading.Lock()
-
-
-def _stamp_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + _VERIFIED_SUFFIX)
-
-
-def _signature(dest: Path, expected: str) -> tuple[str, int, int, str]:
-    st = dest.stat()
-    return (str(dest), st.st_size, st.st_mtime_ns, expected.lower())
-
-
-def _stamp_matches(dest: Path, expected: str) -> bool:
-    """Whether ``dest`` was verified against ``expected`` and is unchanged since (cheap)."""
-    sig = _signature(dest, expected)
-    with _verified_lock:
-        if sig in _verified_here:
-            return True
-    try:
-        stamp = json.loads(_stamp_path(dest).read_text())
-        ok = (
-            isinstance(stamp, dict)
-            and stamp.get("hash") == sig[3]
-            and stamp.get("size") == sig[1]
-            and stamp.get("mtime_ns") == sig[2]
-        )
-    except (OSError, ValueError):
-        return False
-    if ok:
-        with _verified_lock:
-            _verified_here.add(sig)
-    return ok
-
-
-def _write_stamp(dest: Path, expected: str) -> None:
-    """Record that ``dest`` matches ``expected`` (atomic; skipped where not writable)."""
-    sig = _signature(dest, expected)
-    with _verified_lock:
-        _verified_here.add(sig)
-    stamp = {"hash": sig[3], "size": sig[1], "mtime_ns": sig[2]}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(stamp, f)
-            os.replace(tmp, _stamp_path(dest))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass  # read-only cache: this process remembers it; others hash the file again
-
-
-def _verify_cached(info: ModelInfo, dest: Path, progress: bool) -> Path:
-    """Return ``dest`` if it is the published file; DownloadError if it is not."""
-    try:
-        if _stamp_matches(dest, info.hash):
-            return dest
-        if progress:
-            sys.stderr.write(f"Verifying {dest} (once) ...\n")
-            sys.stderr.flush()
-        got, want = _file_digest(dest, info.hash)
-    except OSError as exc:
-        raise DownloadError(
-            f"Cannot read the cached file {dest}: {exc.strerror or exc}. Check its permissions, "
-            f"or set {CACHE_ENV} to another folder."
-        ) from None
-    if got != want:
-        algo = info.hash.partition(":")[0]
-        raise DownloadError(
-            f"The cached file {dest} is not the published {info.name} checkpoint "
-            f"({dest.stat().st_size:,} bytes, {algo} {got[:16]}..., expected {want[:16]}...): "
-            "it is damaged or incomplete. Delete it and try again to download a fresh copy."
-        )
-    _write_stamp(dest, info.hash)
-    return dest
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, folder: Path, what: str, progress: bool) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (waits, saying so, while another process has it).
-
-    The operating system releases the lock when its holder exits, even by a crash,
-    so a left-over lock file never blocks. The holder deletes the file before it
-    lets go; a waiter that then holds the lock of a deleted file opens it anew.
-    """
-    told = False
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise _folder_error(folder, f"cannot create {lock_path.name}", exc) from None
-        try:
-            if not _try_lock(fd):
-                if progress and not told:
-                    sys.stderr.write(
-                        f"Another process is downloading {what} into {folder}; waiting for it "
-                        f"to finish (lock file {lock_path.name}) ...\n"
-                    )
-                    sys.stderr.flush()
-                    told = True
-                while not _try_lock(fd):
-                    time.sleep(0.2)
-            try:
-                current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
-            except OSError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)  # the holder deleted this lock file: take the new one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):  # Windows cannot delete an open file: left in place
-            lock_path.unlink()
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _try_lock(fd: int) -> bool:
-    """Try once to take an exclusive lock on open file ``fd``."""
-    try:
-        if sys.platform.startswith("win"):
-            import msvcrt
-
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
 def download_checkpoint(
     name: str, cache_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> Path:
     """Return the local path of zoo checkpoint ``name``, downloading it if needed.
 
-    The download is hash-checked and atomic (``<file>.part`` renamed on success);
-    an interrupted download resumes from the ``.part`` file. Processes sharing the
-    cache folder take turns (lock file ``<file>.lock``): a second one waits for the
-    first and returns its file. A cached file is verified (hash) once and then
-    recognised by the size and modification time recorded in ``<file>.verified``.
-    ``progress`` writes a progress bar and the waiting/verifying notes to stderr.
+    The download goes through ``pooch.retrieve`` into a staging folder of this
+    process, is hash-checked and only then renamed into place, so no partial or
+    wrong file is ever in the cache (an interrupted download leaves nothing and
+    the next call starts over). Processes sharing the cache folder take turns
+    (lock file ``<file>.lock``): a second one waits for the first and returns its
+    file. A cached file is verified (hash) once and then recognised by the size
+    and modification time recorded in ``<file>.verified``; for models without a
+    published hash (EfficientSAM) that file records the sha256 of the first
+    download, and a later file that differs is refused ("trust on first use").
+    ``progress`` writes a progress bar (with tqdm) and the notes to stderr. See
+    :mod:`napari_sam.models.download`.
 
     Raises DownloadError (no network, HTTP error, interrupted download, hash
-    mismatch of the download or of the cached file, cache folder not writable)
-    with the URL and the folder where the file can be put by hand, and
-    InvalidInputError for an unusable ``cache_dir`` / ``$NAPARI_SAM_CACHE``.
+    mismatch of the download or of the cached file, a file changed since its first
+    download, cache folder not writable) naming the file and where to put it by
+    hand, and InvalidInputError for an unusable ``cache_dir`` / ``$NAPARI_SAM_CACHE``.
     """
     info = model_info(name)
     if not info.url:
@@ -541,35 +235,10 @@ def download_checkpoint(
             raise _missing_embedded(path)
         return path
     folder = _expand_folder(cache_dir, "cache_dir") if cache_dir is not None else _user_cache_dir()
-    dest = folder / info.filename
-    if dest.is_file():
-        return _verify_cached(info, dest, progress)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        origin = "" if cache_dir is not None or not os.environ.get(CACHE_ENV) else (
-            f" (from {CACHE_ENV})"
-        )
-        raise DownloadError(
-            f"cannot create the cache folder {folder}{origin}: {exc.strerror or exc}. Set "
-            f"{CACHE_ENV} to a writable folder."
-        ) from None
-    with _exclusive(dest.with_name(dest.name + ".lock"), folder, info.filename, progress):
-        if dest.is_file():  # another process finished it while this one waited
-            return _verify_cached(info, dest, progress)
-        part = dest.with_name(dest.name + ".part")
-        _fetch(info, part, folder, progress)
-        got, want = _file_digest(part, info.hash)
-        if got != want:
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{info.filename} downloaded from {info.url} has the wrong hash (expected "
-                f"{want}, got {got}); the partial file was deleted. Try again, or download the "
-                f"file by hand and put it in {folder}."
-            )
-        os.replace(part, dest)
-        _write_stamp(dest, info.hash)
-    return dest
+    origin = "" if cache_dir is not None or not os.environ.get(CACHE_ENV) else (
+        f" (from {CACHE_ENV})"
+    )
+    return fetch(info, folder / info.filename, progress, folder_origin=origin)
 
 
 def _missing_embedded(path: Path) -> ModelNotFoundError:
@@ -649,8 +318,12 @@ def load_model(
                 raise _missing_embedded(path)
         else:
             path = download_checkpoint(key)
+            # EfficientSAM builders ("efficientsam_ti"/"efficientsam_s") may live outside
+            # MODEL_CONFIGS: then the file's keys say what it is, as for a path
             config = MODEL_CONFIGS.get(info.config_name)
-        trusted = True
+        # files checked against a published hash fit their config; a model trusted on
+        # first use gets the full checks (its first download was not verified)
+        trusted = key == DEFAULT_MODEL or bool(info.hash)
     else:
         try:
             path = Path(key).expanduser()

@@ -1,0 +1,158 @@
+"""Linking per-plane objects into 3D objects / tracks (napari_sam.engine.stack.link_planes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam.engine.stack import LINK_IOU, link_planes, linked_ids
+from napari_sam.errors import InvalidInputError
+
+
+def _planes(*planes) -> np.ndarray:
+    return np.stack([np.array(p, np.uint16) for p in planes])
+
+
+def test_overlapping_objects_of_neighbouring_planes_share_one_id():
+    # plane ids are per plane (1, 2 in each): linking does not need them unique
+    stack = _planes(
+        [[1, 1, 0, 2], [1, 1, 0, 2]],
+        [[2, 2, 0, 1], [2, 2, 0, 1]],
+        [[0, 0, 0, 1], [0, 0, 0, 1]],
+    )
+    out = link_planes(stack)
+    assert out.dtype == np.uint32
+    assert out.tolist() == [
+        [[1, 1, 0, 2], [1, 1, 0, 2]],
+        [[1, 1, 0, 2], [1, 1, 0, 2]],
+        [[0, 0, 0, 2], [0, 0, 0, 2]],
+    ]
+
+
+def test_the_iou_threshold_decides_and_is_settable():
+    a = np.zeros((2, 1, 10), np.uint8)
+    a[0, 0, 0:4] = 1
+    a[1, 0, 2:6] = 1  # IoU 2 / 6 = 0.33
+    assert LINK_IOU == 0.3
+    assert np.unique(link_planes(a)[a > 0]).tolist() == [1]
+    out = link_planes(a, iou_threshold=0.5)
+    assert out[0, 0, 0] == 1 and out[1, 0, 2] == 2
+    # touching is not overlapping, even at threshold 0
+    b = np.zeros((2, 1, 10), np.uint8)
+    b[0, 0, 0:3] = 1
+    b[1, 0, 3:6] = 1
+    assert np.unique(link_planes(b, iou_threshold=0.0)[b > 0]).tolist() == [1, 2]
+
+
+def test_matching_is_one_to_one_and_maximises_the_total_iou():
+    # plane 0: A = cols 0..9, D = 10..15; plane 1: B = 4..12, C = 0..3.
+    # IoU A-B 0.46, A-C 0.4, D-B 0.25, D-C 0. Greedy (largest first) would link A-B and
+    # leave C and D unmatched; the Hungarian matching links A-C and D-B (sum 0.65).
+    p0 = np.zeros((1, 16), np.uint8)
+    p1 = np.zeros((1, 16), np.uint8)
+    p0[0, 0:10], p0[0, 10:16] = 1, 2
+    p1[0, 4:13], p1[0, 0:4] = 1, 2
+    out = link_planes(np.stack([p0, p1]), iou_threshold=0.2)
+    assert out[1, 0, 0] == out[0, 0, 0] == 1  # C continues A
+    assert out[1, 0, 5] == out[0, 0, 12] == 2  # B continues D
+    # at the default threshold D-B (0.25) is too weak: B starts a new object
+    out = link_planes(np.stack([p0, p1]))
+    assert out[1, 0, 0] == 1 and out[1, 0, 5] == 3
+
+
+def test_a_division_keeps_the_id_on_the_daughter_that_overlaps_most():
+    mother = np.zeros((1, 10), np.uint8)
+    mother[0, 1:9] = 1
+    daughters = np.zeros((1, 10), np.uint8)
+    daughters[0, 1:6] = 1  # overlaps the mother more
+    daughters[0, 7:9] = 2
+    out = link_planes(np.stack([mother, daughters]))
+    assert out[1, 0, 1] == out[0, 0, 1] == 1 and out[1, 0, 7] == 2
+
+
+def test_a_gap_is_not_bridged_and_ids_follow_first_appearance():
+    stack = _planes([[5, 0]], [[0, 0]], [[3, 0]])
+    assert link_planes(stack).tolist() == [[[1, 0]], [[0, 0]], [[2, 0]]]
+
+
+def test_the_axis_is_explicit_and_other_stack_axes_are_linked_separately():
+    # (T=2, Z=2, H, W): linking along z (axis -1 = the stack axis next to the planes)
+    stack = np.zeros((2, 2, 1, 4), np.uint8)
+    stack[:, :, 0, 0:2] = 1
+    out = link_planes(stack, axis=-1)
+    assert out[0, 0, 0, 0] == out[0, 1, 0, 0] == 1
+    assert out[1, 0, 0, 0] == out[1, 1, 0, 0] == 2  # another time point: another object
+    along_t = link_planes(stack, axis=0)
+    assert along_t[0, 0, 0, 0] == along_t[1, 0, 0, 0] != along_t[0, 1, 0, 0]
+    # the same data with the stack axes swapped gives the same objects
+    swapped = np.moveaxis(stack, 0, 1)  # (Z, T, H, W)
+    assert np.array_equal(link_planes(swapped, axis=0), np.moveaxis(out, 0, 1))
+
+
+@pytest.mark.parametrize(("labels", "kwargs", "match"), [
+    (np.zeros((4, 4), np.uint8), {}, "stack axis"),
+    (np.zeros((2, 4, 4), np.float32), {}, "integer"),
+    (np.full((2, 4, 4), -1, np.int32), {}, ">= 0"),
+    (np.zeros((2, 4, 4), np.uint8), {"axis": 1}, "not a stack axis"),
+    (np.zeros((2, 4, 4), np.uint8), {"axis": 0.5}, "axis must be an integer"),
+    (np.zeros((2, 4, 4), np.uint8), {"iou_threshold": 1.5}, r"\[0, 1\]"),
+    (np.zeros((2, 4, 4), np.uint8), {"iou_threshold": "x"}, r"\[0, 1\]"),
+])
+def test_bad_input_gets_typed_errors(labels, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        link_planes(labels, **kwargs)
+
+
+def test_linked_ids_maps_old_to_new():
+    before = np.array([[0, 4, 4, 9]])
+    after = np.array([[0, 1, 1, 1]])
+    assert linked_ids(before, after) == {4: 1, 9: 1}
+    assert linked_ids(np.zeros((2, 2)), np.zeros((2, 2))) == {}
+    with pytest.raises(InvalidInputError, match="shape"):
+        linked_ids(before, after[:, :2])
+
+
+class _ShiftingGenerator:
+    """Per plane k: a 4 x 4 object shifted by k columns (overlapping its neighbours), a
+    small one only in plane 0, and an empty record."""
+
+    def __init__(self):
+        self.plane = 0
+
+    def generate(self, image, cancel=None, use_cache=True):
+        k = self.plane
+        self.plane += 1
+        big = np.zeros(image.shape[:2], bool)
+        big[2:6, 2 + k:6 + k] = True
+        recs = [{"segmentation": big, "area": 16}]
+        if k == 0:
+            small = np.zeros_like(big)
+            small[8:10, 8:10] = True
+            recs.append({"segmentation": small, "area": 4})
+        return recs + [{"segmentation": np.zeros_like(big), "area": 0}]
+
+
+def test_everything_labels_links_planes_and_relabels_the_records(tmp_path):
+    import tifffile
+
+    from napari_sam.engine.batch import everything_labels
+    from napari_sam.engine.io import read_image
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 12, 12), np.uint16) + 5,
+                     photometric="minisblack")
+    image = read_image(tmp_path / "s.tif")
+    labels, records = everything_labels(_ShiftingGenerator(), image, link_axis=0)
+    assert [sorted(np.unique(labels[k]).tolist()) for k in range(3)] == [[0, 1, 2], [0, 1],
+                                                                        [0, 1]]
+    assert [[r["label"] for r in recs] for _, recs in records] == [[1, 2, 0], [1, 0], [1, 0]]
+    # unlinked (the library default): plane ids apart
+    labels, records = everything_labels(_ShiftingGenerator(), image)
+    assert [[r["label"] for r in recs] for _, recs in records] == [[1, 2, 0], [3, 0], [4, 0]]
+
+
+def test_run_batch_checks_the_link_threshold_before_any_image(tmp_path):
+    from napari_sam.engine.batch import run_batch
+
+    with pytest.raises(InvalidInputError, match=r"linking IoU threshold must be in \[0, 1\]"):
+        run_batch([tmp_path / "missing.tif"], tmp_path / "out", link_axis=0, link_iou=2.0)
+    assert not (tmp_path / "out").exists()
