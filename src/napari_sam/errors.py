@@ -32,3 +32,7 @@ class DownloadError(NapariSamError, OSError):
 
 class CancelledError(NapariSamError):
     """Long-running work was cancelled by the user."""
+
+
+class StoreMismatchError(InvalidInputError):
+    """An embedding store was made for another model, image, normalisation or tiling."""

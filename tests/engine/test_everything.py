@@ -531,7 +531,7 @@ def test_candidates_are_kept_cropped_to_their_box(sam):
     img = blobs((300, 400), 30, seed=1)
     gen = AutomaticMaskGenerator(sam, points_per_side=8, auto_tile=False, **LOW)
     rgb = np.repeat(img[..., None], 3, axis=2)
-    from napari_sam.engine.everything import _run
+    from napari_sam.engine.progress import run_steps as _run
 
     data = _run(gen._iter_masks(rgb, None, use_cache=False), None)
     assert len(data.masks) >= 3

@@ -156,3 +156,35 @@ def test_run_batch_checks_the_link_threshold_before_any_image(tmp_path):
     with pytest.raises(InvalidInputError, match=r"linking IoU threshold must be in \[0, 1\]"):
         run_batch([tmp_path / "missing.tif"], tmp_path / "out", link_axis=0, link_iou=2.0)
     assert not (tmp_path / "out").exists()
+
+
+def test_plane_linker_gives_link_planes_ids_one_plane_at_a_time():
+    """The widget's online linker numbers a (T, Z) stack exactly as link_planes(axis=-1)."""
+    from itertools import product
+
+    from napari_sam.engine.stack import PlaneLinker, link_planes
+
+    rng = np.random.default_rng(3)
+    # blobs that drift a little from plane to plane, so that some link and some do not
+    stack = np.zeros((2, 5, 24, 24), np.uint16)
+    for t, z in product(range(2), range(5)):
+        for k in range(1, 5):
+            r, c = 3 + 5 * k + int(rng.integers(-2, 3)), 4 + 4 * k + int(rng.integers(-3, 4))
+            stack[t, z, max(r - 2, 0):r + 2, max(c - 2, 0):c + 2] = (k * 7 + z) % 5 + 1
+    expected = link_planes(stack, axis=-1, iou_threshold=0.3)
+    linker = PlaneLinker(0.3)
+    got = np.zeros_like(expected)
+    for index in product(range(2), range(5)):
+        got[index] = linker.add(index, stack[index])
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) - 1 < len(np.unique(stack)) * 10  # some objects linked
+
+
+def test_plane_linker_refuses_planes_out_of_order():
+    from napari_sam.engine.stack import PlaneLinker
+    from napari_sam.errors import InvalidInputError
+
+    linker = PlaneLinker()
+    linker.add((1,), np.ones((4, 4), np.uint8))
+    with pytest.raises(InvalidInputError, match="stack order"):
+        linker.add((0,), np.ones((4, 4), np.uint8))

@@ -5,6 +5,7 @@
     napari-sam models list|download|path ...
     napari-sam segment IMAGE --prompts PROMPTS.csv --out LABELS.tif
     napari-sam everything INPUT... --out DIR
+    napari-sam embed IMAGE [--out STORE.zarr]
     napari-sam train ...
     napari-sam evaluate ...
 
@@ -20,7 +21,7 @@ file without ``--overwrite``. See docs/cli.md (in the source repository) for
 examples and file formats.
 
 The package holds one module per subcommand (``models``, ``segment``,
-``everything``, ``train``, ``evaluate``), each with ``add_parser(sub)`` and
+``everything``, ``embed``, ``train``, ``evaluate``), each with ``add_parser(sub)`` and
 the command's ``run``; ``_common`` holds the console, usage errors, SIGTERM
 handling and the options every command shares.
 """
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 from napari_sam import __version__
 from napari_sam.errors import NapariSamError
 
-from . import evaluate, everything, models, segment, train
+from . import embed, evaluate, everything, models, segment, train
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     segment.add_parser(sub)
     everything.add_parser(sub)
+    embed.add_parser(sub)
     train.add_parser(sub)
     evaluate.add_parser(sub)
     return parser

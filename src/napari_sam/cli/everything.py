@@ -311,6 +311,9 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
     if args.scheduler and args.workers:
         raise UsageError("--workers starts a local cluster; it cannot be combined with "
                           "--scheduler (start workers with 'dask worker' instead)")
+    # out-of-range values are usage errors found before any model is loaded
+    kwargs, recommended = generator_kwargs(args)
+    ais = ais_kwargs(args)
     mode, reason = resolve_cli_mode(args, load=args.scheduler is None)
     check_mode_options(args, mode, reason)
     overlap = args.tile_overlap
@@ -320,8 +323,6 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--tile-overlap ({overlap}) must be smaller than "
                           f"--tile-size ({args.tile_size})")
     console.info(reason)
-    kwargs, recommended = generator_kwargs(args)
-    ais = ais_kwargs(args)
     if mode == "ais":
         if args.tile_size is not None:
             ais["tile_size"] = args.tile_size

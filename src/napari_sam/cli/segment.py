@@ -123,9 +123,13 @@ def _cmd_segment(args: argparse.Namespace, console: Console) -> int:
     model = load_model(args.model, args.device, console)
 
     from napari_sam.engine.predictor import Predictor
+    from napari_sam.engine.store import use_store_beside
 
     rgb = to_rgb_uint8(image.data)
     predictor = Predictor(model)
+    remark = use_store_beside(predictor, args.image)  # IMAGE.sam.zarr (napari-sam embed)
+    if remark is not None:
+        console.note(remark)
     console.info(f"embedding {args.image.name} ({rgb.shape[1]} x {rgb.shape[0]}) ...")
     predictor.set_image(rgb)
 

@@ -24,6 +24,8 @@ _LAZY = {
     "Prediction": "napari_sam.engine.predictor",
     "InstanceSegmenter": "napari_sam.engine.ais",
     "AisSettings": "napari_sam.engine.ais",
+    "EmbeddingStore": "napari_sam.engine.store",
+    "iter_embed": "napari_sam.engine.store",
 }
 
 __all__ = list(_LAZY)

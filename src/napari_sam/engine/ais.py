@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_sam.errors import CancelledError, InvalidInputError
+from napari_sam.engine.progress import check_cancel, run_steps
+from napari_sam.errors import InvalidInputError
 
 __all__ = [
     "MODES",
@@ -45,6 +46,8 @@ __all__ = [
 
 #: the automatic-segmentation modes a caller may ask for ("auto": the model's best)
 MODES = ("auto", "amg", "ais")
+# what CancelledError says when ``cancel`` stops a run
+_CANCELLED = "Automatic instance segmentation"
 
 #: the error of mode "ais" on a model without an AIS head
 NO_HEAD_MESSAGE = (
@@ -250,7 +253,7 @@ class InstanceSegmenter:
         """
         if tile_size is None and scale == 1.0:
             return self._image_maps(rgb, use_cache)
-        return _drain(self._iter_tiled_maps(rgb, tile_size or self.model.img_size, overlap,
+        return run_steps(self._iter_tiled_maps(rgb, tile_size or self.model.img_size, overlap,
                                             scale))
 
     def _image_maps(self, rgb: np.ndarray, use_cache: bool) -> np.ndarray:
@@ -303,7 +306,7 @@ class InstanceSegmenter:
         ramp = max(1, overlap // 2)
         boxes = tile_boxes((h, w), tile_size=tile, overlap=min(overlap, tile - 1))
         for done, (r0, c0, r1, c1) in enumerate(boxes):
-            _check_cancel(cancel)
+            check_cancel(cancel, _CANCELLED)
             piece = np.ascontiguousarray(work[r0:r1, c0:c1])
             tile_maps = self._image_maps(piece, use_cache=False)
             wr = _edge_weights(r1 - r0, ramp, r0 > 0, r1 < h)
@@ -328,7 +331,7 @@ class InstanceSegmenter:
 
         tile = self.tile_size_for(rgb.shape[:2])
         if tile is None:
-            _check_cancel(cancel)
+            check_cancel(cancel, _CANCELLED)
             maps = self._image_maps(rgb, use_cache)
             yield EverythingProgress(1, 1)
             return maps
@@ -346,7 +349,7 @@ class InstanceSegmenter:
 
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
         maps = yield from self._iter_maps(rgb, cancel, use_cache)
-        _check_cancel(cancel)
+        check_cancel(cancel, _CANCELLED)
         return instances_from_maps(maps, self.settings), maps
 
     def iter_generate(
@@ -383,7 +386,7 @@ class InstanceSegmenter:
         :class:`~napari_sam.errors.CancelledError`.
         """
         steps = self._iter_labels(image, contrast_limits, channel_axis, cancel, use_cache)
-        labels, maps = _drain(steps, progress)
+        labels, maps = run_steps(steps, progress)
         return self._records(labels, maps)
 
     def _records(self, labels: np.ndarray, maps: np.ndarray) -> list[dict[str, Any]]:
@@ -402,25 +405,8 @@ class InstanceSegmenter:
         """(H, W) uint32 instance labels, ids 1..N (see :func:`instances_from_maps`);
         tiles, ``progress`` and ``cancel`` as in :meth:`generate`."""
         steps = self._iter_labels(image, contrast_limits, channel_axis, cancel, True)
-        labels, _maps = _drain(steps, progress)
+        labels, _maps = run_steps(steps, progress)
         return labels.astype(np.uint32)
-
-
-def _check_cancel(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise CancelledError("Automatic instance segmentation was cancelled.")
-
-
-def _drain(steps: Generator[Any, None, Any], progress: Callable[[int, int], Any] | None = None
-           ) -> Any:
-    """Run a generator of ``EverythingProgress`` to its return value, reporting progress."""
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(step.done, step.total)
 
 
 def _check_tiling(tile_size: Any, overlap: Any) -> None:

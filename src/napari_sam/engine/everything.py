@@ -86,14 +86,17 @@ from napari_sam.engine.everything_settings import EverythingSettings, auto_tile_
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.mask_batch import MaskBatch
 from napari_sam.engine.predictor import Predictor
+from napari_sam.engine.progress import check_cancel, run_steps
 from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.upsample import stability_upper_bound, upscale_logits
-from napari_sam.errors import CancelledError, InvalidInputError
+from napari_sam.errors import InvalidInputError
 
 __all__ = ["AutomaticMaskGenerator", "EverythingProgress", "EverythingSettings",
            "records_to_labels"]
 
 _ORDERS = ("area_desc", "area_asc", "input")
+# what CancelledError says when ``cancel`` stops a run
+_CANCELLED = "Everything-mode"
 #: full-resolution float logits upsampled at once stay within this many bytes
 UPSCALE_BUDGET_BYTES = 64 << 20
 _MAX_UPSCALE_CHUNK = 16
@@ -296,7 +299,7 @@ class AutomaticMaskGenerator:
                 f"order must be 'area_desc', 'area_asc' or 'input', got {order!r}."
             )
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        records = _run(self._iter_cropped_records(rgb, cancel, use_cache=True), progress)
+        records = run_steps(self._iter_cropped_records(rgb, cancel, use_cache=True), progress)
         return records_to_labels(records, rgb.shape[:2], order=order)
 
     def tile_size_for(self, shape: tuple[int, int]) -> int | None:
@@ -369,7 +372,7 @@ class AutomaticMaskGenerator:
     def _iter_crop(self, rgb, crop_box, layer, state, use_cache) -> _Steps:
         x0, y0, x1, y1 = crop_box
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-        _check_cancel(state["cancel"])
+        check_cancel(state["cancel"], _CANCELLED)
         p = self.predictor
         emb = p.embed(crop, use_cache=use_cache)  # the predictor's own image is untouched
         h_c, w_c = emb.original_size
@@ -383,7 +386,7 @@ class AutomaticMaskGenerator:
                 ctx = self._backend.prepare(emb.features.to(dev))
             chunks = []
             for s in range(0, len(pts), self.points_per_batch):
-                _check_cancel(state["cancel"])
+                check_cancel(state["cancel"], _CANCELLED)
                 sl = slice(s, s + self.points_per_batch)
                 # threads chosen per batch (they follow the machine's load); inference mode
                 # and thread settings are not held across the yield
@@ -630,22 +633,3 @@ def record_mask(
             f"an image of shape {(H, W)}."
         )
     return (r0, c0, r1, c1), seg
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _run(steps: _Steps, progress: Callable[[int, int], Any] | None) -> Any:
-    """Run generation ``steps`` to the end, reporting progress; returns their result."""
-    try:
-        while True:
-            step = next(steps)
-            if progress is not None:
-                progress(step.done, step.total)
-    except StopIteration as stop:
-        return stop.value
-
-
-def _check_cancel(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise CancelledError("Everything-mode was cancelled.")

@@ -67,6 +67,7 @@ __all__ = [
     "TilingSettings",
     "auto_tile_size",
     "check_number",
+    "describe_range",
     "everything_kwargs",
     "recommended_settings",
     "recommended_thresholds",
@@ -100,9 +101,14 @@ def _param(
     *,
     max_open: bool = False,
     optional: bool = False,
+    step: float | None = None,
 ) -> Any:
+    """A settings field: ``metadata`` holds its kind, range, help line and a form's step
+    (default: 1 for ints, 0.01 for floats)."""
+    if step is None:
+        step = 1 if kind is int else 0.01
     meta = {"kind": kind, "min": minimum, "max": maximum, "max_open": max_open,
-            "optional": optional, "help": help}
+            "optional": optional, "help": help, "step": step}
     return field(default=default, metadata=meta)
 
 
@@ -121,7 +127,7 @@ class EverythingSettings:
         "grid of N x N prompt points over the image (per crop layer 0)", optional=True)
     points_per_batch: int = _param(
         64, int, 1, MAX_POINTS_PER_BATCH,
-        "points run through the mask decoder at once (memory vs speed)")
+        "points run through the mask decoder at once (memory vs speed)", step=16)
     pred_iou_thresh: float | None = _param(
         None, float, 0.0, 1.0, "drop masks whose predicted IoU is below this", optional=True)
     stability_score_thresh: float | None = _param(
@@ -146,7 +152,8 @@ class EverythingSettings:
         metadata={"kind": list, "help": "explicit (N, 2) grids of normalised (x, y) in [0, 1], "
                   "one per crop layer (instead of points_per_side)"})
     min_mask_region_area: int = _param(
-        0, int, 0, None, "remove holes and islands smaller than this many pixels (0: off)")
+        0, int, 0, None, "remove holes and islands smaller than this many pixels (0: off)",
+        step=10)
     output_mode: str = field(
         default="binary_mask",
         metadata={"kind": str, "choices": OUTPUT_MODES,
@@ -239,6 +246,11 @@ class TilingSettings:
 def _range(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": meta["kind"], "minimum": meta["min"], "maximum": meta["max"],
             "max_open": meta.get("max_open", False)}
+
+
+def describe_range(metadata: Mapping[str, Any]) -> str:
+    """The valid values of a field with a range, in words: ``"a number in [0, 1]"``."""
+    return _describe(**_range(metadata))
 
 
 def _describe(kind: type, minimum: float | None, maximum: float | None, max_open: bool) -> str:

@@ -43,6 +43,7 @@ import torch
 from napari_sam.engine.cache import EmbeddedImage, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
 from napari_sam.engine.session import limit_prompt_points
+from napari_sam.engine.store import EmbeddingStore
 from napari_sam.engine.threads import compute_threads
 from napari_sam.engine.transforms import ImageTransform, transform_for
 from napari_sam.errors import InvalidInputError
@@ -93,10 +94,14 @@ class Predictor:
         reference), ``"reference"`` (``model.mask_decoder`` itself),
         ``"factored"`` (:class:`~napari_sam.models.fast_decoder.FactoredBackend`),
         or a backend object (:mod:`napari_sam.models.fast_decoder`).
+      store: an :class:`~napari_sam.engine.store.EmbeddingStore` (embeddings on
+        disk, ``napari-sam embed``) that :meth:`embed` reads before running the
+        encoder; see :meth:`use_store`.
 
     Raises:
       InvalidInputError: an unknown ``decoder``, or ``"factored"`` for a
         decoder without SAM's standard layout.
+      StoreMismatchError: ``store`` was made with other weights.
 
     Typical use::
 
@@ -112,6 +117,7 @@ class Predictor:
         cache: EmbeddingCache | None = None,
         cache_bytes: int = EmbeddingCache.DEFAULT_BYTES,
         decoder: str | MaskDecoderBackend = "auto",
+        store: EmbeddingStore | None = None,
     ) -> None:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
@@ -122,7 +128,18 @@ class Predictor:
         self._decoder_context: Any = None  # the backend's per-image context
         self._upsample_work: dict = {}  # scratch tensors of upscale_logits
         self._lock = threading.Lock()
+        self.store: EmbeddingStore | None = None
+        self.use_store(store)
         self.reset_image()
+
+    def use_store(self, store: EmbeddingStore | None) -> None:
+        """Read embeddings from ``store`` (None: stop). An entry is used only for exactly
+        the normalised pixels it was computed from (its key), so a store of another image,
+        plane or normalisation is never used; one made with other weights raises
+        :class:`~napari_sam.errors.StoreMismatchError` here."""
+        if store is not None:
+            store.check_model(self.model)
+        self.store = store
 
     @property
     def use_fast_decoder(self) -> bool:
@@ -189,8 +206,10 @@ class Predictor:
 
         Does not change the predictor's current image, so a worker thread can
         call it while the main thread keeps predicting; apply the result with
-        :meth:`set_embedding`, or hand it to everything-mode. ``use_cache=False``
-        neither reads nor fills the cache.
+        :meth:`set_embedding`, or hand it to everything-mode. On a cache miss the
+        :attr:`store` (if any) is read before the encoder runs (what it gives is not
+        put in the cache). ``use_cache=False``
+        neither reads nor fills the cache (nor reads the store).
         """
         if not use_cache:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -198,6 +217,12 @@ class Predictor:
             return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
         key = self.cache.key(self.model, rgb)
         entry = self.cache.get(key)
+        if entry is None and self.store is not None:
+            # read from disk (one chunk), not cached: reading again is cheap, and a stack
+            # read plane by plane then holds one embedding, not as many as the cache takes
+            stored = self.store.lookup(key[1])
+            if stored is not None:
+                return stored._replace(features=stored.features.to(self.device))
         if entry is None:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)

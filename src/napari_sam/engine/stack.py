@@ -29,7 +29,8 @@ import numpy as np
 from napari_sam.errors import InvalidInputError
 
 __all__ = [
-    "LINK_IOU", "StackLabeller", "check_link_iou", "label_planes", "link_planes", "linked_ids",
+    "LINK_IOU", "PlaneLinker", "StackLabeller", "check_link_iou", "label_planes", "link_planes",
+    "linked_ids",
 ]
 
 #: default IoU of two objects of neighbouring planes above which they are one object
@@ -117,8 +118,6 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
       InvalidInputError: not an integer array with at least one stack axis,
         negative labels, ``axis`` out of range, threshold outside [0, 1].
     """
-    from scipy.optimize import linear_sum_assignment
-
     lab = np.asarray(labels)
     if lab.ndim < 3 or lab.dtype.kind not in "iub":
         raise InvalidInputError(
@@ -139,26 +138,79 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
     iou_threshold = check_link_iou(iou_threshold)
     lines = np.moveaxis(lab, axis % n_stack, 0)  # (L, *rest, H, W)
     out = np.zeros(lines.shape, dtype=np.uint32)
-    next_id = 0
+    counter = [0]
     for rest in np.ndindex(*lines.shape[1:-2]):
-        prev = None  # (plane, its object ids, their linked ids)
+        prev = None
         for k in range(lines.shape[0]):
-            plane = lines[(k, *rest)].astype(np.int64)
-            area = np.bincount(plane.ravel())
-            ids = np.flatnonzero(area[1:]) + 1
-            linked = np.zeros(ids.size, dtype=np.uint32)
-            if prev is not None and ids.size and prev[1].size:
-                rows, cols = _overlap_matches(prev[0], prev[1], plane, ids, iou_threshold,
-                                              linear_sum_assignment)
-                linked[cols] = prev[2][rows]
-            for j in np.flatnonzero(linked == 0):
-                next_id += 1
-                linked[j] = next_id
-            lookup = np.zeros(area.size, dtype=np.uint32)
-            lookup[ids] = linked
-            out[(k, *rest)] = lookup[plane]
-            prev = (plane, ids, linked)
+            out[(k, *rest)], prev = _link_step(prev, lines[(k, *rest)], iou_threshold, counter)
     return np.moveaxis(out, 0, axis % n_stack)
+
+
+class PlaneLinker:
+    """:func:`link_planes` along the last stack axis, one plane at a time.
+
+    For a caller that gets a stack's planes one by one in C order of the stack
+    index (as the Segment Everything widget does): each plane is linked to the
+    one before it along the last stack axis as it arrives, and the ids are
+    exactly those :func:`link_planes` (``axis=-1``) gives for the whole stack.
+
+    Arguments:
+      iou_threshold: see :func:`link_planes`.
+    """
+
+    def __init__(self, iou_threshold: float = LINK_IOU) -> None:
+        self.iou_threshold = check_link_iou(iou_threshold)
+        self._counter = [0]
+        self._prev: tuple[tuple[int, ...], Any] | None = None
+
+    def add(self, index: tuple[int, ...], plane_labels: np.ndarray) -> np.ndarray:
+        """``(H, W)`` uint32 linked labels of the plane at stack ``index``.
+
+        Raises:
+          InvalidInputError: negative labels, or planes out of C order.
+        """
+        plane = np.asarray(plane_labels)
+        if plane.size and plane.min() < 0:
+            raise InvalidInputError("Plane labels must be >= 0 (0 is background).")
+        index = tuple(int(i) for i in index)
+        prev = None
+        if self._prev is not None:
+            last = self._prev[0]
+            if index <= last:
+                raise InvalidInputError(f"Planes must come in stack order; {index} came after "
+                                        f"{last}.")
+            if index[:-1] == last[:-1] and index[-1] == last[-1] + 1:
+                prev = self._prev[1]
+        out, state = _link_step(prev, plane, self.iou_threshold, self._counter)
+        self._prev = (index, state)
+        return out
+
+
+def _link_step(
+    prev: tuple[np.ndarray, np.ndarray, np.ndarray] | None, plane_labels: np.ndarray,
+    threshold: float, counter: list[int],
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Link one plane to the previous one (``prev``: its plane, object ids, linked ids).
+
+    New objects take ids ``counter[0] + 1, ...`` in the order of their plane ids.
+    Returns the plane's linked labels and its state for the next step.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    plane = np.asarray(plane_labels).astype(np.int64)
+    area = np.bincount(plane.ravel())
+    ids = np.flatnonzero(area[1:]) + 1
+    linked = np.zeros(ids.size, dtype=np.uint32)
+    if prev is not None and ids.size and prev[1].size:
+        rows, cols = _overlap_matches(prev[0], prev[1], plane, ids, threshold,
+                                      linear_sum_assignment)
+        linked[cols] = prev[2][rows]
+    for j in np.flatnonzero(linked == 0):
+        counter[0] += 1
+        linked[j] = counter[0]
+    lookup = np.zeros(area.size, dtype=np.uint32)
+    lookup[ids] = linked
+    return lookup[plane], (plane, ids, linked)
 
 
 def check_link_iou(value: Any) -> float:

@@ -19,7 +19,6 @@ Scripting API: ``set_model(...)``, ``set_image_layer(layer)``, ``set_params(**kw
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -33,6 +32,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -48,11 +48,11 @@ from qtpy.QtWidgets import (
 from napari_sam.engine.ais import MODES as MODE_NAMES
 from napari_sam.engine.ais import (
     NO_HEAD_MESSAGE,
-    AisSettings,
     has_ais_head,
     make_segmenter,
     resolve_mode,
 )
+from napari_sam.engine.everything_settings import SAM_THRESHOLDS, EverythingSettings
 from napari_sam.engine.stack import StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
@@ -65,8 +65,16 @@ from napari_sam.widgets._common import (
     scrollable,
 )
 from napari_sam.widgets._model_control import ModelController
+from napari_sam.widgets.forms import (
+    FLOAT_DECIMALS,
+    NumberField,
+    ais_fields,
+    amg_fields,
+    check_ais_params,
+    check_amg_params,
+)
 
-__all__ = ["AIS_PARAMS", "MODES", "PARAMS", "SegmentEverythingWidget"]
+__all__ = ["AIS_FIELDS", "AMG_FIELDS", "MODES", "SegmentEverythingWidget"]
 
 CURRENT_SLICE = "current slice"
 WHOLE_STACK = "whole stack"
@@ -78,57 +86,9 @@ NO_HEAD = NO_HEAD_MESSAGE
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
 MIN_FORM_HEIGHT = 200
 
-# name: (kind, default, minimum, maximum, step, tooltip)
-PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
-    "points_per_side": (
-        int, 32, 1, 128, 1,
-        "Prompt points along each side of the image (a grid of n x n clicks). More finds "
-        "smaller objects but takes n² decoder runs.",
-    ),
-    "points_per_batch": (
-        int, 64, 1, 1024, 16,
-        "Prompt points decoded together. Larger is faster but needs more memory.",
-    ),
-    "pred_iou_thresh": (
-        float, 0.88, 0.0, 1.0, 0.01,
-        "Keep masks whose predicted quality (IoU score) is at least this. Lower keeps more, "
-        "worse masks.",
-    ),
-    "stability_score_thresh": (
-        float, 0.95, 0.0, 1.0, 0.01,
-        "Keep masks that barely change when the mask threshold moves (stability score at "
-        "least this). Lower keeps fuzzier masks.",
-    ),
-    "box_nms_thresh": (
-        float, 0.7, 0.0, 1.0, 0.01,
-        "Two masks whose boxes overlap more than this (IoU) are duplicates: the better one "
-        "is kept.",
-    ),
-    "crop_n_layers": (
-        int, 0, 0, 3, 1,
-        "Also run on 2^k x 2^k overlapping crops for k = 1..n (finds small objects in large "
-        "images; slower).",
-    ),
-    "min_mask_region_area": (
-        int, 0, 0, 1_000_000, 10,
-        "Remove holes and islands smaller than this many pixels from each mask (0: off).",
-    ),
-}
-
-
-def _ais_param(field: dataclasses.Field) -> tuple[type, float, float, float, float, str]:
-    """A :data:`PARAMS`-style row of one :class:`AisSettings` field (probabilities in [0, 1],
-    sizes in pixels)."""
-    kind = int if field.type in (int, "int") else float
-    high, step = (1_000_000, 5) if kind is int else (1.0, 0.05)
-    tip = str(field.metadata.get("help", field.name.replace("_", " ")))
-    return (kind, field.default, 0, high, step, f"{tip[:1].upper()}{tip[1:]}.")
-
-
-# the AIS decoding thresholds, generated from AisSettings (its fields and their help)
-AIS_PARAMS: dict[str, tuple[type, float, float, float, float, str]] = {
-    f.name: _ais_param(f) for f in dataclasses.fields(AisSettings)
-}
+# the form's rows, generated from EverythingSettings (AMG) and AisSettings (AIS)
+AMG_FIELDS: dict[str, NumberField] = {f.name: f for f in amg_fields()}
+AIS_FIELDS: dict[str, NumberField] = {f.name: f for f in ais_fields()}
 
 
 def _everything_job(
@@ -251,10 +211,13 @@ class SegmentEverythingWidget(QWidget):
         form.addRow("image", self.image_combo)
         form.addRow("scope", self.scope_combo)
         form.addRow("mode", self.mode_combo)
-        # (label, box) of each row, to show the rows of the mode that runs
-        self._rows: dict[str, list[tuple[QLabel, QWidget]]] = {"amg": [], "ais": []}
-        self.param_widgets = self._add_param_rows(form, content, PARAMS, "amg")
-        self.ais_param_widgets = self._add_param_rows(form, content, AIS_PARAMS, "ais")
+        # (label, box, advanced) of each row, to show the rows of the mode that runs
+        self._rows: dict[str, list[tuple[QWidget, QWidget, bool]]] = {"amg": [], "ais": []}
+        self.more_check = QCheckBox("more AMG parameters", content)
+        self.more_check.setToolTip("Show the AMG parameters that SAM rarely needs changed.")
+        self.more_check.toggled.connect(lambda *_: self._update_mode_ui())
+        self.param_widgets = self._add_param_rows(form, content, AMG_FIELDS, "amg")
+        self.ais_param_widgets = self._add_param_rows(form, content, AIS_FIELDS, "ais")
 
         self.run_button = QPushButton("Run", content)
         self.run_button.clicked.connect(self.run)
@@ -278,22 +241,28 @@ class SegmentEverythingWidget(QWidget):
         self.scroll_area = scrollable(content, self, MIN_FORM_HEIGHT)
 
     def _add_param_rows(
-        self, form: QFormLayout, parent: QWidget, specs: dict[str, tuple], mode: str
+        self, form: QFormLayout, parent: QWidget, rows: dict[str, NumberField], mode: str
     ) -> dict[str, QSpinBox | QDoubleSpinBox]:
+        """One spin box per field (its range, step, default and tooltip); the advanced
+        fields come after a "more parameters" check box."""
         boxes: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        for name, (kind, default, lo, hi, step, tip) in specs.items():
-            box = QSpinBox(parent) if kind is int else QDoubleSpinBox(parent)
-            if kind is float:
-                box.setDecimals(2)
-            box.setRange(kind(lo), kind(hi))
-            box.setSingleStep(kind(step))
-            box.setValue(kind(default))
-            box.setToolTip(tip)
-            label = QLabel(name.replace("_", " "), parent)
-            label.setToolTip(tip)
+        fields = sorted(rows.values(), key=lambda f: f.advanced)  # stable: order kept
+        for spec in fields:
+            if spec.advanced and mode == "amg" and not any(a for *_, a in self._rows[mode]):
+                form.addRow(self.more_check)
+                self._rows[mode].append((self.more_check, self.more_check, False))
+            box = QSpinBox(parent) if spec.kind is int else QDoubleSpinBox(parent)
+            if spec.kind is float:
+                box.setDecimals(FLOAT_DECIMALS)
+            box.setRange(spec.minimum, spec.maximum)
+            box.setSingleStep(spec.step)
+            box.setValue(spec.default)
+            box.setToolTip(spec.tooltip)
+            label = QLabel(spec.label, parent)
+            label.setToolTip(spec.tooltip)
             form.addRow(label, box)
-            boxes[name] = box
-            self._rows[mode].append((label, box))
+            boxes[spec.name] = box
+            self._rows[mode].append((label, box, spec.advanced))
         return boxes
 
     def _refresh_layers(self, event: Any = None) -> None:
@@ -308,24 +277,55 @@ class SegmentEverythingWidget(QWidget):
 
     @property
     def params(self) -> dict[str, Any]:
-        """The AutomaticMaskGenerator keyword arguments set in the form (AMG)."""
-        return {name: PARAMS[name][0](box.value()) for name, box in self.param_widgets.items()}
+        """The AutomaticMaskGenerator keyword arguments set in the form (AMG).
+
+        Every shown field, and the "more parameters" fields whose value differs from
+        their default (the generator's own default applies to the others).
+        """
+        out = {}
+        for name, box in self.param_widgets.items():
+            spec = AMG_FIELDS[name]
+            value = spec.kind(box.value())
+            if not spec.advanced or value != spec.shown_default():
+                out[name] = value
+        return out
 
     @property
     def ais_params(self) -> dict[str, Any]:
         """The :class:`~napari_sam.engine.ais.AisSettings` fields set in the form (AIS)."""
         return {
-            name: AIS_PARAMS[name][0](box.value()) for name, box in self.ais_param_widgets.items()
+            name: AIS_FIELDS[name].kind(box.value())
+            for name, box in self.ais_param_widgets.items()
         }
 
     def set_params(self, **kwargs: Any) -> None:
-        """Set form parameters by name (see :data:`PARAMS` and :data:`AIS_PARAMS`)."""
+        """Set form parameters by name (see :data:`AMG_FIELDS` and :data:`AIS_FIELDS`).
+
+        Values are checked as the CLI checks them (``EverythingSettings``,
+        ``AisSettings``) before any box changes.
+
+        Raises:
+          InvalidInputError: an unknown name, or a value the settings refuse (the
+            settings' message), or one beyond the form's box.
+        """
         boxes = {**self.param_widgets, **self.ais_param_widgets}
-        for name, value in kwargs.items():
+        for name in kwargs:
             if name not in boxes:
                 raise InvalidInputError(
                     f"Unknown parameter {name!r}; choose from {', '.join(boxes)}."
                 )
+        amg = {k: v for k, v in kwargs.items() if k in self.param_widgets}
+        ais = {k: v for k, v in kwargs.items() if k in self.ais_param_widgets}
+        checked = {**check_amg_params({**self.params, **amg}),
+                   **check_ais_params({**self.ais_params, **ais})}
+        for name in kwargs:
+            box = boxes[name]
+            if not box.minimum() <= checked[name] <= box.maximum():
+                raise InvalidInputError(
+                    f"{name} must be at most {box.maximum():g} in this form, got "
+                    f"{checked[name]!r}."
+                )
+        for name, value in kwargs.items():
             boxes[name].setValue(value)
 
     @property
@@ -352,10 +352,12 @@ class SegmentEverythingWidget(QWidget):
         mode = self.mode
         shown = {"amg", "ais"} if (mode == "auto" and head is None) else (
             {mode} if mode != "auto" else {"ais" if head else "amg"})
+        more = self.more_check.isChecked()
         for group, rows in self._rows.items():
-            for label, box in rows:
-                label.setVisible(group in shown)
-                box.setVisible(group in shown)
+            for label, box, advanced in rows:
+                visible = group in shown and (more or not advanced)
+                label.setVisible(visible)
+                box.setVisible(visible)
         ais_index = list(MODES).index("ais")
         auto_index = list(MODES).index("auto")
         if head is False:
@@ -418,12 +420,10 @@ class SegmentEverythingWidget(QWidget):
         self._update_mode_ui()
 
     def _apply_recommended(self, name: str) -> None:
-        """Set the thresholds a zoo model recommends (the official defaults otherwise)."""
-        from napari_sam.models.zoo import recommended_everything_settings
-
-        recommended = recommended_everything_settings(name)
-        for key in ("pred_iou_thresh", "stability_score_thresh"):
-            self.param_widgets[key].setValue(recommended.get(key, PARAMS[key][1]))
+        """Set the thresholds a zoo model recommends (SAM's otherwise), as the CLI does."""
+        recommended = EverythingSettings.recommended_for(name)
+        for key in SAM_THRESHOLDS:
+            self.param_widgets[key].setValue(getattr(recommended, key))
 
     # ------------------------------------------------------------------- run
 
@@ -442,6 +442,8 @@ class SegmentEverythingWidget(QWidget):
                 raise InvalidInputError("Add or select an image layer first.")
             L.check_segmentable(image)
             slices = self._slices(image)
+            if self.mode != "ais":
+                check_amg_params(self.params)  # as the CLI checks them, before any work
         except InvalidInputError as err:
             show_error(str(err))
             self._set_status(str(err))

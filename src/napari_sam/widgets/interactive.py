@@ -1,8 +1,12 @@
 """The "Segment Anything" dock widget: click/box prompts -> live mask preview -> commit.
 
-Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`;
-the rules live in Qt-free modules (:mod:`.prompting`, :mod:`.preview`, :mod:`.keys`,
-:mod:`.layers`).
+Thin glue between napari layers and :class:`napari_sam.engine.predictor.Predictor`:
+the widget's own layers (their creation, events and keys) are managed by
+:class:`~._prompt_layers.PromptLayers`, the embedding runs by
+:class:`~._embedding.EmbeddingScheduler`, model loading by
+:class:`~._model_control.ModelController`; the prediction job
+(:mod:`.prediction`) and the rules (:mod:`.prompting`, :mod:`.preview`, :mod:`.keys`,
+:mod:`.layers`) are Qt-free.
 
 * The widget owns a Points layer ``SAM points`` (lime = positive, red = negative),
   a Shapes layer ``SAM boxes`` (rectangles) and a 2D Labels layer ``SAM preview``.
@@ -36,14 +40,11 @@ Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scor
 from __future__ import annotations
 
 import contextlib
-import weakref
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -73,27 +74,26 @@ from napari_sam.widgets._common import (
     scrollable,
     unwrap,
 )
+from napari_sam.widgets._embedding import EmbeddingScheduler, EmbedJob
 from napari_sam.widgets._model_control import ModelController
-from napari_sam.widgets.keys import BOXES, POINTS, KeyAction, keys_for, layer_help, widget_help
+from napari_sam.widgets._prompt_layers import (
+    PREVIEW_NAME,
+    PROMPT_BOX,
+    PROMPT_POINTS,
+    PromptLayers,
+)
+from napari_sam.widgets.keys import widget_help
+from napari_sam.widgets.prediction import CandidateMasks, predict_candidates
 from napari_sam.widgets.prompting import Prompts, mask_bbox
-from napari_sam.widgets.prompting import superseded_boxes as _superseded_boxes
 
 if TYPE_CHECKING:
     from napari_sam.engine.cache import CacheEntry
-    from napari_sam.engine.predictor import Prediction, Predictor
+    from napari_sam.engine.predictor import Predictor
     from napari_sam.models.sam import Sam
 
 __all__ = ["SegmentAnythingWidget"]
 
-POINTS_NAME = "SAM points"
-BOXES_NAME = "SAM boxes"
-PREVIEW_NAME = "SAM preview"
 N_CANDIDATES = 3
-PROMPT_POINTS = "points"
-PROMPT_BOX = "box"
-# embedding requests are debounced: dragging a contrast slider or scrolling a stack
-# starts one encoder run when the user pauses, not one per event
-EMBED_DELAY_MS = 150
 # commit() waits at most this long for a prediction still being computed
 PREDICTION_WAIT_S = 60.0
 # the form's minimum height in a dock (its first rows stay visible; the rest scrolls)
@@ -103,61 +103,6 @@ MIN_FORM_HEIGHT = 240
 NEW_LABELS_DTYPE = np.uint16
 
 KEYS_HELP = widget_help()
-
-
-def _embed_plane(
-    data: Any,
-    slice_index: tuple[int, ...],
-    contrast_limits: tuple[float, float] | None,
-    predictor: Any,
-) -> Any:
-    """Worker body: read one plane, normalise it, return its (cached or new) CacheEntry."""
-    from napari_sam.engine.image import to_rgb_uint8
-
-    plane = np.asarray(data[slice_index] if slice_index else data)
-    return predictor.embed(to_rgb_uint8(plane, contrast_limits))
-
-
-@dataclass
-class _Prediction:
-    """What a prediction job hands to the main thread (masks in image data pixels)."""
-
-    session: InteractiveSession
-    request: PromptRequest
-    prediction: Prediction
-    masks: np.ndarray  # (C, H, W) bool
-    boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate
-    crops: list[np.ndarray | None]  # preview pixels of each candidate's box
-    style: str
-
-    @property
-    def prompts(self) -> Prompts:
-        return self.request.prompts
-
-
-def _predict_job(
-    session: InteractiveSession,
-    applied: dict[str, Any],
-    entry: Any,
-    request: PromptRequest,
-    style: str,
-    width: int,
-) -> _Prediction:
-    """Runs in the prediction thread: decode, upscale, crop and draw the candidates.
-
-    ``applied`` remembers which embedding the predictor holds (only this thread
-    touches the predictor, so setting the embedding here is race-free).
-    """
-    predictor = session.predictor
-    if applied.get("entry") is not entry:
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
-        applied["entry"] = entry
-    pred = session.decode(request)
-    masks = np.asarray(pred.masks, dtype=bool)
-    boxes = [mask_bbox(m) for m in masks]
-    crops = [None if b is None else P.render_preview(m[b], style, width)
-             for m, b in zip(masks, boxes, strict=True)]
-    return _Prediction(session, request, pred, masks, boxes, crops, style)
 
 
 @contextlib.contextmanager
@@ -171,30 +116,6 @@ def _signals_blocked(*widgets: QWidget) -> Any:
             w.blockSignals(was)
 
 
-def _key_handler(widget: SegmentAnythingWidget, key: KeyAction) -> Any:
-    """A function for napari's ``bind_key`` that runs ``key``'s action on the widget.
-
-    * A named function, not a ``functools.partial``: napari reads ``__name__`` of every
-      function bound on the active layer at each key press.
-    * A generator (the action runs on press, the release does nothing): napari keeps
-      the release callback of the last press of each key, and calls it on the next
-      release of that key even when the new press had none. Without a release step
-      of our own, Ctrl+Z after Z (pan/zoom) on *SAM points* would run napari's stale
-      "restore the previous mode" callback.
-    * Holds the widget weakly; does nothing once the widget is closed.
-    """
-    ref = weakref.ref(widget)
-
-    def handler(layer: Any) -> Any:
-        target = ref()
-        if target is not None and not target._closed:
-            target._run_key_action(key.action, key.argument)
-        yield
-
-    handler.__name__ = handler.__qualname__ = f"napari_sam_{key.action}"
-    return handler
-
-
 class SegmentAnythingWidget(QWidget):
     """Interactive SAM segmentation of the shown 2D plane of an image layer."""
 
@@ -204,9 +125,11 @@ class SegmentAnythingWidget(QWidget):
         from napari_sam.engine.cache import EmbeddingCache
 
         self.cache = EmbeddingCache(EmbeddingCache.DEFAULT_BYTES)
-        self.points_layer: Points | None = None
-        self.boxes_layer: Shapes | None = None
-        self.preview_layer: Labels | None = None
+        # the prompt and preview layers, their events and keys
+        self.layers = PromptLayers(
+            napari_viewer, self._shown_plane, self._update_preview, self._run_key_action,
+            self._show_prompt_mode,
+        )
         self.preview: np.ndarray | None = None  # (H, W) bool, chosen candidate
         self.scores: np.ndarray | None = None  # (C,) predicted IoU of each candidate
         self.masks: np.ndarray | None = None  # (C, H, W) bool
@@ -216,22 +139,14 @@ class SegmentAnythingWidget(QWidget):
 
         self._predictor: Predictor | None = None
         self._predictor_state: dict[str, Any] = {}  # the embedding the predictor holds
-        self._entry: CacheEntry | None = None  # embedding of the shown plane
-        self._emb_gen = 0  # bumps on every embedding request: stale embeddings are dropped
-        self._ready = False
         self._image: Image | None = None
         self._image_ok = False
         self._plane_shown = False  # the viewer shows a 2D plane of the image
-        self._embed_limits: tuple[float, ...] | None = None  # contrast of the last embedding
-        self._result: _Prediction | None = None
+        self._result: CandidateMasks | None = None
         self._requested: Prompts | None = None  # prompts of the latest request
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
-        self._workers: set[Any] = set()
-        self._positive_next = True
-        self._prompt_mode = PROMPT_POINTS
         self._preview_style = P.DEFAULT_STYLE
-        self._updating_layers = False
 
         # Qt deletes the C++ widget when the viewer closes; late worker results then
         # find ``_closed`` set (a plain dict survives the deletion)
@@ -246,10 +161,10 @@ class SegmentAnythingWidget(QWidget):
         self._runner.done.connect(self._on_prediction)
         self._build_ui()
         self._set_status(f"Loading model {DEFAULT_MODEL!r}…")
-        self._embed_timer = QTimer(self)
-        self._embed_timer.setSingleShot(True)
-        self._embed_timer.setInterval(EMBED_DELAY_MS)
-        self._embed_timer.timeout.connect(self._start_embedding)
+        # the shown plane's embedding: debounced runs in a worker, stale ones dropped
+        self.embedding = EmbeddingScheduler(
+            self._embed_job, self._on_embedding, self._on_embedding_error, parent=self
+        )
 
         layers = self.viewer.layers
         layers.events.inserted.connect(self._on_layers_changed)
@@ -462,7 +377,7 @@ class SegmentAnythingWidget(QWidget):
             self._set_image(layer)
 
     def _labels_acceptable(self, layer: Labels) -> bool:
-        if layer is self.preview_layer or layer.name == PREVIEW_NAME:
+        if self.layers.owns(layer):
             return False
         return self._image is None or L.labels_fit_image(layer, self._image)
 
@@ -497,9 +412,7 @@ class SegmentAnythingWidget(QWidget):
         self._image = layer
         self._image_ok = False
         self._plane_shown = False
-        self._ready = False
-        self._entry = None
-        self._emb_gen += 1
+        self.embedding.invalidate()
         self._reset_prediction()
         self.labels_combo.refresh()
         if layer is None:
@@ -516,7 +429,7 @@ class SegmentAnythingWidget(QWidget):
         layer.events.data.connect(self._on_image_content)
         for ev in ("scale", "translate", "rotate", "shear", "affine"):
             getattr(layer.events, ev).connect(self._on_image_transform)
-        self._clear_prompt_data()
+        self.layers.clear_data()
         self._ensure_layers()
         self._update_slice(force=True)
 
@@ -527,7 +440,7 @@ class SegmentAnythingWidget(QWidget):
     def _on_contrast_limits(self, event: Any = None) -> None:
         image = self._image
         limits = None if image is None else tuple(float(v) for v in image.contrast_limits)
-        if limits == self._embed_limits and self._ready:
+        if limits == self.embedding.limits and self._ready:
             return  # e.g. napari's auto-contrast left them as they were
         self._on_image_content(event)
 
@@ -537,15 +450,11 @@ class SegmentAnythingWidget(QWidget):
         self._update_preview()
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        if self._updating_layers or self._closed:
+        if self.layers.updating or self._closed:
             return
         if event is not None and getattr(event, "type", "") == "inserted":
             with contextlib.suppress(Exception):
                 event.value.events.name.connect(self._on_layers_changed)
-            if event.value not in self._owned_layers():
-                # a new image (or any layer) goes on top: put the prompt layers back above
-                # it, once napari has finished inserting it
-                QTimer.singleShot(0, self._raise_owned_layers)
         self.image_combo.refresh()
         self.labels_combo.refresh()
         if self._image is None and self.image_combo.layer is not None:
@@ -553,13 +462,7 @@ class SegmentAnythingWidget(QWidget):
 
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
-        if layer is self.points_layer:
-            self.points_layer = None
-        elif layer is self.boxes_layer:
-            self.boxes_layer = None
-        elif layer is self.preview_layer:
-            self.preview_layer = None
-        elif layer is self._image:
+        if layer is self._image:
             self._set_image(self.image_combo.layer)
         if layer in self._commit_layers:
             self._commit_layers = [x for x in self._commit_layers if x is not layer]
@@ -567,154 +470,46 @@ class SegmentAnythingWidget(QWidget):
 
     def _on_active_layer(self, event: Any = None) -> None:
         active = unwrap(self.viewer.layers.selection.active)
-        if active is not None and active is self.points_layer:
-            self._show_prompt_mode(PROMPT_POINTS)
-        elif active is not None and active is self.boxes_layer:
-            self._show_prompt_mode(PROMPT_BOX)
         if self._image is None and isinstance(active, Image) and active.name != PREVIEW_NAME:
             self.set_image_layer(active)
 
-    # ------------------------------------------------------- owned layers
+    # ------------------------------------------------------- own layers
 
-    def _owned_layers(self) -> list[Any]:
-        """The widget's layers still in the viewer, bottom to top."""
-        return [
-            x for x in (self.preview_layer, self.boxes_layer, self.points_layer)
-            if x is not None and x in self.viewer.layers
-        ]
+    @property
+    def points_layer(self) -> Points | None:
+        """The ``SAM points`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.points
 
-    def _raise_owned_layers(self) -> None:
-        """Move the preview, boxes and points layers to the top (points topmost)."""
-        if self._closed:
-            return
-        layers = self.viewer.layers
-        owned = self._owned_layers()
-        if not owned or list(layers)[-len(owned):] == owned:
-            return
-        self._updating_layers = True
-        try:
-            for layer in owned:
-                layers.move(layers.index(layer), len(layers))
-        finally:
-            self._updating_layers = False
+    @property
+    def boxes_layer(self) -> Shapes | None:
+        """The ``SAM boxes`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.boxes
+
+    @property
+    def preview_layer(self) -> Labels | None:
+        """The ``SAM preview`` layer (None until an image is set, or after it was removed)."""
+        return self.layers.preview
+
+    def _shown_plane(self) -> tuple[Image | None, tuple[int, ...]]:
+        """The image layer and the slice index of the shown plane (read by the layers)."""
+        return self._image, self.slice_index
 
     def _ensure_layers(self) -> None:
         """Create (or re-fit) the prompt and preview layers for the current image."""
         image = self._image
         if image is None or not self._image_ok or self._closed:
             return
-        ndim = len(L.spatial_shape(image))
-        transform = {
-            "scale": image.scale,
-            "translate": image.translate,
-            "rotate": image.rotate,
-            "shear": image.shear,
-            "affine": image.affine.affine_matrix,
-        }
-        h, w = L.image_plane_shape(image)
-        size = max(3.0, max(h, w) / 80)
-        self._updating_layers = True
-        try:
-            active = self.viewer.layers.selection.active
-            created = False
-            if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
-                from napari.utils.colormaps import DirectLabelColormap
-
-                # holds only the preview's bounding box, placed by its affine
-                self.preview_layer = Labels(
-                    np.zeros((1, 1), dtype=np.uint8), name=PREVIEW_NAME,
-                    colormap=DirectLabelColormap(color_dict=P.preview_colors()),
-                    affine=L.plane_affine(image, self.slice_index),
-                )
-                self.viewer.add_layer(self.preview_layer)
-                created = True
-            if (
-                self.boxes_layer is None
-                or self.boxes_layer not in self.viewer.layers
-                or self.boxes_layer.ndim != ndim
-            ):
-                self._remove_owned(self.boxes_layer)
-                self.boxes_layer = Shapes(
-                    ndim=ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
-                    edge_width=max(1.0, size / 4), **transform,
-                )
-                self.viewer.add_layer(self.boxes_layer)
-                self.boxes_layer.mode = "add_rectangle"
-                self.boxes_layer.events.data.connect(self._on_boxes_changed)
-                self._bind_keys(self.boxes_layer, BOXES)
-                created = True
-            else:
-                self._apply_transform(self.boxes_layer, transform)
-            if (
-                self.points_layer is None
-                or self.points_layer not in self.viewer.layers
-                or self.points_layer.ndim != ndim
-            ):
-                self._remove_owned(self.points_layer)
-                self.points_layer = Points(
-                    np.empty((0, ndim)), ndim=ndim, name=POINTS_NAME,
-                    features={L.POSITIVE_FEATURE: np.zeros(0, dtype=bool)},
-                    feature_defaults={L.POSITIVE_FEATURE: self._positive_next},
-                    face_color=L.POSITIVE_FEATURE,
-                    face_color_cycle={True: P.POSITIVE_COLOR, False: P.NEGATIVE_COLOR},
-                    border_color="white", size=size, **transform,
-                )
-                self.viewer.add_layer(self.points_layer)
-                self.points_layer.mode = "add"
-                self.points_layer.events.data.connect(self._on_prompts_changed)
-                self._bind_keys(self.points_layer, POINTS)
-                created = True
-            else:
-                self._apply_transform(self.points_layer, transform)
-                self.points_layer.size = size
-            self._show_preview()
-            if created:
-                self.viewer.layers.selection.active = self._prompt_layer()
-            elif active is not None and active in self.viewer.layers:
-                self.viewer.layers.selection.active = active
-        finally:
-            self._updating_layers = False
-        self._raise_owned_layers()
+        self.layers.ensure(image, self.slice_index)
+        self._show_preview()
         self.image_combo.refresh()
         self.labels_combo.refresh()
 
-    @staticmethod
-    def _apply_transform(layer: Any, transform: dict[str, Any]) -> None:
-        for key, value in transform.items():
-            setattr(layer, key, value)
-
-    def _remove_owned(self, layer: Any) -> None:
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
-
     # ------------------------------------------------------------ keys
-
-    def _bind_keys(self, layer: Any, kind: str) -> None:
-        for key in keys_for(kind):
-            layer.bind_key(key.key, _key_handler(self, key), overwrite=True)
-        # napari rewrites a layer's help line on every mode change, from its own key
-        # table (which advertises digits the plugin rebinds): keep ours
-        text = layer_help(kind)
-        layer.help = text
-
-        def keep_help(event: Any = None, layer: Any = layer, text: str = text) -> None:
-            if not self._closed and layer.help != text:
-                layer.help = text
-
-        layer.events.help.connect(keep_help)
-
-    def _unbind_keys(self) -> None:
-        for layer, kind in ((self.points_layer, POINTS), (self.boxes_layer, BOXES)):
-            if layer is None:
-                continue
-            for key in keys_for(kind):
-                with contextlib.suppress(Exception):
-                    layer.bind_key(key.key, None)
 
     def _run_key_action(self, action: str, argument: int | None) -> None:
         """Run a shortcut's action; "nothing to do" is a message, never an error."""
         if action == "toggle_polarity":
-            self.set_polarity(not self._positive_next)
+            self.set_polarity(not self.layers.positive_next)
         elif action == "candidate":
             self._wait_prediction()
             if self.masks is not None and argument is not None and argument < len(self.masks):
@@ -735,10 +530,8 @@ class SegmentAnythingWidget(QWidget):
 
     def set_polarity(self, positive: bool) -> None:
         """Make the next clicked points positive (True) or negative (False)."""
-        self._positive_next = bool(positive)
-        if self.points_layer is not None:
-            self.points_layer.feature_defaults = {L.POSITIVE_FEATURE: self._positive_next}
-        radio = self.positive_radio if self._positive_next else self.negative_radio
+        self.layers.set_polarity(positive)
+        radio = self.positive_radio if self.layers.positive_next else self.negative_radio
         if not radio.isChecked():
             with _signals_blocked(self.positive_radio, self.negative_radio):
                 radio.setChecked(True)
@@ -748,28 +541,19 @@ class SegmentAnythingWidget(QWidget):
     @property
     def prompt_mode(self) -> str:
         """``"points"`` (clicks add points) or ``"box"`` (drag a rectangle)."""
-        return self._prompt_mode
+        return self.layers.mode
 
     def set_prompt_mode(self, mode: str) -> None:
         """Click points (``"points"``) or draw a box (``"box"``): selects the prompt layer
         and puts it in its drawing mode."""
-        if mode not in (PROMPT_POINTS, PROMPT_BOX):
-            raise InvalidInputError(f"Prompt mode must be {PROMPT_POINTS!r} or {PROMPT_BOX!r}.")
-        self._prompt_mode = mode
+        self.layers.set_mode(mode)
         self._show_prompt_mode(mode)
         if None in (self.points_layer, self.boxes_layer) and self._image_ok:
             self._ensure_layers()
-        layer = self._prompt_layer()
-        if layer is None or layer not in self.viewer.layers:
-            return
-        self._restore_prompt_modes()
-        self.viewer.layers.selection.active = layer
-
-    def _prompt_layer(self) -> Any:
-        return self.boxes_layer if self._prompt_mode == PROMPT_BOX else self.points_layer
+        self.layers.select_prompt_layer(self._plane_shown)
 
     def _show_prompt_mode(self, mode: str) -> None:
-        self._prompt_mode = mode
+        """Check the radio button of prompt mode ``mode``."""
         radio = self.box_radio if mode == PROMPT_BOX else self.points_radio
         if not radio.isChecked():
             with _signals_blocked(self.points_radio, self.box_radio):
@@ -778,13 +562,8 @@ class SegmentAnythingWidget(QWidget):
     def _restore_prompt_modes(self) -> None:
         """Put the prompt layers back in their drawing modes (napari switches them to
         pan/zoom in a 3D view)."""
-        if self._closed or not self._plane_shown:
-            return
-        for layer, mode in ((self.points_layer, "add"), (self.boxes_layer, "add_rectangle")):
-            if layer is None or layer not in self.viewer.layers:
-                continue
-            if getattr(layer, "editable", True) and str(layer.mode) == "pan_zoom":
-                layer.mode = mode
+        if not self._closed:
+            self.layers.restore_draw_modes(self._plane_shown)
 
     # ---------------------------------------------------------- slicing
 
@@ -802,9 +581,7 @@ class SegmentAnythingWidget(QWidget):
             # 3D view, rolled axes or off the image: wait; back on a plane, resume
             self._plane_shown = False
             self._reset_prediction()
-            self._ready = False
-            self._entry = None
-            self._emb_gen += 1
+            self.embedding.invalidate()
             self._set_status(str(err))
             return
         was_hidden = not self._plane_shown
@@ -820,11 +597,23 @@ class SegmentAnythingWidget(QWidget):
 
     # -------------------------------------------------------- embedding
 
+    @property
+    def _ready(self) -> bool:
+        return self.embedding.entry is not None
+
+    @property
+    def _entry(self) -> CacheEntry | None:
+        """The shown plane's embedding (the prediction thread gives it to the predictor)."""
+        return self.embedding.entry
+
+    @property
+    def _emb_gen(self) -> int:
+        """Bumps on every embedding request: stale embeddings are dropped."""
+        return self.embedding.generation
+
     def _request_embedding(self, immediate: bool = False) -> None:
         """Invalidate the current embedding and compute the shown plane's (debounced)."""
-        self._ready = False
-        self._entry = None
-        self._emb_gen += 1
+        self.embedding.invalidate()
         self._runner.invalidate()
         if self._predictor is None or self._image is None or not self._image_ok:
             if self._predictor is None:
@@ -836,49 +625,32 @@ class SegmentAnythingWidget(QWidget):
         if not self._plane_shown:
             return
         self._set_status("Computing the image embedding…")
-        if immediate:
-            self._embed_timer.stop()
-            self._start_embedding()
-        else:
-            self._embed_timer.start()
+        self.embedding.schedule(immediate)
 
-    def _start_embedding(self) -> None:
+    def _embed_job(self) -> EmbedJob | None:
+        """What the scheduler embeds now: the shown plane (None: nothing to embed)."""
         image, predictor = self._image, self._predictor
         if image is None or predictor is None or self._closed or not self._image_ok:
-            return
+            return None
         if not self._plane_shown:
-            return
-        gen = self._emb_gen
+            return None
         limits = tuple(float(v) for v in image.contrast_limits)
-        self._embed_limits = limits
-        worker = create_worker(
-            _embed_plane, image.data, self.slice_index, limits, predictor,
-            _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
-        )
-        worker.returned.connect(partial(self._on_embedding, gen, predictor))
-        worker.errored.connect(partial(self._on_embedding_error, gen))
-        self._start(worker)
+        return EmbedJob(image.data, self.slice_index, limits, predictor)
 
-    def _on_embedding(self, gen: int, predictor: Any, entry: Any) -> None:
-        if gen != self._emb_gen or predictor is not self._predictor or self._closed:
-            return  # stale: the image, slice, contrast or model changed meanwhile
-        self._entry = entry  # the prediction thread gives it to the predictor
-        self._ready = True
+    def _on_embedding(self, predictor: Any, entry: Any) -> None:
+        if predictor is not self._predictor or self._closed:
+            return  # stale: the model changed meanwhile
+        self.embedding.entry = entry
         self._set_status(self._ready_text())
         self._requested = None
         self._update_preview()
 
-    def _on_embedding_error(self, gen: int, err: BaseException) -> None:
-        if gen != self._emb_gen or self._closed:
+    def _on_embedding_error(self, err: BaseException) -> None:
+        if self._closed:
             return
         msg = f"Could not compute the image embedding: {error_message(err)}"
         show_error(msg)
         self._set_status(msg)
-
-    def _start(self, worker: Any) -> None:
-        self._workers.add(worker)
-        worker.finished.connect(partial(self._workers.discard, worker))
-        worker.start()
 
     @property
     def ready(self) -> bool:
@@ -887,9 +659,7 @@ class SegmentAnythingWidget(QWidget):
 
     def wait_for_embedding(self, timeout: float = 60.0) -> bool:
         """Process Qt events until the embedding is ready (or ``timeout`` s); for scripts/tests."""
-        if self._embed_timer.isActive():
-            self._embed_timer.stop()
-            self._start_embedding()
+        self.embedding.flush()
         return process_events_until(lambda: self._ready or self._closed, timeout)
 
     # ------------------------------------------------------- prediction
@@ -912,52 +682,13 @@ class SegmentAnythingWidget(QWidget):
             process_events_until(lambda: not self._runner.pending or self._closed,
                                  PREDICTION_WAIT_S)
 
-    def _on_prompts_changed(self, event: Any = None) -> None:
-        action = str(getattr(event, "action", "changed"))
-        if action in ("adding", "removing", "changing"):
-            return
-        self._update_preview()
-
-    def _on_boxes_changed(self, event: Any = None) -> None:
-        action = str(getattr(event, "action", "changed"))
-        if action == "added":
-            # once napari has finished drawing: only the latest rectangle is a prompt
-            QTimer.singleShot(0, self._prune_boxes)
-        self._on_prompts_changed(event)
-
-    def _prune_boxes(self) -> None:
-        """Remove the rectangles of the shown plane that a newer one replaced."""
-        layer, image = self.boxes_layer, self._image
-        if layer is None or image is None or self._closed or layer not in self.viewer.layers:
-            return
-        if getattr(layer, "_is_creating", False):
-            QTimer.singleShot(50, self._prune_boxes)
-            return
-        old = _superseded_boxes(L.shapes_on_plane(layer, image, self.slice_index).tolist())
-        if old:
-            layer.selected_data = set(old)
-            layer.remove_selected()
-
-    def _prompts(self) -> Prompts:
-        image = self._image
-        pts = np.zeros((0, 2))
-        labels = np.zeros((0,), dtype=np.int32)
-        box = None
-        if self.points_layer is not None:
-            pts, labels = L.points_to_prompts(self.points_layer, image, self.slice_index)
-        if self.boxes_layer is not None:
-            boxes = L.shapes_to_boxes(self.boxes_layer, image, self.slice_index)
-            if len(boxes):
-                box = boxes[-1]  # the most recent rectangle
-        return Prompts.make(pts, labels, box)
-
     def _update_preview(self) -> None:
         """Ask the prediction thread for masks of the current prompts."""
         if not self._ready or self._image is None or self._predictor is None:
             return
         if self._entry is None:
             return
-        prompts = self._prompts()
+        prompts = self.layers.prompts()
         if prompts.empty:
             self._requested = None
             self._reset_prediction()
@@ -968,12 +699,12 @@ class SegmentAnythingWidget(QWidget):
         request = self.session.request(prompts.points, prompts.labels, prompts.box)
         self._requested = prompts
         job = partial(
-            _predict_job, self.session, self._predictor_state, self._entry, request,
+            predict_candidates, self.session, self._predictor_state, self._entry, request,
             self._preview_style, P.outline_width(L.image_plane_shape(self._image)),
         )
         self._runner.submit(job)
 
-    def _on_prediction(self, ticket: int, result: _Prediction | None, error: Any) -> None:
+    def _on_prediction(self, ticket: int, result: CandidateMasks | None, error: Any) -> None:
         if self._closed:
             return
         if error is not None:
@@ -1081,8 +812,7 @@ class SegmentAnythingWidget(QWidget):
             )
         shift = np.eye(3)
         shift[:2, 2] = offset
-        layer.data = pixels
-        layer.affine = L.plane_affine(image, self.slice_index) @ shift
+        self.layers.show_preview(pixels, L.plane_affine(image, self.slice_index) @ shift)
 
     def _reset_prediction(self) -> None:
         self._runner.invalidate()
@@ -1158,7 +888,7 @@ class SegmentAnythingWidget(QWidget):
         layers = self.viewer.layers
         if image in layers:
             layers.move(layers.index(layer), layers.index(image) + 1)
-        self._raise_owned_layers()
+        self.layers.raise_to_top()
         if active is not None and active in layers:
             layers.selection.active = active
         self.labels_combo.refresh()
@@ -1197,17 +927,11 @@ class SegmentAnythingWidget(QWidget):
         self._set_status(done.format(name=layer.name))
         return True
 
-    def _clear_prompt_data(self) -> None:
-        if self.points_layer is not None and len(self.points_layer.data):
-            self.points_layer.data = np.empty((0, self.points_layer.ndim))
-        if self.boxes_layer is not None and self.boxes_layer.nshapes:
-            self.boxes_layer.data = []
-
     def clear(self) -> None:
         """Remove all prompts and the preview; committed labels are untouched."""
-        self._clear_prompt_data()
+        self.layers.clear_data()
         self._reset_prediction()
-        if None in (self.points_layer, self.boxes_layer, self.preview_layer):
+        if self.layers.missing():
             self._ensure_layers()  # the user deleted one of them: bring it back
         if self._ready:
             self._set_status(self._ready_text())
@@ -1222,11 +946,10 @@ class SegmentAnythingWidget(QWidget):
         """Disconnect from the viewer, unbind the keys and stop listening to workers."""
         if self._closed:
             return
-        self._unbind_keys()
+        self.layers.close()
         self._life["closed"] = True
-        self._embed_timer.stop()
+        self.embedding.close()
         self._runner.stop()
-        self._emb_gen += 1
         self.models.close()
         ev = self.viewer.layers.events
         for sig, slot in (
@@ -1240,6 +963,3 @@ class SegmentAnythingWidget(QWidget):
         ):
             with contextlib.suppress(Exception):
                 sig.disconnect(slot)
-        for worker in list(self._workers):
-            with contextlib.suppress(Exception):
-                worker.quit()
