@@ -425,3 +425,22 @@ def test_propagation_through_z_prompts_efficient_sam_without_logits():
     result = propagate_volume(Predictor(random_efficient_sam()), volume, 1, box=[10, 15, 60, 55],
                               settings=settings)
     assert result.masks.shape == volume.shape and result.masks[1].any()
+
+
+def test_embedding_store_keeps_efficient_sams_geometry(tmp_path):
+    from napari_sam.engine.store import EmbeddingStore, embed_to_store
+
+    model = random_efficient_sam()
+    stack = np.stack([IMAGES["rgb_uint8_90x150"][..., c] for c in range(2)])
+    writer = Predictor(model)
+    embed_to_store(writer, stack, tmp_path / "s.sam.zarr", tile_size=None)
+    store = EmbeddingStore.open(tmp_path / "s.sam.zarr")
+    assert tuple(store.geometry[0, -2:]) == (TINY.img_size, TINY.img_size)  # stretched
+    reader = Predictor(model, store=store)
+    reader.set_image(stack[1])
+    assert reader.store.hits == 1
+    assert reader.input_size == (TINY.img_size, TINY.img_size)  # stretched, not resized
+    fresh = Predictor(model)
+    fresh.set_image(stack[1])
+    np.testing.assert_array_equal(reader.predict(box=[10, 15, 60, 55]).masks,
+                                  fresh.predict(box=[10, 15, 60, 55]).masks)
