@@ -8,7 +8,7 @@ is *not* kept, nothing is padded), normalised with the ImageNet mean/std of
 0..1 values (the same numbers as SAM's 0..255 constants) and encoded. Prompts
 are (x, y) pixels of the stretched frame. Low-res logits (4E x 4E) cover the
 whole stretched frame and are resized bicubically straight to the original
-(H, W).
+(H, W) (``StretchTransform.upscale``; the model has no ``postprocess_masks``).
 
 Not supported by EfficientSAM (see docs/api.md): mask prompts (refinement
 uses points only) and more than ``max_prompt_points`` prompt points (6; a box
@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 from .efficient_sam_decoder import EfficientMaskDecoder
@@ -67,15 +66,3 @@ class EfficientSam(PromptableModel):
                 "image first (napari_sam.engine.transforms.StretchTransform)."
             )
         return (x - self.pixel_mean) / self.pixel_std
-
-    def postprocess_masks(
-        self,
-        masks: torch.Tensor,
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
-    ) -> torch.Tensor:
-        """Low-res logits (B, C, 4E, 4E) -> (B, C, H, W) logits of the original image:
-        bicubic (``align_corners=False``) straight to ``original_size`` (the low-res frame
-        is the whole stretched image, so ``input_size`` is not needed)."""
-        size = (int(original_size[0]), int(original_size[1]))
-        return F.interpolate(masks, size, mode="bicubic", align_corners=False)
