@@ -42,6 +42,7 @@ import torch
 
 from napari_sam.engine.cache import EmbeddedImage, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.refine import refine_logits
 from napari_sam.engine.session import limit_prompt_points
 from napari_sam.engine.store import EmbeddingStore
 from napari_sam.engine.threads import compute_threads
@@ -97,6 +98,10 @@ class Predictor:
       store: an :class:`~napari_sam.engine.store.EmbeddingStore` (embeddings on
         disk, ``napari-sam embed``) that :meth:`embed` reads before running the
         encoder; see :meth:`use_store`.
+      refine: redraw :meth:`predict`'s masks with the model's mask refiner
+        (:mod:`napari_sam.engine.refine`; the default model has one, official
+        checkpoints have none): None (default) when the model has one, False
+        never. Low-res logits and predicted IoUs are the decoder's either way.
 
     Raises:
       InvalidInputError: an unknown ``decoder``, or ``"factored"`` for a
@@ -118,8 +123,10 @@ class Predictor:
         cache_bytes: int = EmbeddingCache.DEFAULT_BYTES,
         decoder: str | MaskDecoderBackend = "auto",
         store: EmbeddingStore | None = None,
+        refine: bool | None = None,
     ) -> None:
         self.model = model
+        self.refine = refine
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
         #: the model family's image convention (resize + pad for SAM, stretch for EfficientSAM)
         self.transform: ImageTransform = transform_for(model)
@@ -162,6 +169,14 @@ class Predictor:
             self.decoder = make_decoder_backend(self.model, "factored" if value else "reference")
             self._decoder_context = None
 
+    @property
+    def refiner(self) -> torch.nn.Module | None:
+        """The mask refiner :meth:`predict` uses now, or None (see ``refine``)."""
+        refiner = getattr(self.model, "mask_refiner", None)
+        if refiner is None or self.refine is False or self.image is None:
+            return None
+        return refiner
+
     # ------------------------------------------------------------------ image state
 
     @property
@@ -175,6 +190,7 @@ class Predictor:
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        self.image: np.ndarray | None = None  # (H, W, 3) uint8, for the mask refiner
         self.is_image_set = False
         self._decoder_context = None
         self.decoder.release()
@@ -184,7 +200,7 @@ class Predictor:
         """The current image's :class:`~napari_sam.engine.cache.EmbeddedImage`, or None."""
         if not self.is_image_set:
             return None
-        return EmbeddedImage(self.features, self.input_size, self.original_size)
+        return EmbeddedImage(self.features, self.input_size, self.original_size, self.image)
 
     def set_image(
         self,
@@ -199,7 +215,7 @@ class Predictor:
         """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
         entry = self.embed(rgb)
-        self.set_embedding(entry.features, entry.original_size, entry.input_size)
+        self.set_embedding(entry.features, entry.original_size, entry.input_size, image=rgb)
 
     def embed(self, rgb: np.ndarray, use_cache: bool = True) -> EmbeddedImage:
         """Embedding of a normalised (H, W, 3) uint8 image, from the cache or computed.
@@ -214,7 +230,7 @@ class Predictor:
         if not use_cache:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
-            return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
+            return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size, rgb)
         key = self.cache.key(self.model, rgb)
         entry = self.cache.get(key)
         if entry is None and self.store is not None:
@@ -222,11 +238,11 @@ class Predictor:
             # read plane by plane then holds one embedding, not as many as the cache takes
             stored = self.store.lookup(key[1])
             if stored is not None:
-                return stored._replace(features=stored.features.to(self.device))
+                return stored._replace(features=stored.features.to(self.device), image=rgb)
         if entry is None:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
-            entry = EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
+            entry = EmbeddedImage(self.compute_embedding(rgb), input_size, original_size, rgb)
             self.cache.put(key, entry)
         return entry
 
@@ -245,9 +261,11 @@ class Predictor:
         features: torch.Tensor,
         original_size: tuple[int, int],
         input_size: tuple[int, int],
+        image: np.ndarray | None = None,
     ) -> None:
         """Use precomputed ``features`` (1, C, E, E) of an image of ``original_size`` (H, W)
-        resized to ``input_size`` (h, w)."""
+        resized to ``input_size`` (h, w). ``image``: the (H, W, 3) uint8 image they were
+        computed from (``EmbeddedImage.image``); without it the mask refiner is not used."""
         if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[0] != 1:
             shape = getattr(features, "shape", type(features).__name__)
             raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
@@ -255,6 +273,7 @@ class Predictor:
         self._decoder_context = None
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.image = image if image is not None and image.shape[:2] == self.original_size else None
         self.is_image_set = True
 
     # ------------------------------------------------------------------ prediction
@@ -339,11 +358,16 @@ class Predictor:
         if masks is not None:
             mask_t = _batch(torch.as_tensor(masks[0], device=dev), masks[1], n_batch)
 
+        refiner = self.refiner
         out_masks, iou, low_res = self.predict_torch(
-            coords_t, labels_t, boxes_t, mask_t, multimask=multimask, return_logits=return_logits
+            coords_t, labels_t, boxes_t, mask_t, multimask=multimask,
+            return_logits=return_logits or refiner is not None,
         )
+        masks_np = out_masks.cpu().numpy()
+        if refiner is not None:
+            masks_np = self._refine(refiner, masks_np, pts, boxes, n_batch, return_logits)
         out = Prediction(
-            out_masks.cpu().numpy(),
+            masks_np,
             iou.float().cpu().numpy(),
             low_res.float().cpu().numpy(),
         )
@@ -418,6 +442,20 @@ class Predictor:
             return self.transform.upscale(low_res, self.input_size, self.original_size)
 
     # ------------------------------------------------------------------ helpers
+
+    def _refine(self, refiner, logits, pts, boxes, n_batch: int, return_logits: bool):
+        """(B, C, H, W) decoder logits -> refined logits (or masks) for :meth:`predict`."""
+        points = labels = box = None
+        if pts is not None:
+            rc, lab, batched = pts
+            points = rc if batched else np.broadcast_to(rc, (n_batch, *rc.shape))
+            labels = lab if batched else np.broadcast_to(lab, (n_batch, *lab.shape))
+        if boxes is not None:
+            box = boxes[0] if boxes[1] else np.broadcast_to(boxes[0], (n_batch, 4))
+        threshold = float(self.model.mask_threshold)
+        with self._lock, compute_threads():
+            refined = refine_logits(refiner, self.image, logits, points, labels, box, threshold)
+        return refined if return_logits else refined > threshold
 
     def _low_res_size(self) -> tuple[int, int]:
         size = getattr(self.model.prompt_encoder, "mask_input_size", None)

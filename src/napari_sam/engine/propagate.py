@@ -362,7 +362,8 @@ def iter_propagate(
             stopped[direction] = reason
     finally:
         if saved is not None:
-            predictor.set_embedding(saved.features, saved.original_size, saved.input_size)
+            predictor.set_embedding(saved.features, saved.original_size, saved.input_size,
+                                    image=getattr(saved, "image", None))
         elif hasattr(predictor, "reset_image"):
             predictor.reset_image()
     yield PropagationResult(masks, [reports[k] for k in sorted(reports)], stopped)
@@ -533,7 +534,8 @@ def _use(predictor: Any, embedded: EmbeddedImage, index: int) -> None:
         raise InvalidInputError(
             f"The embedding provider returned {type(embedded).__name__} for plane {index}; it "
             "must return an EmbeddedImage (Predictor.embed).")
-    predictor.set_embedding(embedded.features, embedded.original_size, embedded.input_size)
+    predictor.set_embedding(embedded.features, embedded.original_size, embedded.input_size,
+                            image=getattr(embedded, "image", None))
 
 
 def _predict(predictor: Any, multimask: bool = False, **prompt: Any):

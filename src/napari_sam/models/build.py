@@ -28,6 +28,7 @@ from .efficient_sam_prompt_encoder import MAX_PROMPT_POINTS, EfficientPromptEnco
 from .efficient_sam_transformer import EfficientTwoWayTransformer
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .tiny_vit import TinyViT
@@ -149,6 +150,8 @@ class SamConfig:
     mask_in_chans: int = 16
     # width of the AIS head (models/ais_head.py); 0: the model has none (official SAM)
     ais_head_hidden: int = 0
+    # channels per level of the mask refiner (models/mask_refiner.py); (): none
+    refiner_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -167,6 +170,13 @@ class SamConfig:
             or (self.ais_head_hidden >= 2 and self.ais_head_hidden % 2 == 0),
             f"ais_head_hidden must be 0 (no head) or an even number >= 2, got "
             f"{self.ais_head_hidden}",
+        )
+        _check(
+            isinstance(self.refiner_widths, tuple)
+            and all(isinstance(w, int) and w >= 1 for w in self.refiner_widths)
+            and len(self.refiner_widths) != 1,
+            f"refiner_widths must be () (no refiner) or >= 2 positive ints, got "
+            f"{self.refiner_widths!r}",
         )
 
     @property
@@ -194,6 +204,10 @@ class SamConfig:
             d[f.name] = value
         if not self.ais_head_hidden:
             del d["ais_head_hidden"]  # head-less configs keep their old form
+        if self.refiner_widths:
+            d["refiner_widths"] = list(self.refiner_widths)
+        else:
+            del d["refiner_widths"]
         return d
 
     @classmethod
@@ -214,6 +228,8 @@ class SamConfig:
         enc_unknown = set(enc_data) - {f.name for f in fields(enc_cls)}
         if unknown or enc_unknown:
             raise InvalidInputError(f"unknown SAM config fields: {sorted(unknown | enc_unknown)}")
+        if isinstance(data.get("refiner_widths"), list):
+            data["refiner_widths"] = tuple(data["refiner_widths"])
         try:
             return cls(encoder=enc_cls(**enc_data), **data)
         except TypeError as exc:
@@ -412,7 +428,9 @@ def _build_segment_anything(config: SamConfig) -> Sam:
     )
     mask_decoder = MaskDecoder(**_decoder_arguments(config, TwoWayTransformer))
     ais_head = AisHead(dim, config.ais_head_hidden) if config.ais_head_hidden else None
-    return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head)
+    refiner = MaskRefiner(config.refiner_widths) if config.refiner_widths else None
+    return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head,
+               mask_refiner=refiner)
 
 
 def build_efficient_sam(config: EfficientSamConfig) -> EfficientSam:
@@ -618,4 +636,8 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
             _shape(state_dict, "ais_head.net.0.weight", 4)[1]
             if "ais_head.net.0.weight" in state_dict else 0
         ),
+        refiner_widths=tuple(
+            _shape(state_dict, f"mask_refiner.enc.{i}.0.weight", 4)[0]
+            for i in range(_count(state_dict, r"mask_refiner\.enc\.(\d+)\.0\.weight"))
+        ) if "mask_refiner.enc.0.0.weight" in state_dict else (),
     )

@@ -74,12 +74,15 @@ class Sam(PromptableModel):
         pixel_std: tuple[float, ...] = PIXEL_STD,
         config: SamConfig | None = None,
         ais_head: nn.Module | None = None,
+        mask_refiner: nn.Module | None = None,
     ) -> None:
         super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std,
                          config)
         # optional automatic-instance-segmentation head (models/ais_head.py); official
         # checkpoints have none, and a None attribute adds no state-dict keys
         self.ais_head = ais_head
+        # optional native-resolution mask refiner (models/mask_refiner.py); the same
+        self.mask_refiner = mask_refiner
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in 0..255 with max(h, w) <= S -> (B, 3, S, S) normalised,
