@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from napari_sam.models.mask_refiner import REFINER_CROP
 from napari_sam.models.sam import PIXEL_MEAN, PIXEL_STD
 
-__all__ = ["MIN_WINDOW", "paste_window", "refine_logits", "refine_window", "window_features"]
+__all__ = [
+    "MIN_WINDOW", "paste_window", "refine_logits", "refine_window", "window_features",
+    "window_target",
+]
 
 #: the smallest window side (image pixels): a click on nothing still sees its context
 MIN_WINDOW = 24
@@ -130,6 +133,12 @@ def window_features(
     prob = torch.sigmoid(logit.clamp(-20, 20))
     return torch.cat([image, prob[None], _point_map(positive, window)[None],
                       _point_map(negative, window)[None]], 0)
+
+
+def window_target(mask: np.ndarray, window: Window) -> torch.Tensor:
+    """(S, S) float32 share of each refiner-grid pixel inside ``mask`` (H, W) bool: the
+    training target for that window (area-averaged, as the image channels are)."""
+    return _to_grid(_take(np.asarray(mask, np.float32), window))[0]
 
 
 def paste_window(logits: np.ndarray, refined: torch.Tensor, window: Window) -> np.ndarray:
