@@ -47,8 +47,10 @@ def reference_default():
 
     state, config = load_state_dict(zoo.embedded_weights_path())
     ref = make_reference_sam(config)
-    # the AIS head is ours (the reference has none); every SAM tensor must load strictly
-    sam_state = {k: v for k, v in state.items() if not k.startswith("ais_head.")}
+    # the AIS head and the mask refiner are ours (the reference has neither); every SAM
+    # tensor must load strictly
+    sam_state = {k: v for k, v in state.items()
+                 if not k.startswith(("ais_head.", "mask_refiner."))}
     ref.load_state_dict(sam_state, strict=True)
     return ref.eval()
 
@@ -133,7 +135,7 @@ def test_default_model_matches_reference(default_model, reference_default, sampl
 
     image, labels = sample
     image = image[:300, :260]  # non-square
-    ours = Predictor(default_model)
+    ours = Predictor(default_model, refine=False)  # the refiner is ours: SAM's masks here
     ours.set_image(image)
     theirs = SamPredictor(reference_default)
     theirs.set_image(to_rgb_uint8(image), image_format="RGB")
