@@ -53,7 +53,8 @@ def stack_axes(shape: tuple[int, ...], names: tuple[str, ...] | None = None) -> 
     out = []
     for axis, size in enumerate(lead):
         name = names[axis] if names is not None and axis < len(names) else ""
-        named = f" ({name})" if name and name != str(axis) else ""
+        # napari names unnamed axes by number ("-3", "0"): those are left out
+        named = f" ({name})" if name and not name.lstrip("-").isdigit() else ""
         out.append(f"axis {axis}{named}: {size} planes")
     return out
 
