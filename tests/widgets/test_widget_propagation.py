@@ -331,16 +331,32 @@ def test_precompute_stores_beside_the_file_and_a_new_widget_reads_it(
         assert problems() == []
 
 
-def test_precompute_without_a_file_uses_the_cache_folder(
+def test_precompute_without_a_file_uses_the_cache_folder_cancel_and_resume(
         make_napari_viewer, tiny_sam, tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path))
     viewer = make_napari_viewer(show=True)
-    viewer.add_image(volume(ellipsoid(shape=(3, 32, 32), centre=(1, 16, 16), radii=(1, 8, 8))),
+    viewer.add_image(volume(ellipsoid(shape=(6, 32, 32), centre=(2, 16, 16), radii=(2, 8, 8))),
                      name="in memory")
     widget = _open_widget(viewer, tiny_sam)
+    encode = Predictor.compute_embedding
+
+    def slow(self, rgb):
+        time.sleep(0.3)
+        return encode(self, rgb)
+
     with napari_notifications() as problems:
+        monkeypatch.setattr(Predictor, "compute_embedding", slow)
         assert widget.precompute()
+        assert process_events_until(lambda: widget.stack.progress.value() >= 1, TIMEOUT)
+        QTest.mouseClick(widget.stack.cancel_button, Qt.MouseButton.LeftButton)
+        assert widget.wait_for_propagation(TIMEOUT)
+        assert "cancelled" in widget.status.text() and "kept" in widget.status.text()
+        assert widget._predictor.store is None
+        monkeypatch.setattr(Predictor, "compute_embedding", encode)
+        assert widget.precompute()  # resumes: only the missing planes are computed
         assert widget.wait_for_propagation(TIMEOUT), widget.status.text()
+        assert "of 6 embeddings computed" in widget.status.text()
+        assert "6 of 6" not in widget.status.text()
         stores = list((tmp_path / "embeddings").glob("in_memory-*.sam.zarr"))
         assert len(stores) == 1
         assert "napari-sam cache folder" in widget.status.text()

@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 from napari_sam.engine.propagate import PropagationProgress, PropagationSettings
-from napari_sam.errors import CancelledError, NapariSamError
+from napari_sam.errors import CancelledError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets import preview as P
-from napari_sam.widgets._common import error_message, process_events_until
+from napari_sam.widgets._common import process_events_until, report_failure
 from napari_sam.widgets.volume import (
     PropagatedObject,
     StackWalk,
@@ -244,11 +244,8 @@ class StackPanel(QWidget):
     def propagate(self) -> bool:
         """Start propagating the shown plane's object; False (with a message) when there is
         nothing to propagate or a job runs. Scripts then call :meth:`wait`."""
-        host = self._host()
-        if host is None or self.closed:
-            return False
-        if self._job is not None:
-            show_info(f"Wait for the running {self._job} to finish, or cancel it.")
+        host = self._idle_host()
+        if host is None:
             return False
         image, predictor, axis = host.image_layer, host._predictor, self.axis
         if image is None or predictor is None or not host._plane_shown:
@@ -290,6 +287,16 @@ class StackPanel(QWidget):
         self._start(worker, "propagate")
         self._status(f"Propagating along axis {axis} from plane {walk.start}…")
         return True
+
+    def _idle_host(self) -> Any:
+        """The host widget when no job runs (else None, with a message)."""
+        host = self._host()
+        if host is None or self.closed:
+            return None
+        if self._job is not None:
+            show_info(f"Wait for the running {self._job} to finish, or cancel it.")
+            return None
+        return host
 
     def _seed(self, host: Any) -> tuple[np.ndarray | None, int | None]:
         """The shown plane's preview, else the selected committed label on this plane."""
@@ -349,24 +356,16 @@ class StackPanel(QWidget):
         if isinstance(err, CancelledError):
             self._status(f"{what} cancelled; nothing was committed." if what == "Propagation"
                          else f"{what} cancelled: {err}")
-        elif isinstance(err, NapariSamError):
-            self._status(f"{what} failed: {err}")
-            show_warning(f"Segment Anything: {err}")
         else:
-            msg = f"{what} failed: {error_message(err)}"
-            self._status(msg)
-            show_error(msg)
+            report_failure(what, err, self._status)
 
     # ------------------------------------------------------------- the store
 
     def precompute(self) -> bool:
         """Start computing every plane's embedding into a store; False (with a message)
         when no model or image is set or a job runs. Scripts then call :meth:`wait`."""
-        host = self._host()
-        if host is None or self.closed:
-            return False
-        if self._job is not None:
-            show_info(f"Wait for the running {self._job} to finish, or cancel it.")
+        host = self._idle_host()
+        if host is None:
             return False
         image, predictor = host.image_layer, host._predictor
         if image is None or predictor is None:

@@ -66,7 +66,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sam.engine.session import InteractiveSession, PromptRequest
-from napari_sam.errors import InvalidInputError, NapariSamError
+from napari_sam.errors import InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets import preview as P
 from napari_sam.widgets._common import (
@@ -76,6 +76,7 @@ from napari_sam.widgets._common import (
     ModelPicker,
     error_message,
     process_events_until,
+    report_failure,
     scrollable,
     unwrap,
 )
@@ -766,13 +767,7 @@ class SegmentAnythingWidget(QWidget):
             return
         if error is not None:
             self._requested = None
-            if isinstance(error, NapariSamError):
-                self._set_status(f"Prediction failed: {error}")
-                show_warning(f"Segment Anything: {error}")
-            else:
-                msg = f"Prediction failed: {error_message(error)}"
-                self._set_status(msg)
-                show_error(msg)
+            report_failure("Prediction", error, self._set_status)
             return
         if result is None or result.session is not self.session:
             return
