@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from napari_sam.models.build import (
+    EfficientSamConfig,
     SamConfig,
     TinyViTEncoderConfig,
     ViTEncoderConfig,
@@ -147,3 +148,18 @@ def reference_pair(config: SamConfig, seed: int = 0) -> tuple[Sam, torch.nn.Modu
     ref = make_reference_sam(config)
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ours, ref.eval()
+
+
+def tiny_efficient_sam_config(**overrides) -> EfficientSamConfig:
+    """EfficientSAM at 128 px: 8 x 8 embedding, 2 global blocks of width 64, 32 x 32 logits."""
+    kw = dict(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+              prompt_embed_dim=64, decoder_mlp_dim=128, upscaling_dims=(16, 8),
+              iou_head_hidden_dim=64)
+    kw.update(overrides)
+    return EfficientSamConfig(**kw)
+
+
+def build_random_efficient_sam(config: EfficientSamConfig | None = None, seed: int = 0):
+    """Our EfficientSam with seeded random weights (see :func:`randomize_`), in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_(build_sam(config or tiny_efficient_sam_config()), seed=seed).eval()

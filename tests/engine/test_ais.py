@@ -270,7 +270,8 @@ def test_cli_everything_runs_ais_on_a_model_with_a_head_and_tiles_stacks(
     planes = np.stack([_blobs((140, 170), seed) for seed in range(3)])  # > 128 px: tiled
     tifffile.imwrite(tmp_path / "stack.tif", planes[..., 0], photometric="minisblack")
     res = _cli("everything", tmp_path / "stack.tif", "--out", tmp_path / "out",
-               "-m", head_model_path, "--min-size", "5", "--center-threshold", "0.5")
+               "-m", head_model_path, "--min-size", "5", "--center-threshold", "0.5",
+               "--no-link-planes")  # the per-plane id rule (linking: test_everything_volume)
     assert res.returncode == 0, res.stderr
     assert "mode ais (the model has an AIS head)" in res.stderr
     assert "recommended settings" not in res.stderr  # AMG's thresholds do not apply

@@ -284,8 +284,10 @@ def test_everything_job_runs_in_the_workers_own_thread(tiny_sam, monkeypatch):
     assert msgs[-1][3].shape == _image().shape[:2]
 
 
-def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path):
-    """The widget and ``napari-sam everything`` number the same stack the same way."""
+@pytest.mark.parametrize("link", [True, False])
+def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path, link):
+    """The widget and ``napari-sam everything`` number the same stack the same way, with
+    the planes linked into 3D objects (both by default) or not."""
     import tifffile
 
     from napari_sam.cli import main
@@ -299,13 +301,15 @@ def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path):
     assert main(["everything", str(tmp_path / "stack.tif"), "--out", str(out),
                  "--model", str(model_path), "--device", "cpu", "--points-per-side", "4",
                  "--points-per-batch", "8", "--pred-iou-thresh", "0",
-                 "--stability-score-thresh", "0"]) == 0
+                 "--stability-score-thresh", "0", *([] if link else ["--no-link-planes"])]) == 0
     cli = read_labels(out)
 
     viewer = make_napari_viewer()
     viewer.add_image(stack, name="stack", contrast_limits=(0, 255))  # uint8: as the CLI
     widget = _open(viewer, tiny_sam)
     widget.set_scope("whole stack")
+    assert widget.link_check.isChecked()  # linking is the default, as in the CLI
+    widget.link_check.setChecked(link)
     widget.run()
     assert widget.wait(TIMEOUT)
     got = widget.result_layer.data

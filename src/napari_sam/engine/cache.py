@@ -36,11 +36,14 @@ class EmbeddedImage(NamedTuple):
     features: (1, C, E, E) encoder output (on the device it was computed on).
     input_size: (h, w) of the resized image inside the model input.
     original_size: (H, W) of the original image.
+    image: (H, W, 3) uint8, the normalised image itself, or None; kept for the
+      mask refiner (:mod:`napari_sam.engine.refine`), which reads native pixels.
     """
 
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    image: np.ndarray | None = None
 
 
 #: the former name of :class:`EmbeddedImage`
@@ -78,7 +81,9 @@ def model_key(model: torch.nn.Module) -> str:
 
 
 def _nbytes(entry: CacheEntry) -> int:
-    return entry.features.element_size() * entry.features.nelement()
+    image = getattr(entry, "image", None)
+    return (entry.features.element_size() * entry.features.nelement()
+            + (0 if image is None else int(image.nbytes)))
 
 
 class EmbeddingCache:

@@ -440,8 +440,10 @@ class AutomaticMaskGenerator:
             return empty
         b_idx = cand // n_out
 
-        target = self.predictor.transform.target_length
-        if self.stability_score_thresh > 0.0:
+        transform = self.predictor.transform
+        target = transform.target_length
+        # the low-res bound follows SAM's bilinear upscaling (not EfficientSAM's bicubic one)
+        if self.stability_score_thresh > 0.0 and transform.bilinear_upscale:
             ub = stability_upper_bound(
                 low, target, emb.input_size, emb.original_size, thr,
                 self.stability_score_offset,
@@ -457,8 +459,12 @@ class AutomaticMaskGenerator:
         kept_masks: list[tuple[torch.Tensor, tuple[int, int]]] = []
         kept_stab, kept_sel, kept_boxes = [], [], []
         for s in range(0, cand.numel(), chunk):
-            logits = upscale_logits(low[s : s + chunk, None], target, emb.input_size,
-                                    emb.original_size)[:, 0]  # (s, h_c, w_c)
+            if transform.bilinear_upscale:  # SAM: the banded resize chain
+                logits = upscale_logits(low[s : s + chunk, None], target, emb.input_size,
+                                        emb.original_size)[:, 0]  # (s, h_c, w_c)
+            else:  # EfficientSAM's bicubic resize
+                logits = transform.upscale(low[s : s + chunk, None], emb.input_size,
+                                           emb.original_size)[:, 0]
             stab = M.stability_score(logits, thr, self.stability_score_offset)
             masks = logits > thr
             del logits

@@ -19,6 +19,10 @@ Everything in SAM's model frame ((x, y) in the resized input, batched torch
 tensors) goes through :meth:`Predictor.predict_torch`, which everything-mode
 uses directly.
 
+EfficientSAM models follow their own image convention (stretch to S x S, bicubic
+upscaling; :class:`~napari_sam.engine.transforms.StretchTransform`), take no
+``mask_input`` and at most 6 prompt points.
+
 The mask decoder runs through a backend chosen when the predictor is built
 (``decoder="auto" | "reference" | "factored"``, see
 :mod:`napari_sam.models.fast_decoder`). Masks are computed like the reference
@@ -38,10 +42,11 @@ import torch
 
 from napari_sam.engine.cache import EmbeddedImage, EmbeddingCache
 from napari_sam.engine.image import to_rgb_uint8
+from napari_sam.engine.refine import refine_logits
+from napari_sam.engine.session import limit_prompt_points
 from napari_sam.engine.store import EmbeddingStore
 from napari_sam.engine.threads import compute_threads
-from napari_sam.engine.transforms import ImageTransform
-from napari_sam.engine.upsample import upscale_logits
+from napari_sam.engine.transforms import ImageTransform, transform_for
 from napari_sam.errors import InvalidInputError
 from napari_sam.models.fast_decoder import (
     FactoredBackend,
@@ -75,9 +80,12 @@ class Predictor:
     """Predict masks for one image at a time from point, box and mask prompts.
 
     Arguments:
-      model: a ``napari_sam.models.Sam`` (or any module with the same
-        interface: ``image_encoder`` with ``img_size``, ``prompt_encoder``,
-        ``mask_decoder``, ``preprocess``, ``mask_threshold``).
+      model: a ``napari_sam.models.Sam`` or ``EfficientSam`` (or any module with
+        the same interface: ``image_encoder`` with ``img_size``, ``prompt_encoder``,
+        ``mask_decoder``, ``preprocess``, ``mask_threshold``; optionally
+        ``image_convention``, ``accepts_mask_prompt``, ``max_prompt_points``). Its
+        image convention (:func:`~napari_sam.engine.transforms.transform_for`)
+        decides how images are resized and masks upscaled.
       cache: embedding cache to use (may be shared between predictors);
         a private one of ``cache_bytes`` is made when None.
       cache_bytes: capacity of the private cache (default
@@ -90,6 +98,10 @@ class Predictor:
       store: an :class:`~napari_sam.engine.store.EmbeddingStore` (embeddings on
         disk, ``napari-sam embed``) that :meth:`embed` reads before running the
         encoder; see :meth:`use_store`.
+      refine: redraw :meth:`predict`'s masks with the model's mask refiner
+        (:mod:`napari_sam.engine.refine`; the default model has one, official
+        checkpoints have none): None (default) when the model has one, False
+        never. Low-res logits and predicted IoUs are the decoder's either way.
 
     Raises:
       InvalidInputError: an unknown ``decoder``, or ``"factored"`` for a
@@ -111,10 +123,13 @@ class Predictor:
         cache_bytes: int = EmbeddingCache.DEFAULT_BYTES,
         decoder: str | MaskDecoderBackend = "auto",
         store: EmbeddingStore | None = None,
+        refine: bool | None = None,
     ) -> None:
         self.model = model
+        self.refine = refine
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
-        self.transform = ImageTransform(model.image_encoder.img_size)
+        #: the model family's image convention (resize + pad for SAM, stretch for EfficientSAM)
+        self.transform: ImageTransform = transform_for(model)
         #: the mask-decoder backend (:mod:`napari_sam.models.fast_decoder`)
         self.decoder: MaskDecoderBackend = make_decoder_backend(model, decoder)
         self._decoder_context: Any = None  # the backend's per-image context
@@ -154,6 +169,14 @@ class Predictor:
             self.decoder = make_decoder_backend(self.model, "factored" if value else "reference")
             self._decoder_context = None
 
+    @property
+    def refiner(self) -> torch.nn.Module | None:
+        """The mask refiner :meth:`predict` uses now, or None (see ``refine``)."""
+        refiner = getattr(self.model, "mask_refiner", None)
+        if refiner is None or self.refine is False or self.image is None:
+            return None
+        return refiner
+
     # ------------------------------------------------------------------ image state
 
     @property
@@ -167,6 +190,7 @@ class Predictor:
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        self.image: np.ndarray | None = None  # (H, W, 3) uint8, for the mask refiner
         self.is_image_set = False
         self._decoder_context = None
         self.decoder.release()
@@ -176,7 +200,7 @@ class Predictor:
         """The current image's :class:`~napari_sam.engine.cache.EmbeddedImage`, or None."""
         if not self.is_image_set:
             return None
-        return EmbeddedImage(self.features, self.input_size, self.original_size)
+        return EmbeddedImage(self.features, self.input_size, self.original_size, self.image)
 
     def set_image(
         self,
@@ -191,7 +215,7 @@ class Predictor:
         """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
         entry = self.embed(rgb)
-        self.set_embedding(entry.features, entry.original_size, entry.input_size)
+        self.set_embedding(entry.features, entry.original_size, entry.input_size, image=rgb)
 
     def embed(self, rgb: np.ndarray, use_cache: bool = True) -> EmbeddedImage:
         """Embedding of a normalised (H, W, 3) uint8 image, from the cache or computed.
@@ -206,7 +230,7 @@ class Predictor:
         if not use_cache:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
-            return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
+            return EmbeddedImage(self.compute_embedding(rgb), input_size, original_size, rgb)
         key = self.cache.key(self.model, rgb)
         entry = self.cache.get(key)
         if entry is None and self.store is not None:
@@ -214,11 +238,11 @@ class Predictor:
             # read plane by plane then holds one embedding, not as many as the cache takes
             stored = self.store.lookup(key[1])
             if stored is not None:
-                return stored._replace(features=stored.features.to(self.device))
+                return stored._replace(features=stored.features.to(self.device), image=rgb)
         if entry is None:
             original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
             input_size = self.transform.input_size(original_size)
-            entry = EmbeddedImage(self.compute_embedding(rgb), input_size, original_size)
+            entry = EmbeddedImage(self.compute_embedding(rgb), input_size, original_size, rgb)
             self.cache.put(key, entry)
         return entry
 
@@ -228,10 +252,8 @@ class Predictor:
         Pure: no cache, no state change. Returns (1, C, E, E) features on the
         model's device (C = 256, E = 64 for the official models).
         """
-        resized = self.transform.resize_image(rgb)  # (h, w, 3) uint8
         with torch.inference_mode(), compute_threads():
-            x = torch.from_numpy(resized).to(self.device)
-            x = x.permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h, w), 0..255
+            x = self.transform.model_input(rgb, self.device)  # (1, 3, h, w), 0..255
             return self.model.image_encoder(self.model.preprocess(x))
 
     def set_embedding(
@@ -239,9 +261,11 @@ class Predictor:
         features: torch.Tensor,
         original_size: tuple[int, int],
         input_size: tuple[int, int],
+        image: np.ndarray | None = None,
     ) -> None:
         """Use precomputed ``features`` (1, C, E, E) of an image of ``original_size`` (H, W)
-        resized to ``input_size`` (h, w)."""
+        resized to ``input_size`` (h, w). ``image``: the (H, W, 3) uint8 image they were
+        computed from (``EmbeddedImage.image``); without it the mask refiner is not used."""
         if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[0] != 1:
             shape = getattr(features, "shape", type(features).__name__)
             raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
@@ -249,6 +273,7 @@ class Predictor:
         self._decoder_context = None
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.image = image if image is not None and image.shape[:2] == self.original_size else None
         self.is_image_set = True
 
     # ------------------------------------------------------------------ prediction
@@ -274,12 +299,15 @@ class Predictor:
             with exclusive ends (``bbox_rc``, numpy slice bounds) is one pixel larger
             at the bottom right, which SAM tolerates.
           mask_input: (1, 4E, 4E) low-res logits of an earlier prediction
-            (``pred.logits[i][None]``), or (B, 1, 4E, 4E).
+            (``pred.logits[i][None]``), or (B, 1, 4E, 4E). EfficientSAM has no mask
+            prompt: it raises InvalidInputError (refine with more points).
           multimask: return 3 candidate masks (best for a single ambiguous
             click) instead of 1.
           return_logits: return full-size float32 logits instead of bool masks.
 
-        Unbatched prompts are broadcast against batched ones.
+        Unbatched prompts are broadcast against batched ones. A model with a point
+        limit (EfficientSAM: 6, a box counts as 2) uses the box, the first point and
+        the latest ones and warns (:func:`~napari_sam.engine.session.limit_prompt_points`).
 
         Returns:
           :class:`Prediction` (see there for shapes).
@@ -299,6 +327,13 @@ class Predictor:
                 "No prompt given; add at least one point (points=[[row, col]]) or a box "
                 "(box=[row0, col0, row1, col1])."
             )
+        if masks is not None and not getattr(self.model, "accepts_mask_prompt", True):
+            raise InvalidInputError(
+                "This model (EfficientSAM) takes no mask_input; refine by adding points "
+                "instead (mask_input=None)."
+            )
+        if pts is not None:
+            pts = self._limit_points(pts, boxes is not None)
 
         # agree on a batch size; unbatched prompts are broadcast to it
         given = {"points": pts, "box": boxes, "mask_input": masks}
@@ -323,11 +358,16 @@ class Predictor:
         if masks is not None:
             mask_t = _batch(torch.as_tensor(masks[0], device=dev), masks[1], n_batch)
 
+        refiner = self.refiner
         out_masks, iou, low_res = self.predict_torch(
-            coords_t, labels_t, boxes_t, mask_t, multimask=multimask, return_logits=return_logits
+            coords_t, labels_t, boxes_t, mask_t, multimask=multimask,
+            return_logits=return_logits or refiner is not None,
         )
+        masks_np = out_masks.cpu().numpy()
+        if refiner is not None:
+            masks_np = self._refine(refiner, masks_np, pts, boxes, n_batch, return_logits)
         out = Prediction(
-            out_masks.cpu().numpy(),
+            masks_np,
             iou.float().cpu().numpy(),
             low_res.float().cpu().numpy(),
         )
@@ -382,8 +422,8 @@ class Predictor:
             masks = None
             if upscale:
                 threshold = None if return_logits else float(model.mask_threshold)
-                masks = upscale_logits(
-                    low_res, self.transform.target_length, self.input_size, self.original_size,
+                masks = self.transform.upscale(
+                    low_res, self.input_size, self.original_size,
                     threshold=threshold, work=self._upsample_work,
                 )
         return masks, iou, low_res
@@ -399,17 +439,43 @@ class Predictor:
         if not self.is_image_set:
             raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
         with torch.inference_mode():
-            return upscale_logits(
-                low_res, self.transform.target_length, self.input_size, self.original_size
-            )
+            return self.transform.upscale(low_res, self.input_size, self.original_size)
 
     # ------------------------------------------------------------------ helpers
+
+    def _refine(self, refiner, logits, pts, boxes, n_batch: int, return_logits: bool):
+        """(B, C, H, W) decoder logits -> refined logits (or masks) for :meth:`predict`."""
+        points = labels = box = None
+        if pts is not None:
+            rc, lab, batched = pts
+            points = rc if batched else np.broadcast_to(rc, (n_batch, *rc.shape))
+            labels = lab if batched else np.broadcast_to(lab, (n_batch, *lab.shape))
+        if boxes is not None:
+            box = boxes[0] if boxes[1] else np.broadcast_to(boxes[0], (n_batch, 4))
+        threshold = float(self.model.mask_threshold)
+        with self._lock, compute_threads():
+            refined = refine_logits(refiner, self.image, logits, points, labels, box, threshold)
+        return refined if return_logits else refined > threshold
 
     def _low_res_size(self) -> tuple[int, int]:
         size = getattr(self.model.prompt_encoder, "mask_input_size", None)
         if size is None:
             size = (4 * self.features.shape[-2], 4 * self.features.shape[-1])
         return int(size[0]), int(size[1])
+
+    def _limit_points(self, pts, has_box: bool):
+        """Keep the points the model can take (:func:`limit_prompt_points`); warns when
+        some are dropped. ``pts`` as returned by :meth:`_check_points`."""
+        rc, lab, batched = pts
+        keep, note = limit_prompt_points(
+            rc.shape[-2], has_box, getattr(self.model, "max_prompt_points", None)
+        )
+        if note is None:
+            return pts
+        warnings.warn(note, UserWarning, stacklevel=3)
+        if len(keep) == 0:
+            return None
+        return rc[..., keep, :], lab[..., keep], batched
 
     def _check_points(self, points, labels):
         """-> ((N, 2) | (B, N, 2) rc points, (N,) | (B, N) labels, batched) or None.

@@ -9,7 +9,7 @@ next plane is prompted from the previous plane's result:
 * a **point**: the previous mask's innermost pixel (the maximum of its distance
   transform), a foreground click;
 * its **low-res logits** as ``mask_input`` (when the previous plane was predicted;
-  a committed seed mask has none).
+  a committed seed mask has none; never for a model without a mask prompt, EfficientSAM).
 
 Which of the three are used is a setting (:class:`PropagationSettings`). The
 walk in one direction stops at the first plane whose prediction fails a rule,
@@ -300,6 +300,7 @@ def iter_propagate(
             "No prompt given; pass points=[[row, col]], box=[row0, col0, row1, col1] or a "
             "mask of the object in the start plane.")
 
+    mask_prompts = bool(getattr(getattr(predictor, "model", None), "accepts_mask_prompt", True))
     saved = predictor.embedding
     try:
         done = 0
@@ -344,6 +345,8 @@ def iter_propagate(
                     break
                 _check_cancel(cancel)
                 _use(predictor, embeddings(index), index)
+                if not mask_prompts:  # EfficientSAM: no mask prompt, box / point only
+                    logits = None
                 current, score, logits = _predict(predictor, **_prompt(prev, logits, settings))
                 if settings.single_component:
                     current = _component_overlapping(current, prev)
@@ -359,7 +362,8 @@ def iter_propagate(
             stopped[direction] = reason
     finally:
         if saved is not None:
-            predictor.set_embedding(saved.features, saved.original_size, saved.input_size)
+            predictor.set_embedding(saved.features, saved.original_size, saved.input_size,
+                                    image=getattr(saved, "image", None))
         elif hasattr(predictor, "reset_image"):
             predictor.reset_image()
     yield PropagationResult(masks, [reports[k] for k in sorted(reports)], stopped)
@@ -530,7 +534,8 @@ def _use(predictor: Any, embedded: EmbeddedImage, index: int) -> None:
         raise InvalidInputError(
             f"The embedding provider returned {type(embedded).__name__} for plane {index}; it "
             "must return an EmbeddedImage (Predictor.embed).")
-    predictor.set_embedding(embedded.features, embedded.original_size, embedded.input_size)
+    predictor.set_embedding(embedded.features, embedded.original_size, embedded.input_size,
+                            image=getattr(embedded, "image", None))
 
 
 def _predict(predictor: Any, multimask: bool = False, **prompt: Any):

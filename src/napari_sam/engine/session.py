@@ -15,6 +15,14 @@ The rule (:func:`plan_decode`), as in SAM's interactive use and training:
   ``mask_input`` (the previous mask guides the model). Any other change starts
   afresh.
 
+Models without a mask prompt (EfficientSAM: ``accepts_mask_prompt = False``)
+never refine with logits: a correction click is simply added to the points and
+every step decodes all prompts afresh (the previous logits are ignored). Such a
+model also takes a limited number of points (6, a box counts as 2): beyond it
+the predictor keeps the first and the latest points
+(:func:`limit_prompt_points`) and warns;
+:attr:`PromptRequest.note` says the same for a status line.
+
 :class:`InteractiveSession` holds the shown prediction and its selected
 candidate. :meth:`InteractiveSession.update` does a whole step; a caller that
 decodes in a worker thread splits it into :meth:`~InteractiveSession.request`
@@ -38,7 +46,10 @@ from napari_sam.errors import InvalidInputError
 if TYPE_CHECKING:
     from napari_sam.engine.predictor import Prediction, Predictor
 
-__all__ = ["DecodePlan", "InteractiveSession", "PromptRequest", "Prompts", "plan_decode"]
+__all__ = [
+    "DecodePlan", "InteractiveSession", "PromptRequest", "Prompts", "limit_prompt_points",
+    "plan_decode",
+]
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,39 @@ def plan_decode(prompts: Prompts, previous: Prompts | None, have_logits: bool) -
     return DecodePlan(multimask=multimask, refine=refine)
 
 
+def limit_prompt_points(
+    n_points: int, has_box: bool, max_points: int | None
+) -> tuple[np.ndarray, str | None]:
+    """Which of ``n_points`` prompt points a model that takes at most ``max_points``
+    (a box counts as 2; None: no limit) uses, and a one-line note when some are dropped.
+
+    The policy (EfficientSAM, 6 points): the box is always kept; of the points, the
+    first one (the click that named the object) and the latest ones are kept, so
+    correction clicks keep working; the points in between are ignored.
+
+    Returns (indices of the kept points, ascending; the note or None).
+    """
+    keep = np.arange(n_points)
+    if max_points is None:
+        return keep, None
+    room = max(0, int(max_points) - (2 if has_box else 0))
+    if n_points <= room:
+        return keep, None
+    keep = keep[:0] if room == 0 else np.r_[0, np.arange(n_points - room + 1, n_points)]
+    limit = f"at most {max_points} prompt points" + (" (a box counts as 2)" if has_box else "")
+    if room == 0:
+        used = "the box and none"
+    elif room == 1:
+        used = ("the box and " if has_box else "") + "the first"
+    else:
+        used = ("the box, " if has_box else "") + f"the first and the latest {room - 1}"
+    note = (
+        f"This model takes {limit}: using {used} of the {n_points} points; "
+        f"the other {n_points - len(keep)} are ignored."
+    )
+    return keep, note
+
+
 @dataclass(frozen=True)
 class PromptRequest:
     """One decoding step: the prompts, the plan and the logits fed back.
@@ -139,11 +183,14 @@ class PromptRequest:
       plan: multimask and refine flags (:func:`plan_decode`).
       mask_input: ``(1, 4E, 4E)`` (``(B, 1, 4E, 4E)``) low-res logits of the shown
         candidate when ``plan.refine``, else None.
+      note: one line for the user when the model cannot use every prompt (too many
+        points for EfficientSAM: which ones are used), else None.
     """
 
     prompts: Prompts
     plan: DecodePlan
     mask_input: np.ndarray | None = field(default=None, repr=False, compare=False)
+    note: str | None = field(default=None, compare=False)
 
     @property
     def points(self) -> np.ndarray:
@@ -179,7 +226,22 @@ class InteractiveSession:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
+        model = getattr(predictor, "model", None)
+        #: whether the model takes the previous logits as a mask prompt (refinement)
+        self.mask_prompts = bool(getattr(model, "accepts_mask_prompt", True))
+        #: the most prompt points the model takes (a box counts as 2), None: no limit
+        self.max_points: int | None = getattr(model, "max_prompt_points", None)
         self.reset()
+
+    @property
+    def limits_note(self) -> str | None:
+        """One line on what the model cannot do that SAM does (for a status line), or None."""
+        parts = []
+        if not self.mask_prompts:
+            parts.append("refines with points only (no mask prompt)")
+        if self.max_points is not None:
+            parts.append(f"takes at most {self.max_points} points (a box counts as 2)")
+        return f"This model {' and '.join(parts)}." if parts else None
 
     def reset(self) -> None:
         """Forget the shown prediction: the next request starts afresh."""
@@ -210,13 +272,17 @@ class InteractiveSession:
                 "No prompt given; add at least one point (row, col) or a box."
             )
         plan = plan_decode(prompts, self.last_request and self.last_request.prompts,
-                           self._logits is not None)
+                           self._logits is not None and self.mask_prompts)
         mask_input = None
         if plan.refine:
             rows = np.arange(len(self._candidate))
             chosen = self._logits[rows, self._candidate][:, None]  # (B, 1, 4E, 4E)
             mask_input = chosen if prompts.batched else chosen[0]
-        return PromptRequest(prompts, plan, mask_input)
+        note = None
+        if self.max_points is not None:
+            _, note = limit_prompt_points(prompts.n_points, prompts.box is not None,
+                                          self.max_points)
+        return PromptRequest(prompts, plan, mask_input, note)
 
     def decode(self, request: PromptRequest) -> Prediction:
         """Run the predictor for ``request``; reads no session state (any thread)."""

@@ -256,13 +256,15 @@ def _check_tiling(tile_size: Any, overlap: Any) -> None:
 def plan_entries(
     stack_shape: tuple[int, ...], plane_shape: tuple[int, int], img_size: int,
     tile_size: int | str | None = "auto", overlap: int | None = None,
+    transform: Any = None,
 ) -> np.ndarray:
     """The store's entries for an image: (N, 7) int64 ``geometry`` rows (see the
-    module docstring), plane by plane, the whole plane first, then its tiles."""
+    module docstring), plane by plane, the whole plane first, then its tiles.
+    ``transform``: the model's image convention (default SAM's, ``ImageTransform``)."""
     from napari_sam.engine.tiles import tile_boxes
     from napari_sam.engine.transforms import ImageTransform
 
-    transform = ImageTransform(img_size)
+    transform = transform or ImageTransform(img_size)
     H, W = int(plane_shape[0]), int(plane_shape[1])
     boxes = [(0, 0, H, W)]
     tiling = resolve_tiling((H, W), img_size, tile_size, overlap)
@@ -557,7 +559,8 @@ def iter_embed(
     path = Path(path)
     store, status = _open_for_writing(path, signature, overwrite)
     if store is None:
-        geometry = plan_entries(stack_shape, plane_shape, img_size, tile_size, overlap)
+        geometry = plan_entries(stack_shape, plane_shape, img_size, tile_size, overlap,
+                                predictor.transform)
         store = _create(path, signature, geometry)
     done = store.done()
     total = len(store)

@@ -1,8 +1,11 @@
 """Model configurations, builders and configuration inference from state dicts.
 
-``SamConfig`` fully describes a SAM architecture (JSON-able through
-``to_dict``/``from_dict``); ``build_sam`` turns a config (or the name of an
-official one in ``MODEL_CONFIGS``) into a randomly initialised :class:`Sam`.
+``SamConfig`` fully describes a SAM architecture and ``EfficientSamConfig`` an
+EfficientSAM one (both JSON-able through ``to_dict``/``from_dict``, read back
+with :func:`config_from_dict`); ``build_sam`` turns a config (or the name of an
+official one in ``MODEL_CONFIGS``) into a randomly initialised :class:`Sam` or
+:class:`~.efficient_sam.EfficientSam` (the builder of each config type is in
+``MODEL_BUILDERS``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ from torch import nn
 
 from ..errors import CheckpointError, InvalidInputError
 from .ais_head import AisHead
+from .efficient_sam import EfficientSam
+from .efficient_sam_decoder import EfficientMaskDecoder
+from .efficient_sam_encoder import EfficientViTEncoder
+from .efficient_sam_prompt_encoder import MAX_PROMPT_POINTS, EfficientPromptEncoder
+from .efficient_sam_transformer import EfficientTwoWayTransformer
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .tiny_vit import TinyViT
@@ -141,6 +150,8 @@ class SamConfig:
     mask_in_chans: int = 16
     # width of the AIS head (models/ais_head.py); 0: the model has none (official SAM)
     ais_head_hidden: int = 0
+    # channels per level of the mask refiner (models/mask_refiner.py); (): none
+    refiner_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -159,6 +170,13 @@ class SamConfig:
             or (self.ais_head_hidden >= 2 and self.ais_head_hidden % 2 == 0),
             f"ais_head_hidden must be 0 (no head) or an even number >= 2, got "
             f"{self.ais_head_hidden}",
+        )
+        _check(
+            isinstance(self.refiner_widths, tuple)
+            and all(isinstance(w, int) and w >= 1 for w in self.refiner_widths)
+            and len(self.refiner_widths) != 1,
+            f"refiner_widths must be () (no refiner) or >= 2 positive ints, got "
+            f"{self.refiner_widths!r}",
         )
 
     @property
@@ -186,6 +204,10 @@ class SamConfig:
             d[f.name] = value
         if not self.ais_head_hidden:
             del d["ais_head_hidden"]  # head-less configs keep their old form
+        if self.refiner_widths:
+            d["refiner_widths"] = list(self.refiner_widths)
+        else:
+            del d["refiner_widths"]
         return d
 
     @classmethod
@@ -206,13 +228,106 @@ class SamConfig:
         enc_unknown = set(enc_data) - {f.name for f in fields(enc_cls)}
         if unknown or enc_unknown:
             raise InvalidInputError(f"unknown SAM config fields: {sorted(unknown | enc_unknown)}")
+        if isinstance(data.get("refiner_widths"), list):
+            data["refiner_widths"] = tuple(data["refiner_widths"])
         try:
             return cls(encoder=enc_cls(**enc_data), **data)
         except TypeError as exc:
             raise InvalidInputError(f"invalid SAM config: {exc}") from exc
 
 
-MODEL_CONFIGS: dict[str, SamConfig] = {
+@dataclass(frozen=True)
+class EfficientSamConfig:
+    """Complete EfficientSAM architecture description (ViT-T: width 192, 3 heads; ViT-S:
+    384, 6 heads). The embedding is ``prompt_embed_dim`` x E x E, E = img_size / patch."""
+
+    family: ClassVar[str] = "efficientsam"
+
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    pretrain_img_size: int = 224
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    upscaling_dims: tuple[int, ...] = (64, 32)
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    max_points: int = MAX_PROMPT_POINTS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "upscaling_dims", _int_tuple(self.upscaling_dims, "upscaling_dims")
+        )
+        _check(self.patch_size > 0 and self.img_size > 0, "img_size and patch_size must be > 0")
+        _check(
+            self.img_size % self.patch_size == 0
+            and self.pretrain_img_size % self.patch_size == 0,
+            f"img_size ({self.img_size}) and pretrain_img_size ({self.pretrain_img_size}) must "
+            f"be multiples of patch_size ({self.patch_size})",
+        )
+        _check(self.depth > 0 and self.num_heads > 0, "depth and num_heads must be > 0")
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})",
+        )
+        _check(self.prompt_embed_dim % 2 == 0, "prompt_embed_dim must be even")
+        _check(
+            (self.prompt_embed_dim // 2) % self.decoder_num_heads == 0,
+            f"decoder_num_heads ({self.decoder_num_heads}) must divide prompt_embed_dim / 2",
+        )
+        _check(len(self.upscaling_dims) >= 1, "upscaling_dims needs at least one stage")
+        _check(self.iou_head_depth >= 2 and self.decoder_depth >= 1,
+               "iou_head_depth must be >= 2 and decoder_depth >= 1")
+        _check(self.max_points >= 2, "max_points must be >= 2 (a box takes 2)")
+
+    @property
+    def image_embedding_size(self) -> int:
+        """Side E of the image embedding; low-res masks are (2 ** stages) E square."""
+        return self.img_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists), tagged with ``family``."""
+        d: dict[str, Any] = {"family": self.family}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EfficientSamConfig:
+        """Inverse of :meth:`to_dict`; raises InvalidInputError on malformed data."""
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(
+                f"an EfficientSAM config must be a mapping, got {type(data).__name__}"
+            )
+        data = {k: v for k, v in data.items() if k != "family"}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InvalidInputError(f"unknown EfficientSAM config fields: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InvalidInputError(f"invalid EfficientSAM config: {exc}") from exc
+
+
+ModelConfig = SamConfig | EfficientSamConfig
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """A :class:`SamConfig` or :class:`EfficientSamConfig` from its ``to_dict()`` form
+    (``"family": "efficientsam"`` marks the latter)."""
+    if isinstance(data, Mapping) and data.get("family") == EfficientSamConfig.family:
+        return EfficientSamConfig.from_dict(data)
+    return SamConfig.from_dict(data)
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
     "vit_b": SamConfig(ViTEncoderConfig()),
     "vit_l": SamConfig(
         ViTEncoderConfig(
@@ -225,6 +340,8 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
         )
     ),
     "vit_t": SamConfig(TinyViTEncoderConfig()),
+    "efficientsam_ti": EfficientSamConfig(embed_dim=192, num_heads=3),
+    "efficientsam_s": EfficientSamConfig(embed_dim=384, num_heads=6),
 }
 
 
@@ -263,16 +380,42 @@ ENCODER_BUILDERS: dict[str, Callable[[Any, int], nn.Module]] = {
 }
 
 
-def build_sam(config: str | SamConfig) -> Sam:
-    """Build a randomly initialised SAM from a config or an ``MODEL_CONFIGS`` name."""
+def build_sam(config: str | ModelConfig) -> Sam | EfficientSam:
+    """Build a randomly initialised model from a config or an ``MODEL_CONFIGS`` name
+    (a :class:`Sam` for a SamConfig, an EfficientSam for an EfficientSamConfig)."""
     if isinstance(config, str):
         if config not in MODEL_CONFIGS:
             raise InvalidInputError(
                 f"unknown model config {config!r}; expected one of {sorted(MODEL_CONFIGS)}"
             )
         config = MODEL_CONFIGS[config]
-    if not isinstance(config, SamConfig):
-        raise InvalidInputError(f"config must be a str or SamConfig, got {type(config).__name__}")
+    builder = MODEL_BUILDERS.get(type(config))
+    if builder is None:
+        raise InvalidInputError(
+            f"config must be a str, SamConfig or EfficientSamConfig, got {type(config).__name__}"
+        )
+    return builder(config)
+
+
+def _decoder_arguments(config: ModelConfig, transformer: type[nn.Module]) -> dict[str, Any]:
+    """The keyword arguments SAM's and EfficientSAM's mask decoders share, with a
+    ``transformer`` of that class built from ``config``."""
+    return dict(
+        transformer_dim=config.prompt_embed_dim,
+        transformer=transformer(
+            depth=config.decoder_depth,
+            embedding_dim=config.prompt_embed_dim,
+            num_heads=config.decoder_num_heads,
+            mlp_dim=config.decoder_mlp_dim,
+        ),
+        num_multimask_outputs=config.num_multimask_outputs,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+
+
+def _build_segment_anything(config: SamConfig) -> Sam:
+    """SAM / MobileSAM from its config."""
     dim = config.prompt_embed_dim
     e = config.image_embedding_size
     s = config.img_size
@@ -283,20 +426,41 @@ def build_sam(config: str | SamConfig) -> Sam:
         input_image_size=(s, s),
         mask_in_chans=config.mask_in_chans,
     )
-    mask_decoder = MaskDecoder(
-        transformer_dim=dim,
-        transformer=TwoWayTransformer(
-            depth=config.decoder_depth,
-            embedding_dim=dim,
-            num_heads=config.decoder_num_heads,
-            mlp_dim=config.decoder_mlp_dim,
-        ),
-        num_multimask_outputs=config.num_multimask_outputs,
-        iou_head_depth=config.iou_head_depth,
-        iou_head_hidden_dim=config.iou_head_hidden_dim,
-    )
+    mask_decoder = MaskDecoder(**_decoder_arguments(config, TwoWayTransformer))
     ais_head = AisHead(dim, config.ais_head_hidden) if config.ais_head_hidden else None
-    return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head)
+    refiner = MaskRefiner(config.refiner_widths) if config.refiner_widths else None
+    return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head,
+               mask_refiner=refiner)
+
+
+def build_efficient_sam(config: EfficientSamConfig) -> EfficientSam:
+    """EfficientSAM (ViT-T / ViT-S) from its config, randomly initialised."""
+    dim = config.prompt_embed_dim
+    e = config.image_embedding_size
+    s = config.img_size
+    encoder = EfficientViTEncoder(
+        img_size=s,
+        patch_size=config.patch_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        neck_dim=dim,
+        pretrain_img_size=config.pretrain_img_size,
+    )
+    prompt_encoder = EfficientPromptEncoder(dim, (e, e), (s, s), max_points=config.max_points)
+    mask_decoder = EfficientMaskDecoder(
+        **_decoder_arguments(config, EfficientTwoWayTransformer),
+        upscaling_dims=config.upscaling_dims,
+    )
+    return EfficientSam(encoder, prompt_encoder, mask_decoder, config=config)
+
+
+#: config type -> builder(config) -> randomly initialised model
+MODEL_BUILDERS: dict[type, Callable[[Any], nn.Module]] = {
+    SamConfig: _build_segment_anything,
+    EfficientSamConfig: build_efficient_sam,
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,13 +543,17 @@ def _infer_tiny_vit(sd: Mapping[str, Any]) -> TinyViTEncoderConfig:
     )
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
-    """Infer a :class:`SamConfig` from parameter names and shapes.
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Infer a :class:`SamConfig` (or :class:`EfficientSamConfig`) from parameter names and
+    shapes.
 
     Everything is recovered from shapes except what weights cannot show: the
     mask decoder's number of attention heads (assumed 8, or the largest divisor
     of the attention width below 8) and TinyViT's input size (assumed 1024, the
-    TinyViT weights do not depend on it). Raises CheckpointError if the state dict
+    TinyViT weights do not depend on it). An EfficientSAM state dict (recognised by
+    its box-corner embedding ``prompt_encoder.bbox_top_left_embeddings.weight``)
+    further assumes the official input size 1024, 64-channel encoder heads
+    (ViT-T: 3, ViT-S: 6) and 6 prompt points. Raises CheckpointError if the state dict
     is not a SAM one or its shapes make no valid architecture.
     """
     try:
@@ -399,7 +567,45 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
         ) from None
 
 
-def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
+#: key that only EfficientSAM state dicts have
+EFFICIENT_SAM_KEY = "prompt_encoder.bbox_top_left_embeddings.weight"
+#: encoder head width of the official EfficientSAM models (not recoverable from shapes)
+_EFFICIENT_SAM_HEAD_DIM = 64
+
+
+def _infer_efficient_sam(sd: Mapping[str, Any]) -> EfficientSamConfig:
+    p, d = "image_encoder.", "mask_decoder."
+    _, n_pos, dim = _shape(sd, p + "pos_embed", 3)
+    patch = _shape(sd, p + "patch_embed.proj.weight", 4)[-1]
+    grid = round((n_pos - 1) ** 0.5)
+    width = _shape(sd, EFFICIENT_SAM_KEY, 2)[1]
+    n_up = _count(sd, r"mask_decoder\.final_output_upscaling_layers\.(\d+)\.0\.weight")
+    return EfficientSamConfig(
+        patch_size=patch,
+        embed_dim=dim,
+        depth=_count(sd, r"image_encoder\.blocks\.(\d+)\.norm1\.weight"),
+        num_heads=max(1, dim // _EFFICIENT_SAM_HEAD_DIM) if dim % _EFFICIENT_SAM_HEAD_DIM == 0
+        else next(h for h in range(8, 0, -1) if dim % h == 0),
+        mlp_ratio=_shape(sd, p + "blocks.0.mlp.fc1.weight", 2)[0] / dim,
+        pretrain_img_size=grid * patch,
+        prompt_embed_dim=width,
+        decoder_depth=_count(sd, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
+        decoder_mlp_dim=_shape(sd, d + "transformer.layers.0.mlp.layers.0.0.weight", 2)[0],
+        decoder_num_heads=next(h for h in range(8, 0, -1) if (width // 2) % h == 0),
+        upscaling_dims=tuple(
+            _shape(sd, f"{d}final_output_upscaling_layers.{i}.0.weight", 4)[1]
+            for i in range(n_up)
+        ),
+        iou_head_depth=_count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.0\.weight")
+        + 1,
+        iou_head_hidden_dim=_shape(sd, d + "iou_prediction_head.layers.0.0.weight", 2)[0],
+        num_multimask_outputs=_shape(sd, d + "mask_tokens.weight", 2)[0] - 1,
+    )
+
+
+def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    if EFFICIENT_SAM_KEY in state_dict:
+        return _infer_efficient_sam(state_dict)
     if "image_encoder.pos_embed" in state_dict:
         encoder: EncoderConfig = _infer_vit(state_dict)
     elif "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
@@ -430,4 +636,8 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
             _shape(state_dict, "ais_head.net.0.weight", 4)[1]
             if "ais_head.net.0.weight" in state_dict else 0
         ),
+        refiner_widths=tuple(
+            _shape(state_dict, f"mask_refiner.enc.{i}.0.weight", 4)[0]
+            for i in range(_count(state_dict, r"mask_refiner\.enc\.(\d+)\.0\.weight"))
+        ) if "mask_refiner.enc.0.0.weight" in state_dict else (),
     )

@@ -2,7 +2,8 @@
 
 * ``.safetensors`` files are read with safetensors; the architecture is stored as
   JSON in the file metadata under ``"napari_sam_config"`` (optional).
-* ``.pth`` / ``.pt`` files (official SAM / MobileSAM checkpoints) are read with
+* ``.pth`` / ``.pt`` files (official SAM / MobileSAM / EfficientSAM checkpoints, the
+  latter ``{"model": state_dict}``) are read with
   ``torch.load(weights_only=True)``: a pickle that references anything but
   tensors and plain containers is refused, nothing in it is executed.
 * Before a model is built, the tensors (names and shapes) are compared with the
@@ -31,12 +32,15 @@ from napari_sam._files import atomic_path
 
 from ..errors import CheckpointError, InvalidInputError
 from .build import (
-    SamConfig,
+    EfficientSamConfig,
+    ModelConfig,
     TinyViTEncoderConfig,
     ViTEncoderConfig,
     build_sam,
+    config_from_dict,
     config_from_state_dict,
 )
+from .efficient_sam import EfficientSam
 from .sam import Sam
 
 CONFIG_METADATA_KEY = "napari_sam_config"
@@ -231,7 +235,7 @@ def _load_torch(path: Path) -> Any:
         ) from None
 
 
-def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], SamConfig | None]:
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
     config = None
     if isinstance(obj, Mapping):
         raw_cfg = obj.get(CONFIG_METADATA_KEY)
@@ -253,24 +257,26 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], SamConfig | 
     return sd, config
 
 
-def _parse_config(raw: Any, path: Path) -> SamConfig:
+def _parse_config(raw: Any, path: Path) -> ModelConfig:
     try:
         if isinstance(raw, str):
             raw = json.loads(raw)
-        return SamConfig.from_dict(raw)
+        return config_from_dict(raw)
     except (ValueError, InvalidInputError) as exc:
         raise CheckpointError(
             f"invalid model configuration stored in {path}: {_shorten(str(exc))}"
         ) from None
 
 
-def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], SamConfig | None]:
+def load_state_dict(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
     """Read a checkpoint file.
 
     Returns the state dict (CPU tensors, ``module.`` prefixes stripped, a
     ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper removed) and the stored
-    :class:`SamConfig` if the file has one. Raises CheckpointError for missing,
-    corrupt or unsafe files.
+    config (SamConfig / EfficientSamConfig) if the file has one. Raises CheckpointError
+    for missing, corrupt or unsafe files.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -349,8 +355,20 @@ def load_weights(
     model.load_state_dict(state_dict, strict=True)
 
 
-def _repeated_layers(cfg: SamConfig) -> list[tuple[str, str, int]]:
+def _repeated_layers(cfg: ModelConfig) -> list[tuple[str, str, int]]:
     """(description, key pattern with the layer index as group 1, count) of each layer list."""
+    if isinstance(cfg, EfficientSamConfig):
+        return [
+            ("image encoder blocks", r"image_encoder\.blocks\.(\d+)\.", cfg.depth),
+            ("mask decoder layers", r"mask_decoder\.transformer\.layers\.(\d+)\.",
+             cfg.decoder_depth),
+            ("IoU head layers", r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.",
+             cfg.iou_head_depth - 1),
+            ("mask output heads", r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.",
+             cfg.num_multimask_outputs + 1),
+            ("upscaling stages", r"mask_decoder\.final_output_upscaling_layers\.(\d+)\.",
+             len(cfg.upscaling_dims)),
+        ]
     enc = cfg.encoder
     layers: list[tuple[str, str, int]] = []
     if isinstance(enc, ViTEncoderConfig):
@@ -372,7 +390,7 @@ def _repeated_layers(cfg: SamConfig) -> list[tuple[str, str, int]]:
 
 
 def check_fits(
-    config: SamConfig, state_dict: Mapping[str, torch.Tensor], source: str = "",
+    config: ModelConfig, state_dict: Mapping[str, torch.Tensor], source: str = "",
     config_origin: str = "the model",
 ) -> None:
     """Raise CheckpointError unless ``state_dict`` has exactly the tensors of ``config``.
@@ -424,9 +442,9 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "") -> No
 
 
 def model_from_checkpoint(
-    path: str | os.PathLike, config: SamConfig | None = None, trusted: bool = False
-) -> Sam:
-    """Build a :class:`Sam` for a checkpoint and load its weights (CPU, eval mode).
+    path: str | os.PathLike, config: ModelConfig | None = None, trusted: bool = False
+) -> Sam | EfficientSam:
+    """Build a :class:`Sam` / EfficientSam for a checkpoint and load its weights (CPU, eval).
 
     The architecture comes from ``config`` if given, else from the file's metadata,
     else it is inferred from parameter shapes. The tensors are checked against it
@@ -454,7 +472,9 @@ def model_from_checkpoint(
 
 
 def save_model(
-    model: Sam, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None
+    model: Sam | EfficientSam,
+    path: str | os.PathLike,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` as ``.safetensors`` with its config in the metadata (atomic)."""
     from safetensors.torch import save_file

@@ -10,6 +10,8 @@ features to give one mask. Mask token 0 is the single-mask output, tokens
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,35 +89,60 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (B, T, 4E, 4E) and IoU predictions (B, T)."""
-        b = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.shape[0] not in (1, b):
-            raise InvalidInputError(
-                f"image_embeddings has batch {image_embeddings.shape[0]}, expected 1 or "
-                f"the number of prompt sets ({b})"
-            )
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+        check_embedding_batch(image_embeddings, sparse_prompt_embeddings.shape[0])
+        return decode_tokens(
+            self, image_embeddings + dense_prompt_embeddings, image_pe, sparse_prompt_embeddings,
+            self.output_upscaling,
         )
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
-            src = src.expand(b, -1, -1, -1)
-        pos = image_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
 
-        hs, src = self.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, T, C/8)
-        _, cu, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, cu, hu * wu)).view(b, -1, hu, wu)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+def check_embedding_batch(image_embeddings: torch.Tensor, b: int) -> None:
+    """InvalidInputError unless the (1 or B, C, E, E) embeddings fit ``b`` prompt sets."""
+    if image_embeddings.shape[0] not in (1, b):
+        raise InvalidInputError(
+            f"image_embeddings has batch {image_embeddings.shape[0]}, expected 1 or "
+            f"the number of prompt sets ({b})"
+        )
+
+
+def decode_tokens(
+    decoder: nn.Module,
+    src: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse_prompt_embeddings: torch.Tensor,
+    upscale: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token scheme shared by SAM's and EfficientSAM's decoders.
+
+    ``decoder`` has ``iou_token``, ``mask_tokens``, ``num_mask_tokens``,
+    ``transformer``, ``output_hypernetworks_mlps`` and ``iou_prediction_head``;
+    ``src`` (1 or B, C, E, E) is the image embedding (plus any dense prompt),
+    ``upscale`` maps (B, C, E, E) to (B, C', 4E, 4E). Returns all masks
+    (B, T, 4E, 4E) and IoU predictions (B, T).
+    """
+    b = sparse_prompt_embeddings.shape[0]
+    out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat(
+        [out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+    )
+    if src.shape[0] != b:
+        src = src.expand(b, -1, -1, -1)
+    pos = image_pe.expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+
+    hs, src = decoder.transformer(src, pos, tokens)
+    iou_token_out = hs[:, 0]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens]
+
+    upscaled = upscale(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )  # (B, T, C')
+    _, cu, hu, wu = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(b, cu, hu * wu)).view(b, -1, hu, wu)
+    iou_pred = decoder.iou_prediction_head(iou_token_out)
+    return masks, iou_pred
 
 
 class MLP(nn.Module):

@@ -20,7 +20,42 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class Sam(nn.Module):
+class PromptableModel(nn.Module):
+    """What SAM-like models share: an ``image_encoder`` with a square input of side
+    ``img_size``, the non-persistent ``pixel_mean``/``pixel_std`` buffers (3, 1, 1) of 0..255
+    RGB values (the official checkpoints do not store them), the logit threshold."""
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        config: Any = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.config = config
+
+    @property
+    def img_size(self) -> int:
+        """Side length S of the square model input."""
+        return int(self.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+
+class Sam(PromptableModel):
     """SAM. Attribute and parameter names match the official checkpoints.
 
     The model works on square ``img_size`` inputs: an image is resized so that its
@@ -29,9 +64,6 @@ class Sam(nn.Module):
     that resized frame. ``pixel_mean``/``pixel_std`` are non-persistent buffers (the
     official checkpoints do not store them).
     """
-
-    mask_threshold: float = 0.0
-    image_format: str = "RGB"
 
     def __init__(
         self,
@@ -42,26 +74,15 @@ class Sam(nn.Module):
         pixel_std: tuple[float, ...] = PIXEL_STD,
         config: SamConfig | None = None,
         ais_head: nn.Module | None = None,
+        mask_refiner: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.config = config
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std,
+                         config)
         # optional automatic-instance-segmentation head (models/ais_head.py); official
         # checkpoints have none, and a None attribute adds no state-dict keys
         self.ais_head = ais_head
-
-    @property
-    def img_size(self) -> int:
-        """Side length S of the square model input."""
-        return int(self.image_encoder.img_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        # optional native-resolution mask refiner (models/mask_refiner.py); the same
+        self.mask_refiner = mask_refiner
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in 0..255 with max(h, w) <= S -> (B, 3, S, S) normalised,

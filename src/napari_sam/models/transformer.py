@@ -26,14 +26,18 @@ class TwoWayTransformer(nn.Module):
         mlp_dim: int,
         activation: type[nn.Module] = nn.ReLU,
         attention_downsample_rate: int = 2,
+        block: type[nn.Module] | None = None,
     ) -> None:
+        """``block``: the layer class (default :class:`TwoWayAttentionBlock`), built with
+        this class's arguments and ``skip_first_layer_pe`` for layer 0."""
         super().__init__()
         self.depth = depth
         self.embedding_dim = embedding_dim
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
+        block = block or TwoWayAttentionBlock
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(
+            block(
                 embedding_dim,
                 num_heads,
                 mlp_dim,

@@ -89,7 +89,21 @@ def log_to_stderr() -> Iterator[None]:
 
 
 def build_model(model: Any = "vit_t", init: str | None = None) -> torch.nn.Module:
-    """The model to train: ``init`` loaded (checkpoint path or zoo name) or built from ``model``."""
+    """The model to train: ``init`` loaded (checkpoint path or zoo name) or built from ``model``.
+
+    Raises InvalidInputError for an EfficientSAM (its training, with no mask prompt and a
+    6-point limit, is not implemented).
+    """
+    built = _build_model(model, init)
+    if getattr(built, "image_convention", None) == "stretch":
+        raise InvalidInputError(
+            "Training supports SAM and MobileSAM models; EfficientSAM cannot be trained or "
+            "fine-tuned here yet. Choose a SAM config or checkpoint (e.g. model='vit_t')."
+        )
+    return built
+
+
+def _build_model(model: Any, init: str | None) -> torch.nn.Module:
     if init:
         if Path(init).expanduser().is_file():
             from napari_sam.models.checkpoint import model_from_checkpoint

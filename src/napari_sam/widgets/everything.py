@@ -53,7 +53,7 @@ from napari_sam.engine.ais import (
     resolve_mode,
 )
 from napari_sam.engine.everything_settings import SAM_THRESHOLDS, EverythingSettings
-from napari_sam.engine.stack import StackLabeller
+from napari_sam.engine.stack import LINK_IOU, PlaneLinker, StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets._common import (
@@ -194,9 +194,27 @@ class SegmentEverythingWidget(QWidget):
         self.scope_combo.addItems([CURRENT_SLICE, WHOLE_STACK])
         self.scope_combo.setToolTip(
             "Current slice: the 2D plane shown in the viewer. Whole stack: every 2D plane of an "
-            "nD image, one after the other (objects get ids unique in the whole stack, but are "
-            "not linked between slices)."
+            "nD image, one after the other; with 'link planes', objects of neighbouring planes "
+            "that overlap keep one id (3D objects through z, tracks through t), as "
+            "'napari-sam everything' does."
         )
+        self.link_check = QCheckBox("link planes", content)
+        self.link_check.setChecked(True)
+        self.link_check.setToolTip(
+            "Whole stack: give an object of one plane and the object it overlaps most in the "
+            "next plane along the last stack axis one id (Hungarian matching, IoU at least the "
+            "threshold), as the CLI's --link-planes. Off: every plane's objects get new ids.")
+        self.link_iou = QDoubleSpinBox(content)
+        self.link_iou.setRange(0.0, 1.0)
+        self.link_iou.setSingleStep(0.05)
+        self.link_iou.setDecimals(2)
+        self.link_iou.setValue(LINK_IOU)
+        self.link_iou.setToolTip("The least IoU of two objects of neighbouring planes that are "
+                                 "one object (the CLI's --link-iou).")
+        self.link_check.toggled.connect(self.link_iou.setEnabled)
+        link_row = QHBoxLayout()
+        link_row.addWidget(self.link_check)
+        link_row.addWidget(self.link_iou)
         self.mode_combo = QComboBox(content)
         for value, text in MODES.items():
             self.mode_combo.addItem(text, value)
@@ -210,6 +228,7 @@ class SegmentEverythingWidget(QWidget):
         form.addRow("model", self.model_picker)
         form.addRow("image", self.image_combo)
         form.addRow("scope", self.scope_combo)
+        form.addRow("", link_row)
         form.addRow("mode", self.mode_combo)
         # (label, box, advanced) of each row, to show the rows of the mode that runs
         self._rows: dict[str, list[tuple[QWidget, QWidget, bool]]] = {"amg": [], "ais": []}
@@ -473,7 +492,10 @@ class SegmentEverythingWidget(QWidget):
             "slices": slices,
             "done_slices": 0,
             "layer": None,
-            "labeller": StackLabeller(),
+            # ids over the stack: the rule of napari_sam.engine.stack, as the CLI's
+            "labeller": (PlaneLinker(self.link_iou.value())
+                         if self.scope == WHOLE_STACK and self.link_check.isChecked() and slices[0]
+                         else StackLabeller()),
             "cancelled": False,
             "mode": mode if model is not None else None,  # named: said by the worker
             "tiles": None,
@@ -607,8 +629,9 @@ class SegmentEverythingWidget(QWidget):
             self.viewer.add_layer(layer)
             state["layer"] = layer
             self.result_layer = layer
-        # ids unique over the stack: the rule of napari_sam.engine.stack (as the CLI)
-        out = state["labeller"].add(labels)[0].astype(layer.data.dtype, copy=False)
+        labeller = state["labeller"]
+        out = (labeller.add(index, labels) if isinstance(labeller, PlaneLinker)
+               else labeller.add(labels)[0]).astype(layer.data.dtype, copy=False)
         if index:
             layer.data[index] = out
         else:

@@ -320,8 +320,10 @@ class SegmentAnythingWidget(QWidget):
             self.status.setText(text)
 
     def _ready_text(self) -> str:
+        limits = None if self.session is None else self.session.limits_note  # EfficientSAM
         store = f" ({self._store_note})" if self._store_note else ""
-        return f"Ready ({self.models.label}): click on the object.{store}"
+        return f"Ready ({self.models.label}): click on the object.{store}" + (
+            f" {limits}" if limits else "")
 
     # ---------------------------------------------------------------- model
 
@@ -776,6 +778,8 @@ class SegmentAnythingWidget(QWidget):
         self.masks = result.masks
         self.scores = self.session.scores
         self._show_candidate(self.session.candidate)
+        if result.request.note:  # e.g. EfficientSAM dropped points beyond its limit
+            self._set_status(f"{self.status.text()} {result.request.note}")
 
     @property
     def last_request(self) -> PromptRequest | None:

@@ -62,7 +62,8 @@ def predict_candidates(
     """
     predictor = session.predictor
     if applied.get("entry") is not entry:
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
+        predictor.set_embedding(entry.features, entry.original_size, entry.input_size,
+                                image=getattr(entry, "image", None))
         applied["entry"] = entry
     pred = session.decode(request)
     masks = np.asarray(pred.masks, dtype=bool)
