@@ -62,7 +62,7 @@ class _Stand:
         size = rgb.shape[:2]
         return EmbeddedImage(self.compute_embedding(rgb), size, size)
 
-    def set_embedding(self, features, original_size, input_size):
+    def set_embedding(self, features, original_size, input_size, image=None):
         self.features = features
 
     def predict(self, multimask=False, **_):
