@@ -122,9 +122,9 @@ def test_key_table_help_and_docs_agree():
 
     points = {k.key for k in K.keys_for(K.POINTS)}
     boxes = {k.key for k in K.keys_for(K.BOXES)}
-    assert points == {"T", "1", "2", "3", "C", "Enter", "X", "Escape", "Control-Z",
+    assert points == {"T", "1", "2", "3", "C", "Enter", "X", "Escape", "G", "Control-Z",
                       "Control-Shift-Z"}
-    assert boxes == {"1", "2", "3", "C", "X", "Control-Z", "Control-Shift-Z"}
+    assert boxes == {"1", "2", "3", "C", "X", "G", "Control-Z", "Control-Shift-Z"}
     # napari's help line for the layers lists the letters that still work, not the digits
     assert "P: add points" in K.layer_help(K.POINTS) and "3" not in K.layer_help(K.POINTS)[-60:]
     assert "R: rectangle" in K.layer_help(K.BOXES)
@@ -132,7 +132,7 @@ def test_key_table_help_and_docs_agree():
     guide = (Path(__file__).resolve().parents[2] / "docs" / "user_guide.md").read_text()
     table = guide[guide.index("### Keyboard shortcuts"):guide.index("### Committing")]
     for shown in ("**T**", "**1**, **2**, **3**", "**C**", "**Enter**", "**X**", "**Escape**",
-                  "**Ctrl+Z**", "**Ctrl+Shift+Z**"):
+                  "**G**", "**Ctrl+Z**", "**Ctrl+Shift+Z**"):
         assert shown in table, shown
 
 

@@ -76,6 +76,22 @@ def error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def report_failure(what: str, err: BaseException, set_status: Callable[[str], Any]) -> None:
+    """Show a failed job: a typed error (bad input, with its advice) as a warning, anything
+    else as an error notification; the status line says ``"<what> failed: ..."``."""
+    from napari.utils.notifications import show_error, show_warning
+
+    from napari_sam.errors import NapariSamError
+
+    if isinstance(err, NapariSamError):
+        set_status(f"{what} failed: {err}")
+        show_warning(f"Segment Anything: {err}")
+    else:
+        msg = f"{what} failed: {error_message(err)}"
+        set_status(msg)
+        show_error(msg)
+
+
 def unwrap(obj: Any) -> Any:
     """The napari object behind ``obj``.
 

@@ -27,6 +27,10 @@ the widget's own layers (their creation, events and keys) are managed by
 * Committing writes a new instance id into the target Labels layer through napari's
   undo-aware ``data_setitem``, touching only the mask's bounding box; *Undo* (or
   Ctrl+Z on the prompt layers) undoes it without changing the selected layer.
+* Stacks (:class:`~._propagation.StackPanel`): *Propagate* (G) carries the object
+  through z or t in a worker; the result is a 3D preview, committed as one object in
+  one undo step. *Precompute all planes* writes an embedding store, which the predictor
+  then reads; a store beside the image file is used automatically.
 
 Keys (while ``SAM points`` or ``SAM boxes`` is the selected layer): see :mod:`.keys`.
 
@@ -34,7 +38,8 @@ Scripting API: ``points_layer``, ``boxes_layer``, ``preview``, ``masks``, ``scor
 ``last_request``, ``commit()``, ``clear()``, ``undo()``, ``redo()``, ``select_candidate(i)``,
 ``set_polarity(b)``, ``set_prompt_mode(m)``, ``set_model(...)``,
 ``set_image_layer(layer)``, ``wait_for_embedding(timeout)``,
-``wait_for_prediction(timeout)``.
+``wait_for_prediction(timeout)``, ``propagate()``, ``wait_for_propagation(timeout)``,
+``cancel()``, ``precompute()``, ``set_stack_axis(axis)``, ``stack`` (the panel).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sam.engine.session import InteractiveSession, PromptRequest
-from napari_sam.errors import InvalidInputError, NapariSamError
+from napari_sam.errors import InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets import preview as P
 from napari_sam.widgets._common import (
@@ -71,6 +76,7 @@ from napari_sam.widgets._common import (
     ModelPicker,
     error_message,
     process_events_until,
+    report_failure,
     scrollable,
     unwrap,
 )
@@ -82,6 +88,7 @@ from napari_sam.widgets._prompt_layers import (
     PROMPT_POINTS,
     PromptLayers,
 )
+from napari_sam.widgets._propagation import StackPanel
 from napari_sam.widgets.keys import widget_help
 from napari_sam.widgets.prediction import CandidateMasks, predict_candidates
 from napari_sam.widgets.prompting import Prompts, mask_bbox
@@ -127,7 +134,7 @@ class SegmentAnythingWidget(QWidget):
         self.cache = EmbeddingCache(EmbeddingCache.DEFAULT_BYTES)
         # the prompt and preview layers, their events and keys
         self.layers = PromptLayers(
-            napari_viewer, self._shown_plane, self._update_preview, self._run_key_action,
+            napari_viewer, self._shown_plane, self._on_prompts_edited, self._run_key_action,
             self._show_prompt_mode,
         )
         self.preview: np.ndarray | None = None  # (H, W) bool, chosen candidate
@@ -147,6 +154,7 @@ class SegmentAnythingWidget(QWidget):
         self._committing = False
         self._commit_layers: list[Labels] = []  # layers that received commits (for undo)
         self._preview_style = P.DEFAULT_STYLE
+        self._store_note: str | None = None  # which embedding store the predictor reads
 
         # Qt deletes the C++ widget when the viewer closes; late worker results then
         # find ``_closed`` set (a plain dict survives the deletion)
@@ -277,6 +285,8 @@ class SegmentAnythingWidget(QWidget):
         buttons.addWidget(self.clear_button)
         buttons.addWidget(self.undo_button)
 
+        self.stack = StackPanel(self, content)
+
         self.status = QLabel("", content)
         self.status.setWordWrap(True)
         keys = QLabel(KEYS_HELP, content)
@@ -290,10 +300,12 @@ class SegmentAnythingWidget(QWidget):
         form.addRow("next points", polarity)
         form.addRow("candidates", cand)
         form.addRow("preview", self.style_combo)
+        form.addRow("stack", self.stack)
         lay = QVBoxLayout(content)
         lay.addLayout(form)
         lay.addWidget(self.overwrite_check)
         lay.addLayout(buttons)
+        lay.addWidget(self.stack.progress)
         lay.addWidget(self.status)
         lay.addWidget(keys)
         lay.addStretch(1)
@@ -309,7 +321,8 @@ class SegmentAnythingWidget(QWidget):
 
     def _ready_text(self) -> str:
         limits = None if self.session is None else self.session.limits_note  # EfficientSAM
-        return f"Ready ({self.models.label}): click on the object." + (
+        store = f" ({self._store_note})" if self._store_note else ""
+        return f"Ready ({self.models.label}): click on the object.{store}" + (
             f" {limits}" if limits else "")
 
     # ---------------------------------------------------------------- model
@@ -357,6 +370,8 @@ class SegmentAnythingWidget(QWidget):
         from napari_sam.engine.predictor import Predictor
 
         self._predictor = Predictor(model, cache=self.cache)
+        self.stack.drop()
+        self._store_note = self.stack.attach_store(self._predictor, self._image)
         self.session = InteractiveSession(self._predictor)
         self._predictor_state = {}
         self.model_picker.show_model(label)
@@ -412,6 +427,7 @@ class SegmentAnythingWidget(QWidget):
         self._image = layer
         self._image_ok = False
         self._plane_shown = False
+        self.stack.set_image(None)
         self.embedding.invalidate()
         self._reset_prediction()
         self.labels_combo.refresh()
@@ -425,6 +441,9 @@ class SegmentAnythingWidget(QWidget):
             self._set_status(str(err))
             return
         self._image_ok = True
+        self.stack.set_image(layer)
+        if self._predictor is not None:
+            self._store_note = self.stack.attach_store(self._predictor, layer)
         layer.events.contrast_limits.connect(self._on_contrast_limits)
         layer.events.data.connect(self._on_image_content)
         for ev in ("scale", "translate", "rotate", "shear", "affine"):
@@ -434,6 +453,7 @@ class SegmentAnythingWidget(QWidget):
         self._update_slice(force=True)
 
     def _on_image_content(self, event: Any = None) -> None:
+        self.stack.drop()
         self._reset_prediction()
         self._request_embedding()
 
@@ -523,6 +543,8 @@ class SegmentAnythingWidget(QWidget):
             self.commit()
         elif action == "clear":
             self.clear()
+        elif action == "propagate":
+            self.propagate()
         elif action == "undo":
             self.undo()
         elif action == "redo":
@@ -662,6 +684,44 @@ class SegmentAnythingWidget(QWidget):
         self.embedding.flush()
         return process_events_until(lambda: self._ready or self._closed, timeout)
 
+    # ------------------------------------------------------- stacks
+
+    def propagate(self) -> bool:
+        """Propagate the shown plane's object along the stack axis, in a worker.
+
+        The seed is the preview (the chosen candidate) or, without one, the target
+        labels layer's selected label on the shown plane. Returns False (with a message)
+        when there is nothing to propagate; call :meth:`wait_for_propagation`, then
+        :meth:`commit` writes the 3D object (one undo step).
+        """
+        return self.stack.propagate()
+
+    def wait_for_propagation(self, timeout: float = 60.0) -> bool:
+        """Process Qt events until no propagation or precompute runs (or ``timeout`` s)."""
+        return self.stack.wait(timeout)
+
+    def cancel(self) -> None:
+        """Cancel a running propagation or precompute; nothing is committed."""
+        self.stack.cancel()
+
+    def precompute(self) -> bool:
+        """Store every plane's embedding on disk (beside the image file, or in the
+        napari-sam cache folder), in a worker; the predictor then reads the store."""
+        return self.stack.precompute()
+
+    def set_stack_axis(self, axis: int) -> None:
+        """Propagate along leading data axis ``axis`` (z, or t to track)."""
+        self.stack.set_axis(axis)
+
+    @property
+    def propagated(self) -> Any:
+        """The propagated object shown as the 3D preview (:class:`~.volume.PropagatedObject`)."""
+        return self.stack.result
+
+    def _on_prompts_edited(self) -> None:
+        self.stack.drop()  # the seed changed: the propagated object is stale
+        self._update_preview()
+
     # ------------------------------------------------------- prediction
 
     @property
@@ -709,13 +769,7 @@ class SegmentAnythingWidget(QWidget):
             return
         if error is not None:
             self._requested = None
-            if isinstance(error, NapariSamError):
-                self._set_status(f"Prediction failed: {error}")
-                show_warning(f"Segment Anything: {error}")
-            else:
-                msg = f"Prediction failed: {error_message(error)}"
-                self._set_status(msg)
-                show_error(msg)
+            report_failure("Prediction", error, self._set_status)
             return
         if result is None or result.session is not self.session:
             return
@@ -735,6 +789,7 @@ class SegmentAnythingWidget(QWidget):
     def select_candidate(self, i: int) -> None:
         """Show candidate mask ``i`` (0-based) as the preview."""
         self._wait_prediction()
+        self.stack.drop()
         if self.masks is None:
             raise InvalidInputError("There is no prediction yet: add a point or a box first.")
         if not 0 <= i < len(self.masks):
@@ -795,6 +850,12 @@ class SegmentAnythingWidget(QWidget):
         layer, image = self.preview_layer, self._image
         if layer is None or layer not in self.viewer.layers or image is None:
             return
+        width = P.outline_width(L.image_plane_shape(image))
+        propagated = self.stack.result
+        if propagated is not None:  # the 3D preview: every plane of the object
+            pixels = self.stack.preview_pixels(self._preview_style, width)
+            self.layers.show_preview(pixels, L.data_affine(image, propagated.offset))
+            return
         box = self._preview_box()
         offset = (0, 0)
         if box is None:
@@ -807,8 +868,7 @@ class SegmentAnythingWidget(QWidget):
                 and self.candidate is not None and self.preview is res.masks[self.candidate]
             )
             pixels = res.crops[self.candidate] if cached else P.render_preview(
-                self.preview[box], self._preview_style,
-                P.outline_width(L.image_plane_shape(image)),
+                self.preview[box], self._preview_style, width,
             )
         shift = np.eye(3)
         shift[:2, 2] = offset
@@ -844,6 +904,9 @@ class SegmentAnythingWidget(QWidget):
         """
         if self._committing:
             return 0
+        if self.stack.running == "propagate":
+            show_info("Propagation is running: wait for it (or cancel it) before committing.")
+            return 0
         self._committing = True
         try:
             self._wait_prediction()
@@ -852,15 +915,22 @@ class SegmentAnythingWidget(QWidget):
             self._committing = False
 
     def _commit(self) -> int:
+        propagated = self.stack.result if self._image is not None else None
         box = self._preview_box() if self._image is not None else None
-        if box is None:
+        if box is None and propagated is None:
             show_info("Nothing to commit: click on an object first (or pick another candidate).")
             return 0
         labels = self._target_labels()
-        new_id = L.commit_mask(
-            labels, self.preview[box], self.slice_index,
-            overwrite=self.overwrite_check.isChecked(), offset=(box[0].start, box[1].start),
-        )
+        if propagated is not None:  # the whole 3D object in one undo step
+            new_id = L.commit_object(
+                labels, propagated.mask, propagated.offset,
+                overwrite=self.overwrite_check.isChecked(), label_id=propagated.object_id,
+            )
+        else:
+            new_id = L.commit_mask(
+                labels, self.preview[box], self.slice_index,
+                overwrite=self.overwrite_check.isChecked(), offset=(box[0].start, box[1].start),
+            )
         if new_id == 0:
             show_info(
                 "Nothing was written: every pixel of the mask already has a label. Tick "
@@ -928,7 +998,9 @@ class SegmentAnythingWidget(QWidget):
         return True
 
     def clear(self) -> None:
-        """Remove all prompts and the preview; committed labels are untouched."""
+        """Remove all prompts and the preview (a running propagation is cancelled, a 3D
+        preview discarded); committed labels are untouched."""
+        self.stack.drop()
         self.layers.clear_data()
         self._reset_prediction()
         if self.layers.missing():
@@ -948,6 +1020,7 @@ class SegmentAnythingWidget(QWidget):
             return
         self.layers.close()
         self._life["closed"] = True
+        self.stack.close_jobs()
         self.embedding.close()
         self._runner.stop()
         self.models.close()

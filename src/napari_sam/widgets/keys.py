@@ -7,7 +7,9 @@ disagree. Keys are written as napari's ``bind_key`` reads them.
 The plugin's keys replace napari's own on the prompt layers only where they share
 a key: on *SAM points* 1 (delete selected points), 2 (add mode) and 3 (select
 mode) pick candidates instead; on *SAM boxes* 1/X (remove vertex), 2 (insert
-vertex) and 3 (delete selected shapes). napari's letter keys for those modes
+vertex) and 3 (delete selected shapes). G (propagate the object through the stack)
+is free on both layers in napari (Ctrl+G, the grid, is another key). napari's
+letter keys for those modes
 (P, S, Z, R, Delete) are untouched, and :func:`layer_help` advertises them instead
 of the shadowed digits.
 """
@@ -48,6 +50,7 @@ KEYS: tuple[KeyAction, ...] = (
     KeyAction("Enter", "commit", layers=(POINTS,)),
     KeyAction("X", "clear"),
     KeyAction("Escape", "clear", layers=(POINTS,)),
+    KeyAction("G", "propagate"),
     KeyAction("Control-Z", "undo"),
     KeyAction("Control-Shift-Z", "redo"),
 )
@@ -61,10 +64,10 @@ def keys_for(layer_kind: str) -> list[KeyAction]:
 def layer_help(layer_kind: str) -> str:
     """napari's help line for a prompt layer: the plugin's keys, then napari's that still work."""
     if layer_kind == POINTS:
-        sam = "T: +/- polarity, 1/2/3: candidate, C/Enter: commit, X/Esc: clear"
+        sam = "T: +/- polarity, 1/2/3: candidate, C/Enter: commit, X/Esc: clear, G: propagate"
         napari = "P: add points, S: select, Z: pan/zoom, Delete: remove selected points"
     else:
-        sam = "drag: box, 1/2/3: candidate, C: commit, X: clear"
+        sam = "drag: box, 1/2/3: candidate, C: commit, X: clear, G: propagate"
         napari = "R: rectangle, S: select, Z: pan/zoom, Delete: remove selected boxes"
     return f"SAM {sam}, Ctrl+Z/Ctrl+Shift+Z: undo/redo commit | napari {napari}"
 
@@ -73,5 +76,6 @@ def widget_help() -> str:
     """The help label under the widget's buttons."""
     return (
         "With SAM points or SAM boxes selected: T toggles +/-, 1/2/3 picks a candidate, "
-        "C (Enter) commits, X (Esc) clears, Ctrl+Z undoes the last commit."
+        "C (Enter) commits, X (Esc) clears, G propagates through the stack, Ctrl+Z undoes the "
+        "last commit."
     )

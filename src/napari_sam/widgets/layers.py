@@ -26,7 +26,9 @@ __all__ = [
     "check_plane_displayed",
     "check_segmentable",
     "commit_mask",
+    "commit_object",
     "current_slice_index",
+    "data_affine",
     "get_image_plane",
     "image_plane_shape",
     "labels_fit_image",
@@ -313,6 +315,32 @@ def plane_affine(image_layer: Any, slice_index: Sequence[int] = ()) -> np.ndarra
     return mat
 
 
+def data_affine(image_layer: Any, offset: Sequence[float] | None = None) -> np.ndarray:
+    """(n+1, n+1) affine from the image's ``n`` data axes (RGB channel excluded) to world,
+    for an array whose first pixel sits at data index ``offset`` (None: the origin).
+
+    Built from the layer's public ``data_to_world`` like :func:`plane_affine`, so scale
+    (anisotropic voxels included), translate, rotate, shear and affine all count; a
+    layer with only this affine lies exactly on the image (e.g. a preview crop).
+    """
+    n = len(spatial_shape(image_layer))
+    base = np.zeros(n) if offset is None else np.asarray(offset, dtype=float)
+    if base.shape != (n,):
+        raise InvalidInputError(f"offset must have {n} values, got {tuple(base.shape)}.")
+
+    def world(point: np.ndarray) -> np.ndarray:
+        return np.asarray(image_layer.data_to_world(point), dtype=float)[-n:]
+
+    origin = world(base)
+    mat = np.eye(n + 1)
+    for axis in range(n):
+        step = base.copy()
+        step[axis] += 1.0
+        mat[:n, axis] = world(step) - origin
+    mat[:n, n] = origin
+    return mat
+
+
 def make_plane_labels_layer(
     image_layer: Any, slice_index: Sequence[int], name: str, dtype: Any = np.uint8
 ) -> Any:
@@ -393,22 +421,63 @@ def commit_mask(
     for i, size in zip(lead, data.shape, strict=False):
         if not 0 <= i < size:
             raise InvalidInputError(f"Slice {lead} is outside labels of shape {data.shape}.")
-    region = (*lead, slice(r0, r0 + mask.shape[0]), slice(c0, c0 + mask.shape[1]))
+    crop = mask.reshape((1,) * len(lead) + mask.shape)
+    return commit_object(labels_layer, crop, (*lead, r0, c0), overwrite=overwrite)
+
+
+def commit_object(
+    labels_layer: Any,
+    mask: np.ndarray,
+    offset: Sequence[int],
+    overwrite: bool = False,
+    label_id: int | None = None,
+) -> int:
+    """Write an nD mask crop into ``labels_layer`` as one object, in ONE undo step.
+
+    Arguments:
+      labels_layer: napari Labels layer of ``n`` dims.
+      mask: ``n``-dim bool crop (e.g. a propagated object's bounding box through z
+        or t, with size 1 along the other stack axes).
+      offset: ``n`` ints, the data index of the crop's first pixel.
+      overwrite: as :func:`commit_mask`.
+      label_id: the id to write (an existing object extended through the stack);
+        None: a new id, ``max(labels) + 1``.
+
+    Returns the id written, or 0 when nothing was written. The write is one
+    ``Labels.data_setitem`` call, so ``layer.undo()`` removes the whole object.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    data = labels_layer.data
+    start = tuple(int(v) for v in offset)
+    if mask.ndim != data.ndim or len(start) != data.ndim or any(
+        o < 0 or o + m > s for o, m, s in zip(start, mask.shape, data.shape, strict=True)
+    ):
+        raise InvalidInputError(
+            f"An object of shape {mask.shape} at {start} does not fit labels layer "
+            f"{labels_layer.name!r} of shape {tuple(data.shape)}; pick a labels layer with the "
+            "image's shape (or let the widget create one)."
+        )
+    region = tuple(slice(o, o + m) for o, m in zip(start, mask.shape, strict=True))
     if not overwrite:
         mask = mask & (np.asarray(data[region]) == 0)
     if not mask.any():
         return 0
-    current_max = int(np.max(data)) if data.size else 0
-    new_id = current_max + 1
     dtype = np.dtype(data.dtype)
-    if dtype.kind in "iu" and new_id > np.iinfo(dtype).max:
-        raise InvalidInputError(
-            f"Labels layer {labels_layer.name!r} ({dtype}) has no free id above {current_max}; "
-            "convert it to uint32, e.g. layer.data = layer.data.astype('uint32')."
-        )
-    rows, cols = np.nonzero(mask)
-    rows += r0
-    cols += c0
-    indices = tuple(np.full(rows.shape, i, dtype=np.intp) for i in lead) + (rows, cols)
+    if label_id is None:
+        current_max = int(np.max(data)) if data.size else 0
+        new_id = current_max + 1
+        if dtype.kind in "iu" and new_id > np.iinfo(dtype).max:
+            raise InvalidInputError(
+                f"Labels layer {labels_layer.name!r} ({dtype}) has no free id above "
+                f"{current_max}; convert it to uint32, e.g. "
+                "layer.data = layer.data.astype('uint32')."
+            )
+    else:
+        new_id = int(label_id)
+        if new_id < 1 or (dtype.kind in "iu" and new_id > np.iinfo(dtype).max):
+            raise InvalidInputError(f"Label id {new_id} does not fit labels of dtype {dtype}.")
+    indices = tuple(
+        idx.astype(np.intp) + o for idx, o in zip(np.nonzero(mask), start, strict=True)
+    )
     labels_layer.data_setitem(indices, new_id)
     return new_id
