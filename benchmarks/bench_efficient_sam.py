@@ -22,6 +22,7 @@ replaced by ``tests/stubs`` when not importable.
 ``--image-size S`` sets the model's input side (and the square test image) to S,
 as ``bench_encoder.py --size`` does; the models' native size is 1024. Smaller
 sizes are for smoke tests only (the random position tables are resized).
+``vit_t`` always runs at 1024: mobile_sam's TinyViT hard-codes its 64 x 64 grid.
 """
 
 from __future__ import annotations
@@ -50,10 +51,17 @@ def _peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
 
 
+def _input_size(model: str, size: int) -> int:
+    """The input side ``model`` runs at: ``size``, but 1024 for vit_t (mobile_sam's
+    TinyViT reshapes to a fixed 64 x 64 grid)."""
+    return 1024 if model == "vit_t" else size
+
+
 def _config(model: str, size: int):
-    """``MODEL_CONFIGS[model]`` with its input side set to ``size``."""
+    """``MODEL_CONFIGS[model]`` with its input side set to ``_input_size(model, size)``."""
     from napari_sam.models.build import MODEL_CONFIGS, EfficientSamConfig
 
+    size = _input_size(model, size)
     cfg = MODEL_CONFIGS[model]
     if isinstance(cfg, EfficientSamConfig):
         return dataclasses.replace(cfg, img_size=size)
@@ -171,8 +179,9 @@ def worker(args: argparse.Namespace) -> None:
     else:
         embed, click = _reference_side(args.models[0], cfg, state_dict)
     del state_dict
-    image = _image(args.image_size)
-    point_rc = (args.image_size * 0.4, args.image_size * 0.55)
+    size = _input_size(args.models[0], args.image_size)
+    image = _image(size)
+    point_rc = (size * 0.4, size * 0.55)
     rss_loaded = _peak_rss_mb()
     embed_times, click_times = [], []
     with torch.inference_mode():
@@ -239,22 +248,23 @@ def main(args: argparse.Namespace) -> None:
             family = getattr(cfg, "family", None) or (
                 "vit_t" if model == "vit_t" else "vit")
             rows.append({"model": model, "reference": REFERENCE_NAMES[family],
+                         "input": _input_size(model, args.image_size),
                          "parameters_m": n_params / 1e6, "ours": our, "ref": ref,
                          "mask_iou": [float(v) for v in iou]})
 
     threads = rows[0]["ours"]["threads"] if rows else 0
-    header = (f"random weights, input {args.image_size} x {args.image_size}, "
+    header = (f"random weights, square image of the model's input side, "
               f"{threads} threads, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"load average {os.getloadavg()[0]:.1f}; embedding median of {args.repeats}, "
               f"click median of {args.click_repeats}")
     print(f"\n{header}\n")
-    print("| model | params (M) | embedding ours / ref (s) | ref / ours | "
+    print("| model | input | params (M) | embedding ours / ref (s) | ref / ours | "
           "click ours / ref (ms) | ref / ours | peak RSS ours / ref (MB) | mask IoU (min) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, f = r["ours"], r["ref"]
-        print(f"| {r['model']} | {r['parameters_m']:.1f} | "
+        print(f"| {r['model']} | {r['input']} | {r['parameters_m']:.1f} | "
               f"{o['embed_median_s']:.3f} / {f['embed_median_s']:.3f} | "
               f"{f['embed_median_s'] / o['embed_median_s']:.2f}x | "
               f"{o['click_median_ms']:.1f} / {f['click_median_ms']:.1f} | "
