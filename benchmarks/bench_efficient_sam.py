@@ -23,6 +23,9 @@ replaced by ``tests/stubs`` when not importable.
 as ``bench_encoder.py --size`` does; the models' native size is 1024. Smaller
 sizes are for smoke tests only (the random position tables are resized).
 ``vit_t`` always runs at 1024: mobile_sam's TinyViT hard-codes its 64 x 64 grid.
+``--threads N`` gives both sides N torch threads (and ``NAPARI_SAM_THREADS=N`` to ours, so
+napari-sam's automatic thread policy does not lower it on a busy machine); 0 leaves
+torch's default and napari-sam's policy, as a user has them.
 """
 
 from __future__ import annotations
@@ -213,6 +216,8 @@ def _run_side(side: str, model: str, args: argparse.Namespace, tmp: Path) -> dic
     print(f"{model}: {side} ...", file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)}
+    if args.threads:  # the same fixed count on both sides (no automatic policy on ours)
+        env["NAPARI_SAM_THREADS"] = str(args.threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{model} {side} worker failed:\n{proc.stderr}")
@@ -254,7 +259,8 @@ def main(args: argparse.Namespace) -> None:
 
     threads = rows[0]["ours"]["threads"] if rows else 0
     header = (f"random weights, square image of the model's input side, "
-              f"{threads} threads, {platform.processor() or platform.machine()}, "
+              f"{threads} threads (NAPARI_SAM_THREADS={args.threads or 'auto'}), "
+              f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"load average {os.getloadavg()[0]:.1f}; embedding median of {args.repeats}, "
               f"click median of {args.click_repeats}")
@@ -288,7 +294,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=["ours", "ref"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.click_repeats < 1:
+        p.error("--repeats and --click-repeats must be >= 1")
+    return args
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="NAPARI_SAM_THREADS for the CLI (0: napari-sam's automatic policy)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.planes < 1 or args.size < 16:
+        p.error("--planes must be >= 1 and --size >= 16")
 
     import tifffile
 

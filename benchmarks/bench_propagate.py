@@ -63,11 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
     p.add_argument("--model", default="default", help="anything load_model takes")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: napari-sam's automatic policy)")
+                   help="fixed torch threads, also NAPARI_SAM_THREADS (0: torch's default "
+                        "and napari-sam's automatic policy)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.repeats < 1 or args.planes < 1 or args.size < 16:
+        p.error("--repeats and --planes must be >= 1 and --size >= 16")
+    if args.threads:  # a fixed count: napari-sam's automatic policy would follow the load
         torch.set_num_threads(args.threads)
+        os.environ["NAPARI_SAM_THREADS"] = str(args.threads)
 
     from napari_sam.engine.predictor import Predictor
     from napari_sam.engine.propagate import propagate_volume
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     reached = {k: int(m.reshape(len(m), -1).any(1).sum()) for k, m in masks.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     setup = (f"model {args.model}, volume {volume.shape[0]} x {args.size} x {args.size} "
-             f"(object spans {args.planes} planes), {torch.get_num_threads()} threads, "
+             f"(object spans {args.planes} planes), {torch.get_num_threads()} threads "
+             f"(NAPARI_SAM_THREADS={os.environ.get('NAPARI_SAM_THREADS', 'auto')}), "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
              f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}; "
              f"{args.repeats} runs each, alternating")
