@@ -112,7 +112,7 @@ def _reference_side(model: str, cfg, state_dict):
         from test_efficient_sam import make_reference  # the tests' reference builder
 
         ref = make_reference(cfg)
-        ref.load_state_dict(state_dict, strict=True)
+        ref.load_state_dict(state_dict, strict=True, assign=True)
         state: dict = {}
 
         def embed(image):
@@ -132,7 +132,7 @@ def _reference_side(model: str, cfg, state_dict):
     from reference_utils import make_reference_sam
 
     ref = make_reference_sam(cfg)
-    ref.load_state_dict(state_dict, strict=True)
+    ref.load_state_dict(state_dict, strict=True, assign=True)
     if model == "vit_t":
         from mobile_sam import SamPredictor
     else:
@@ -154,7 +154,7 @@ def _our_side(cfg, state_dict):
     from napari_sam.models.build import build_sam
 
     model = build_sam(cfg).eval()
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     predictor = Predictor(model)
 
     def embed(image):
@@ -176,7 +176,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     rss_start = _peak_rss_mb()
     cfg = _config(args.models[0], args.image_size)
-    state_dict = torch.load(args.weights, weights_only=True)
+    # mapped and assigned, not copied: the process holds one copy of the weights, as after
+    # loading a checkpoint, so the peak RSS is not inflated by a second one
+    state_dict = torch.load(args.weights, weights_only=True, mmap=True)
     if args.worker == "ours":
         embed, click = _our_side(cfg, state_dict)
     else:
