@@ -20,6 +20,10 @@ Definitions (per image; ``t`` is an IoU threshold):
   an image with objects, recall of predictions on an image without objects).
 
 Scores over a dataset are means over images (as in DSB 2018).
+
+The same scores apply to label images of any dimension (3D objects of a volume,
+tracks of a time-lapse): :func:`label_iou_matrix` and :func:`label_matching_metrics`,
+where an object is all the pixels (voxels) of one id.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from napari_sam.errors import InvalidInputError
 __all__ = [
     "DSB_THRESHOLDS",
     "iou_matrix",
+    "label_iou_matrix",
+    "label_matching_metrics",
     "mask_iou",
     "match_counts",
     "matching_metrics",
@@ -149,7 +155,11 @@ def matching_metrics(
     Returns keys ``ap50, precision50, recall50, f1_50, tp50, fp50, fn50`` for
     each threshold (named by ``round(100 t)``), ``ap_dsb``, ``n_gt`` and ``n_pred``.
     """
-    iou = iou_matrix(gt, pred)
+    return _scores(iou_matrix(gt, pred), thresholds)
+
+
+def _scores(iou: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
+    """:func:`matching_metrics`' scores from an (n_gt, n_pred) IoU matrix."""
     out: dict[str, float] = {"n_gt": float(iou.shape[0]), "n_pred": float(iou.shape[1])}
     for t in sorted(set(thresholds) | set(DSB_THRESHOLDS)):
         tp, fp, fn = match_counts(iou, t)
@@ -167,6 +177,46 @@ def matching_metrics(
         if key not in keep:
             del out[key]
     return out
+
+
+def label_iou_matrix(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """IoU of every ground-truth object with every predicted one, for label images of any
+    dimension (e.g. (Z, Y, X) volumes: an object is all voxels of one id).
+
+    Arguments:
+      gt, pred: integer instance labels of the same shape (0 = background).
+
+    Returns:
+      (n_gt, n_pred) float64; rows follow the sorted nonzero gt ids, columns the
+      sorted nonzero pred ids.
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    for name, a in (("gt", gt), ("pred", pred)):
+        if a.ndim < 1 or not np.issubdtype(a.dtype, np.integer):
+            raise InvalidInputError(
+                f"{name} must be an integer label image, got {a.shape} {a.dtype}")
+    if gt.shape != pred.shape:
+        raise InvalidInputError(f"label shapes differ: gt {gt.shape} vs pred {pred.shape}")
+    gt_ids, gt_inv = np.unique(gt, return_inverse=True)
+    pred_ids, pred_inv = np.unique(pred, return_inverse=True)
+    n_p = len(pred_ids)
+    # contingency table: overlap of every (gt id, pred id) pair, background included
+    table = np.bincount(gt_inv.ravel() * n_p + pred_inv.ravel(),
+                        minlength=len(gt_ids) * n_p).reshape(len(gt_ids), n_p)
+    gt_area, pred_area = table.sum(1), table.sum(0)
+    keep_g, keep_p = gt_ids != 0, pred_ids != 0
+    inter = table[np.ix_(keep_g, keep_p)]
+    union = gt_area[keep_g][:, None] + pred_area[keep_p][None, :] - inter
+    return inter / np.maximum(union, 1)
+
+
+def label_matching_metrics(
+    gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = (0.5, 0.75)
+) -> dict[str, float]:
+    """:func:`matching_metrics` for label images of any dimension (3D AP50 of a volume's
+    objects, matched one-to-one at IoU >= t over all their voxels): same keys and
+    definitions, from :func:`label_iou_matrix`."""
+    return _scores(label_iou_matrix(gt, pred), thresholds)
 
 
 def mean_metrics(per_image: Sequence[dict[str, float]]) -> dict[str, float]:
