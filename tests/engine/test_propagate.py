@@ -61,7 +61,7 @@ class PlantedPredictor:
         """The plane index is the image's value (see :func:`indexed_volume`)."""
         return EmbeddedImage(torch.full((1, 1, 1, 1), float(rgb[0, 0, 0])), self.size, self.size)
 
-    def set_embedding(self, features, original_size, input_size):
+    def set_embedding(self, features, original_size, input_size, image=None):
         self.features = features
         self.plane = int(features.flatten()[0])
 

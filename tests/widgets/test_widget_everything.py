@@ -75,6 +75,7 @@ def test_whole_stack_fills_every_slice_with_unique_ids(make_napari_viewer, tiny_
     widget = _open(viewer, tiny_sam)
     progress = []
     widget.set_scope("whole stack")
+    widget.link_check.setChecked(False)  # the per-plane rule (linking: the CLI id test)
     worker = widget.run()
     worker.yielded.connect(lambda msg: progress.append(msg[:2]))
     assert widget.wait(TIMEOUT)
