@@ -75,8 +75,10 @@ def test_embedded_file_is_shipped_small_and_self_describing():
     _, config = load_state_dict(path)
     expected = SamConfig.from_dict(json.loads((ROOT / "configs/default_model.json").read_text()))
     # configs/default_model.json is the SAM architecture; the shipped file adds the AIS head
+    # and the mask refiner
     assert config.ais_head_hidden == 64
-    assert dataclasses.replace(config, ais_head_hidden=0) == expected
+    assert config.refiner_widths == (16, 32, 64, 96)
+    assert dataclasses.replace(config, ais_head_hidden=0, refiner_widths=()) == expected
     assert zoo.list_models()[0] == "default"
     assert zoo.download_checkpoint("default") == path  # no network involved
 
