@@ -1,7 +1,8 @@
 """Interactive prompting: the rule that turns successive prompts into predictions.
 
 No Qt and no napari: the interactive widget, the click protocol of
-:mod:`napari_sam.evaluation.interactive` and scripts share it.
+:mod:`napari_sam.evaluation.interactive`, training's prompt simulation
+(:func:`decode_plan`, on tensors) and scripts share it.
 
 Coordinates are image data pixels, napari/numpy order: points ``(row, col)``,
 boxes ``(row0, col0, row1, col1)``, masks ``(H, W)``.
@@ -47,8 +48,8 @@ if TYPE_CHECKING:
     from napari_sam.engine.predictor import Prediction, Predictor
 
 __all__ = [
-    "DecodePlan", "InteractiveSession", "PromptRequest", "Prompts", "limit_prompt_points",
-    "plan_decode",
+    "DecodePlan", "InteractiveSession", "PromptRequest", "Prompts", "decode_plan",
+    "limit_prompt_points", "plan_decode",
 ]
 
 
@@ -136,9 +137,21 @@ def plan_decode(prompts: Prompts, previous: Prompts | None, have_logits: bool) -
       previous: the prompts of the shown prediction (None: there is none).
       have_logits: the shown prediction's logits are available.
     """
-    multimask = prompts.n_points == 1 and prompts.box is None
-    refine = have_logits and prompts.extends(previous)
-    return DecodePlan(multimask=multimask, refine=refine)
+    return decode_plan(prompts.n_points, prompts.box is not None,
+                       appended=prompts.extends(previous), have_logits=have_logits)
+
+
+def decode_plan(n_points: int, has_box: bool, appended: bool, have_logits: bool) -> DecodePlan:
+    """The rule of :func:`plan_decode` on counts, for callers that hold their prompts as
+    tensors (training's prompt simulation, :mod:`napari_sam.training.simulation`).
+
+    Arguments:
+      n_points: points of the new prompt (per row).
+      has_box: the prompt has a box.
+      appended: the prompt is the shown one plus appended points.
+      have_logits: the shown prediction's low-res logits are available.
+    """
+    return DecodePlan(multimask=n_points == 1 and not has_box, refine=have_logits and appended)
 
 
 def limit_prompt_points(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_sam.engine.session import DecodePlan, decode_plan
 from napari_sam.errors import InvalidInputError
 
 from .datasets import Sample
@@ -158,15 +159,23 @@ def run_rounds(
     mask_input = None
     out = []
     for r in range(rounds):
-        if r > 0 and r < rounds - mask_only_rounds:
+        mask_only = r > 0 and r >= rounds - mask_only_rounds
+        if r > 0 and not mask_only:
             pred = F.interpolate(mask_input, (S, S), mode="bilinear", align_corners=False)
             pred = (pred[:, 0] > 0).cpu() & objects.valid
             c, lab = correction_points(pred, objects.gt, point_mode, generator, rng)
             points = torch.cat([points, c[:, None].to(device)], 1)
             labels = torch.cat([labels, lab[:, None].to(device)], 1)
-        multimask = first == "point" and r == 0
+        # the interactive rule (engine/session.py): three masks for a lone point, the last
+        # round's logits fed back when points were appended; SAM's mask-only rounds (no new
+        # point, the logits fed back) are training's own
+        plan = (DecodePlan(multimask=False, refine=True) if mask_only else
+                decode_plan(points.shape[1], boxes is not None, appended=r > 0,
+                            have_logits=mask_input is not None))
+        multimask = plan.multimask
         sparse, dense = model.prompt_encoder(
-            points=(points, labels) if points.shape[1] else None, boxes=boxes, masks=mask_input
+            points=(points, labels) if points.shape[1] else None, boxes=boxes,
+            masks=mask_input if plan.refine else None,
         )
         if r > 0 and backward_scale is not None:
             # each round's backward frees the gather's graph: rebuild it
