@@ -33,7 +33,7 @@ def main() -> None:
     from napari_sam.engine.predictor import Predictor
     from napari_sam.models import load_model
     from napari_sam.training.datasets import load_ids
-    from napari_sam.training.prompts import innermost_points
+    from napari_sam.training.prompts import innermost_points, prompt_boxes
 
     model = load_model(args.model)
     _train, val = load_ids(args.ids)
@@ -49,9 +49,7 @@ def main() -> None:
         for obj in ids[(ids != 0) & (area >= 10)]:
             truth = labels == obj
             point = innermost_points(truth[None]).astype(np.float64)
-            rr, cc = np.nonzero(truth)
-            box = np.array([rr.min(), cc.min(), max(rr.max(), rr.min() + 1),
-                            max(cc.max(), cc.min() + 1)], np.float64)
+            box = prompt_boxes(truth[None])[0]
             row = [max(labels.shape), truth.sum()]
             for p in (on, off):
                 pred = p.predict(points=point, multimask=True)

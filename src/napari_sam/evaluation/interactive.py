@@ -33,7 +33,7 @@ import torch
 from napari_sam.engine.session import InteractiveSession
 from napari_sam.errors import InvalidInputError
 from napari_sam.evaluation.metrics import paired_mask_iou
-from napari_sam.training.prompts import boxes_from_masks, correction_points, innermost_points
+from napari_sam.training.prompts import correction_points, innermost_points, prompt_boxes
 
 __all__ = ["PredictorLike", "evaluate_image_interactive"]
 
@@ -93,12 +93,7 @@ def evaluate_image_interactive(
         gt = labels[None] == ids[chunk, None, None]
         point_iou[chunk] = _clicks(predictor, gt, n_clicks)
         if box:
-            xyxy = boxes_from_masks(torch.from_numpy(gt)).numpy()
-            boxes = xyxy[:, [1, 0, 3, 2]]  # (row0, col0, row1, col1)
-            # a one-pixel-thin object has a zero-area tight box, which the predictor
-            # rejects: give it one pixel of extent
-            boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
-            pred = predictor.predict(box=boxes, multimask=False)
+            pred = predictor.predict(box=prompt_boxes(gt), multimask=False)
             box_iou[chunk] = paired_mask_iou(np.asarray(pred.masks)[:, 0].astype(bool), gt)
     return {"ids": ids, "area": areas, "point_iou": point_iou, "box_iou": box_iou}
 

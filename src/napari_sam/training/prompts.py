@@ -105,6 +105,19 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+def prompt_boxes(masks: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Tight box prompts of (K, H, W) bool masks, as a user draws them.
+
+    Returns (K, 4) float64 ``(row0, col0, row1, col1)`` with inclusive corners (the
+    predictor's convention); an object one pixel thin gets one pixel more extent, since
+    a box without area is no prompt.
+    """
+    xyxy = boxes_from_masks(torch.as_tensor(np.asarray(masks, dtype=bool))).numpy()
+    boxes = xyxy[:, [1, 0, 3, 2]].astype(np.float64)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+    return boxes
+
+
 def jitter_boxes(
     boxes: torch.Tensor,
     size: tuple[int, int],

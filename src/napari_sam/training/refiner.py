@@ -31,7 +31,7 @@ from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.refine import refine_window, window_features, window_target
 from napari_sam.models.build import build_sam
 from napari_sam.models.mask_refiner import MaskRefiner
-from napari_sam.training.prompts import innermost_points
+from napari_sam.training.prompts import innermost_points, prompt_boxes
 
 __all__ = ["RefinerSamples", "refiner_samples", "train_refiner", "with_refiner"]
 
@@ -96,8 +96,7 @@ def refiner_samples(
                 xs.append(window_features(rgb, logits, window, click[None]).half().numpy())
                 ys.append(_target(truth, window))
                 kinds.append(kind)
-            box = np.array([rows.min(), cols.min(), max(rows.max(), rows.min() + 1),
-                            max(cols.max(), cols.min() + 1)], np.float64)
+            box = prompt_boxes(truth[None])[0]
             logits = predictor.predict(box=box, multimask=False, return_logits=True).masks[0]
             window = refine_window(logits > 0, None, box)
             xs.append(window_features(rgb, logits, window).half().numpy())
