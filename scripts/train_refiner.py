@@ -2,15 +2,19 @@
 
     python scripts/train_refiner.py MODEL DATA -o RUN [--ids splits/dsb2018.json]
         [--steps 1500] [--max-objects 20] [--threads 1] [--seed 0] [--overwrite]
+        [--corrections] [--warm-start]
 
 MODEL: anything ``load_model`` takes (default, vit_b, a checkpoint path). DATA: a training
 folder as ``napari-sam train`` reads it; ``--ids`` keeps only the ids of its ``train`` list
 (the validation images are never used). Steps (``napari_sam.training.refiner``):
 
 1. ``RUN/samples.npz``: three prompts per object (innermost click, random click, box) on the
-   frozen model, the refiner's input windows and targets (reused when present);
+   frozen model, the refiner's input windows and targets (reused when present); with
+   ``--corrections`` also ``RUN/corrections.npz``: a correction click after each click
+   (negative or positive, as a user places it on the mask MODEL shows);
 2. the refiner's training, checkpointed to ``RUN/refiner_state.pt`` every 100 steps
    (a stopped run resumes from it with the same command);
+   ``--warm-start`` starts from MODEL's own refiner (a longer schedule for a shipped one);
 3. ``RUN/model.safetensors``: MODEL with the refiner inside (``load_model(RUN/model.safetensors)``
    refines every click and box at once).
 
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corrections", action="store_true",
+                        help="also learn from correction clicks (negative points)")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="start from MODEL's own refiner")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.max_objects < 1 or args.batch_size < 1 or args.threads < 1:
@@ -76,15 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     record.write_text(json.dumps(settings, indent=1))
 
     model = load_model(args.model).eval()
-    samples_path = run / "samples.npz"
-    if samples_path.is_file():
-        samples = RefinerSamples.load(samples_path)
-    else:
-        pairs = find_pairs(args.data)
-        if args.ids:
-            train_ids, _val = load_ids(args.ids)
-            keep = set(train_ids or [])
-            pairs = [p for p in pairs if p[0] in keep]
+    init, widths = None, {}
+    if args.warm_start:
+        own = getattr(model, "mask_refiner", None)
+        if own is None:
+            print(f"train_refiner: --warm-start: {args.model} has no mask refiner to start "
+                  "from; leave the option out.", file=sys.stderr)
+            return 1
+        init, widths = own.state_dict(), {"widths": tuple(own.widths)}
+    pairs = find_pairs(args.data)
+    if args.ids:
+        train_ids, _val = load_ids(args.ids)
+        keep = set(train_ids or [])
+        pairs = [p for p in pairs if p[0] in keep]
+
+    def make_samples(path: Path, prompts: str) -> RefinerSamples:
+        if path.is_file():
+            return RefinerSamples.load(path)
 
         def images():
             for _id, image_path, label_path in pairs:
@@ -92,12 +108,18 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(n: int) -> None:
             if n % 20 == 0 or n == len(pairs):
-                logging.info("samples: %d/%d images", n, len(pairs))
+                logging.info("%s: %d/%d images", path.name, n, len(pairs))
 
-        samples = refiner_samples(model, images(), max_objects=args.max_objects,
-                                  seed=args.seed, progress=progress)
-        samples.save(run / "samples.tmp.npz")
-        (run / "samples.tmp.npz").replace(samples_path)
+        made = refiner_samples(model, images(), max_objects=args.max_objects, seed=args.seed,
+                               progress=progress, prompts=prompts)
+        tmp = path.with_suffix(".tmp.npz")
+        made.save(tmp)
+        tmp.replace(path)
+        return made
+
+    samples = make_samples(run / "samples.npz", "all")
+    if args.corrections:
+        samples = samples + make_samples(run / "corrections.npz", "corrections")
     logging.info("%d samples", len(samples.x))
 
     state_path = run / "refiner_state.pt"
@@ -108,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         (run / "refiner_state.tmp.pt").replace(state_path)
 
     refiner = train_refiner(samples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, state=state, checkpoint=checkpoint)
+                            seed=args.seed, state=state, checkpoint=checkpoint, init=init,
+                            **widths)
     out = save_model(with_refiner(model, refiner), run / "model.safetensors")
     logging.info("saved %s", out)
     return 0

@@ -96,3 +96,60 @@ def test_script_saves_a_model_with_its_refiner_and_protects_other_runs(tiny_sam,
 def test_script_refuses_bad_numbers(tmp_path, bad):
     res = _script("default", tmp_path, "-o", tmp_path / "run", *bad)
     assert res.returncode == 2 and "must be >= 1" in res.stderr
+
+
+def test_correction_samples_follow_each_click_with_a_second_point(tiny_sam):
+    pairs = [_pair(0), _pair(1)]
+    corrections = refiner_samples(tiny_sam, pairs, max_objects=2, prompts="corrections")
+    assert set(np.unique(corrections.kind)) == {3}
+    assert 0 < len(corrections.x) <= 2 * 2 * 2  # one per click, none where already perfect
+    # the first click is always positive; the correction is either (both point maps used)
+    assert corrections.x[:, 4].max() > 0.9
+    both = refiner_samples(tiny_sam, pairs, max_objects=2, prompts="both")
+    base = refiner_samples(tiny_sam, pairs, max_objects=2)
+    # the same objects and clicks: "both" is the base samples plus the corrections
+    assert sorted(np.bincount(both.kind, minlength=4)) == sorted(
+        [*np.bincount(base.kind, minlength=3), len(corrections.x)])
+    np.testing.assert_array_equal(both.x[both.kind == 3], corrections.x)
+    np.testing.assert_array_equal(both.x[both.kind != 3], base.x)
+    joined = base + corrections
+    assert len(joined.x) == len(both.x) and joined.kind.dtype == np.int8
+
+
+def test_prompts_must_be_named(tiny_sam):
+    from napari_sam.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="prompts must be"):
+        refiner_samples(tiny_sam, [_pair(0)], prompts="some")
+
+
+def test_warm_start_begins_from_the_given_weights(tiny_sam):
+    samples = refiner_samples(tiny_sam, [_pair(2)], max_objects=1)
+    first = train_refiner(samples, steps=2, batch_size=2, widths=(4, 8))
+    warm = train_refiner(samples, steps=1, batch_size=2, widths=(4, 8), lr=1e-12,
+                         init=first.state_dict())
+    # the weights (not BatchNorm's running statistics, which a training step updates)
+    for a, b in zip(first.parameters(), warm.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    cold = train_refiner(samples, steps=1, batch_size=2, widths=(4, 8), lr=1e-12)
+    assert not all(torch.allclose(a, b) for a, b in zip(first.parameters(), cold.parameters(),
+                                                                     strict=True))
+
+
+def test_script_learns_corrections_and_warm_starts(tiny_sam, tmp_path):
+    from napari_sam.models import load_model
+    from napari_sam.models.checkpoint import save_model
+
+    model_path = save_model(tiny_sam, tmp_path / "tiny.safetensors")
+    data = _dataset(tmp_path / "data")
+    res = _script(model_path, data, "-o", tmp_path / "cold", "--warm-start", "--steps", "2")
+    assert res.returncode == 1 and "has no mask refiner" in res.stderr
+    res = _script(model_path, data, "-o", tmp_path / "run", "--steps", "2", "--batch-size", "4",
+                  "--corrections")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "run" / "corrections.npz").is_file()
+    first = tmp_path / "run" / "model.safetensors"
+    res = _script(first, data, "-o", tmp_path / "warm", "--steps", "2", "--batch-size", "4",
+                  "--warm-start")
+    assert res.returncode == 0, res.stderr
+    assert load_model(tmp_path / "warm" / "model.safetensors").mask_refiner is not None

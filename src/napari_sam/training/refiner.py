@@ -4,8 +4,13 @@ The refiner learns from the model's own masks: for every object of every trainin
 image (up to ``max_objects`` an image), the frozen model is prompted three times, as
 a user would: a click at the object's innermost pixel and one at a random pixel of
 the object (multimask, the mask with the best predicted IoU), and the object's tight
-box. Each prediction becomes one sample: the refiner's input built by
-:func:`napari_sam.engine.refine.window_features` from the window
+box. With ``corrections``, each click is followed by one correction click as a user
+would place it (:func:`~napari_sam.training.prompts.correction_points`, on the mask the
+user sees: refined by the model's own refiner when it has one) and the two-point
+prediction (the first one's low-res logits as mask input, one mask, as
+:func:`~napari_sam.engine.session.decode_plan` decides) is one more sample, so the
+refiner also learns negative clicks. Each prediction becomes one sample: the
+refiner's input built by :func:`napari_sam.engine.refine.window_features` from the window
 :func:`~napari_sam.engine.refine.refine_window` chooses, and the object's true mask on
 the same grid (area-averaged, so a soft target at the rim). The refiner is then
 trained on these samples with BCE + soft Dice, random 90-degree rotations, flips and
@@ -29,9 +34,10 @@ import torch.nn.functional as F
 
 from napari_sam.engine.predictor import Predictor
 from napari_sam.engine.refine import refine_window, window_features, window_target
+from napari_sam.engine.session import decode_plan
 from napari_sam.models.build import build_sam
 from napari_sam.models.mask_refiner import MaskRefiner
-from napari_sam.training.prompts import innermost_points, prompt_boxes
+from napari_sam.training.prompts import correction_points, innermost_points, prompt_boxes
 
 __all__ = ["RefinerSamples", "refiner_samples", "train_refiner", "with_refiner"]
 
@@ -41,7 +47,7 @@ log = logging.getLogger("napari_sam.training")
 @dataclasses.dataclass
 class RefinerSamples:
     """x: (N, 6, S, S) float16 refiner inputs; y: (N, S, S) float16 targets in [0, 1];
-    kind: (N,) 0 innermost click, 1 random click, 2 box."""
+    kind: (N,) 0 innermost click, 1 random click, 2 box, 3 click + correction click."""
 
     x: np.ndarray
     y: np.ndarray
@@ -55,6 +61,11 @@ class RefinerSamples:
         with np.load(path) as d:
             return cls(d["x"], d["y"], d["kind"])
 
+    def __add__(self, other: RefinerSamples) -> RefinerSamples:
+        return RefinerSamples(np.concatenate([self.x, other.x]),
+                              np.concatenate([self.y, other.y]),
+                              np.concatenate([self.kind, other.kind]))
+
 
 def refiner_samples(
     model: torch.nn.Module,
@@ -63,6 +74,7 @@ def refiner_samples(
     min_area: int = 10,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    prompts: str = "all",
 ) -> RefinerSamples:
     """Samples of the refiner from ``model``'s predictions on ``images``.
 
@@ -73,8 +85,18 @@ def refiner_samples(
       min_area: smaller objects are skipped.
       seed: the choice of objects and of the random clicks.
       progress: called with the number of images done.
+      prompts: ``"all"`` (kinds 0-2), ``"corrections"`` (kind 3 only: a correction
+        after each of the two clicks; the clicks are drawn as for ``"all"`` with the
+        same seed) or ``"both"``.
     """
+    if prompts not in ("all", "corrections", "both"):
+        from napari_sam.errors import InvalidInputError
+
+        raise InvalidInputError(f"prompts must be 'all', 'corrections' or 'both', got {prompts!r}")
+    base, corrections = prompts in ("all", "both"), prompts in ("corrections", "both")
     predictor = Predictor(model, refine=False)
+    has_refiner = getattr(model, "mask_refiner", None) is not None
+    correction_rng = np.random.default_rng([seed, 1])
     rng = np.random.default_rng(seed)
     xs, ys, kinds = [], [], []
     for n, (rgb, labels) in enumerate(images, start=1):
@@ -91,17 +113,27 @@ def refiner_samples(
             for kind, click in enumerate(clicks):
                 pred = predictor.predict(points=click[None].astype(np.float64), multimask=True,
                                          return_logits=True)
-                logits = pred.masks[int(np.argmax(pred.scores))]
-                window = refine_window(logits > 0, click[None])
-                xs.append(window_features(rgb, logits, window, click[None]).half().numpy())
+                best = int(np.argmax(pred.scores))
+                logits = pred.masks[best]
+                if base:
+                    window = refine_window(logits > 0, click[None])
+                    xs.append(window_features(rgb, logits, window, click[None]).half().numpy())
+                    ys.append(_target(truth, window))
+                    kinds.append(kind)
+                if corrections:
+                    sample = _correction_sample(predictor, rgb, truth, click, pred, best,
+                                                has_refiner, correction_rng)
+                    if sample is not None:
+                        xs.append(sample[0])
+                        ys.append(sample[1])
+                        kinds.append(3)
+            if base:
+                box = prompt_boxes(truth[None])[0]
+                logits = predictor.predict(box=box, multimask=False, return_logits=True).masks[0]
+                window = refine_window(logits > 0, None, box)
+                xs.append(window_features(rgb, logits, window).half().numpy())
                 ys.append(_target(truth, window))
-                kinds.append(kind)
-            box = prompt_boxes(truth[None])[0]
-            logits = predictor.predict(box=box, multimask=False, return_logits=True).masks[0]
-            window = refine_window(logits > 0, None, box)
-            xs.append(window_features(rgb, logits, window).half().numpy())
-            ys.append(_target(truth, window))
-            kinds.append(2)
+                kinds.append(2)
         if progress is not None:
             progress(n)
     if not xs:
@@ -110,6 +142,37 @@ def refiner_samples(
         raise InvalidInputError("No object to learn from: the label images hold no object of "
                                 f"at least {min_area} pixels.")
     return RefinerSamples(np.stack(xs), np.stack(ys), np.asarray(kinds, np.int8))
+
+
+def _correction_sample(
+    predictor: Predictor, rgb: np.ndarray, truth: np.ndarray, click: np.ndarray, pred,
+    best: int, has_refiner: bool, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sample of a correction click after ``click``'s prediction ``pred`` (None when
+    the mask the user sees is already perfect)."""
+    point = click[None].astype(np.float64)
+    if has_refiner:
+        predictor.refine = None
+        shown = predictor.predict(points=point, multimask=True).masks[best]
+        predictor.refine = False
+    else:
+        shown = pred.masks[best] > 0
+    coords, labels = correction_points(torch.from_numpy(shown[None]),
+                                       torch.from_numpy(truth[None]), mode="interior", rng=rng)
+    if int(labels[0]) < 0:
+        return None
+    second = np.array([[float(coords[0, 1]), float(coords[0, 0])]])  # (x, y) -> (row, col)
+    points = np.concatenate([point, second])
+    point_labels = np.array([1, int(labels[0])])
+    plan = decode_plan(2, False, True, True)
+    logits = predictor.predict(points=points, labels=point_labels,
+                               mask_input=pred.logits[best][None] if plan.refine else None,
+                               multimask=plan.multimask, return_logits=True).masks[0]
+    positive = points[point_labels == 1]
+    negative = points[point_labels == 0]
+    window = refine_window(logits > 0, positive)
+    x = window_features(rgb, logits, window, positive, negative if len(negative) else None)
+    return x.half().numpy(), _target(truth, window)
 
 
 def _target(truth: np.ndarray, window) -> np.ndarray:
@@ -126,16 +189,20 @@ def train_refiner(
     state: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 100,
+    init: dict | None = None,
 ) -> MaskRefiner:
     """Train a :class:`MaskRefiner` on ``samples`` (see the module doc for the recipe).
 
     ``state`` (from an earlier ``checkpoint`` call) resumes a run; ``checkpoint`` is
     called with the run's state every ``checkpoint_every`` steps and at the end.
+    ``init``: a refiner state dict to start from (a warm start; ``widths`` must match).
     """
     torch.manual_seed(seed)
     x_all = torch.from_numpy(samples.x)
     y_all = torch.from_numpy(samples.y)
     refiner = MaskRefiner(widths)
+    if init is not None:
+        refiner.load_state_dict(init)
     opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.05)
