@@ -41,6 +41,7 @@ __all__ = [
     "instances_from_maps",
     "make_segmenter",
     "mode_reason",
+    "refine_maps",
     "resolve_mode",
 ]
 
@@ -180,7 +181,13 @@ class InstanceSegmenter:
         image is resized to the model input, small objects may be lost).
       overlap: overlap of neighbouring tiles in pixels (>= 0, less than the
         tile size; default 64). Tiled maps are blended as :meth:`maps` does.
+      refine: redraw the maps at the image's resolution with the model's AIS map
+        refiner (:mod:`napari_sam.models.ais_refiner`, :func:`refine_maps`) before
+        decoding; None (default): when the model has one; False: never.
     """
+
+    #: use the model's AIS map refiner (None: when it has one; False: never)
+    refine: bool | None = None
 
     def __init__(
         self,
@@ -189,6 +196,7 @@ class InstanceSegmenter:
         output_mode: str = "binary_mask",
         tile_size: int | str | None = "auto",
         overlap: int = AIS_TILE_OVERLAP,
+        refine: bool | None = None,
         **overrides: Any,
     ) -> None:
         from napari_sam.engine.predictor import Predictor
@@ -212,6 +220,13 @@ class InstanceSegmenter:
         self.output_mode = output_mode
         self.tile_size = tile_size
         self.overlap = int(overlap)
+        self.refine = refine
+
+    @property
+    def refiner(self) -> Any:
+        """The AIS map refiner used now (the model's, unless ``refine=False``), or None."""
+        refiner = getattr(self.model, "ais_refiner", None)
+        return None if self.refine is False else refiner
 
     def tile_size_for(self, shape: tuple[int, int]) -> int | None:
         """Tile size used for an (H, W) image under :attr:`tile_size`, or None (whole image)."""
@@ -252,9 +267,16 @@ class InstanceSegmenter:
         seams. Maps come back at the image's own resolution.
         """
         if tile_size is None and scale == 1.0:
-            return self._image_maps(rgb, use_cache)
-        return run_steps(self._iter_tiled_maps(rgb, tile_size or self.model.img_size, overlap,
-                                            scale))
+            maps = self._image_maps(rgb, use_cache)
+        else:
+            maps = run_steps(self._iter_tiled_maps(rgb, tile_size or self.model.img_size,
+                                                   overlap, scale))
+        return self._refined(rgb, maps)
+
+    def _refined(self, rgb: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        """``maps`` redrawn by :attr:`refiner` (unchanged when there is none)."""
+        refiner = self.refiner
+        return maps if refiner is None else refine_maps(refiner, rgb, maps)
 
     def _image_maps(self, rgb: np.ndarray, use_cache: bool) -> np.ndarray:
         """(4, H, W) maps of the whole image, embedded at the model's input size."""
@@ -350,6 +372,7 @@ class InstanceSegmenter:
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
         maps = yield from self._iter_maps(rgb, cancel, use_cache)
         check_cancel(cancel, _CANCELLED)
+        maps = self._refined(rgb, maps)
         return instances_from_maps(maps, self.settings), maps
 
     def iter_generate(
@@ -407,6 +430,65 @@ class InstanceSegmenter:
         steps = self._iter_labels(image, contrast_limits, channel_axis, cancel, True)
         labels, _maps = run_steps(steps, progress)
         return labels.astype(np.uint32)
+
+
+#: core side and context margin of the tiles :func:`refine_maps` works on (multiples of 8)
+REFINE_TILE, REFINE_HALO = 512, 64
+
+
+def refine_maps(
+    refiner: Any, rgb: np.ndarray, maps: np.ndarray, tile: int = REFINE_TILE,
+    halo: int = REFINE_HALO,
+) -> np.ndarray:
+    """(4, H, W) AIS maps redrawn by an :class:`~napari_sam.models.ais_refiner.AisRefiner`.
+
+    Arguments:
+      refiner: the refiner (eval mode).
+      rgb: (H, W, 3) uint8, the image the maps belong to (its own resolution).
+      maps: (4, H, W) probabilities from the AIS head.
+      tile, halo: the image is refined in square cores of ``tile`` pixels, each seen
+        with ``halo`` pixels of context on every side (so memory stays bounded on
+        large images and a core's result does not depend on the tiling as long as the
+        halo covers the refiner's reach); both are rounded up to the refiner's
+        :meth:`~napari_sam.models.ais_refiner.AisRefiner.multiple` so that pooling
+        sees the same pixel pairs in every tile.
+
+    Returns:
+      (4, H, W) float32 probabilities.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from napari_sam.engine.threads import compute_threads
+    from napari_sam.models.sam import PIXEL_MEAN, PIXEL_STD
+
+    maps = np.asarray(maps, np.float32)
+    H, W = maps.shape[1:]
+    if rgb.shape[:2] != (H, W) or maps.shape[0] != 4:
+        raise InvalidInputError(
+            f"AIS maps (4, H, W) and image (H, W, 3) must match, got {maps.shape} and "
+            f"{rgb.shape}.")
+    k = refiner.multiple()
+    tile, halo = -(-int(tile) // k) * k, -(-int(halo) // k) * k
+    mean = np.asarray(PIXEL_MEAN, np.float32)
+    std = np.asarray(PIXEL_STD, np.float32)
+    device = next(refiner.parameters()).device
+    out = np.empty((4, H, W), np.float32)
+    with torch.inference_mode(), compute_threads():
+        for r0 in range(0, H, tile):
+            for c0 in range(0, W, tile):
+                R0, C0 = max(0, r0 - halo), max(0, c0 - halo)
+                R1, C1 = min(H, r0 + tile + halo), min(W, c0 + tile + halo)
+                image = (rgb[R0:R1, C0:C1].astype(np.float32) - mean) / std
+                x = torch.cat([torch.from_numpy(image).permute(2, 0, 1),
+                               torch.from_numpy(maps[:, R0:R1, C0:C1])], 0)[None]
+                h, w = R1 - R0, C1 - C0
+                x = F.pad(x, (0, (-w) % k, 0, (-h) % k))
+                x = x.to(device).contiguous(memory_format=torch.channels_last)
+                y = torch.sigmoid(refiner(x).float())[0].cpu().numpy()
+                r1, c1 = min(H, r0 + tile), min(W, c0 + tile)
+                out[:, r0:r1, c0:c1] = y[:, r0 - R0:r1 - R0, c0 - C0:c1 - C0]
+    return out
 
 
 def _check_tiling(tile_size: Any, overlap: Any) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InvalidInputError
 from .ais_head import AisHead
+from .ais_refiner import AisRefiner
 from .efficient_sam import EfficientSam
 from .efficient_sam_decoder import EfficientMaskDecoder
 from .efficient_sam_encoder import EfficientViTEncoder
@@ -152,6 +153,8 @@ class SamConfig:
     ais_head_hidden: int = 0
     # channels per level of the mask refiner (models/mask_refiner.py); (): none
     refiner_widths: tuple[int, ...] = ()
+    # channels per level of the AIS map refiner (models/ais_refiner.py); (): none
+    ais_refiner_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -171,13 +174,14 @@ class SamConfig:
             f"ais_head_hidden must be 0 (no head) or an even number >= 2, got "
             f"{self.ais_head_hidden}",
         )
-        _check(
-            isinstance(self.refiner_widths, tuple)
-            and all(isinstance(w, int) and w >= 1 for w in self.refiner_widths)
-            and len(self.refiner_widths) != 1,
-            f"refiner_widths must be () (no refiner) or >= 2 positive ints, got "
-            f"{self.refiner_widths!r}",
-        )
+        for name in ("refiner_widths", "ais_refiner_widths"):
+            widths = getattr(self, name)
+            _check(
+                isinstance(widths, tuple)
+                and all(isinstance(w, int) and w >= 1 for w in widths)
+                and len(widths) != 1,
+                f"{name} must be () (no refiner) or >= 2 positive ints, got {widths!r}",
+            )
 
     @property
     def encoder_type(self) -> str:
@@ -204,10 +208,11 @@ class SamConfig:
             d[f.name] = value
         if not self.ais_head_hidden:
             del d["ais_head_hidden"]  # head-less configs keep their old form
-        if self.refiner_widths:
-            d["refiner_widths"] = list(self.refiner_widths)
-        else:
-            del d["refiner_widths"]
+        for name in ("refiner_widths", "ais_refiner_widths"):  # refiner-less configs: old form
+            if d[name]:
+                d[name] = list(d[name])
+            else:
+                del d[name]
         return d
 
     @classmethod
@@ -228,8 +233,9 @@ class SamConfig:
         enc_unknown = set(enc_data) - {f.name for f in fields(enc_cls)}
         if unknown or enc_unknown:
             raise InvalidInputError(f"unknown SAM config fields: {sorted(unknown | enc_unknown)}")
-        if isinstance(data.get("refiner_widths"), list):
-            data["refiner_widths"] = tuple(data["refiner_widths"])
+        for name in ("refiner_widths", "ais_refiner_widths"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         try:
             return cls(encoder=enc_cls(**enc_data), **data)
         except TypeError as exc:
@@ -429,8 +435,9 @@ def _build_segment_anything(config: SamConfig) -> Sam:
     mask_decoder = MaskDecoder(**_decoder_arguments(config, TwoWayTransformer))
     ais_head = AisHead(dim, config.ais_head_hidden) if config.ais_head_hidden else None
     refiner = MaskRefiner(config.refiner_widths) if config.refiner_widths else None
+    ais_refiner = AisRefiner(config.ais_refiner_widths) if config.ais_refiner_widths else None
     return Sam(encoder, prompt_encoder, mask_decoder, config=config, ais_head=ais_head,
-               mask_refiner=refiner)
+               mask_refiner=refiner, ais_refiner=ais_refiner)
 
 
 def build_efficient_sam(config: EfficientSamConfig) -> EfficientSam:
@@ -636,8 +643,14 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
             _shape(state_dict, "ais_head.net.0.weight", 4)[1]
             if "ais_head.net.0.weight" in state_dict else 0
         ),
-        refiner_widths=tuple(
-            _shape(state_dict, f"mask_refiner.enc.{i}.0.weight", 4)[0]
-            for i in range(_count(state_dict, r"mask_refiner\.enc\.(\d+)\.0\.weight"))
-        ) if "mask_refiner.enc.0.0.weight" in state_dict else (),
+        refiner_widths=_unet_widths(state_dict, "mask_refiner"),
+        ais_refiner_widths=_unet_widths(state_dict, "ais_refiner"),
     )
+
+
+def _unet_widths(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
+    """Channels per level of the U-Net stored under ``prefix.`` (a refiner), () when none."""
+    if f"{prefix}.enc.0.0.weight" not in state_dict:
+        return ()
+    n = _count(state_dict, re.escape(prefix) + r"\.enc\.(\d+)\.0\.weight")
+    return tuple(_shape(state_dict, f"{prefix}.enc.{i}.0.weight", 4)[0] for i in range(n))

@@ -75,6 +75,7 @@ class Sam(PromptableModel):
         config: SamConfig | None = None,
         ais_head: nn.Module | None = None,
         mask_refiner: nn.Module | None = None,
+        ais_refiner: nn.Module | None = None,
     ) -> None:
         super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std,
                          config)
@@ -83,6 +84,8 @@ class Sam(PromptableModel):
         self.ais_head = ais_head
         # optional native-resolution mask refiner (models/mask_refiner.py); the same
         self.mask_refiner = mask_refiner
+        # optional native-resolution refiner of the AIS maps (models/ais_refiner.py); the same
+        self.ais_refiner = ais_refiner
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in 0..255 with max(h, w) <= S -> (B, 3, S, S) normalised,

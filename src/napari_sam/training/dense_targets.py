@@ -51,6 +51,7 @@ __all__ = [
     "dense_loss",
     "dense_targets",
     "dense_targets_batch",
+    "full_res_targets",
     "valid_mask",
 ]
 
@@ -67,7 +68,7 @@ def _boundary(labels: np.ndarray) -> np.ndarray:
     return diff & (c > 0)
 
 
-def _full_res_targets(labels: np.ndarray) -> np.ndarray:
+def full_res_targets(labels: np.ndarray) -> np.ndarray:
     """(4, H, W) float32 targets of an (H, W) instance label image (channels in the module doc)."""
     labels = np.asarray(labels)
     fg = labels > 0
@@ -113,7 +114,7 @@ def dense_targets(labels: np.ndarray | torch.Tensor, low_res_size: int) -> torch
     """
     if isinstance(labels, torch.Tensor):
         labels = labels.numpy()
-    full = torch.from_numpy(_full_res_targets(np.asarray(labels)))
+    full = torch.from_numpy(full_res_targets(np.asarray(labels)))
     return F.adaptive_avg_pool2d(full, int(low_res_size))
 
 
