@@ -13,7 +13,7 @@ chooses at that moment (fewer on a busy machine; printed beside each figure):
 - ``features``: the refiner's (3, 6, 64, 64) input;
 - ``refiner forward`` / ``refiner infer``: the plain eval-mode forward and
   the inference path (:meth:`MaskRefiner.infer`) on that input;
-- ``paste``: the refined windows back into the logits;
+- ``paste``: the refined windows back into the logits (in place);
 - ``refine_logits``: the last four together, as the predictor runs them;
 - ``click``: ``Predictor.predict`` with the refiner (boolean masks).
 """
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         out = refiner.infer(x)[:, 0]
 
+    work = logits.copy()  # the predictor pastes into its own fresh logits, no copy
+
     def paste():
-        work = logits.copy()
         for k, window in enumerate(wins):
             refine._paste_into(work[k], out[k], window)
 
