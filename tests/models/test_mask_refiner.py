@@ -73,3 +73,12 @@ def test_infer_follows_weight_changes_and_leaves_training_alone():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # the cache is not part of the weights
     assert set(refiner.state_dict()) == set(before)
+
+
+def test_infer_works_on_weights_made_under_inference_mode():
+    """Weights created under torch.inference_mode have no version counter."""
+    x = _inputs(n=1)
+    with torch.inference_mode():
+        refiner = MaskRefiner((4, 8)).eval()
+        expected = refiner(x)
+    torch.testing.assert_close(refiner.infer(x), expected, atol=1e-4, rtol=1e-4)

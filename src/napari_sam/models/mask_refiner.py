@@ -112,13 +112,24 @@ class MaskRefiner(nn.Module):
         ``(b - mean) * g / sqrt(var + eps) + beta``. Cached; recomputed when any
         parameter or buffer has changed (in place, moved or replaced) since."""
         tensors = [*self.parameters(), *self.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._folded is None or self._folded[0] != key:
+        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)
+        folded = self._folded  # one read: another thread may replace it meanwhile
+        if folded is None or folded[0] != key:
             with torch.no_grad():
-                enc = [_fold(level) for level in self.enc]
-                dec = [_fold(level) for level in self.dec]
-            self._folded = (key, enc, dec)
-        return self._folded[1], self._folded[2]
+                folded = (key, [_fold(level) for level in self.enc],
+                          [_fold(level) for level in self.dec])
+            self._folded = folded
+        return folded[1], folded[2]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place change counter; None for a tensor made under ``torch.inference_mode``
+    (it has none: it cannot change outside that mode, so such weights are folded again
+    only when moved or replaced)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _fold(level: nn.Sequential) -> list[_FoldedConv]:
