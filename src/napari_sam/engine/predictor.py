@@ -444,7 +444,8 @@ class Predictor:
     # ------------------------------------------------------------------ helpers
 
     def _refine(self, refiner, logits, pts, boxes, n_batch: int, return_logits: bool):
-        """(B, C, H, W) decoder logits -> refined logits (or masks) for :meth:`predict`."""
+        """(B, C, H, W) decoder logits -> refined logits (or masks) for :meth:`predict`.
+        ``logits`` (a fresh array of :meth:`predict_torch`'s) is refined in place."""
         points = labels = box = None
         if pts is not None:
             rc, lab, batched = pts
@@ -454,7 +455,8 @@ class Predictor:
             box = boxes[0] if boxes[1] else np.broadcast_to(boxes[0], (n_batch, 4))
         threshold = float(self.model.mask_threshold)
         with self._lock, compute_threads():
-            refined = refine_logits(refiner, self.image, logits, points, labels, box, threshold)
+            refined = refine_logits(refiner, self.image, logits, points, labels, box, threshold,
+                                    out=logits)
         return refined if return_logits else refined > threshold
 
     def _low_res_size(self) -> tuple[int, int]:
