@@ -227,8 +227,8 @@ def add_link_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                    help="drop linked objects that span fewer than N planes along the linked "
                         "axis: out-of-focus blur and noise segmented in a single plane (on a "
                         "time-lapse: tracks shorter than N frames, also cells that enter in "
-                        f"the last N-1 frames); 1 keeps all (default: {MIN_PLANES}; "
-                        "docs/volumes.md)")
+                        f"the last N-1 frames); 1 keeps all (default: {MIN_PLANES}, measured in "
+                        "docs/volumes.md of the source repository)")
     return g
 
 

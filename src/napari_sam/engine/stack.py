@@ -40,7 +40,7 @@ LINK_IOU = 0.3
 #: least number of planes of a linked object that ``napari-sam everything`` and the
 #: Segment Everything widget keep by default (measured: docs/volumes.md); the library
 #: functions keep every object (1) unless asked
-MIN_PLANES = 2
+MIN_PLANES = 3
 
 
 class StackLabeller:
