@@ -93,3 +93,83 @@ def test_link_options_are_checked_and_a_bad_axis_fails_that_image(
     assert res.returncode == 1
     assert "axis 1 is not a stack axis of labels of shape (3, 64, 64)" in res.stderr
     assert not (tmp_path / "o" / "vol_labels.tif").exists()
+
+
+@pytest.fixture
+def stack_with_a_short_object(tmp_path) -> Path:
+    """(4, 64, 64): the z_stack plane three times, then a different plane. At --link-iou 1
+    only identical masks link, so the tiny model's object of the last plane is one plane
+    long and that of planes 0-2 three planes long."""
+    import tifffile
+
+    rr, cc = np.mgrid[:64, :64]
+
+    def plane(spots):
+        p = np.full((64, 64), 300, np.uint16)
+        for r, c, v in spots:
+            p[(rr - r) ** 2 + (cc - c) ** 2 < 60] = v
+        return p
+
+    same = plane(((20, 20, 3000), (44, 40, 2000), (18, 48, 4000)))
+    other = plane(((50, 12, 3500), (10, 30, 2500)))
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, np.stack([same, same, same, other]), photometric="minisblack")
+    return path
+
+
+def _planes_of(labels: np.ndarray) -> dict[int, list[int]]:
+    return {int(i): np.flatnonzero((labels == i).any((1, 2))).tolist()
+            for i in np.unique(labels[labels > 0])}
+
+
+def test_min_planes_drops_short_linked_objects_by_default_and_as_given(
+        tiny_model_path, stack_with_a_short_object, tmp_path):
+    from napari_sam.engine.stack import MIN_PLANES, drop_short_objects
+
+    def run(name: str, *options: str) -> np.ndarray:
+        res = _cli("everything", stack_with_a_short_object, "-o", tmp_path / name,
+                   "-m", tiny_model_path, "--link-iou", "1", *options, *GEN_ARGS)
+        assert res.returncode == 0, res.stderr
+        return read_labels(tmp_path / name)
+
+    everything = run("all.tif", "--min-planes", "1")
+    lengths = sorted(len(p) for p in _planes_of(everything).values())
+    assert 1 in lengths and max(lengths) >= 3  # not vacuous: a short and a long object
+    default = run("default.tif")
+    np.testing.assert_array_equal(default, drop_short_objects(everything, 0, MIN_PLANES))
+    three = run("three.tif", "--min-planes", "3")
+    assert sorted(len(p) for p in _planes_of(three).values()) == [3]
+    assert np.unique(three).tolist() == [0, 1]  # ids stay consecutive
+    np.testing.assert_array_equal(three, drop_short_objects(everything, 0, 3))
+
+
+def test_min_planes_does_not_touch_a_2d_image(tiny_model_path, tmp_path):
+    from PIL import Image
+
+    rr, cc = np.mgrid[:64, :64]
+    img = np.full((64, 64), 30, np.uint8)
+    img[(rr - 30) ** 2 + (cc - 30) ** 2 < 80] = 200
+    Image.fromarray(img).save(tmp_path / "flat.png")
+    outs = []
+    for n in ("1", "5"):
+        res = _cli("everything", tmp_path / "flat.png", "-o", tmp_path / f"flat_{n}.tif",
+                   "-m", tiny_model_path, "--min-planes", n, *GEN_ARGS)
+        assert res.returncode == 0, res.stderr
+        outs.append(read_labels(tmp_path / f"flat_{n}.tif"))
+    assert outs[0].any()
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-planes", "0"], "--min-planes: expected a positive integer"),
+    (["--min-planes", "two"], "--min-planes"),
+    (["--min-planes", "2", "--no-link-planes"], "--min-planes applies to linked objects only"),
+])
+def test_a_bad_min_planes_is_a_usage_error(tiny_model_path, z_stack, tmp_path, options,
+                                           message):
+    res = _cli("everything", z_stack, "-o", tmp_path / "o", "-m", tiny_model_path, *options,
+               *GEN_ARGS)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()

@@ -132,6 +132,21 @@ def test_each_plane_is_prompted_from_the_previous_mask():
     assert pred.calls[1][1]["box"] is None and pred.calls[1][1]["multimask"] is True
 
 
+def test_a_one_pixel_thin_mask_prompts_the_next_plane_with_a_box_that_has_area():
+    """A plane's mask one column wide (a nucleus's tip on 1135_mini) gave the next plane a
+    zero-width box, which the Predictor refuses: propagation raised mid-volume."""
+    planted = np.zeros((3, 16, 16), bool)
+    planted[0, 4:10, 4:10] = True
+    planted[1, 4:9, 7] = True  # one column, five rows
+    planted[2, 4:9, 7] = True
+    pred = PlantedPredictor(planted)
+    run(pred, 0, points=[[6, 6]], settings=PropagationSettings(min_overlap=0.0,
+                                                               max_area_ratio=100.0))
+    plane, call = pred.calls[2]
+    assert plane == 2
+    assert call["box"].tolist() == [4, 7, 8, 8]  # one column more: a box with area
+
+
 def test_a_committed_mask_seeds_without_a_prediction_in_its_plane():
     planted = disk_stack([4, 6, 4])
     pred = PlantedPredictor(planted)

@@ -188,3 +188,122 @@ def test_plane_linker_refuses_planes_out_of_order():
     linker.add((1,), np.ones((4, 4), np.uint8))
     with pytest.raises(InvalidInputError, match="stack order"):
         linker.add((0,), np.ones((4, 4), np.uint8))
+
+
+# ---------------------------------------------------------------- min_planes: short objects
+
+
+def _fragment_and_nucleus() -> np.ndarray:
+    """(7, 8, 8) per-plane labels: a 'nucleus' (plane id 1) on planes 1..5, a one-plane
+    fragment (plane id 2) on plane 0, and another one (plane id 3) on plane 6."""
+    stack = np.zeros((7, 8, 8), np.uint16)
+    stack[1:6, 2:6, 2:6] = 1
+    stack[0, 0:2, 6:8] = 2
+    stack[6, 6:8, 0:2] = 3
+    return stack
+
+
+def test_min_planes_drops_one_plane_fragments_and_keeps_ids_consecutive():
+    from napari_sam.engine.stack import MIN_PLANES
+
+    stack = _fragment_and_nucleus()
+    everything = link_planes(stack)  # default 1: linking only
+    assert np.unique(everything).tolist() == [0, 1, 2, 3]  # fragment 1, nucleus 2, fragment 3
+    for n in (2, 3, 5):
+        out = link_planes(stack, min_planes=n)
+        assert out.dtype == np.uint32
+        assert np.unique(out).tolist() == [0, 1]  # ids 1..n: the nucleus is 1 now
+        np.testing.assert_array_equal(out > 0, stack == 1)
+    # a 5-plane object is kept at 5, dropped at 6
+    assert not link_planes(stack, min_planes=6).any()
+    assert MIN_PLANES >= 1
+
+
+def test_min_planes_counts_planes_along_the_linked_axis_only():
+    # (T=2, Z=3): along z (axis -1) object A spans 3 planes at t=0, 1 plane at t=1
+    stack = np.zeros((2, 3, 4, 4), np.uint8)
+    stack[0, :, 0:2, 0:2] = 1
+    stack[1, 1, 0:2, 0:2] = 1
+    out = link_planes(stack, axis=-1, min_planes=2)
+    np.testing.assert_array_equal(out[0] > 0, stack[0] > 0)
+    assert not out[1].any()
+    # along t (axis 0): the z = 1 line holds A at both times (kept), z = 0 and 2 only at
+    # t = 0 (dropped)
+    along_t = link_planes(stack, axis=0, min_planes=2)
+    np.testing.assert_array_equal(along_t[:, 1] > 0, stack[:, 1] > 0)
+    assert not along_t[:, [0, 2]].any()
+
+
+def test_drop_short_objects_of_any_labels():
+    from napari_sam.engine.stack import drop_short_objects
+
+    labels = np.zeros((3, 2, 3), np.int64)
+    labels[:, 0, 0] = 7  # 3 planes
+    labels[0, 1, 1] = 4  # 1 plane
+    labels[1:, 1, 2] = 2**40  # 2 planes, a huge id (the sparse path)
+    out = drop_short_objects(labels, axis=0, min_planes=2)
+    assert out.dtype == np.uint32
+    # kept objects renumbered 1..n in the order of their ids: 7 -> 1, 2**40 -> 2
+    assert out[:, 0, 0].tolist() == [1, 1, 1] and out[1:, 1, 2].tolist() == [2, 2]
+    assert out[0, 1, 1] == 0
+    np.testing.assert_array_equal(drop_short_objects(labels[:, :, :2], min_planes=1) > 0,
+                                  labels[:, :, :2] > 0)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", None])
+def test_a_bad_min_planes_gets_a_typed_error(value):
+    from napari_sam.engine.stack import PlaneLinker, drop_short_objects
+
+    stack = _fragment_and_nucleus()
+    with pytest.raises(InvalidInputError, match="integer >= 1"):
+        link_planes(stack, min_planes=value)
+    with pytest.raises(InvalidInputError, match="integer >= 1"):
+        drop_short_objects(stack, min_planes=value)
+    with pytest.raises(InvalidInputError, match="integer >= 1"):
+        PlaneLinker(min_planes=value)
+
+
+def test_plane_linker_finish_drops_short_objects_as_link_planes_does():
+    from itertools import product
+
+    from napari_sam.engine.stack import PlaneLinker
+
+    rng = np.random.default_rng(5)
+    stack = np.zeros((2, 6, 24, 24), np.uint16)
+    for t, z in product(range(2), range(6)):
+        for k in range(1, 5):
+            r, c = 3 + 5 * k + int(rng.integers(-2, 3)), 4 + 4 * k + int(rng.integers(-3, 4))
+            stack[t, z, max(r - 2, 0):r + 2, max(c - 2, 0):c + 2] = k
+    for n in (1, 2, 3):
+        linker = PlaneLinker(0.3, min_planes=n)
+        got = np.zeros(stack.shape, np.uint32)
+        for index in product(range(2), range(6)):
+            got[index] = linker.add(index, stack[index])
+        expected = link_planes(stack, axis=-1, min_planes=n)
+        np.testing.assert_array_equal(linker.finish(got), expected)
+    assert np.unique(link_planes(stack, axis=-1)).size > np.unique(expected).size  # not vacuous
+
+
+def test_everything_labels_drops_short_objects_and_their_records(tmp_path):
+    import tifffile
+
+    from napari_sam.engine.batch import everything_labels
+    from napari_sam.engine.io import read_image
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 12, 12), np.uint16) + 5,
+                     photometric="minisblack")
+    image = read_image(tmp_path / "s.tif")
+    labels, records = everything_labels(_ShiftingGenerator(), image, link_axis=0, min_planes=2)
+    # the small object of plane 0 is gone from the labels and the records; the empty
+    # record (label 0, covered) stays as without min_planes
+    assert [sorted(np.unique(labels[k]).tolist()) for k in range(3)] == [[0, 1]] * 3
+    assert [[r["label"] for r in recs] for _, recs in records] == [[1, 0], [1, 0], [1, 0]]
+    assert [[int(r["area"]) for r in recs] for _, recs in records] == [[16, 0]] * 3
+
+
+def test_run_batch_checks_min_planes_before_any_image(tmp_path):
+    from napari_sam.engine.batch import run_batch
+
+    with pytest.raises(InvalidInputError, match="integer >= 1"):
+        run_batch([tmp_path / "missing.tif"], tmp_path / "out", link_axis=0, min_planes=0)
+    assert not (tmp_path / "out").exists()

@@ -285,24 +285,35 @@ def test_everything_job_runs_in_the_workers_own_thread(tiny_sam, monkeypatch):
     assert msgs[-1][3].shape == _image().shape[:2]
 
 
-@pytest.mark.parametrize("link", [True, False])
-def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path, link):
+@pytest.mark.parametrize("link, min_planes", [(True, None), (False, None), (True, 1),
+                                              (True, 3)])
+def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path, link,
+                                       min_planes):
     """The widget and ``napari-sam everything`` number the same stack the same way, with
-    the planes linked into 3D objects (both by default) or not."""
+    the planes linked into 3D objects (both by default) or not, and the linked objects
+    shorter than the least number of planes dropped (the CLI's default
+    ``MIN_PLANES``, or as given)."""
     import tifffile
 
     from napari_sam.cli import main
     from napari_sam.engine.io import read_labels
+    from napari_sam.engine.stack import MIN_PLANES
     from napari_sam.models.checkpoint import save_model
 
     stack = np.stack([_image(seed=s) for s in range(3)])
+    options = [] if link else ["--no-link-planes"]
+    if min_planes is not None:
+        # three equal planes and a shifted one; at link IoU 1 only equal masks link, so
+        # the last plane's objects are one plane long and those before three
+        stack = np.stack([stack[0]] * 3 + [np.roll(_image(seed=1), 24, axis=1)])
+        options += ["--min-planes", str(min_planes), "--link-iou", "1"]
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
     model_path = save_model(tiny_sam, tmp_path / "tiny.safetensors")
     out = tmp_path / "stack_labels.tif"
     assert main(["everything", str(tmp_path / "stack.tif"), "--out", str(out),
                  "--model", str(model_path), "--device", "cpu", "--points-per-side", "4",
                  "--points-per-batch", "8", "--pred-iou-thresh", "0",
-                 "--stability-score-thresh", "0", *([] if link else ["--no-link-planes"])]) == 0
+                 "--stability-score-thresh", "0", *options]) == 0
     cli = read_labels(out)
 
     viewer = make_napari_viewer()
@@ -310,13 +321,27 @@ def test_whole_stack_ids_match_the_cli(make_napari_viewer, tiny_sam, tmp_path, l
     widget = _open(viewer, tiny_sam)
     widget.set_scope("whole stack")
     assert widget.link_check.isChecked()  # linking is the default, as in the CLI
+    assert widget.min_planes.value() == MIN_PLANES and widget.min_planes.isEnabled()
     widget.link_check.setChecked(link)
+    assert widget.min_planes.isEnabled() is link  # only linked objects have a length
+    if min_planes is not None:
+        widget.min_planes.setValue(min_planes)
+        widget.link_iou.setValue(1.0)
     widget.run()
     assert widget.wait(TIMEOUT)
     got = widget.result_layer.data
-    assert cli.shape == got.shape == (3, 48, 64)
+    assert cli.shape == got.shape == (len(stack), 48, 64)
     assert len(np.unique(cli[1])) > 1  # not vacuous: later planes hold objects
     np.testing.assert_array_equal(got, cli)
+    if link:
+        least = MIN_PLANES if min_planes is None else min_planes
+        spans = [int((got == i).any((1, 2)).sum()) for i in np.unique(got[got > 0])]
+        assert min(spans) >= least
+        assert np.unique(got[got > 0]).tolist() == list(range(1, len(spans) + 1))
+        if min_planes == 1:  # not vacuous: without the filter, short objects are there
+            assert min(spans) == 1 and max(spans) == 3
+        if min_planes == 3:
+            assert not got[3].any()  # the last plane's one-plane objects are gone
 
 
 # ---------------------------------------------------------------- modes: AMG / AIS

@@ -14,7 +14,7 @@ from napari_sam.engine.everything_settings import (
     EverythingSettings,
     everything_kwargs,
 )
-from napari_sam.engine.stack import LINK_IOU
+from napari_sam.engine.stack import LINK_IOU, MIN_PLANES
 from napari_sam.errors import ModelNotFoundError
 
 from ._common import (
@@ -206,7 +206,8 @@ def _stack_axis(text: str) -> int:
 
 
 def add_link_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """``--link-planes/--no-link-planes``, ``--link-axis`` and ``--link-iou``."""
+    """``--link-planes/--no-link-planes``, ``--link-axis``, ``--link-iou`` and
+    ``--min-planes`` (default None: not given, :data:`MIN_PLANES` when linking)."""
     g = parser.add_argument_group(
         "stacks: 3D objects and tracks (linking the planes' objects by overlap)")
     g.add_argument("--link-planes", action=argparse.BooleanOptionalAction, default=True,
@@ -222,7 +223,22 @@ def add_link_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     g.add_argument("--link-iou", type=_unit_float, default=LINK_IOU, metavar="X",
                    help="objects of neighbouring planes are one object when their IoU is at "
                         "least this, matched one-to-one ([0, 1]; default: %(default)s)")
+    g.add_argument("--min-planes", type=positive_int, default=None, metavar="N",
+                   help="drop linked objects that span fewer than N planes along the linked "
+                        "axis: out-of-focus blur and noise segmented in a single plane (on a "
+                        "time-lapse: tracks shorter than N frames, also cells that enter in "
+                        f"the last N-1 frames); 1 keeps all (default: {MIN_PLANES}, measured in "
+                        "docs/volumes.md of the source repository)")
     return g
+
+
+def min_planes_option(args: argparse.Namespace) -> int:
+    """The ``--min-planes`` of a run: the value given, else :data:`MIN_PLANES`; a usage
+    error when given with ``--no-link-planes`` (it would be ignored)."""
+    if args.min_planes is not None and not args.link_planes:
+        raise UsageError("--min-planes applies to linked objects only: leave it out, or "
+                         "drop --no-link-planes.")
+    return MIN_PLANES if args.min_planes is None else args.min_planes
 
 
 def _tile_size(text: str) -> int:
@@ -314,6 +330,7 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
     # out-of-range values are usage errors found before any model is loaded
     kwargs, recommended = generator_kwargs(args)
     ais = ais_kwargs(args)
+    min_planes = min_planes_option(args)
     mode, reason = resolve_cli_mode(args, load=args.scheduler is None)
     check_mode_options(args, mode, reason)
     overlap = args.tile_overlap
@@ -350,6 +367,7 @@ def _cmd_everything(args: argparse.Namespace, console: Console) -> int:
             channels_as_planes=args.channels_as_planes,
             notify=lambda _path, text: console.note(text),
             link_axis=args.link_axis if args.link_planes else None, link_iou=args.link_iou,
+            min_planes=min_planes if args.link_planes else 1,
         )
     except ModelNotFoundError as err:
         raise with_valid_names(err) from err

@@ -322,6 +322,7 @@ def everything_labels(
     cancel: Callable[[], bool] | None = None,
     link_axis: int | None = None,
     link_iou: float = 0.3,
+    min_planes: int = 1,
 ) -> tuple[np.ndarray, list[tuple[tuple[int, ...], list[dict]]]]:
     """Run everything-mode (AMG or AIS) on every plane of ``image``.
 
@@ -338,6 +339,8 @@ def everything_labels(
         the planes' objects are linked into 3D objects / tracks by overlap
         (:func:`~napari_sam.engine.stack.link_planes`, at IoU ``link_iou``);
         None (default), or an image without stack axes, labels planes apart.
+      min_planes: with ``link_axis``, linked objects on fewer planes than this are
+        dropped (pixels to 0, records removed); 1 (default) keeps all.
 
     Returns:
       ``(labels, records)``: ``labels`` is ``(*stack, H, W)`` uint32. Within a
@@ -381,11 +384,16 @@ def everything_labels(
         from napari_sam.engine.stack import link_planes, linked_ids
 
         per_plane = labels
-        labels = link_planes(per_plane, axis=link_axis, iou_threshold=link_iou)
-        for index, records in all_records:
+        labels = link_planes(per_plane, axis=link_axis, iou_threshold=link_iou,
+                             min_planes=min_planes)
+        for n, (index, records) in enumerate(all_records):
             new_of = linked_ids(per_plane[index], labels[index])
-            for rec in records:
+            # a record whose object was dropped as too short goes; one that later masks
+            # cover completely (label 0 before linking) stays, as without linking
+            kept = [rec for rec in records if not (rec["label"] and not new_of[rec["label"]])]
+            for rec in kept:
                 rec["label"] = new_of.get(rec["label"], 0)
+            all_records[n] = (index, kept)
     return labels, all_records
 
 
@@ -486,6 +494,7 @@ def process_image(
     ais_kwargs: Mapping[str, Any] | None = None,
     link_axis: int | None = None,
     link_iou: float = 0.3,
+    min_planes: int = 1,
 ) -> ImageResult:
     """Segment one input file and write its outputs (the task run by workers).
 
@@ -496,7 +505,8 @@ def process_image(
     set and napari-sam wrote it. ``mode``, ``generator_kwargs`` and
     ``ais_kwargs`` choose the segmenter (:func:`cached_generator`);
     ``tile_size`` / ``tile_overlap`` tile AMG only (AIS tiles by ``ais_kwargs``);
-    ``link_axis`` / ``link_iou`` link a stack's planes (:func:`everything_labels`).
+    ``link_axis`` / ``link_iou`` / ``min_planes`` link a stack's planes
+    (:func:`everything_labels`).
 
     Returns:
       ``ImageResult("done", output_path, notes)`` or
@@ -539,7 +549,8 @@ def process_image(
         else:
             generator = cached_generator(model_spec, device, {}, "ais", ais_kwargs)
         labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel,
-                                            link_axis=link_axis, link_iou=link_iou)
+                                            link_axis=link_axis, link_iou=link_iou,
+                                            min_planes=min_planes)
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
         if fmt == "coco":
@@ -755,6 +766,7 @@ def run_batch(
     ais_kwargs: Mapping[str, Any] | None = None,
     link_axis: int | None = None,
     link_iou: float = 0.3,
+    min_planes: int = 1,
 ) -> BatchReport:
     """Run everything-mode on every input and write one output per input.
 
@@ -794,6 +806,8 @@ def run_batch(
       link_axis, link_iou: link the objects of a stack's planes along this stack
         axis into 3D objects / tracks (:func:`everything_labels`); None labels
         each plane apart; 2D images are not affected.
+      min_planes: with ``link_axis``, drop linked objects on fewer planes than
+        this (:func:`~napari_sam.engine.stack.drop_short_objects`; 1 keeps all).
 
     Returns:
       A :class:`BatchReport`; ``report.failed`` lists per-image failures.
@@ -819,10 +833,11 @@ def run_batch(
 
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
-    if link_axis is not None:
-        from napari_sam.engine.stack import check_link_iou
+    from napari_sam.engine.stack import check_link_iou, check_min_planes
 
+    if link_axis is not None:
         check_link_iou(link_iou)  # before any image
+    min_planes = check_min_planes(min_planes)
     spec = _resolve_model_spec(model_spec)
     kwargs = dict(generator_kwargs or {})
 
@@ -949,6 +964,7 @@ def run_batch(
         ais_kwargs=dict(ais_kwargs or {}),
         link_axis=link_axis,
         link_iou=float(link_iou),
+        min_planes=min_planes,
     )
 
     if scheduler is None and (n_workers is None or int(n_workers) == 1):

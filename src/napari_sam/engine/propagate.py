@@ -553,7 +553,10 @@ def _prompt(prev: np.ndarray, logits: np.ndarray | None,
     if settings.use_box:
         rows = np.flatnonzero(prev.any(1))
         cols = np.flatnonzero(prev.any(0))
-        prompt["box"] = np.array([rows[0], cols[0], rows[-1], cols[-1]], np.float64)
+        box = np.array([rows[0], cols[0], rows[-1], cols[-1]], np.float64)
+        # a mask one pixel thin gets one pixel more extent: a box without area is no prompt
+        box[2:] = np.maximum(box[2:], box[:2] + 1)
+        prompt["box"] = box
     if settings.use_point:
         prompt["points"] = np.array([innermost_pixel(prev)], np.float64)
         prompt["labels"] = np.ones(1, np.int64)

@@ -15,7 +15,9 @@ and by ``napari-sam everything`` (:func:`napari_sam.engine.batch.everything_labe
 
 :func:`link_planes` then turns such per-plane ids into 3D objects (or tracks):
 objects of neighbouring planes along one stack axis that overlap are given one id
-(see there for the matching rule and its threshold, :data:`LINK_IOU`).
+(see there for the matching rule and its threshold, :data:`LINK_IOU`), and linked
+objects shorter than ``min_planes`` planes can be dropped
+(:func:`drop_short_objects`; :data:`MIN_PLANES` is the default of the CLI and widget).
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ import numpy as np
 from napari_sam.errors import InvalidInputError
 
 __all__ = [
-    "LINK_IOU", "PlaneLinker", "StackLabeller", "check_link_iou", "label_planes", "link_planes",
-    "linked_ids",
+    "LINK_IOU", "MIN_PLANES", "PlaneLinker", "StackLabeller", "check_link_iou",
+    "check_min_planes", "drop_short_objects", "label_planes", "link_planes", "linked_ids",
 ]
 
 #: default IoU of two objects of neighbouring planes above which they are one object
 LINK_IOU = 0.3
+#: least number of planes of a linked object that ``napari-sam everything`` and the
+#: Segment Everything widget keep by default (measured: docs/volumes.md); the library
+#: functions keep every object (1) unless asked
+MIN_PLANES = 3
 
 
 class StackLabeller:
@@ -89,7 +95,9 @@ def label_planes(
         yield index, labeller.add(plane_labels)[0]
 
 
-def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_IOU) -> np.ndarray:
+def link_planes(
+    labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_IOU, min_planes: int = 1,
+) -> np.ndarray:
     """Link the 2D objects of a stack's planes into 3D objects (or tracks) by overlap.
 
     Walking along ``axis``, the objects of each plane are matched one-to-one with
@@ -101,6 +109,8 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
     missing from one plane is not bridged: it gets a new id after the gap. Lines
     along ``axis`` at different indices of the other stack axes (e.g. the time
     points of a ``(T, Z, H, W)`` stack linked along z) are linked separately.
+    Linked objects on fewer than ``min_planes`` planes are then dropped
+    (:func:`drop_short_objects`).
 
     Arguments:
       labels: ``(*stack, H, W)`` non-negative integer labels, 0 = background; the
@@ -109,6 +119,8 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
         from the last stack axis: -1 is the axis next to the planes).
       iou_threshold: the least IoU ([0, 1]) of two objects of neighbouring planes
         that are one object (default :data:`LINK_IOU`).
+      min_planes: the least number of planes along ``axis`` a linked object must
+        span to be kept (default 1: all; the CLI and widget use :data:`MIN_PLANES`).
 
     Returns:
       ``(*stack, H, W)`` uint32 labels: ids 1..n, numbered in order of first
@@ -116,8 +128,74 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
 
     Raises:
       InvalidInputError: not an integer array with at least one stack axis,
-        negative labels, ``axis`` out of range, threshold outside [0, 1].
+        negative labels, ``axis`` out of range, threshold outside [0, 1],
+        ``min_planes`` not a positive integer.
     """
+    lab = _check_stack_labels(labels)
+    axis = _check_stack_axis(axis, lab)
+    iou_threshold = check_link_iou(iou_threshold)
+    min_planes = check_min_planes(min_planes)
+    lines = np.moveaxis(lab, axis, 0)  # (L, *rest, H, W)
+    out = np.zeros(lines.shape, dtype=np.uint32)
+    counter = [0]
+    for rest in np.ndindex(*lines.shape[1:-2]):
+        prev = None
+        for k in range(lines.shape[0]):
+            out[(k, *rest)], prev = _link_step(prev, lines[(k, *rest)], iou_threshold, counter)
+    out = np.moveaxis(out, 0, axis)
+    return drop_short_objects(out, axis, min_planes) if min_planes > 1 else out
+
+
+def drop_short_objects(labels: np.ndarray, axis: int = 0,
+                       min_planes: int = MIN_PLANES) -> np.ndarray:
+    """Remove the objects of a stack that lie on fewer than ``min_planes`` planes.
+
+    An object's length is the number of indices along ``axis`` at which it has a
+    pixel (for :func:`link_planes`' output, whose objects have no gaps, its extent
+    in planes). Out-of-focus blur and noise segmented in one plane become
+    one-plane objects after linking; a real nucleus spans several planes. Along
+    a time axis this drops tracks shorter than ``min_planes`` frames (including a
+    cell that enters in the last frame).
+
+    Arguments:
+      labels: ``(*stack, H, W)`` non-negative integer labels, 0 = background.
+      axis: the stack axis along which lengths are counted (negative: from the
+        last stack axis).
+      min_planes: the least number of planes of a kept object (>= 1).
+
+    Returns:
+      ``(*stack, H, W)`` uint32 labels: the kept objects renumbered 1..n in the
+      order of their ids (which, for :func:`link_planes`' output, is the order
+      of first appearance); removed objects become background.
+
+    Raises:
+      InvalidInputError: as :func:`link_planes`.
+    """
+    lab = _check_stack_labels(labels)
+    axis = _check_stack_axis(axis, lab)
+    min_planes = check_min_planes(min_planes)
+    if not lab.size:
+        return lab.astype(np.uint32)
+    if int(lab.max()) < max(lab.size, 1 << 16):
+        dense, n = lab, int(lab.max()) + 1  # ids index a table (bincount: no sort)
+    else:  # sparse large ids: make them dense first
+        ids, dense = np.unique(lab, return_inverse=True)
+        dense, n = dense.reshape(lab.shape), ids.size
+    planes = np.zeros(n, dtype=np.int64)  # planes on which each id has a pixel
+    lines = np.moveaxis(dense, axis, 0)
+    for k in range(lines.shape[0]):
+        planes += np.bincount(lines[k].ravel().astype(np.intp), minlength=n) > 0
+    keep = planes >= min_planes
+    keep[0] = False  # background (the smallest id when present; else absent, planes 0)
+    if dense is not lab and ids[0] != 0:
+        keep[0] = planes[0] >= min_planes
+    lookup = np.zeros(n, dtype=np.uint32)
+    lookup[keep] = np.arange(1, np.count_nonzero(keep) + 1, dtype=np.uint32)
+    return lookup[dense]
+
+
+def _check_stack_labels(labels: Any) -> np.ndarray:
+    """``labels`` as an integer ``(*stack, H, W)`` array of non-negative ids."""
     lab = np.asarray(labels)
     if lab.ndim < 3 or lab.dtype.kind not in "iub":
         raise InvalidInputError(
@@ -126,6 +204,11 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
         )
     if lab.size and lab.min() < 0:
         raise InvalidInputError("Labels must be >= 0 (0 is background).")
+    return lab
+
+
+def _check_stack_axis(axis: Any, lab: np.ndarray) -> int:
+    """``axis`` of ``(*stack, H, W)`` labels as an index ``0 <= axis < len(stack)``."""
     n_stack = lab.ndim - 2
     try:
         axis = operator.index(axis)
@@ -135,15 +218,21 @@ def link_planes(labels: np.ndarray, axis: int = 0, iou_threshold: float = LINK_I
         raise InvalidInputError(
             f"axis {axis} is not a stack axis of labels of shape {lab.shape}; use 0..{n_stack - 1}."
         )
-    iou_threshold = check_link_iou(iou_threshold)
-    lines = np.moveaxis(lab, axis % n_stack, 0)  # (L, *rest, H, W)
-    out = np.zeros(lines.shape, dtype=np.uint32)
-    counter = [0]
-    for rest in np.ndindex(*lines.shape[1:-2]):
-        prev = None
-        for k in range(lines.shape[0]):
-            out[(k, *rest)], prev = _link_step(prev, lines[(k, *rest)], iou_threshold, counter)
-    return np.moveaxis(out, 0, axis % n_stack)
+    return axis % n_stack
+
+
+def check_min_planes(value: Any) -> int:
+    """``value`` as a least object length in planes (an integer >= 1); InvalidInputError
+    otherwise."""
+    try:
+        planes = operator.index(value)
+    except TypeError:
+        planes = 0
+    if isinstance(value, bool) or planes < 1:
+        raise InvalidInputError(
+            f"The least number of planes of a linked object must be an integer >= 1, got "
+            f"{value!r}; 1 keeps every object, {MIN_PLANES} drops objects seen in one plane only.")
+    return int(planes)
 
 
 class PlaneLinker:
@@ -152,14 +241,20 @@ class PlaneLinker:
     For a caller that gets a stack's planes one by one in C order of the stack
     index (as the Segment Everything widget does): each plane is linked to the
     one before it along the last stack axis as it arrives, and the ids are
-    exactly those :func:`link_planes` (``axis=-1``) gives for the whole stack.
+    exactly those :func:`link_planes` (``axis=-1``, ``min_planes=1``) gives for
+    the whole stack. An object's length is only known once the stack is done:
+    :meth:`finish` then drops the short objects of the finished stack, so that
+    ``finish`` of the planes :meth:`add` returned equals :func:`link_planes`
+    with ``min_planes``.
 
     Arguments:
       iou_threshold: see :func:`link_planes`.
+      min_planes: see :func:`link_planes` (applied by :meth:`finish`).
     """
 
-    def __init__(self, iou_threshold: float = LINK_IOU) -> None:
+    def __init__(self, iou_threshold: float = LINK_IOU, min_planes: int = 1) -> None:
         self.iou_threshold = check_link_iou(iou_threshold)
+        self.min_planes = check_min_planes(min_planes)
         self._counter = [0]
         self._prev: tuple[tuple[int, ...], Any] | None = None
 
@@ -184,6 +279,14 @@ class PlaneLinker:
         out, state = _link_step(prev, plane, self.iou_threshold, self._counter)
         self._prev = (index, state)
         return out
+
+    def finish(self, stack_labels: np.ndarray) -> np.ndarray:
+        """The finished ``(*stack, H, W)`` stack of :meth:`add`'s planes without the
+        objects shorter than ``min_planes`` (renumbered 1..n); unchanged (as uint32)
+        when ``min_planes`` is 1."""
+        if self.min_planes == 1:
+            return np.asarray(stack_labels, dtype=np.uint32)
+        return drop_short_objects(stack_labels, axis=-1, min_planes=self.min_planes)
 
 
 def _link_step(

@@ -53,7 +53,7 @@ from napari_sam.engine.ais import (
     resolve_mode,
 )
 from napari_sam.engine.everything_settings import SAM_THRESHOLDS, EverythingSettings
-from napari_sam.engine.stack import LINK_IOU, PlaneLinker, StackLabeller
+from napari_sam.engine.stack import LINK_IOU, MIN_PLANES, PlaneLinker, StackLabeller
 from napari_sam.errors import CancelledError, InvalidInputError
 from napari_sam.widgets import layers as L
 from napari_sam.widgets._common import (
@@ -211,10 +211,21 @@ class SegmentEverythingWidget(QWidget):
         self.link_iou.setValue(LINK_IOU)
         self.link_iou.setToolTip("The least IoU of two objects of neighbouring planes that are "
                                  "one object (the CLI's --link-iou).")
+        self.min_planes = QSpinBox(content)
+        self.min_planes.setRange(1, 100_000)
+        self.min_planes.setValue(MIN_PLANES)
+        self.min_planes.setPrefix("min planes ")
+        self.min_planes.setToolTip(
+            "Drop linked objects that span fewer planes than this along the last stack axis "
+            "(out-of-focus blur segmented in one plane; on a time-lapse, tracks shorter than "
+            "this), as the CLI's --min-planes. Applied when the whole stack is done: a "
+            "cancelled run's partial layer keeps every object. 1 keeps all.")
         self.link_check.toggled.connect(self.link_iou.setEnabled)
+        self.link_check.toggled.connect(self.min_planes.setEnabled)
         link_row = QHBoxLayout()
         link_row.addWidget(self.link_check)
         link_row.addWidget(self.link_iou)
+        link_row.addWidget(self.min_planes)
         self.mode_combo = QComboBox(content)
         for value, text in MODES.items():
             self.mode_combo.addItem(text, value)
@@ -493,7 +504,7 @@ class SegmentEverythingWidget(QWidget):
             "done_slices": 0,
             "layer": None,
             # ids over the stack: the rule of napari_sam.engine.stack, as the CLI's
-            "labeller": (PlaneLinker(self.link_iou.value())
+            "labeller": (PlaneLinker(self.link_iou.value(), self.min_planes.value())
                          if self.scope == WHOLE_STACK and self.link_check.isChecked() and slices[0]
                          else StackLabeller()),
             "cancelled": False,
@@ -678,6 +689,11 @@ class SegmentEverythingWidget(QWidget):
             self.progress_bar.setValue(0)
             return
         if layer is not None:
+            labeller = state.get("labeller")
+            if isinstance(labeller, PlaneLinker) and labeller.min_planes > 1:
+                # an object's length is known once the stack is done (see PlaneLinker)
+                layer.data[...] = labeller.finish(layer.data)
+                layer.refresh()
             layer.metadata["napari_sam"]["complete"] = True
             count = len(np.unique(layer.data)) - 1
             self.progress_bar.setValue(1000)
