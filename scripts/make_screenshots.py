@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = (1280, 860)
-#: the stack pictures: wide enough for the widget's stack row and a useful canvas
-WIDE_WINDOW = (1600, 900)
+#: wide enough for the interactive widget's stack row and a useful canvas
+WINDOW = (1600, 900)
 
 
 def _random_tiny_model():
@@ -96,6 +95,9 @@ CONTRAST = (95.0, 1200.0)  # the 8-cell stage's nuclei (uint16, 99.9th percentil
 #: the nucleus clicked: (z, row, col) inside ground-truth nucleus 3 (planes 7..23)
 CLICK = (15, 93, 64)
 SHOW_PLANE = 18  # the plane shown after Propagate (not the clicked one)
+#: everything_volume.png segments the planes that hold the embryo (ground truth: nuclei on
+#: planes 2..45): on the empty end planes the default model keeps noise fragments
+STACK_PLANES = (3, 46)
 
 
 def _save(viewer, path: Path) -> None:
@@ -161,6 +163,7 @@ def _nuclei_pictures(model, model_label: str, is_random: bool, out: Path,
 
     # --- interactive widget: three committed nuclei and one live preview
     dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit", "Segment Anything")
+    _fit_dock(viewer, dock)
     widget.set_model(model, label=model_label)
     if not widget.wait_for_embedding(600):
         return _fail("the embedding")
@@ -186,8 +189,9 @@ def _nuclei_pictures(model, model_label: str, is_random: bool, out: Path,
         for name in ("SAM points", "SAM boxes", "SAM preview"):
             if name in viewer.layers:
                 viewer.layers.remove(name)
-        _, everything = viewer.window.add_plugin_dock_widget("napari-sam-kit",
-                                                             "Segment Everything")
+        dock, everything = viewer.window.add_plugin_dock_widget("napari-sam-kit",
+                                                                "Segment Everything")
+        _fit_dock(viewer, dock)
         everything.set_model(model, label=model_label)
         everything.set_image_layer(image)
         if is_random:
@@ -203,13 +207,20 @@ def _nuclei_pictures(model, model_label: str, is_random: bool, out: Path,
     return 0
 
 
-def _open_volume(viewer, volume: Path, folder: Path):
-    """Copy ``volume`` into ``folder`` and open it as a user does (File > Open), with the
-    embryo's z spacing and contrast; returns the image layer."""
+def _open_volume(viewer, volume: Path, folder: Path, planes: tuple[int, int] | None = None):
+    """Copy ``volume`` (its planes ``planes[0]:planes[1]`` when given) into ``folder`` and
+    open it as a user does (File > Open), with the embryo's z spacing and contrast;
+    returns the image layer."""
     import shutil
 
-    copy = folder / volume.name
-    shutil.copyfile(volume, copy)
+    import tifffile
+
+    if planes is None:
+        copy = folder / volume.name
+        shutil.copyfile(volume, copy)
+    else:
+        copy = folder / f"{volume.stem}_z{planes[0]}-{planes[1] - 1}.tif"
+        tifffile.imwrite(copy, tifffile.imread(volume)[planes[0]:planes[1]])
     (layer,) = viewer.open(str(copy), plugin="napari", scale=(Z_SPACING, 1.0, 1.0),
                            contrast_limits=CONTRAST, colormap="gray")
     return layer
@@ -229,7 +240,7 @@ def _volume_pictures(model, model_label: str, volume: Path, out: Path, wanted: s
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="napari-sam-shots-") as tmp:
-        viewer = _new_viewer(WIDE_WINDOW)
+        viewer = _new_viewer(WINDOW)
         image = _open_volume(viewer, volume, Path(tmp))
         _goto_plane(viewer, image, CLICK[0])
         dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-kit",
@@ -289,8 +300,8 @@ def _stack_pictures(model, model_label: str, volume: Path, out: Path,
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="napari-sam-shots-") as tmp:
-        viewer = _new_viewer(WIDE_WINDOW)
-        image = _open_volume(viewer, volume, Path(tmp))
+        viewer = _new_viewer(WINDOW)
+        image = _open_volume(viewer, volume, Path(tmp), STACK_PLANES)
         dock, everything = viewer.window.add_plugin_dock_widget("napari-sam-kit",
                                                                 "Segment Everything")
         _fit_dock(viewer, dock)
@@ -333,6 +344,7 @@ def _captions(model_desc: str, is_random: bool, volume: Path,
             f"51 x 120 x 122 voxels, z scale {Z_SPACING}, contrast {CONTRAST[0]:g}-"
             f"{CONTRAST[1]:g}) from {BBBC050_CITE}")
     z, r, c = CLICK
+    z0, z1 = STACK_PLANES
 
     def said(key: str) -> str:
         text = status.get(key, "")
@@ -362,9 +374,11 @@ def _captions(model_desc: str, is_random: bool, volume: Path,
             f"napari's 3D view (image as MIP), on {data}, with {model_desc}. "
             + command.format("propagate_3d")),
         "everything_volume": (
-            f"Segment Everything, scope *whole stack*, *link planes* on (IoU 0.30), on "
-            f"{data}, with {model_desc}: the objects of neighbouring planes are linked into "
-            "3D objects (one colour each), shown in the 3D view." + said("everything_volume")
+            "Segment Everything, scope *whole stack*, *link planes* on (IoU 0.30), mode Auto "
+            f"(AIS, default thresholds), with {model_desc}, on planes {z0}-{z1 - 1} of {data} "
+            "(the planes that hold the embryo: on the empty first and last planes the model "
+            "keeps noise fragments): the objects of neighbouring planes are linked into 3D "
+            "objects (one colour each), shown in the 3D view." + said("everything_volume")
             + " " + command.format("everything_volume")),
     }
 
