@@ -320,9 +320,20 @@ def _stack_pictures(model, model_label: str, volume: Path, out: Path,
     return 0
 
 
+HEADER = (
+    "# Screenshot captions (written by scripts/make_screenshots.py)\n\n"
+    "Data: interactive.png and everything.png show the nuclei sample (DSB2018, CC0; "
+    "napari_sam.sample_data). The other pictures show the 8-cell mouse embryo "
+    "`8_cell_stage.tif` (51 x 120 x 122 voxels, uint16, fluorescent nuclei; shown with z "
+    f"scale {Z_SPACING} and contrast limits {CONTRAST[0]:g}-{CONTRAST[1]:g}) of {BBBC050_CITE}, "
+    "from /work/shared/data/volumes/bbbc050 (see its README) unless a caption names another "
+    "file.\n\n"
+)
+
+
 def _write_captions(path: Path, captions: dict[str, str]) -> None:
-    """Write ``captions`` (picture name -> text) into ``path``, keeping the lines of the
-    pictures not made in this run."""
+    """Write ``captions`` (picture name -> text) into ``path`` under :data:`HEADER`,
+    keeping the lines of the pictures not made in this run."""
     lines: dict[str, str] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -332,17 +343,15 @@ def _write_captions(path: Path, captions: dict[str, str]) -> None:
         lines[name] = f"- {name}.png: {text}"
     ordered = [lines[n] for n in NAMES if n in lines]
     ordered += [line for n, line in lines.items() if n not in NAMES]
-    path.write_text("# Screenshot captions (written by scripts/make_screenshots.py)\n\n"
-                    + "\n".join(ordered) + "\n")
+    path.write_text(HEADER + "\n".join(ordered) + "\n")
 
 
 def _captions(model_desc: str, is_random: bool, volume: Path,
               status: dict[str, str]) -> dict[str, str]:
     command = ('`xvfb-run -a -s "-screen 0 1600x1024x24" .venv/bin/python '
                "scripts/make_screenshots.py --only {}`")
-    data = (f"`{volume.name}` ({volume.parent.parent.name}: the 8-cell mouse embryo, "
-            f"51 x 120 x 122 voxels, z scale {Z_SPACING}, contrast {CONTRAST[0]:g}-"
-            f"{CONTRAST[1]:g}) from {BBBC050_CITE}")
+    default_volume = volume.resolve() == (BBBC050 / "images" / "8_cell_stage.tif").resolve()
+    data = "the embryo" if default_volume else f"`{volume}` (given with --volume)"
     z, r, c = CLICK
     z0, z1 = STACK_PLANES
 
@@ -362,7 +371,7 @@ def _captions(model_desc: str, is_random: bool, volume: Path,
         "precompute": (
             f"the Segment Anything widget half-way through *Precompute all planes* on {data}, "
             f"with {model_desc}: the progress bar and the status line say how many planes are "
-            "stored and where (beside the image file, a temporary copy). "
+            "stored and where (beside a copy of the file in a temporary folder). "
             + command.format("precompute")),
         "propagate_plane": (
             f"one click at (z, row, col) = ({z}, {r}, {c}) of {data}, then *Propagate (G)* "
@@ -388,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     parser.add_argument("--random", action="store_true", help="use a random tiny model")
     parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME",
-                        help="make only this picture (and those of its group that come "
-                             "first); repeat for more. One of: " + ", ".join(NAMES))
+                        help="make only this picture (the other steps of its group run, unsaved); "
+                             "repeat for more. One of: " + ", ".join(NAMES))
     parser.add_argument("--volume", type=Path,
                         default=BBBC050 / "images" / "8_cell_stage.tif",
                         help="the 3D TIFF of the volume pictures (default: %(default)s)")
