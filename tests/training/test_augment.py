@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,16 @@ def _id_coded(size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
+def _write_id_coded(root: Path, size: int) -> Path:
+    """A dataset folder (images/ + labels/) holding one :func:`_id_coded` image."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    image, labels = _id_coded(size)
+    Image.fromarray(image).save(root / "images" / "a.png")
+    Image.fromarray(labels.astype(np.uint16)).save(root / "labels" / "a.png")
+    return root
+
+
 @pytest.mark.parametrize("zoom", [0.25, 0.5, 0.8, 1.7, 4.0])
 def test_zoom_keeps_the_frame_and_the_labels_on_their_objects(zoom):
     image, labels = _id_coded()
@@ -120,12 +131,7 @@ def test_zoom_makes_objects_zoom_times_as_wide():
 
 
 def test_zoomed_samples_keep_labels_on_bright_objects_and_the_model_frame(tmp_path):
-    root = tmp_path / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    image, labels = _id_coded(size=120)
-    Image.fromarray(image).save(root / "images" / "a.png")
-    Image.fromarray(labels.astype(np.uint16)).save(root / "labels" / "a.png")
+    root = _write_id_coded(tmp_path / "ds", size=120)
     zoom_only = dataclasses.replace(NONE, zoom_prob=1.0)
     ds = InstanceDataset(root, img_size=64, low_res_size=16, augment=zoom_only)
     sizes = set()
@@ -196,12 +202,7 @@ def test_anisotropic_blur_and_noise():
 
 
 def test_general_samples_are_seeded_and_zero_probabilities_are_the_identity(tmp_path):
-    root = tmp_path / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    image, labels = _id_coded(size=80)
-    Image.fromarray(image).save(root / "images" / "a.png")
-    Image.fromarray(labels.astype(np.uint16)).save(root / "labels" / "a.png")
+    root = _write_id_coded(tmp_path / "ds", size=80)
     general = InstanceDataset(root, img_size=64, augment=AugmentConfig.preset("general"))
     a, b = (general.sample(0, np.random.default_rng(3)) for _ in range(2))
     assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
