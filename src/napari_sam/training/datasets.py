@@ -21,6 +21,9 @@ A :class:`Sample` is an image resized to the model's square input (longest
 side to ``img_size`` like SAM, then zero padding at the bottom and right), or a
 random crop of it at a random scale, with the label map resampled (nearest) to
 the model input and to the mask decoder's low-resolution output.
+Augmentation (:mod:`napari_sam.training.augment`, its preset's
+:class:`~napari_sam.training.augment.AugmentConfig`) acts on that view: flips
+and rotations, an optional zoom with the frame kept, then intensity.
 """
 
 from __future__ import annotations
