@@ -30,8 +30,9 @@ OLD_CONFIG_KEYS = [
     "full_view_prob", "scale_range", "augment", "min_area", "seed", "checkpoint_every",
     "log_every", "val_every", "val_images", "num_threads", "cache_images", "aux_dense",
 ]
-#: settings added since (issue 15: training the AIS head); an old config.json lacks them
-NEW_CONFIG_KEYS = ["head_only", "ais_head_hidden"]
+#: settings added since (issue 15: training the AIS head, the augmentation preset); an old
+#: config.json lacks them
+NEW_CONFIG_KEYS = ["head_only", "ais_head_hidden", "augment_preset"]
 
 
 def test_flat_names_reach_their_section_and_sections_are_copied():

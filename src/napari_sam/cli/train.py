@@ -105,6 +105,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the prompt encoder and mask decoder only (default: off)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no flips, rotations or intensity changes (default: augment)")
+    parser.add_argument("--augment", dest="augment_preset", choices=_CHOICES["augment_preset"],
+                        default=d.augment_preset,
+                        help="augmentation preset: basic (flips, rotations, gamma, contrast, "
+                             "inversion, blur, noise) or general (basic plus zoom 0.25-4x, "
+                             "brightfield and H&E-like looks, anisotropic blur and noise, "
+                             "16-bit and float ranges through the product's normalisation) "
+                             "(default: %(default)s)")
     parser.add_argument(
         "--aux-dense",
         type=float,
@@ -130,7 +137,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 #: command-line spelling of TrainConfig fields whose option is not --<field>
-_OPTION_OF = {"init": "--model", "model": "--arch", "output_dir": "--out"}
+_OPTION_OF = {"init": "--model", "model": "--arch", "output_dir": "--out",
+              "augment_preset": "--augment"}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

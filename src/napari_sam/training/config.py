@@ -122,6 +122,12 @@ class DataConfig:
     scale_range: tuple[float, float] = _setting((0.5, 2.0), "zoom range of random crops, 1 = "
                                                 "native resolution")
     augment: bool = _setting(True, "flips, rotations and intensity changes")
+    augment_preset: str = _setting("basic", "augmentation families: basic (flips, rotations, "
+                                   "gamma, contrast, inversion, blur, noise) or general (basic "
+                                   "plus zoom 0.25-4x, brightfield and H&E-like looks, "
+                                   "anisotropic blur and noise, 16-bit and float ranges; "
+                                   "napari_sam.training.augment)",
+                                   choices=("basic", "general"))
     min_area: int = _setting(8, "objects smaller than this many model-input pixels are not "
                              "prompted", min=0)
     cache_images: bool = _setting(False, "keep decoded images in memory (faster epochs; ~1 GB "
@@ -425,6 +431,10 @@ def config_problems(config: TrainConfig) -> list[tuple[str, str]]:
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < low):
             out.append((name, f"must be an integer >= {low}, got {value!r}"))
+    if not config.augment and config.augment_preset != "basic":
+        out.append(("augment_preset", f"chooses the augmentation of a run that has it off "
+                                      f"(augment=False); drop one of the two, got "
+                                      f"{config.augment_preset!r}"))
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             out.append((name, f"must be one of {', '.join(choices)}, got "

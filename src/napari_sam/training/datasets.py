@@ -21,6 +21,9 @@ A :class:`Sample` is an image resized to the model's square input (longest
 side to ``img_size`` like SAM, then zero padding at the bottom and right), or a
 random crop of it at a random scale, with the label map resampled (nearest) to
 the model input and to the mask decoder's low-resolution output.
+Augmentation (:mod:`napari_sam.training.augment`, its preset's
+:class:`~napari_sam.training.augment.AugmentConfig`) acts on that view: flips
+and rotations, an optional zoom with the frame kept, then intensity.
 """
 
 from __future__ import annotations
@@ -40,7 +43,15 @@ from napari_sam.engine.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, read_image,
 from napari_sam.errors import InvalidInputError
 from napari_sam.models.sam import PIXEL_MEAN, PIXEL_STD
 
-from .augment import AugmentConfig, augment_geometry, augment_intensity
+from .augment import (
+    AugmentConfig,
+    augment_geometry,
+    augment_intensity,
+    draw_zoom,
+    nearest_indices,
+    resize_pair,
+    zoom_view,
+)
 
 __all__ = [
     "InstanceDataset",
@@ -235,12 +246,6 @@ def load_ids(path: str | Path) -> tuple[list[str] | None, list[str]]:
 
 
 
-def _nearest_indices(n_out: int, n_in: float, offset: int = 0) -> np.ndarray:
-    """Indices of the source pixels under the centres of ``n_out`` output pixels."""
-    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
-    return np.clip(idx, 0, max(int(np.ceil(n_in)) - 1, 0)) + offset
-
-
 class InstanceDataset:
     """Pairs of images and instance label images, sampled as model-sized views.
 
@@ -430,19 +435,21 @@ class InstanceDataset:
         scale = S / side
         h = min(S, max(1, int(ch * scale + 0.5)))
         w = min(S, max(1, int(cw * scale + 0.5)))
-        if (h, w) != (ch, cw):
-            image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), 2))
-            labels = labels[_nearest_indices(h, ch)][:, _nearest_indices(w, cw)]
+        zoom = draw_zoom(rng, self.augment) if augment else 1.0
+        if zoom != 1.0:  # content zoomed, the (h, w) frame kept
+            image, labels = zoom_view(image, labels, (h, w), zoom, rng)
+        else:
+            image, labels = resize_pair(image, labels, (h, w))
         pixels = image.astype(np.float32)
         if augment:
-            pixels = augment_intensity(pixels, rng, self.augment)
+            pixels = augment_intensity(pixels, rng, self.augment, labels=labels)
         pixels = (pixels - self.pixel_mean) / self.pixel_std
         out = np.zeros((3, S, S), dtype=np.float32)
         out[:, :h, :w] = pixels.transpose(2, 0, 1)
         lab = np.zeros((S, S), dtype=np.int64)
         lab[:h, :w] = labels
         L = self.low_res_size
-        low = lab[_nearest_indices(L, S)][:, _nearest_indices(L, S)]
+        low = lab[nearest_indices(L, S)][:, nearest_indices(L, S)]
         return Sample(
             image=torch.from_numpy(out),
             labels=torch.from_numpy(lab),

@@ -276,7 +276,7 @@ def _datasets(
 ) -> tuple[InstanceDataset, InstanceDataset | None]:
     """The training dataset and the validation one (None without validation)."""
     train_ids, val_ids = _train_val_ids(config)
-    aug = AugmentConfig() if config.augment else AugmentConfig.none()
+    aug = AugmentConfig.preset(config.augment_preset) if config.augment else AugmentConfig.none()
     common = dict(
         img_size=int(model.image_encoder.img_size),
         low_res_size=int(model.prompt_encoder.mask_input_size[0]),
