@@ -69,7 +69,8 @@ def settings_from(args: argparse.Namespace):
     from napari_sam.engine.propagate import PropagationSettings
 
     given = {k: getattr(args, k) for k in ("min_score", "min_overlap", "max_area_ratio",
-                                           "use_mask") if getattr(args, k) is not None}
+                                           "min_contrast", "use_mask")
+             if getattr(args, k) is not None}
     return PropagationSettings(**given)
 
 
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-score", type=float, default=None)
     parser.add_argument("--min-overlap", type=float, default=None)
     parser.add_argument("--max-area-ratio", type=float, default=None)
+    parser.add_argument("--min-contrast", type=float, default=None)
     parser.add_argument("--use-mask", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also append the lines here")
     args = parser.parse_args(argv)
