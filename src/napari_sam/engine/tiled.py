@@ -30,7 +30,8 @@ overlapping tiles, and predicts each prompt in the tile that holds it:
   three candidates, of which the one that agrees best with the mask in the overlap
   is kept. Every pixel takes its logit from the tile that sees it farthest from an
   interior edge (in an overlap, the seam is at its middle); pixels no tile predicted
-  get :data:`OUTSIDE_LOGIT`. This repeats until the mask touches no new tile.
+  get :data:`OUTSIDE_LOGIT`. This repeats until the mask touches no new tile, over at
+  most :data:`MAX_STITCHED_TILES` tiles.
 * The mask refiner (:mod:`napari_sam.engine.refine`), when the model has one,
   redraws the stitched full-resolution logits from the native image, as for an
   untiled prediction.
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EDGE_MARGIN",
+    "MAX_STITCHED_TILES",
     "OUTSIDE_LOGIT",
     "TILE_ABOVE",
     "TILING_MODES",
@@ -75,6 +77,9 @@ TILING_MODES = ("auto", "off")
 TILE_ABOVE = 2
 #: a mask within this many pixels of a tile's interior edge continues in the next tile
 EDGE_MARGIN = 2
+#: the most tiles one mask is stitched over (about 4 x 4 tiles: a larger object is cut
+#: there, and said so; the whole image at model scale sees such objects well)
+MAX_STITCHED_TILES = 16
 #: logit of pixels that no tile predicted (the mask threshold is 0)
 OUTSIDE_LOGIT = -20.0
 _WHOLE = -1  # route index of the whole image at model scale
@@ -347,7 +352,11 @@ class TiledPredictor:
         used = {k}
         if k != _WHOLE:
             for c in range(n):
-                used |= self._stitch(logits[c], k, points, labels)
+                tiles, cut = self._stitch(logits[c], k, points, labels)
+                used |= tiles
+                if cut and c == int(np.argmax(pred.scores)):
+                    notes.append(f"the mask reaches beyond {MAX_STITCHED_TILES} tiles and was "
+                                 "cut there; for so large an object switch tiling off")
         self.last_tiles = sorted(used)
         if k == _WHOLE:
             route = "whole image at model scale"
@@ -358,22 +367,23 @@ class TiledPredictor:
         self.note = "; ".join([f"Predicted in {route}", *notes]) + "."
         return logits, pred.scores, pred.logits
 
-    def _stitch(self, logits: np.ndarray, first: int, points, labels) -> set[int]:
+    def _stitch(self, logits: np.ndarray, first: int, points, labels) -> tuple[set[int], bool]:
         """Extend one candidate's (H, W) logits (in place) into the tiles its mask runs
-        into; returns the tiles used."""
+        into; returns the tiles used and whether :data:`MAX_STITCHED_TILES` cut it."""
         shape = self.tiled.original_size
         boxes = self.tiled.boxes
         rows, cols = np.indices(shape, sparse=True)
-        owner_depth = np.full(shape, -np.inf)
+        owner_depth = np.full(shape, -np.inf, dtype=np.float32)
         r0, c0, r1, c1 = boxes[first]
         owner_depth[r0:r1, c0:c1] = _edge_depth(boxes[first], shape, rows[r0:r1], cols[:, c0:c1])
         used, queue = {first}, [first]
         while queue:
             v = queue.pop(0)
-            mask = logits > 0
-            for u in self._neighbours_reached(mask, v, used):
+            for u in self._neighbours_reached(logits, v, used):
+                if len(used) >= MAX_STITCHED_TILES:
+                    return used, True
                 ov = _overlap(boxes[v], boxes[u])
-                part = mask[ov[0]:ov[2], ov[1]:ov[3]]
+                part = logits[ov[0]:ov[2], ov[1]:ov[3]] > 0
                 if not part.any():
                     continue
                 pr, pc = _innermost(part)
@@ -397,21 +407,22 @@ class TiledPredictor:
                 region[deeper] = depth[deeper]
                 used.add(u)
                 queue.append(u)
-        return used
+        return used, False
 
-    def _neighbours_reached(self, mask: np.ndarray, v: int, used: set[int]) -> list[int]:
-        """Unused tiles across the interior edges of tile ``v`` that ``mask`` reaches."""
+    def _neighbours_reached(self, logits: np.ndarray, v: int, used: set[int]) -> list[int]:
+        """Unused tiles across the interior edges of tile ``v`` that the mask
+        (``logits > 0``) reaches."""
         H, W = self.tiled.original_size
         r0, c0, r1, c1 = self.tiled.boxes[v]
         m = EDGE_MARGIN
-        sides = []  # (touched, the neighbour extends beyond this edge)
-        if r0 > 0 and mask[r0:r0 + m, c0:c1].any():
+        sides = []  # for each touched edge: does a tile box extend beyond it
+        if r0 > 0 and (logits[r0:r0 + m, c0:c1] > 0).any():
             sides.append(lambda b: b[0] < r0)
-        if r1 < H and mask[r1 - m:r1, c0:c1].any():
+        if r1 < H and (logits[r1 - m:r1, c0:c1] > 0).any():
             sides.append(lambda b: b[2] > r1)
-        if c0 > 0 and mask[r0:r1, c0:c0 + m].any():
+        if c0 > 0 and (logits[r0:r1, c0:c0 + m] > 0).any():
             sides.append(lambda b: b[1] < c0)
-        if c1 < W and mask[r0:r1, c1 - m:c1].any():
+        if c1 < W and (logits[r0:r1, c1 - m:c1] > 0).any():
             sides.append(lambda b: b[3] > c1)
         out = []
         for u, b in enumerate(self.tiled.boxes):

@@ -7,7 +7,9 @@
   :data:`EMBED_DELAY_MS` (dragging a contrast slider or scrolling a stack starts one
   encoder run when the user pauses, not one per event), or immediately;
 * each run reads one plane, normalises it and embeds it through the predictor (and its
-  :class:`~napari_sam.engine.cache.EmbeddingCache`) in a napari ``thread_worker``;
+  :class:`~napari_sam.engine.cache.EmbeddingCache`) in a napari ``thread_worker``: whole,
+  or in native-scale tiles when the predictor tiles a plane that large
+  (:meth:`~napari_sam.engine.predictor.Predictor.prepare_image`);
 * a generation counter, bumped by every request and invalidation, drops the results of
   runs that a newer request made stale;
 * closing stops the timer and the workers' reports.
@@ -46,12 +48,13 @@ class EmbedJob:
 
 
 def _embed_plane(job: EmbedJob) -> Any:
-    """Worker body: read one plane, normalise it, return its (cached or new) CacheEntry."""
+    """Worker body: read one plane, normalise it, return its (cached or new) embedding:
+    a CacheEntry, or a :class:`~napari_sam.engine.tiled.TiledEmbedding` of a large plane."""
     from napari_sam.engine.image import to_rgb_uint8
 
     data, index = job.data, job.slice_index
     plane = np.asarray(data[index] if index else data)
-    return job.predictor.embed(to_rgb_uint8(plane, job.contrast_limits))
+    return job.predictor.prepare_image(to_rgb_uint8(plane, job.contrast_limits))
 
 
 class EmbeddingScheduler(QObject):
