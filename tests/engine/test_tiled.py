@@ -227,3 +227,16 @@ def test_batched_prompts_and_bad_inputs_on_a_tiled_image():
     # a small image is never tiled; set_embedding leaves the tiled mode
     p.set_image(_ellipse_image()[:200, :200])
     assert p.tiled is None and p.embedding is not None and p.route_note == ""
+
+
+def test_stitching_stops_after_max_stitched_tiles_and_says_so():
+    from napari_sam.engine.tiled import MAX_STITCHED_TILES
+
+    rgb = _ellipse_image()
+    rgb[20:364, 20:364] = 255  # one object over all 25 tiles
+    p = _tiled_predictor()
+    p.set_image(rgb)
+    pred = p.predict(points=[[190, 190]], multimask=False)
+    assert len(p._tiled.last_tiles) == MAX_STITCHED_TILES
+    assert f"reaches beyond {MAX_STITCHED_TILES} tiles" in p.route_note
+    assert 0 < pred.masks[0].sum() < 344 * 344
