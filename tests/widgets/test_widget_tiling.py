@@ -107,3 +107,25 @@ def test_a_small_image_is_never_tiled_and_says_nothing_about_tiles(make_napari_v
     widget.set_tiling(False)
     assert widget.wait_for_embedding(TIMEOUT)
     assert "tile" not in widget.status.text().lower()
+
+
+def test_a_stale_tiled_embedding_run_stops_between_tiles(tiny_sam):
+    """The embedding worker polls the scheduler's staleness between tiles: a run that a newer
+    request made stale stops instead of embedding the remaining tiles."""
+    from napari_sam.errors import CancelledError
+    from napari_sam.widgets._embedding import EmbedJob, _embed_plane
+
+    image = _large_image()
+    predictor = Predictor(tiny_sam, tiling="auto")
+    runs = []
+    hook = tiny_sam.image_encoder.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        job = EmbedJob(image, (), None, predictor)
+        polls = []
+        with pytest.raises(CancelledError):
+            _embed_plane(job, lambda: polls.append(1) or len(polls) > 3)
+        assert len(runs) == 3  # three tiles, then the run saw it was stale
+        assert isinstance(_embed_plane(job, lambda: False), TiledEmbedding)
+        assert len(runs) == 16  # the 3 embedded tiles came from the cache
+    finally:
+        hook.remove()

@@ -47,14 +47,15 @@ class EmbedJob:
     predictor: Any  # napari_sam.engine.predictor.Predictor
 
 
-def _embed_plane(job: EmbedJob) -> Any:
+def _embed_plane(job: EmbedJob, cancel: Callable[[], bool] | None = None) -> Any:
     """Worker body: read one plane, normalise it, return its (cached or new) embedding:
-    a CacheEntry, or a :class:`~napari_sam.engine.tiled.TiledEmbedding` of a large plane."""
+    a CacheEntry, or a :class:`~napari_sam.engine.tiled.TiledEmbedding` of a large plane
+    (``cancel`` is polled between tiles: a stale run stops early)."""
     from napari_sam.engine.image import to_rgb_uint8
 
     data, index = job.data, job.slice_index
     plane = np.asarray(data[index] if index else data)
-    return job.predictor.prepare_image(to_rgb_uint8(plane, job.contrast_limits))
+    return job.predictor.prepare_image(to_rgb_uint8(plane, job.contrast_limits), cancel=cancel)
 
 
 class EmbeddingScheduler(QObject):
@@ -131,7 +132,8 @@ class EmbeddingScheduler(QObject):
         gen = self.generation
         self.limits = job.contrast_limits
         worker = create_worker(
-            _embed_plane, job, _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
+            _embed_plane, job, partial(self._stale, gen),
+            _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
         )
         worker.returned.connect(partial(self._done, gen, job.predictor))
         worker.errored.connect(partial(self._failed, gen))
