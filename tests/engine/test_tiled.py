@@ -185,6 +185,15 @@ def test_a_prompt_no_tile_holds_falls_back_to_the_whole_image_and_says_so():
         pred = p.predict(box=[100, 60, 200, 340], multimask=False)
     assert p._tiled.last_tiles == [-1] and "whole image at model scale" in p.route_note
     assert pred.masks.shape == (1, SIZE, SIZE) and pred.masks[0, 150, 200]
+    # a correction of that prediction stays on the whole image, with its mask prompt
+    with pytest.warns(UserWarning, match="spans more than one tile"):
+        p.predict(points=[[150, 200]], box=[100, 60, 200, 340], mask_input=pred.logits,
+                  multimask=False)
+    assert p._tiled.last_tiles == [-1] and "not reused" not in p.route_note
+    # logits the predictor never returned are not trusted: warned, decoded afresh
+    with pytest.warns(UserWarning, match="mask_input is not from this image's tile"):
+        p.predict(points=[[150, 200]], mask_input=np.zeros((1, TILE, TILE)))
+    assert "not reused" in p.route_note
     # a mask prompt from a tile cannot steer the whole-image frame: decoded afresh
     tile_logits = p.predict(points=[[315, 55]]).logits[0][None]
     with warnings.catch_warnings():

@@ -325,18 +325,22 @@ class TiledPredictor:
         (C,) predicted IoU, (C, 4E, 4E) low-res logits of the tile it went to."""
         shape = self.tiled.original_size
         k = route_prompt(self.tiled.boxes, shape, points, box)
+        routed = _WHOLE if k is None else k
         notes = []
         if mask_input is not None:
             source = self._tile_of_logits(mask_input)
-            if source is not None and (source == k or (
-                    source != _WHOLE and route_prompt([self.tiled.boxes[source]], shape,
-                                                      points, box) == 0)):
-                k = source  # a correction stays in the tile of the logits it refines
-            elif source is None or source != k:
+            holds = source is not None and source != _WHOLE and route_prompt(
+                [self.tiled.boxes[source]], shape, points, box) == 0
+            if source is not None and (source == routed or holds):
+                routed = source  # a correction stays in the frame of the logits it refines
+            else:
                 mask_input = None  # logits of another frame: decode the prompts afresh
+                message = ("The mask_input is not from this image's tile that holds the "
+                           "prompt, so it was not used; the prompts were decoded afresh.")
+                warnings.warn(message, UserWarning, stacklevel=4)
                 notes.append("the previous mask was from another tile, so it was not reused")
-        if k is None:
-            k = _WHOLE
+        k = routed
+        if k == _WHOLE:
             message = ("The prompt spans more than one tile of this large image: predicted on "
                        "the whole image at model scale (small objects may be coarse); "
                        "prompt inside one object instead.")
