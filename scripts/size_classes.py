@@ -1,13 +1,20 @@
-"""Point and box mIoU by image-size class, with a model's mask refiner on and off.
+"""Point and box mIoU by image-size class, with a model's mask refiner (or tiling) on and off.
 
     python scripts/size_classes.py [MODEL] [--data /work/shared/data/dsb2018]
-        [--ids splits/dsb2018.json] [--limit N]
+        [--ids splits/dsb2018.json] [--limit N] [--compare refiner|tiling] [--min-side PX]
 
 Per validation object (at least 10 pixels): a click at its innermost pixel (multimask, the
-mask with the best predicted IoU) and its tight box, with ``Predictor(model)`` (refiner on,
-when the model has one) and ``Predictor(model, refine=False)``; IoU at full resolution.
+mask with the best predicted IoU) and its tight box, IoU at full resolution, with two
+predictors:
+
+* ``--compare refiner`` (default): ``Predictor(model)`` (refiner on, when the model has
+  one) and ``Predictor(model, refine=False)`` (docs/training.md, "The mask refiner");
+* ``--compare tiling``: ``Predictor(model, tiling="auto")`` (large images in native-scale
+  tiles, as the widget) and ``Predictor(model)`` (the whole image at model scale), both
+  with the model's refiner (docs/training.md, "Large images in tiles").
+
 Classes by the image's longer side: up to 300, 300-400, 400-800 and 800-2000 px, plus the
-objects under 100 pixels (docs/training.md, "The mask refiner").
+objects under 100 pixels. ``--min-side`` skips images whose longer side is shorter.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/dsb2018")
     parser.add_argument("--ids", default="splits/dsb2018.json")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--compare", choices=("refiner", "tiling"), default="refiner")
+    parser.add_argument("--min-side", type=int, default=0,
+                        help="skip images whose longer side is shorter than this")
     args = parser.parse_args()
 
     from napari_sam.engine.image import to_rgb_uint8
@@ -37,11 +47,16 @@ def main() -> None:
 
     model = load_model(args.model)
     _train, val = load_ids(args.ids)
-    on, off = Predictor(model), Predictor(model, refine=False)
-    off.cache = on.cache  # one encoder run per image
+    if args.compare == "refiner":
+        on, off = Predictor(model), Predictor(model, refine=False)
+    else:
+        on, off = Predictor(model, tiling="auto"), Predictor(model)
+    off.cache = on.cache  # one encoder run per image (per tile)
     rows = []
     for sid in val[: args.limit]:
         rgb = to_rgb_uint8(read_image(Path(args.data) / "images" / f"{sid}.png").data)
+        if max(rgb.shape[:2]) < args.min_side:
+            continue
         labels = read_labels(Path(args.data) / "labels" / f"{sid}.png")
         for p in (on, off):
             p.set_image(rgb)
@@ -60,7 +75,7 @@ def main() -> None:
                 row.append((mask & truth).sum() / (mask | truth).sum())
             rows.append(row)
     r = np.asarray(rows, dtype=np.float64)
-    print(f"{len(r)} objects; point on / off, box on / off")
+    print(f"{len(r)} objects; {args.compare} on / off: point on / off, box on / off")
     print(f"all: {r[:, 2].mean():.3f} / {r[:, 3].mean():.3f}, {r[:, 4].mean():.3f} / "
           f"{r[:, 5].mean():.3f}")
     for lo, hi in CLASSES:

@@ -232,6 +232,30 @@ def test_images_larger_than_the_model_input_are_tiled_by_default(tiny_sam_with_h
     assert len(polls) == 3
 
 
+def test_ais_reuses_the_interactive_predictors_tiles_of_a_large_image(tiny_sam_with_head):
+    """Issue 15.3: the tiles the interactive predictor embeds for a large image are the AIS
+    head's tiles, so AIS on the same predictor runs no encoder again (and vice versa)."""
+    from napari_sam.engine.predictor import Predictor
+
+    image = np.random.default_rng(2).integers(0, 255, (300, 280, 3), dtype=np.uint8)
+    predictor = Predictor(tiny_sam_with_head, tiling="auto")
+    encoder = tiny_sam_with_head.image_encoder
+    runs = []
+    hook = encoder.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        predictor.set_image(image)
+        n = len(predictor.tiled.boxes)
+        seg = InstanceSegmenter(predictor)
+        assert seg.n_tiles((300, 280)) == n and len(runs) == n
+        labels = seg.generate_labels(image)
+        assert len(runs) == n  # every tile from the cache
+        # the maps are those of tiles embedded afresh
+        np.testing.assert_array_equal(
+            labels, InstanceSegmenter(tiny_sam_with_head).generate_labels(image))
+    finally:
+        hook.remove()
+
+
 # ---------- the command line, as a user runs it (subprocess, real files)
 
 def _cli(*args, timeout: int = 300):

@@ -330,3 +330,45 @@ def test_write_results_without_replace_keeps_a_file(tmp_path):
     write_results({"n_images": 1}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == {"n_images": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+# ------------------------------------------------- issue 15.3: tiles for large images
+
+
+def test_evaluate_tiling_option_reaches_the_predictor(tmp_path, tiny_sam):
+    """``tiling="auto"`` (the default, as the widget) predicts a large image's prompts in
+    native-scale tiles; "off" on the whole image at model scale; both are recorded."""
+    import argparse
+
+    from napari_sam.cli.evaluate import add_evaluate_arguments
+    from napari_sam.engine.predictor import Predictor
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rr, cc = np.mgrid[:300, :300]
+    lab = np.zeros((300, 300), np.uint16)
+    for k, (r, c) in enumerate(((60, 70), (150, 160), (240, 90), (100, 250)), start=1):
+        lab[(rr - r) ** 2 + (cc - c) ** 2 < 12 ** 2] = k
+    image = np.where(lab > 0, 200, 30).astype(np.uint8)  # 300 px > 2 x the 128 px input
+    Image.fromarray(image).save(root / "images" / "big.png")
+    Image.fromarray(lab).save(root / "labels" / "big.png")
+
+    got = {mode: evaluate(tiny_sam, root, everything=False, n_clicks=0, tiling=mode)
+           for mode in ("auto", "off")}
+    for mode, res in got.items():
+        assert res["settings"]["tiling"] == mode
+        direct = evaluate_image_interactive(Predictor(tiny_sam, tiling=mode), image, lab,
+                                            n_clicks=0)
+        assert res["interactive"]["point_miou"][0] == pytest.approx(
+            float(np.nanmean(direct["point_iou"][:, 0])))
+    assert got["auto"]["interactive"]["point_miou"] != got["off"]["interactive"]["point_miou"]
+    with pytest.raises(InvalidInputError, match="tiling must be one of"):
+        evaluate(tiny_sam, root, everything=False, tiling="on")
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    assert parser.parse_args(["d"]).tiling == "auto"
+    assert parser.parse_args(["d", "--tiling", "off"]).tiling == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["d", "--tiling", "on"])

@@ -79,6 +79,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-area", type=_count_arg(0), default=10, metavar="PX",
                         help="objects smaller than this many pixels are not prompted "
                              "(default: %(default)s)")
+    parser.add_argument("--tiling", choices=("auto", "off"), default="auto",
+                        help="prompts on images longer than 2x the model input: 'auto' embeds "
+                             "them at native scale in overlapping tiles, as the widget does; "
+                             "'off' resizes the whole image to the model input "
+                             "(default: %(default)s)")
     parser.add_argument("-o", "--out", "--output", dest="output", default=None, metavar="FILE",
                         help="also write the results as JSON to FILE (default: table only)")
     parser.add_argument("--overwrite", action="store_true",
@@ -127,6 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         device=getattr(args, "device", None),
         mode=mode,
         ais_kwargs=ais,
+        tiling=args.tiling,
     )
     results["model"] = str(args.model)
     print(file=sys.stderr)

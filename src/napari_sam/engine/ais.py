@@ -305,9 +305,12 @@ class InstanceSegmenter:
         overlap: int,
         scale: float,
         cancel: Callable[[], bool] | None = None,
+        use_cache: bool = False,
     ) -> Generator[Any, None, np.ndarray]:
         """Blended tiled maps (see :meth:`maps`); yields ``EverythingProgress`` per tile
-        and returns the maps. ``cancel`` is polled before each tile."""
+        and returns the maps. ``cancel`` is polled before each tile. ``use_cache``: tile
+        embeddings through the predictor's cache (the interactive predictor's tiles of a
+        large image, :mod:`napari_sam.engine.tiled`, are the same tiles)."""
         import torch
         import torch.nn.functional as F
 
@@ -330,7 +333,7 @@ class InstanceSegmenter:
         for done, (r0, c0, r1, c1) in enumerate(boxes):
             check_cancel(cancel, _CANCELLED)
             piece = np.ascontiguousarray(work[r0:r1, c0:c1])
-            tile_maps = self._image_maps(piece, use_cache=False)
+            tile_maps = self._image_maps(piece, use_cache=use_cache and scale == 1.0)
             wr = _edge_weights(r1 - r0, ramp, r0 > 0, r1 < h)
             wc = _edge_weights(c1 - c0, ramp, c0 > 0, c1 < w)
             wt = wr[:, None] * wc[None, :]
@@ -357,7 +360,8 @@ class InstanceSegmenter:
             maps = self._image_maps(rgb, use_cache)
             yield EverythingProgress(1, 1)
             return maps
-        return (yield from self._iter_tiled_maps(rgb, tile, self.overlap, 1.0, cancel))
+        return (yield from self._iter_tiled_maps(rgb, tile, self.overlap, 1.0, cancel,
+                                                 use_cache))
 
     def _iter_labels(
         self,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,6 +47,14 @@ from napari_sam.engine.refine import refine_logits
 from napari_sam.engine.session import limit_prompt_points
 from napari_sam.engine.store import EmbeddingStore
 from napari_sam.engine.threads import compute_threads
+from napari_sam.engine.tiled import (
+    TiledEmbedding,
+    TiledPredictor,
+    check_tiling_mode,
+    embed_tiles,
+    model_input_size,
+    tiling_for,
+)
 from napari_sam.engine.transforms import ImageTransform, transform_for
 from napari_sam.errors import InvalidInputError
 from napari_sam.models.fast_decoder import (
@@ -102,10 +111,16 @@ class Predictor:
         (:mod:`napari_sam.engine.refine`; the default model has one, official
         checkpoints have none): None (default) when the model has one, False
         never. Low-res logits and predicted IoUs are the decoder's either way.
+      tiling: ``"off"`` (default): an image is always embedded whole, resized to
+        the model input; ``"auto"``: :meth:`set_image` (and :meth:`prepare_image`)
+        embed an image longer than 2 x the model input at native scale in
+        overlapping tiles and :meth:`predict` routes each prompt to its tile and
+        stitches masks across tiles (:mod:`napari_sam.engine.tiled`; the interactive
+        widget and ``napari-sam evaluate`` use "auto").
 
     Raises:
       InvalidInputError: an unknown ``decoder``, or ``"factored"`` for a
-        decoder without SAM's standard layout.
+        decoder without SAM's standard layout; a ``tiling`` other than "auto" / "off".
       StoreMismatchError: ``store`` was made with other weights.
 
     Typical use::
@@ -124,9 +139,13 @@ class Predictor:
         decoder: str | MaskDecoderBackend = "auto",
         store: EmbeddingStore | None = None,
         refine: bool | None = None,
+        tiling: str = "off",
     ) -> None:
         self.model = model
         self.refine = refine
+        #: "auto": large images are embedded and predicted in native-scale tiles; "off": never
+        self.tiling: str = check_tiling_mode(tiling)
+        self._tiled: TiledPredictor | None = None
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
         #: the model family's image convention (resize + pad for SAM, stretch for EfficientSAM)
         self.transform: ImageTransform = transform_for(model)
@@ -192,13 +211,15 @@ class Predictor:
         self.input_size: tuple[int, int] | None = None
         self.image: np.ndarray | None = None  # (H, W, 3) uint8, for the mask refiner
         self.is_image_set = False
+        self._tiled = None
         self._decoder_context = None
         self.decoder.release()
 
     @property
     def embedding(self) -> EmbeddedImage | None:
-        """The current image's :class:`~napari_sam.engine.cache.EmbeddedImage`, or None."""
-        if not self.is_image_set:
+        """The current image's :class:`~napari_sam.engine.cache.EmbeddedImage`, or None
+        (also while the image is tiled: see :attr:`tiled`)."""
+        if not self.is_image_set or self._tiled is not None:
             return None
         return EmbeddedImage(self.features, self.input_size, self.original_size, self.image)
 
@@ -214,8 +235,50 @@ class Predictor:
         normalised image before; otherwise the image encoder runs (slow).
         """
         rgb = to_rgb_uint8(image, contrast_limits=contrast_limits, channel_axis=channel_axis)
-        entry = self.embed(rgb)
-        self.set_embedding(entry.features, entry.original_size, entry.input_size, image=rgb)
+        self.use_embedding(self.prepare_image(rgb))
+
+    # ------------------------------------------------------------------ tiles
+
+    @property
+    def tiled(self) -> TiledEmbedding | None:
+        """The current image's tile embeddings when it is tiled, else None."""
+        return None if self._tiled is None else self._tiled.tiled
+
+    @property
+    def route_note(self) -> str:
+        """One line on how the last tiled prediction was routed ("" when not tiled)."""
+        return "" if self._tiled is None else self._tiled.note
+
+    def tiling_for(self, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """``(tile, overlap)`` this predictor uses for an (H, W) image under
+        :attr:`tiling`, or None (embedded whole): :func:`~napari_sam.engine.tiled.tiling_for`."""
+        return tiling_for(shape, model_input_size(self.model), self.tiling)
+
+    def prepare_image(
+        self, rgb: np.ndarray, cancel: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> EmbeddedImage | TiledEmbedding:
+        """The embedding :meth:`predict` needs for a normalised (H, W, 3) uint8 image:
+        its tile embeddings when :meth:`tiling_for` tiles it (each through :meth:`embed`:
+        cached), else :meth:`embed`. Leaves the current image alone (a worker thread may
+        call it); apply the result with :meth:`use_embedding`. ``cancel`` and
+        ``progress(done, n_tiles)`` apply to tiles."""
+        tiling = self.tiling_for(rgb.shape[:2])
+        if tiling is None:
+            return self.embed(rgb)
+        return embed_tiles(self, rgb, tiling, cancel=cancel, progress=progress)
+
+    def use_embedding(self, entry: EmbeddedImage | TiledEmbedding) -> None:
+        """Make ``entry`` (from :meth:`prepare_image` or :meth:`embed`) the current image."""
+        if isinstance(entry, TiledEmbedding):
+            self.reset_image()
+            self._tiled = TiledPredictor(self, entry)
+            self.original_size = entry.original_size
+            self.image = entry.image
+            self.is_image_set = True
+            return
+        self.set_embedding(entry.features, entry.original_size, entry.input_size,
+                           image=getattr(entry, "image", None))
 
     def embed(self, rgb: np.ndarray, use_cache: bool = True) -> EmbeddedImage:
         """Embedding of a normalised (H, W, 3) uint8 image, from the cache or computed.
@@ -270,6 +333,7 @@ class Predictor:
             shape = getattr(features, "shape", type(features).__name__)
             raise InvalidInputError(f"features must be a (1, C, E, E) tensor, got {shape}.")
         self.features = features.to(self.device)
+        self._tiled = None
         self._decoder_context = None
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -309,6 +373,10 @@ class Predictor:
         limit (EfficientSAM: 6, a box counts as 2) uses the box, the first point and
         the latest ones and warns (:func:`~napari_sam.engine.session.limit_prompt_points`).
 
+        On a tiled image (:attr:`tiled`) each prompt is decoded in the tile that holds
+        it and its masks are stitched across tiles (:mod:`napari_sam.engine.tiled`);
+        ``logits`` are then the tile's and only serve as ``mask_input`` of this image.
+
         Returns:
           :class:`Prediction` (see there for shapes).
 
@@ -332,7 +400,7 @@ class Predictor:
                 "This model (EfficientSAM) takes no mask_input; refine by adding points "
                 "instead (mask_input=None)."
             )
-        if pts is not None:
+        if pts is not None and self._tiled is None:  # tiles limit the points they decode
             pts = self._limit_points(pts, boxes is not None)
 
         # agree on a batch size; unbatched prompts are broadcast to it
@@ -343,6 +411,9 @@ class Predictor:
             raise InvalidInputError(f"Batched prompts disagree on the batch size ({desc}).")
         batched = bool(sizes)
         n_batch = next(iter(sizes.values())) if batched else 1
+        if self._tiled is not None:
+            return self._predict_tiled(pts, boxes, masks, n_batch, batched, multimask,
+                                       return_logits)
 
         dev = self.device
         coords_t = labels_t = boxes_t = mask_t = None
@@ -403,6 +474,11 @@ class Predictor:
         """
         if not self.is_image_set:
             raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
+        if self._tiled is not None:
+            raise InvalidInputError(
+                "The image is tiled (Predictor(tiling='auto')): predict_torch works on one "
+                "embedding; use predict(), or build the predictor with tiling='off'."
+            )
         if (coords_xy is None) != (labels is None):
             raise InvalidInputError("coords_xy and labels must be given together.")
         model = self.model
@@ -436,12 +512,36 @@ class Predictor:
         resized image, bilinear to the original size; computed as one banded
         linear map per axis (see :func:`~napari_sam.engine.upsample.upscale_logits`).
         """
-        if not self.is_image_set:
-            raise InvalidInputError("No image is set; call predictor.set_image(image) first.")
+        if not self.is_image_set or self._tiled is not None:
+            raise InvalidInputError("No single-embedding image is set; call "
+                                    "predictor.set_image(image) with tiling='off' first.")
         with torch.inference_mode():
             return self.transform.upscale(low_res, self.input_size, self.original_size)
 
     # ------------------------------------------------------------------ helpers
+
+    def _predict_tiled(self, pts, boxes, masks, n_batch: int, batched: bool,
+                       multimask: bool, return_logits: bool) -> Prediction:
+        """:meth:`predict` on a tiled image: one prompt (row of a batch) at a time."""
+        def row(v, b):  # the b-th prompt of a checked (array, ..., batched) tuple
+            return None if v is None else (v[0][b] if v[-1] else v[0])
+
+        logits, scores, low = [], [], []
+        for b in range(n_batch):
+            rc = row(pts, b)
+            lab = None if pts is None else (pts[1][b] if pts[2] else pts[1])
+            out = self._tiled.predict_one(rc, lab, row(boxes, b), row(masks, b), multimask)
+            logits.append(out[0])
+            scores.append(out[1])
+            low.append(out[2])
+        full = np.stack(logits)
+        refiner = self.refiner
+        if refiner is not None:
+            full = self._refine(refiner, full, pts, boxes, n_batch, True)
+        threshold = float(self.model.mask_threshold)
+        out = Prediction(full if return_logits else full > threshold,
+                         np.stack(scores).astype(np.float32), np.stack(low).astype(np.float32))
+        return out if batched else Prediction(*(a[0] for a in out))
 
     def _refine(self, refiner, logits, pts, boxes, n_batch: int, return_logits: bool):
         """(B, C, H, W) decoder logits -> refined logits (or masks) for :meth:`predict`.
@@ -462,7 +562,8 @@ class Predictor:
     def _low_res_size(self) -> tuple[int, int]:
         size = getattr(self.model.prompt_encoder, "mask_input_size", None)
         if size is None:
-            size = (4 * self.features.shape[-2], 4 * self.features.shape[-1])
+            features = self.features if self._tiled is None else self.tiled.tiles[0].features
+            size = (4 * features.shape[-2], 4 * features.shape[-1])
         return int(size[0]), int(size[1])
 
     def _limit_points(self, pts, has_box: bool):

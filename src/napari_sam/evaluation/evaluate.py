@@ -8,6 +8,7 @@ and returns a JSON-able dict::
     {
       "model": str, "data": str, "n_images": int, "n_objects": int,
       "settings": {...},                # with "mode" as asked ("auto", "amg", "ais")
+                                        # and "tiling" ("auto", "off")
       "everything_mode": "ais" | "amg",  # the mode that ran (when everything ran)
       "interactive": {"point_miou": [after 1 click, after 2, ...],
                       "box_miou": float},            # means over all objects
@@ -86,6 +87,7 @@ def evaluate(
     device: str | None = None,
     mode: str = "auto",
     ais_kwargs: dict[str, Any] | None = None,
+    tiling: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the dataset in ``root`` (layouts: :mod:`napari_sam.training.datasets`).
 
@@ -108,6 +110,11 @@ def evaluate(
         (:func:`~napari_sam.engine.ais.resolve_mode`).
       ais_kwargs: options of :class:`~napari_sam.engine.ais.InstanceSegmenter`
         (mode ais).
+      tiling: interactive prompts on a large image: ``"auto"`` (as the widget: images
+        longer than 2 x the model input are embedded in native-scale tiles,
+        :mod:`napari_sam.engine.tiled`) or ``"off"`` (always the whole image at model
+        scale). A :class:`~napari_sam.engine.predictor.Predictor` given as ``model``
+        keeps its own ``tiling``.
       cancel: polled before each image; True raises CancelledError.
       device: torch device for a model given by name or path (None: the
         zoo's default).
@@ -123,7 +130,10 @@ def evaluate(
     import torch
 
     from napari_sam.engine.predictor import Predictor
+    from napari_sam.engine.tiled import check_tiling_mode
     from napari_sam.training.datasets import InstanceDataset
+
+    check_tiling_mode(tiling)
 
     for name, value, low in (("n_clicks", n_clicks, 0), ("min_area", min_area, 0),
                              ("max_images", 1 if max_images is None else max_images, 1)):
@@ -139,7 +149,7 @@ def evaluate(
         predictor = model
     elif isinstance(model, torch.nn.Module):
         model.eval()
-        predictor = Predictor(model)
+        predictor = Predictor(model, tiling=tiling)
     else:
         raise InvalidInputError(
             f"model must be a Sam module, a Predictor or a model name/path, got {type(model)}."
@@ -196,6 +206,7 @@ def evaluate(
             "everything_kwargs": everything_kwargs or {},
             "mode": mode,
             "ais_kwargs": ais_kwargs or {},
+            "tiling": getattr(predictor, "tiling", tiling),
         },
         "interactive": {
             "point_miou": [float(v) for v in np.atleast_1d(_nanmean(points, 0))],

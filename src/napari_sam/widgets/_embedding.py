@@ -7,7 +7,9 @@
   :data:`EMBED_DELAY_MS` (dragging a contrast slider or scrolling a stack starts one
   encoder run when the user pauses, not one per event), or immediately;
 * each run reads one plane, normalises it and embeds it through the predictor (and its
-  :class:`~napari_sam.engine.cache.EmbeddingCache`) in a napari ``thread_worker``;
+  :class:`~napari_sam.engine.cache.EmbeddingCache`) in a napari ``thread_worker``: whole,
+  or in native-scale tiles when the predictor tiles a plane that large
+  (:meth:`~napari_sam.engine.predictor.Predictor.prepare_image`);
 * a generation counter, bumped by every request and invalidation, drops the results of
   runs that a newer request made stale;
 * closing stops the timer and the workers' reports.
@@ -45,13 +47,15 @@ class EmbedJob:
     predictor: Any  # napari_sam.engine.predictor.Predictor
 
 
-def _embed_plane(job: EmbedJob) -> Any:
-    """Worker body: read one plane, normalise it, return its (cached or new) CacheEntry."""
+def _embed_plane(job: EmbedJob, cancel: Callable[[], bool] | None = None) -> Any:
+    """Worker body: read one plane, normalise it, return its (cached or new) embedding:
+    a CacheEntry, or a :class:`~napari_sam.engine.tiled.TiledEmbedding` of a large plane
+    (``cancel`` is polled between tiles: a stale run stops early)."""
     from napari_sam.engine.image import to_rgb_uint8
 
     data, index = job.data, job.slice_index
     plane = np.asarray(data[index] if index else data)
-    return job.predictor.embed(to_rgb_uint8(plane, job.contrast_limits))
+    return job.predictor.prepare_image(to_rgb_uint8(plane, job.contrast_limits), cancel=cancel)
 
 
 class EmbeddingScheduler(QObject):
@@ -128,7 +132,8 @@ class EmbeddingScheduler(QObject):
         gen = self.generation
         self.limits = job.contrast_limits
         worker = create_worker(
-            _embed_plane, job, _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
+            _embed_plane, job, partial(self._stale, gen),
+            _progress={"desc": "SAM: image embedding"}, _ignore_errors=True,
         )
         worker.returned.connect(partial(self._done, gen, job.predictor))
         worker.errored.connect(partial(self._failed, gen))

@@ -265,6 +265,15 @@ class SegmentAnythingWidget(QWidget):
         )
         self.style_combo.currentTextChanged.connect(self.set_preview_style)
 
+        self.tiling_check = QCheckBox("tile large images", content)
+        self.tiling_check.setChecked(True)
+        self.tiling_check.setToolTip(
+            "On: an image longer than 2x the model's input is embedded at native scale in "
+            "overlapping tiles (in the background, cached) so small objects are not lost; "
+            "each prompt goes to its tile and masks are stitched across tiles. Off: the "
+            "whole image is resized to the model input."
+        )
+        self.tiling_check.toggled.connect(lambda on: self.set_tiling(bool(on)))
         self.overwrite_check = QCheckBox("overwrite existing labels", content)
         self.overwrite_check.setToolTip(
             "Off: a committed mask only fills unlabelled pixels. On: it replaces what is there."
@@ -303,6 +312,7 @@ class SegmentAnythingWidget(QWidget):
         form.addRow("stack", self.stack)
         lay = QVBoxLayout(content)
         lay.addLayout(form)
+        lay.addWidget(self.tiling_check)
         lay.addWidget(self.overwrite_check)
         lay.addLayout(buttons)
         lay.addWidget(self.stack.progress)
@@ -323,7 +333,42 @@ class SegmentAnythingWidget(QWidget):
         limits = None if self.session is None else self.session.limits_note  # EfficientSAM
         store = f" ({self._store_note})" if self._store_note else ""
         return f"Ready ({self.models.label}): click on the object.{store}" + (
-            f" {limits}" if limits else "")
+            f" {limits}" if limits else "") + self._tiling_text()
+
+    def _tiling_text(self) -> str:
+        """What the status line says about tiles: "" for an image that fits the model."""
+        from napari_sam.engine.tiled import TiledEmbedding, model_input_size, tiling_for
+
+        entry, predictor = self._entry, self._predictor
+        if isinstance(entry, TiledEmbedding):
+            return (f" Large image {entry.description} (switch off: 'tile large "
+                    "images').")
+        if predictor is None or entry is None or self.tiling_mode == "auto":
+            return ""
+        if tiling_for(entry.original_size, model_input_size(predictor.model), "auto"):
+            return (" Large image embedded whole (tiling is off): small objects may be "
+                    "lost; tick 'tile large images'.")
+        return ""
+
+    # ---------------------------------------------------------------- tiling
+
+    @property
+    def tiling_mode(self) -> str:
+        """``"auto"`` (large images in native-scale tiles) or ``"off"``: the switch."""
+        return "auto" if self.tiling_check.isChecked() else "off"
+
+    def set_tiling(self, on: bool) -> None:
+        """Tile large images (True, the default) or embed every image whole (False);
+        re-embeds the shown plane when it changes anything."""
+        if self.tiling_check.isChecked() != bool(on):
+            self.tiling_check.setChecked(bool(on))  # emits toggled: back here
+            return
+        predictor = self._predictor
+        if predictor is None or predictor.tiling == self.tiling_mode:
+            return
+        predictor.tiling = self.tiling_mode
+        self._reset_prediction()
+        self._request_embedding(immediate=True)
 
     # ---------------------------------------------------------------- model
 
@@ -369,7 +414,7 @@ class SegmentAnythingWidget(QWidget):
     def _on_model_ready(self, model: Sam, label: str) -> None:
         from napari_sam.engine.predictor import Predictor
 
-        self._predictor = Predictor(model, cache=self.cache)
+        self._predictor = Predictor(model, cache=self.cache, tiling=self.tiling_mode)
         self.stack.drop()
         self._store_note = self.stack.attach_store(self._predictor, self._image)
         self.session = InteractiveSession(self._predictor)
@@ -778,6 +823,8 @@ class SegmentAnythingWidget(QWidget):
         self.masks = result.masks
         self.scores = self.session.scores
         self._show_candidate(self.session.candidate)
+        if result.route:  # a tiled image: which tile(s), or the whole-image fallback
+            self._set_status(f"{self.status.text()} {result.route}")
         if result.request.note:  # e.g. EfficientSAM dropped points beyond its limit
             self._set_status(f"{self.status.text()} {result.request.note}")
 

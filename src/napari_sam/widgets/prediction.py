@@ -35,6 +35,7 @@ class CandidateMasks:
     boxes: list[tuple[slice, slice] | None]  # bounding box of each candidate (None: empty)
     crops: list[np.ndarray | None]  # preview pixels of each candidate's box
     style: str  # the preview style the crops were drawn in
+    route: str = ""  # on a tiled image: the tile(s) the prompt went to (one line)
 
     @property
     def prompts(self) -> Prompts:
@@ -56,18 +57,19 @@ def predict_candidates(
       applied: remembers which embedding the predictor holds; the embedding is set only
         when ``entry`` differs (only the prediction thread touches the predictor, so
         this is race-free).
-      entry: a :class:`~napari_sam.engine.cache.CacheEntry` of the shown plane.
+      entry: a :class:`~napari_sam.engine.cache.CacheEntry` of the shown plane, or its
+        :class:`~napari_sam.engine.tiled.TiledEmbedding` (a large plane in tiles).
       request: from ``session.request(points, labels, box)``.
       style, width: the preview style and outline width (:func:`~.preview.render_preview`).
     """
     predictor = session.predictor
     if applied.get("entry") is not entry:
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size,
-                                image=getattr(entry, "image", None))
+        predictor.use_embedding(entry)
         applied["entry"] = entry
     pred = session.decode(request)
     masks = np.asarray(pred.masks, dtype=bool)
     boxes = [mask_bbox(m) for m in masks]
     crops = [None if b is None else P.render_preview(m[b], style, width)
              for m, b in zip(masks, boxes, strict=True)]
-    return CandidateMasks(session, request, pred, masks, boxes, crops, style)
+    return CandidateMasks(session, request, pred, masks, boxes, crops, style,
+                          predictor.route_note)
