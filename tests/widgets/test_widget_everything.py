@@ -561,3 +561,46 @@ def test_cancel_during_ais(make_napari_viewer, tiny_sam_with_head, monkeypatch):
     assert layer.data[0].any() and not layer.data[1:].any()
     assert "Cancelled after 1 of 3" in widget.status.text()
     assert widget.run_button.isEnabled()
+
+
+def test_whole_stack_reads_the_store_beside_the_file(make_napari_viewer, tiny_sam, tmp_path):
+    """A stack opened from a file with `napari-sam embed`'s store beside it: Segment
+    Everything reads every plane's embedding from the store (the encoder never runs),
+    says so, and gives the labels it gives without the store."""
+    import tifffile
+
+    from napari_sam.engine.io import read_image
+    from napari_sam.engine.predictor import Predictor
+    from napari_sam.engine.store import embed_to_store, store_path_for
+
+    stack = np.stack([_image(seed=s) for s in range(3)]).astype(np.uint16) * 40
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    loaded = read_image(path)
+    assert loaded.contrast_limits() is not None  # a 16-bit stack: one range for all planes
+    embed_to_store(Predictor(tiny_sam), loaded.data, store_path_for(path),
+                   contrast_limits=loaded.contrast_limits())
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari")
+    image = viewer.layers["stack"]
+    image.contrast_limits = loaded.contrast_limits()  # the file's range, as the store's
+    widget = _open(viewer, tiny_sam)
+    widget.set_image_layer(image)
+    widget.set_scope("whole stack")
+    calls = []
+    hook = tiny_sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        widget.run()
+        assert widget.wait(TIMEOUT)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert "reading embeddings from" in widget.status.text()
+    with_store = widget.result_layer.data.copy()
+    import shutil
+
+    shutil.rmtree(store_path_for(path))
+    widget.run()
+    assert widget.wait(TIMEOUT)
+    assert "reading embeddings" not in widget.status.text()
+    np.testing.assert_array_equal(widget.result_layer.data, with_store)

@@ -323,6 +323,7 @@ def everything_labels(
     link_axis: int | None = None,
     link_iou: float = 0.3,
     min_planes: int = 1,
+    use_cache: bool = False,
 ) -> tuple[np.ndarray, list[tuple[tuple[int, ...], list[dict]]]]:
     """Run everything-mode (AMG or AIS) on every plane of ``image``.
 
@@ -341,6 +342,9 @@ def everything_labels(
         None (default), or an image without stack axes, labels planes apart.
       min_planes: with ``link_axis``, linked objects on fewer planes than this are
         dropped (pixels to 0, records removed); 1 (default) keeps all.
+      use_cache: let the generator's predictor read (and fill) its embedding cache and
+        its store (:meth:`~napari_sam.engine.predictor.Predictor.use_store`); off by
+        default, so a batch does not fill the cache with images it sees once.
 
     Returns:
       ``(labels, records)``: ``labels`` is ``(*stack, H, W)`` uint32. Within a
@@ -372,7 +376,7 @@ def everything_labels(
                 generator, rgb, tile_size=tile_size, overlap=tile_overlap, cancel=cancel
             )
         else:
-            records = generator.generate(rgb, cancel=cancel, use_cache=False)
+            records = generator.generate(rgb, cancel=cancel, use_cache=use_cache)
         records = sorted(records, key=lambda r: -int(r["area"]))  # stable: ties keep order
         plane_labels = np.asarray(records_to_labels(records, (h, w), order="input"),
                                   dtype=np.uint32)
@@ -395,6 +399,16 @@ def everything_labels(
                 rec["label"] = new_of.get(rec["label"], 0)
             all_records[n] = (index, kept)
     return labels, all_records
+
+
+def _use_store_beside(generator: Any, input_path: Path) -> str | None:
+    """Let ``generator``'s predictor read the embedding store beside ``input_path``
+    (``napari-sam embed``'s ``IMAGE.sam.zarr``); the note for the user, or None when
+    there is no store there (see :func:`~napari_sam.engine.store.use_store_beside`)."""
+    from napari_sam.engine.store import use_store_beside
+
+    predictor = getattr(generator, "predictor", None)
+    return None if predictor is None else use_store_beside(predictor, input_path)
 
 
 def _coco_document(image: LoadedImage, records: list[tuple[tuple[int, ...], list[dict]]]) -> dict:
@@ -548,9 +562,17 @@ def process_image(
             generator = cached_generator(model_spec, device, dict(generator_kwargs or {}))
         else:
             generator = cached_generator(model_spec, device, {}, "ais", ais_kwargs)
-        labels, records = everything_labels(generator, image, tile_size, tile_overlap, cancel,
-                                            link_axis=link_axis, link_iou=link_iou,
-                                            min_planes=min_planes)
+        store_note = _use_store_beside(generator, input_path)
+        if store_note:
+            notes.append(store_note)
+        try:
+            labels, records = everything_labels(
+                generator, image, tile_size, tile_overlap, cancel, link_axis=link_axis,
+                link_iou=link_iou, min_planes=min_planes, use_cache=store_note is not None
+                and store_note.startswith("reading"))
+        finally:
+            if store_note is not None:
+                generator.predictor.use_store(None)  # the generator is shared by other images
         # the main output first: its existence marks the input as finished, and a rerun
         # with --overlay draws a missing overlay from it
         if fmt == "coco":

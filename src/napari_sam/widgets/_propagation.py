@@ -90,12 +90,6 @@ def _precompute_job(predictor: Any, layer_data: Any, source: str | None, name: s
     return (yield from iter_precompute(predictor, layer_data, path, **kwargs))
 
 
-def source_path(layer: Any) -> str | None:
-    """The file an image layer was opened from, or None."""
-    path = getattr(getattr(layer, "source", None), "path", None)
-    return str(path) if path else None
-
-
 class StackPanel(QWidget):
     """Stack-axis box, Propagate / Precompute / Cancel buttons and a progress bar.
 
@@ -380,7 +374,7 @@ class StackPanel(QWidget):
         gen = self._gen
         target: dict[str, Any] = {}
         worker = create_worker(
-            _precompute_job, worker_predictor, image.data, source_path(image), image.name,
+            _precompute_job, worker_predictor, image.data, L.source_path(image), image.name,
             cache_dir, rgb=bool(image.rgb),
             contrast_limits=tuple(float(v) for v in image.contrast_limits),
             model_name=host.models.label, cancel=self._cancel.is_set,
@@ -444,7 +438,7 @@ class StackPanel(QWidget):
             except InvalidInputError as err:
                 return f"not using the precomputed embeddings: {err}"
             return f"reading embeddings from {path}"
-        source = source_path(image)
+        source = L.source_path(image)
         return None if source is None else use_store_beside(predictor, source)
 
     # ------------------------------------------------------------------ close

@@ -101,6 +101,7 @@ def _everything_job(
     cancel: threading.Event,
     mode: str = "amg",
     ais_params: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> Iterator[tuple]:
     """Worker body (generator).
 
@@ -115,7 +116,8 @@ def _everything_job(
     finished (H, W) uint32 label image (AIS: the ids of
     :meth:`InstanceSegmenter.generate_labels`). The engine's generators
     (``iter_generate``) report the progress, so this runs entirely in the worker's
-    thread.
+    thread. ``source``: the image's file; the embedding store beside it (``napari-sam
+    embed``) is read when it fits, with ``("store", note)`` saying so.
     """
     from napari_sam.engine.everything import EverythingProgress, records_to_labels
 
@@ -137,6 +139,12 @@ def _everything_job(
         sam, mode, amg_kwargs={**params, "output_mode": "cropped_mask"},
         ais_kwargs={**(ais_params or {}), "output_mode": "cropped_mask"},
     )
+    if source is not None:
+        from napari_sam.engine.store import use_store_beside
+
+        note = use_store_beside(runner.predictor, source)
+        if note is not None:
+            yield ("store", note)
     # AIS records come in id order (ids 1..N of generate_labels); AMG paints largest first
     order = "input" if mode == "ais" else "area_desc"
     n = len(slices)
@@ -515,7 +523,7 @@ class SegmentEverythingWidget(QWidget):
         limits = tuple(float(v) for v in image.contrast_limits)
         worker = create_worker(
             _everything_job, model, device, image.data, slices, limits, self.params, self._cancel,
-            mode, self.ais_params,
+            mode, self.ais_params, L.source_path(image),
             _progress={"desc": "SAM: segment everything"},
             _ignore_errors=True,
         )
@@ -605,6 +613,9 @@ class SegmentEverythingWidget(QWidget):
             state["mode"] = msg[1]
         elif kind == "tiles":
             state["tiles"] = msg[2:]
+        elif kind == "store":
+            state["store"] = msg[1]
+            self._set_status(msg[1][0].upper() + msg[1][1:] + ".")
         elif kind == "progress":
             if state.get("cancelled"):
                 return  # the bar was reset; the last batch is finishing
@@ -697,4 +708,6 @@ class SegmentEverythingWidget(QWidget):
             layer.metadata["napari_sam"]["complete"] = True
             count = len(np.unique(layer.data)) - 1
             self.progress_bar.setValue(1000)
-            self._set_status(f"Done ({self._mode_text()}): {count} object(s) in {layer.name!r}.")
+            store = state.get("store")
+            self._set_status(f"Done ({self._mode_text()}): {count} object(s) in {layer.name!r}"
+                             + (f"; {store}." if store else "."))

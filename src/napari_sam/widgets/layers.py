@@ -481,3 +481,9 @@ def commit_object(
     )
     labels_layer.data_setitem(indices, new_id)
     return new_id
+
+
+def source_path(layer: Any) -> str | None:
+    """The file an image layer was opened from, or None."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if path else None
